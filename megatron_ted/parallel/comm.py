@@ -1,0 +1,148 @@
+"""The one place every collective goes through: a `Group` handle and its `CommStats` counter.
+
+A layer is handed the `Group`s it needs (tensor-parallel, expert-parallel, ...). A `Group` of size 1
+(`Group.single(name)`) stands for "no parallelism on this axis": every collective on it is a no-op,
+so the same layer code is the single-process reference.
+
+Every collective issued through `megatron_ted.parallel.collectives` records one call and its bytes
+(the bytes this rank sends into the collective) in the group's `CommStats`, keyed by
+(kind, group name). Counting is a dict update per call: cheap enough to leave on.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter", "broadcast")
+
+
+class CommStats:
+    """Counts calls and bytes per (collective kind, group name)."""
+
+    def __init__(self):
+        self.calls: dict[tuple[str, str], int] = defaultdict(int)
+        self.bytes: dict[tuple[str, str], int] = defaultdict(int)
+        self.enabled = True
+
+    def record(self, kind: str, group: str, nbytes: int) -> None:
+        if self.enabled:
+            self.calls[(kind, group)] += 1
+            self.bytes[(kind, group)] += int(nbytes)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+
+    def count(self, kind: str, group: str | None = None) -> int:
+        return sum(v for (k, g), v in self.calls.items() if k == kind and (group is None or g == group))
+
+    def nbytes(self, kind: str, group: str | None = None) -> int:
+        return sum(v for (k, g), v in self.bytes.items() if k == kind and (group is None or g == group))
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """{"all_to_all/ep": (calls, bytes), ...} for logs and tests."""
+        return {f"{k}/{g}": (self.calls[(k, g)], self.bytes[(k, g)]) for (k, g) in sorted(self.calls)}
+
+    def summary(self) -> str:
+        parts = [f"{key} {calls}x {nbytes / 2**20:.2f}MiB" for key, (calls, nbytes) in self.snapshot().items()]
+        return ", ".join(parts) if parts else "none"
+
+
+@dataclass(eq=False)
+class Group:
+    """This process's view of one communication group.
+
+    name:  axis name ("tp", "dp", "ep", "expert_dp"); used as the counting key.
+    ranks: global ranks of the group, in group-rank order.
+    rank:  this process's index inside `ranks`.
+    pg:    the torch.distributed process group, or None when size == 1.
+    """
+
+    name: str
+    ranks: tuple[int, ...]
+    rank: int
+    pg: object | None
+    stats: CommStats = field(default_factory=CommStats)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @classmethod
+    def single(cls, name: str, stats: CommStats | None = None) -> "Group":
+        return cls(name=name, ranks=(0,), rank=0, pg=None, stats=stats or CommStats())
+
+    def __repr__(self) -> str:
+        return f"Group({self.name}, rank {self.rank}/{self.size}, ranks={list(self.ranks)})"
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---- raw collectives: counted, no autograd ---------------------------------------------------
+
+def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place sum over the group."""
+    if group.size > 1:
+        group.stats.record("all_reduce", group.name, nbytes(t))
+        dist.all_reduce(t, op=op, group=group.pg)
+    return t
+
+
+def all_gather(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of every rank along `dim`, in group-rank order."""
+    if group.size == 1:
+        return t
+    group.stats.record("all_gather", group.name, nbytes(t))
+    t = t.contiguous()
+    if dim == 0:
+        out = t.new_empty((group.size * t.shape[0],) + tuple(t.shape[1:]))
+        dist.all_gather_into_tensor(out, t, group=group.pg)
+        return out
+    parts = [torch.empty_like(t) for _ in range(group.size)]
+    dist.all_gather(parts, t, group=group.pg)
+    return torch.cat(parts, dim=dim)
+
+
+def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """Sum over the group and keep this rank's 1/size chunk of `dim`."""
+    if group.size == 1:
+        return t
+    group.stats.record("reduce_scatter", group.name, nbytes(t))
+    if dim != 0:
+        t = t.movedim(dim, 0)
+    t = t.contiguous()
+    assert t.shape[0] % group.size == 0, "reduce_scatter needs a dim divisible by the group size"
+    out = t.new_empty((t.shape[0] // group.size,) + tuple(t.shape[1:]))
+    dist.reduce_scatter_tensor(out, t, group=group.pg)
+    return out.movedim(0, dim) if dim != 0 else out
+
+
+def all_to_all(t: torch.Tensor, group: Group, output_splits: list[int] | None = None,
+               input_splits: list[int] | None = None) -> torch.Tensor:
+    """Exchange rows of `t` (dim 0): rank i sends input_splits[j] rows to rank j.
+
+    Equal splits when both are None.
+    """
+    if group.size == 1:
+        return t
+    group.stats.record("all_to_all", group.name, nbytes(t))
+    t = t.contiguous()
+    if output_splits is None:
+        out = torch.empty_like(t)
+    else:
+        out = t.new_empty((sum(output_splits),) + tuple(t.shape[1:]))
+    dist.all_to_all_single(out, t, output_split_sizes=output_splits, input_split_sizes=input_splits,
+                           group=group.pg)
+    return out
+
+
+def broadcast(t: torch.Tensor, group: Group, src_group_rank: int = 0) -> torch.Tensor:
+    if group.size > 1:
+        group.stats.record("broadcast", group.name, nbytes(t))
+        dist.broadcast(t, src=group.ranks[src_group_rank], group=group.pg)
+    return t
