@@ -85,12 +85,13 @@ def nbytes(t: torch.Tensor) -> int:
 
 # ---- raw collectives: counted, no autograd ---------------------------------------------------
 
-def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place sum over the group."""
-    if group.size > 1:
-        group.stats.record("all_reduce", group.name, nbytes(t))
-        dist.all_reduce(t, op=op, group=group.pg)
-    return t
+def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_op: bool = False):
+    """In-place reduction over the group. Returns `t`, or the work handle when async_op."""
+    if group.size == 1:
+        return None if async_op else t
+    group.stats.record("all_reduce", group.name, nbytes(t))
+    work = dist.all_reduce(t, op=op, group=group.pg, async_op=async_op)
+    return work if async_op else t
 
 
 def all_gather(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:

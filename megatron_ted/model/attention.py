@@ -1,0 +1,40 @@
+"""Causal self-attention with heads sliced over TP, on torch's scaled_dot_product_attention.
+
+The fused QKV projection's full weight is [3, H, H] (q, k, v); each is sliced over TP by rows, so
+every rank holds whole heads of all three.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ted.model.positions import apply_rotary
+from megatron_ted.parallel.comm import Group
+from megatron_ted.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, tp: Group, dropout: float = 0.0,
+                 bias: bool = True):
+        super().__init__()
+        if num_heads % tp.size:
+            raise ValueError(f"--num-attention-heads {num_heads} is not divisible by "
+                             f"--tensor-model-parallel-size {tp.size}")
+        if hidden_size % num_heads:
+            raise ValueError(f"--hidden-size {hidden_size} is not divisible by --num-attention-heads {num_heads}")
+        self.head_dim = hidden_size // num_heads
+        self.local_heads = num_heads // tp.size
+        self.dropout = dropout
+        self.qkv = ColumnParallelLinear(hidden_size, hidden_size, tp, bias=bias, fused=3)
+        self.proj = RowParallelLinear(hidden_size, hidden_size, tp, bias=bias)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.local_heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each [B, heads, S, D]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))

@@ -1,0 +1,111 @@
+"""GPT: embeddings -> transformer layers (dense or MoE MLPs) -> final norm -> vocab-parallel logits/loss.
+
+Shapes: B micro-batch, S sequence, H hidden, V padded vocabulary (sliced over TP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megatron_ted.model.mlp import MLP
+from megatron_ted.model.norms import build_norm
+from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
+from megatron_ted.model.transformer import TransformerLayer
+from megatron_ted.parallel.comm import Group
+from megatron_ted.parallel.sharding import set_spec
+from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megatron_ted.parallel import mappings
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int                 # padded, divisible by TP
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    position_embedding_type: str = "learned"   # learned | rope
+    normalization: str = "LayerNorm"           # LayerNorm | RMSNorm
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = False
+    moe_layers: tuple[int, ...] = ()           # indices of the layers whose MLP is a MoE block
+
+
+@dataclass
+class GPTOutput:
+    loss: torch.Tensor | None               # per-token loss [B, S] (fp32) when labels are given
+    logits: torch.Tensor | None             # this rank's vocab slice [B, S, V/TP] when no labels
+    aux_loss: torch.Tensor                  # sum of the MoE layers' aux and z losses (scalar)
+    moe: list = field(default_factory=list)  # one MoEOutput per MoE layer
+
+
+class GPTModel(nn.Module):
+    """`build_moe(layer_index)` returns the MoE block for the layers in `config.moe_layers`."""
+
+    def __init__(self, config: GPTConfig, tp: Group, build_moe=None):
+        super().__init__()
+        c = self.config = config
+        self.tp = tp
+        self.embedding = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+        if c.position_embedding_type == "learned":
+            self.position_embedding, self.rotary = LearnedPositionEmbedding(c.max_position_embeddings, c.hidden_size), None
+        elif c.position_embedding_type == "rope":
+            self.position_embedding, self.rotary = None, RotaryEmbedding(c.hidden_size // c.num_attention_heads)
+        else:
+            raise ValueError(f"--position-embedding-type {c.position_embedding_type} is not supported; use learned or rope")
+        self.embedding_dropout = nn.Dropout(c.hidden_dropout)
+
+        layers = []
+        for i in range(c.num_layers):
+            if i in c.moe_layers:
+                if build_moe is None:
+                    raise ValueError("MoE layers requested but no MoE builder given")
+                mlp = build_moe(i)
+            else:
+                mlp = MLP(c.hidden_size, c.ffn_hidden_size, tp, c.swiglu, c.add_bias_linear)
+            layers.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
+                                           c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
+                                           c.add_bias_linear))
+        self.layers = nn.ModuleList(layers)
+        self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon)
+        if c.untie_embeddings_and_output_weights:
+            self.output_weight = set_spec(nn.Parameter(torch.empty(c.vocab_size // tp.size, c.hidden_size)), tp_dim=0)
+        else:
+            self.output_weight = None
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> GPTOutput:
+        x = self.embedding(tokens)                                     # [B, S, H]
+        rotary = None
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(position_ids)
+        else:
+            rotary = self.rotary(position_ids)
+        x = self.embedding_dropout(x)
+
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        moe_outputs = []
+        for layer in self.layers:
+            x, moe_out = self._run_layer(layer, x, rotary)
+            if moe_out is not None:
+                aux_loss = aux_loss + moe_out.aux_loss
+                moe_outputs.append(moe_out)
+        x = self.final_norm(x)
+
+        weight = self.output_weight if self.output_weight is not None else self.embedding.weight
+        logits = torch.nn.functional.linear(mappings.copy_to(x, self.tp), weight)  # [B, S, V/TP]
+        if labels is None:
+            return GPTOutput(None, logits, aux_loss, moe_outputs)
+        loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
+        return GPTOutput(loss, None, aux_loss, moe_outputs)
+
+    def _run_layer(self, layer, x, rotary):
+        """Hook for activation checkpointing; plain call by default."""
+        return layer(x, rotary)

@@ -1,0 +1,77 @@
+"""How a local parameter maps onto its full logical tensor.
+
+Every parameter carries a `ParamSpec` (attribute `param.spec`):
+
+  tp_dim   dim of the full tensor sliced over the tensor-parallel group (None: replicated over TP)
+  expert   dim 0 indexes experts; the full tensor holds all experts, this rank the ones of its
+           expert-parallel slot (contiguous block `ep_rank * E_local ...`)
+  init     how the full tensor is drawn: "normal", "output" (std / sqrt(2 * layers)), "zeros", "ones"
+
+The full tensor is the unit of initialization (so every layout draws the same model from one
+seed) and of checkpoints (so a checkpoint written at one layout loads at another).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_ted.parallel import comm
+from megatron_ted.parallel.comm import Group
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    tp_dim: int | None = None
+    expert: bool = False
+    init: str = "normal"
+
+
+def set_spec(param: torch.nn.Parameter, tp_dim: int | None = None, expert: bool = False,
+             init: str = "normal") -> torch.nn.Parameter:
+    param.spec = ParamSpec(tp_dim=tp_dim, expert=expert, init=init)
+    return param
+
+
+def spec_of(param: torch.Tensor) -> ParamSpec:
+    return getattr(param, "spec", None) or ParamSpec()
+
+
+def is_expert(param: torch.Tensor) -> bool:
+    return spec_of(param).expert
+
+
+def full_shape(local_shape, spec: ParamSpec, tp: Group, ep: Group) -> tuple[int, ...]:
+    shape = list(local_shape)
+    if spec.tp_dim is not None:
+        shape[spec.tp_dim] *= tp.size
+    if spec.expert:
+        shape[0] *= ep.size
+    return tuple(shape)
+
+
+def local_slices(spec: ParamSpec, full: tuple[int, ...], tp: Group, ep: Group) -> tuple[slice, ...]:
+    """The index of this rank's shard inside the full tensor."""
+    idx = [slice(None)] * len(full)
+    if spec.expert:
+        n = full[0] // ep.size
+        idx[0] = slice(ep.rank * n, (ep.rank + 1) * n)
+    if spec.tp_dim is not None:
+        n = full[spec.tp_dim] // tp.size
+        idx[spec.tp_dim] = slice(tp.rank * n, (tp.rank + 1) * n)
+    return tuple(idx)
+
+
+def shard(full: torch.Tensor, spec: ParamSpec, tp: Group, ep: Group) -> torch.Tensor:
+    """This rank's piece of a full logical tensor."""
+    return full[local_slices(spec, tuple(full.shape), tp, ep)]
+
+
+def unshard(local: torch.Tensor, spec: ParamSpec, tp: Group, ep: Group) -> torch.Tensor:
+    """Gather the full logical tensor from the shards of the TP and EP groups (collective)."""
+    t = local.detach().contiguous()
+    if spec.tp_dim is not None:
+        t = comm.all_gather(t, tp, dim=spec.tp_dim)
+    if spec.expert:
+        t = comm.all_gather(t, ep, dim=0)
+    return t

@@ -1,0 +1,61 @@
+"""Column- and row-parallel linear layers (Megatron's MLP/attention split).
+
+ColumnParallelLinear: weight [out/TP, in], output features sliced over TP.
+RowParallelLinear:    weight [out, in/TP], input features sliced over TP, outputs summed over TP.
+A column layer followed by a row layer needs one all-reduce forward and one backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ted.parallel import mappings
+from megatron_ted.parallel.comm import Group
+from megatron_ted.parallel.sharding import set_spec
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what} {n} is not divisible by --tensor-model-parallel-size {d}")
+    return n // d
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's rows (output features) sliced over `tp`.
+
+    `fused` > 1 stacks that many projections of `out_features` each (QKV: 3, SwiGLU gate/up: 2):
+    the full weight is [fused, out, in] and each is sliced over TP on its own, so every rank holds
+    matching rows of all of them. The output is [..., fused * out/TP], projection-major.
+    The input is replicated over TP; `copy_to` makes its gradient the sum over the TP slices.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp: Group, bias: bool = True,
+                 init: str = "normal", fused: int = 1):
+        super().__init__()
+        self.tp = tp
+        self.in_features, self.out_features, self.fused = in_features, out_features, fused
+        out_local = _divide(out_features, tp.size, "output features")
+        self.weight = set_spec(nn.Parameter(torch.empty(fused, out_local, in_features)), tp_dim=1, init=init)
+        self.bias = set_spec(nn.Parameter(torch.empty(fused, out_local)), tp_dim=1, init="zeros") if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.flatten() if self.bias is not None else None
+        return F.linear(mappings.copy_to(x, self.tp), self.weight.flatten(0, 1), bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's columns (input features) sliced over `tp`; x arrives sliced."""
+
+    def __init__(self, in_features: int, out_features: int, tp: Group, bias: bool = True,
+                 init: str = "output"):
+        super().__init__()
+        self.tp = tp
+        self.in_features, self.out_features = in_features, out_features
+        in_local = _divide(in_features, tp.size, "input features")
+        self.weight = set_spec(nn.Parameter(torch.empty(out_features, in_local)), tp_dim=1, init=init)
+        self.bias = set_spec(nn.Parameter(torch.empty(out_features)), init="zeros") if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = mappings.reduce_from(F.linear(x, self.weight), self.tp)
+        return y + self.bias if self.bias is not None else y

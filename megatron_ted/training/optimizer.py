@@ -1,0 +1,116 @@
+"""Mixed-precision AdamW with fp32 master weights, a global gradient norm, clipping and loss scaling.
+
+Gradients arrive in fp32 `param.main_grad` (see grad_sync.py), already reduced over DP/expert-DP.
+The global norm counts every logical parameter element exactly once: tensor-parallel shards are
+summed over TP, expert shards over TP and EP, and replicated copies are counted once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_ted.parallel import comm
+from megatron_ted.parallel.comm import Group
+from megatron_ted.parallel.sharding import spec_of
+
+
+def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group) -> torch.Tensor:
+    """sqrt of the sum of squares of every logical gradient element, identical on every rank."""
+    device = params[0].main_grad.device if params else "cpu"
+    # [dense sliced over TP, dense replicated, expert sliced over TP, expert replicated over TP]
+    sq = torch.zeros(4, dtype=torch.float32, device=device)
+    for p in params:
+        spec = spec_of(p)
+        slot = (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)
+        sq[slot] += p.main_grad.float().pow(2).sum()
+    sliced = sq[[0, 2]].clone()
+    comm.all_reduce(sliced, tp)
+    expert = (sliced[1] + sq[3]).reshape(1)
+    comm.all_reduce(expert, ep)
+    return (sliced[0] + sq[1] + expert[0]).sqrt()
+
+
+class DynamicLossScaler:
+    """fp16: multiply the loss by `scale`; halve on overflow (skipping the step), double after
+    `growth_interval` clean steps."""
+
+    def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000, min_scale: float = 1.0,
+                 hysteresis: int = 2):
+        self.scale = initial_scale
+        self.growth_interval, self.min_scale, self.hysteresis = growth_interval, min_scale, hysteresis
+        self._clean_steps, self._overflows = 0, 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self._clean_steps = 0
+            self._overflows += 1
+            if self._overflows >= self.hysteresis:
+                self.scale = max(self.scale / 2.0, self.min_scale)
+                self._overflows = 0
+        else:
+            self._clean_steps += 1
+            if self._clean_steps % self.growth_interval == 0:
+                self.scale *= 2.0
+
+    def state_dict(self):
+        return {"scale": self.scale, "clean_steps": self._clean_steps, "overflows": self._overflows}
+
+    def load_state_dict(self, sd):
+        self.scale, self._clean_steps, self._overflows = sd["scale"], sd["clean_steps"], sd["overflows"]
+
+
+class MixedPrecisionAdamW:
+    """AdamW on fp32 master copies of the model's (possibly bf16/fp16) parameters.
+
+    No weight decay on biases and norm weights (1-D tensors), as in Megatron.
+    """
+
+    def __init__(self, model: nn.Module, tp: Group, ep: Group, lr: float, weight_decay: float,
+                 betas=(0.9, 0.999), eps: float = 1e-8, clip_grad: float = 1.0,
+                 loss_scaler: DynamicLossScaler | None = None):
+        self.tp, self.ep, self.clip_grad, self.loss_scaler = tp, ep, clip_grad, loss_scaler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.master = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.params]
+        decay = [m for p, m in zip(self.params, self.master) if p.dim() > 1]
+        no_decay = [m for p, m in zip(self.params, self.master) if p.dim() <= 1]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=betas, eps=eps)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler else 1.0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> tuple[bool, float]:
+        """Returns (applied, grad_norm). A step with an inf/nan gradient is skipped."""
+        norm = global_grad_norm(self.params, self.tp, self.ep) / self.loss_scale
+        overflow = not math.isfinite(norm.item())
+        if self.loss_scaler:
+            self.loss_scaler.update(overflow)
+        if overflow:
+            return False, float("nan")
+        coeff = 1.0 / self.loss_scale
+        if self.clip_grad and self.clip_grad > 0 and norm.item() > self.clip_grad:
+            coeff *= self.clip_grad / (norm.item() + 1e-6)
+        for p, m in zip(self.params, self.master):
+            m.grad = p.main_grad.mul(coeff) if m is not p else p.main_grad.mul_(coeff)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        for p, m in zip(self.params, self.master):
+            m.grad = None
+            if m is not p:
+                p.copy_(m)
+        return True, norm.item()
+
+    def state_dict(self):
+        return {"adam": self.optimizer.state_dict(),
+                "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None}
+
+    def load_state_dict(self, sd):
+        self.optimizer.load_state_dict(sd["adam"])
+        if self.loss_scaler and sd.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(sd["loss_scaler"])
