@@ -1,0 +1,204 @@
+"""Top-k softmax router: logits, expert choice, capacity drops, load-balancing and z losses.
+
+Purely local: the caller runs it on the full (replicated) token set of a micro-batch, so every
+rank of a TP group computes the same routing and no communication is needed here.
+
+Shape suffixes:  T tokens, H hidden, E experts, K top-k.
+
+Combine weights (`probs_TE`), as megatron-core's `topk_routing_with_score_function` with
+score_function="softmax", use_pre_softmax=False:
+  - top-k experts are chosen on the float32 logits (ties: lowest expert index first);
+  - K > 1: the weights are the softmax over all E experts, restricted to the chosen K and
+    renormalised to sum to 1 per token (= softmax over the K chosen logits);
+  - K = 1: the weight is the raw softmax probability of the chosen expert (Switch Transformer,
+    DeepSpeed `top1gating`; megatron-core gives this with `--moe-router-pre-softmax`). Without
+    pre-softmax megatron-core would give the constant 1.0, which cuts the router off from the
+    LM-loss gradient; we do not copy that.
+Dropped assignments have weight 0 and are False in `routing_map_TE`; a token's surviving weights
+are not renormalised after a drop (megatron-core; DeepSpeed `top2gating` renormalises).
+
+Capacity (tokens per expert when a capacity factor is set), `compute_capacity`:
+    capacity = max(min_capacity, ceil((T * K / E) * capacity_factor))
+  megatron-core `moe_utils.get_capacity(num_tokens=T*K, ...)` (same operation order, so the same
+  float rounding), with DeepSpeed's floor `min_capacity` (`sharded_moe._capacity`, default 4).
+Drop policies (per expert, over the tokens routed to it; ties keep the lower token index):
+  "position"  keep the first `capacity` tokens in token order (DeepSpeed's cumsum locations;
+              megatron-core's torch.topk over 0/1 entries does not promise token order);
+  "probs"     keep the `capacity` tokens with the largest combine weight (megatron-core ranks by
+              the same top-k-normalised weights).
+
+Losses, both float32 scalars already multiplied by their coefficient, differentiable w.r.t. the
+router weight; returned, never stashed — the caller adds them to its loss:
+  aux_loss = coeff * E * sum_e f_e * P_e                (Switch Transformer, arXiv 2101.03961)
+      f_e = (assignments to e, top-k before capacity drops) / (T * K)
+      P_e = mean over tokens of the full softmax probability of e
+    = megatron-core `switch_load_balancing_loss_func`:
+      sum_e(sum_t p_te * count_e) * E * coeff / (K * T * T).
+    Perfectly uniform routing gives exactly `coeff`.
+  z_loss = coeff * mean_t(logsumexp_e(logits_te)^2)   (ST-MoE, arXiv 2202.08906; megatron-core
+    `z_loss_func`; no division by the TP size, since T here is the full token set).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DROP_POLICIES = ("probs", "position")
+
+
+def compute_capacity(num_tokens: int, num_experts: int, topk: int, capacity_factor: float,
+                     min_capacity: int = 4) -> int:
+    """Tokens each expert accepts: max(min_capacity, ceil((T * K / E) * capacity_factor))."""
+    if capacity_factor <= 0:
+        raise ValueError(f"--moe-expert-capacity-factor must be > 0 (unset it for dropless "
+                         f"routing), got {capacity_factor}")
+    capacity = math.ceil((num_tokens * topk / num_experts) * capacity_factor)
+    return max(min_capacity, capacity)
+
+
+@dataclass
+class RouterConfig:
+    num_experts: int
+    topk: int = 2
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: float = 0.0
+    capacity_factor: float | None = None      # None: dropless
+    drop_policy: str = "probs"                # "probs" | "position"
+    min_capacity: int = 4
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"--num-experts must be >= 1, got {self.num_experts}")
+        if self.topk < 1:
+            raise ValueError(f"--moe-router-topk must be >= 1, got {self.topk}")
+        if self.topk > self.num_experts:
+            raise ValueError(f"--moe-router-topk {self.topk} exceeds --num-experts "
+                             f"{self.num_experts}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"--moe-expert-capacity-factor must be > 0 (unset it for dropless "
+                             f"routing), got {self.capacity_factor}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"--moe-token-drop-policy must be one of {', '.join(DROP_POLICIES)}, "
+                             f"got {self.drop_policy!r}")
+        if self.min_capacity < 0:
+            raise ValueError(f"--moe-min-capacity must be >= 0, got {self.min_capacity}")
+        if self.aux_loss_coeff < 0:
+            raise ValueError(f"--moe-aux-loss-coeff must be >= 0, got {self.aux_loss_coeff}")
+        if self.z_loss_coeff < 0:
+            raise ValueError(f"--moe-z-loss-coeff must be >= 0, got {self.z_loss_coeff}")
+
+
+@dataclass
+class RoutingResult:
+    probs_TE: torch.Tensor            # float32 combine weights; 0 off the (kept) top-k
+    routing_map_TE: torch.Tensor      # bool, token t goes to expert e (after capacity drops)
+    tokens_per_expert_E: torch.Tensor  # int64, routing_map_TE.sum(0)
+    aux_loss: torch.Tensor            # float32 scalar, coeff included
+    z_loss: torch.Tensor              # float32 scalar, coeff included
+    num_dropped: torch.Tensor         # int64 scalar, (token, expert) assignments dropped
+    logits_TE: torch.Tensor           # float32 router logits
+    capacity: int | None              # tokens per expert, None when dropless
+
+
+def topk_softmax(logits_TE: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """Full softmax, top-k choice and combine weights. Returns (scores_TE, probs_TE, map_TE)."""
+    scores_TE = torch.softmax(logits_TE, dim=-1)
+    # stable descending sort: equal logits pick the lower expert index, on every device
+    idx_TK = torch.sort(logits_TE, dim=-1, descending=True, stable=True).indices[:, :topk]
+    if topk == 1:
+        weights_TK = scores_TE.gather(1, idx_TK)
+    else:
+        weights_TK = torch.softmax(logits_TE.gather(1, idx_TK), dim=-1)
+    probs_TE = torch.zeros_like(scores_TE).scatter(1, idx_TK, weights_TK)
+    map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(1, idx_TK, True)
+    return scores_TE, probs_TE, map_TE
+
+
+def capacity_mask(probs_TE: torch.Tensor, map_TE: torch.Tensor, capacity: int,
+                  drop_policy: str) -> torch.Tensor:
+    """Bool [T, E]: the routed assignments each expert keeps under its capacity."""
+    if drop_policy == "position":
+        return map_TE & (torch.cumsum(map_TE.to(torch.int64), dim=0) <= capacity)
+    if drop_policy == "probs":
+        # routed entries first (weights >= 0 > -1), largest weight first, lower token on ties
+        key_TE = torch.where(map_TE, probs_TE.detach(), torch.full_like(probs_TE, -1.0))
+        order_TE = torch.sort(key_TE, dim=0, descending=True, stable=True).indices
+        T = map_TE.shape[0]
+        rank_TE = torch.empty_like(order_TE).scatter_(
+            0, order_TE, torch.arange(T, device=map_TE.device).unsqueeze(1).expand_as(order_TE))
+        return map_TE & (rank_TE < capacity)
+    raise ValueError(f"--moe-token-drop-policy must be one of {', '.join(DROP_POLICIES)}, "
+                     f"got {drop_policy!r}")
+
+
+def load_balancing_loss(scores_TE: torch.Tensor, map_TE: torch.Tensor, topk: int,
+                        coeff: float) -> torch.Tensor:
+    """coeff * E * sum_e f_e * P_e on pre-drop assignments (megatron-core normalisation)."""
+    T, E = scores_TE.shape
+    counts_E = map_TE.sum(dim=0).to(scores_TE.dtype)
+    return (scores_TE.sum(dim=0) * counts_E).sum() * (E * coeff / (topk * max(T, 1) ** 2))
+
+
+def z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
+    """coeff * mean_t(logsumexp(logits_t)^2)."""
+    T = logits_TE.shape[0]
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() * (coeff / max(T, 1))
+
+
+class TopKRouter(nn.Module):
+    """Linear gate [E, H] (replicated, float32) followed by top-k softmax routing."""
+
+    def __init__(self, hidden_size: int, config: RouterConfig, init_std: float = 0.02,
+                 seed: int | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size,
+                                               dtype=torch.float32, device=device))
+        gen = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(seed)
+        self.reset_parameters(gen)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw weight ~ N(0, init_std^2) on the CPU from `generator` (default: torch's global
+        CPU generator), then copy: the same seed gives the same weight on every device."""
+        w_EH = torch.empty(self.weight.shape, dtype=torch.float32)
+        w_EH.normal_(0.0, self.init_std, generator=generator)
+        self.weight.copy_(w_EH)
+
+    def forward(self, x_TH: torch.Tensor) -> RoutingResult:
+        cfg = self.config
+        if x_TH.dim() != 2:
+            x_TH = x_TH.reshape(-1, x_TH.shape[-1])
+        T = x_TH.shape[0]
+        # logits and softmax in float32 whatever the activation dtype (DeepSpeed's TopKGate too)
+        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        scores_TE, probs_TE, routed_TE = topk_softmax(logits_TE, cfg.topk)
+
+        capacity = None
+        map_TE = routed_TE
+        if cfg.capacity_factor is not None:
+            capacity = compute_capacity(T, cfg.num_experts, cfg.topk, cfg.capacity_factor,
+                                        cfg.min_capacity)
+            if capacity < T:  # an expert gets at most T tokens: nothing to drop otherwise
+                map_TE = capacity_mask(probs_TE, routed_TE, capacity, cfg.drop_policy)
+                probs_TE = probs_TE * map_TE
+
+        tokens_per_expert_E = map_TE.sum(dim=0)
+        return RoutingResult(
+            probs_TE=probs_TE,
+            routing_map_TE=map_TE,
+            tokens_per_expert_E=tokens_per_expert_E,
+            aux_loss=load_balancing_loss(scores_TE, routed_TE, cfg.topk, cfg.aux_loss_coeff),
+            z_loss=z_loss(logits_TE, cfg.z_loss_coeff),
+            num_dropped=routed_TE.sum() - tokens_per_expert_E.sum(),
+            logits_TE=logits_TE,
+            capacity=capacity,
+        )
