@@ -1,0 +1,76 @@
+"""The process part of the layout: this rank's four `Group`s, backed by torch.distributed groups.
+
+    groups = ParallelGroups.create(ParallelLayout(world, tensor_parallel=2, expert_parallel=4))
+    comm.all_to_all(x, groups.ep)
+
+`ParallelGroups.single()` is the one-process version (every group of size 1, no torch.distributed),
+so the same model code runs as its own unsharded reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from megatron_ted.parallel.comm import CommStats, Group
+from megatron_ted.parallel.layout import KINDS, ParallelLayout
+
+
+@dataclass(frozen=True, eq=False)
+class ParallelGroups:
+    """This rank's TP, DP, EP and expert-DP groups; all four count into one shared `stats`."""
+
+    layout: ParallelLayout
+    rank: int
+    tp: Group
+    dp: Group
+    ep: Group
+    expert_dp: Group
+    stats: CommStats
+
+    @classmethod
+    def create(cls, layout: ParallelLayout, rank: int | None = None) -> "ParallelGroups":
+        """Build every group of every kind, keeping the ones `rank` belongs to.
+
+        Must be called on every process of the world with the same layout: torch.distributed
+        requires each `new_group` call on all ranks, in the same order. Size-1 groups need no
+        process group and are skipped everywhere. Kinds with identical rank sets (for example EP
+        and DP when expert-DP is 1) share one process group but keep their own `Group` and name.
+        """
+        if rank is None:
+            rank = dist.get_rank()
+        if dist.is_initialized() and dist.get_world_size() != layout.world_size:
+            raise ValueError(f"layout is for {layout.world_size} ranks but torch.distributed has "
+                             f"{dist.get_world_size()}; launch {layout.world_size} processes or change the layout")
+        mine = layout.coords(rank)  # validates rank
+        stats = CommStats()
+        process_groups: dict[tuple[int, ...], object] = {}
+        found: dict[str, Group] = {}
+        for kind in KINDS:
+            for ranks in layout.groups(kind):
+                pg = None
+                if len(ranks) > 1:
+                    if ranks not in process_groups:
+                        process_groups[ranks] = dist.new_group(list(ranks))
+                    pg = process_groups[ranks]
+                if rank in ranks:
+                    found[kind] = Group(name=kind, ranks=ranks, rank=getattr(mine, kind), pg=pg, stats=stats)
+        for kind in KINDS:
+            assert found[kind].ranks[found[kind].rank] == rank, f"{kind} group index mismatch"
+        return cls(layout=layout, rank=rank, stats=stats, **found)
+
+    @classmethod
+    def single(cls) -> "ParallelGroups":
+        """World of one: every group has size 1 and every collective is a no-op."""
+        stats = CommStats()
+        return cls(layout=ParallelLayout(1), rank=0, stats=stats,
+                   **{kind: Group.single(kind, stats) for kind in KINDS})
+
+    def group(self, kind: str) -> Group:
+        """The group of one kind: "tp", "dp", "ep" or "expert_dp"."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown group kind {kind!r}; pick one of {', '.join(KINDS)}")
+        return getattr(self, kind)
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} of {self.layout}: " + ", ".join(repr(self.group(k)) for k in KINDS)
