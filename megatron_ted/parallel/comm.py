@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter", "broadcast")
+COLLECTIVE_KINDS = ("all_to_all", "all_gather", "all_reduce", "reduce_scatter", "broadcast", "counts")
 
 
 class CommStats:
@@ -94,11 +94,15 @@ def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_op: bo
     return work if async_op else t
 
 
-def all_gather(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
-    """Concatenate equal-shaped tensors of every rank along `dim`, in group-rank order."""
+def all_gather(t: torch.Tensor, group: Group, dim: int = 0, kind: str = "all_gather") -> torch.Tensor:
+    """Concatenate equal-shaped tensors of every rank along `dim`, in group-rank order.
+
+    `kind` is the counting key; split-size exchanges pass "counts" so that they do not blur the
+    payload counts.
+    """
     if group.size == 1:
         return t
-    group.stats.record("all_gather", group.name, nbytes(t))
+    group.stats.record(kind, group.name, nbytes(t))
     t = t.contiguous()
     if dim == 0:
         out = t.new_empty((group.size * t.shape[0],) + tuple(t.shape[1:]))
@@ -124,14 +128,14 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
 
 
 def all_to_all(t: torch.Tensor, group: Group, output_splits: list[int] | None = None,
-               input_splits: list[int] | None = None) -> torch.Tensor:
+               input_splits: list[int] | None = None, kind: str = "all_to_all") -> torch.Tensor:
     """Exchange rows of `t` (dim 0): rank i sends input_splits[j] rows to rank j.
 
-    Equal splits when both are None.
+    Equal splits when both are None. `kind` as in all_gather.
     """
     if group.size == 1:
         return t
-    group.stats.record("all_to_all", group.name, nbytes(t))
+    group.stats.record(kind, group.name, nbytes(t))
     t = t.contiguous()
     if output_splits is None:
         out = torch.empty_like(t)

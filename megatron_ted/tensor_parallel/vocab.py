@@ -37,12 +37,17 @@ class VocabParallelEmbedding(nn.Module):
         return mappings.reduce_from(out, self.tp)
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """The loss is computed in fp32 (fp64 stays fp64, for exact tests)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token -log softmax(logits)[label] with logits sliced over the last dim."""
 
     @staticmethod
     def forward(ctx, logits, labels, tp: Group, vocab_start: int):
-        logits = logits.float()
+        logits = _upcast(logits)
         logits_max = logits.max(dim=-1).values
         comm.all_reduce(logits_max, tp, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
@@ -75,5 +80,5 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp:
                                  vocab_start: int = 0) -> torch.Tensor:
     """logits [..., V/TP] (this rank's vocab slice), labels [...] -> per-token loss [...] in fp32."""
     if tp.size == 1:
-        return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+        return F.cross_entropy(_upcast(logits).flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
     return _VocabParallelCrossEntropy.apply(logits, labels, tp, vocab_start)

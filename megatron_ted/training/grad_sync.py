@@ -57,7 +57,8 @@ class GradientSync:
         if not params:
             return
         device = params[0].device
-        flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=device)
+        dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32  # fp64 for exact tests
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
         offset, start, members = 0, 0, []
         for p in params:
             p.main_grad = flat[offset: offset + p.numel()].view_as(p)

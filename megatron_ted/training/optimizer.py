@@ -72,7 +72,8 @@ class MixedPrecisionAdamW:
                  loss_scaler: DynamicLossScaler | None = None):
         self.tp, self.ep, self.clip_grad, self.loss_scaler = tp, ep, clip_grad, loss_scaler
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.master = [p.detach().float().clone() if p.dtype != torch.float32 else p for p in self.params]
+        self.master = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
+                       for p in self.params]
         decay = [m for p, m in zip(self.params, self.master) if p.dim() > 1]
         no_decay = [m for p, m in zip(self.params, self.master) if p.dim() <= 1]
         self.optimizer = torch.optim.AdamW(
@@ -96,7 +97,7 @@ class MixedPrecisionAdamW:
         if self.clip_grad and self.clip_grad > 0 and norm.item() > self.clip_grad:
             coeff *= self.clip_grad / (norm.item() + 1e-6)
         for p, m in zip(self.params, self.master):
-            m.grad = p.main_grad.mul(coeff) if m is not p else p.main_grad.mul_(coeff)
+            m.grad = p.main_grad.to(m.dtype).mul_(coeff) if m.dtype != p.main_grad.dtype else p.main_grad.mul_(coeff)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

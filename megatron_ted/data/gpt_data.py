@@ -1,0 +1,225 @@
+"""Train / valid / test GPT datasets from Megatron `.bin/.idx` files, through megatron-core.
+
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        data_path=["0.7", "data/a_text_document", "0.3", "data/b_text_document"],  # or ["data/a_text_document"]
+        split="969,30,1", seq_length=1024, seed=1234, tokenizer=tokenizer,
+        num_samples=train_valid_test_num_samples(train_iters, eval_interval, eval_iters, global_batch_size),
+    )
+    train_ds[i] -> {"tokens", "labels", "loss_mask", "position_ids"} (+ "dataset_id" for a blend),
+                   each of shape [seq_length]; tokens/labels/position_ids int64, loss_mask float32.
+
+megatron-core's `BlendedMegatronDatasetBuilder` does the work (GPTDataset / MockGPTDataset /
+BlendedDataset), so a given (data, split, seed, seq_length, num_samples) gives exactly the samples
+Megatron-LM gives. What this module adds:
+
+- `--data-path` parsing (Megatron's blend syntax) with one-line `ValueError`s naming the flag.
+- The index cache (document / sample / shuffle indices as .npy, keyed by an MD5 of the config) goes
+  to `data_cache_path`, default `<directory of the first prefix>/index-cache`, or a temporary
+  directory when that is not writable. With several nodes it must be a directory all of them see.
+- Distributed use: the builder is collective when torch.distributed is initialised (every rank of
+  the default group must call this function); rank 0 builds and caches the indices, a barrier, then
+  the other ranks load them. Without torch.distributed, megatron-core 0.16.1's BlendedDataset
+  still calls `torch.distributed.get_rank()` on a cache miss, so a one-process gloo group is set up
+  for the duration of the build and torn down afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], Optional[list[float]]]:
+    """Megatron's `--data-path`: `[prefix, ...]` or `[weight, prefix, weight, prefix, ...]`.
+
+    A single string is split on whitespace ("0.3 a 0.7 b"). Returns (prefixes, weights or None).
+    """
+    items = data_path.split() if isinstance(data_path, str) else [str(x) for x in data_path]
+    if not items:
+        raise ValueError("--data-path: empty; give 'prefix' or 'weight prefix weight prefix ...'")
+
+    def is_number(s: str) -> bool:
+        try:
+            float(s)
+            return True
+        except ValueError:
+            return False
+
+    numeric = [is_number(s) for s in items]
+    if not any(numeric):
+        return items, None
+    if len(items) % 2 or not all(numeric[0::2]) or any(numeric[1::2]):
+        raise ValueError(
+            f"--data-path {' '.join(items)}: expected 'weight prefix weight prefix ...' "
+            "(a weight before every prefix) or prefixes only"
+        )
+    weights = [float(w) for w in items[0::2]]
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"--data-path {' '.join(items)}: weights must be > 0")
+    return items[1::2], weights
+
+
+def check_prefixes_exist(prefixes: Sequence[str]) -> None:
+    for prefix in prefixes:
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            hint = ""
+            if prefix.endswith((".bin", ".idx")):
+                hint = f" (give the prefix without the extension: {prefix[:-4]})"
+            elif os.path.isfile(prefix + "_text_document.bin"):
+                hint = f" (did you mean {prefix}_text_document?)"
+            raise ValueError(
+                f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found{hint}; "
+                "make them with tools/preprocess_data.py"
+            )
+
+
+def check_split(split: str) -> None:
+    """`--split` is up to three comma-separated non-negative numbers, not all zero ("969,30,1")."""
+    parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or len(values) > 3 or any(v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"--split {split}: expected train,valid,test weights such as 969,30,1")
+
+
+def default_cache_path(prefixes: Sequence[str]) -> str:
+    """`<dir of first prefix>/index-cache` if writable, else a directory under the system temp dir."""
+    data_dir = os.path.dirname(os.path.abspath(prefixes[0]))
+    path = os.path.join(data_dir, "index-cache")
+    if os.access(path if os.path.isdir(path) else data_dir, os.W_OK):
+        return path
+    return os.path.join(tempfile.gettempdir(), "megatron_ted-index-cache")
+
+
+def train_valid_test_num_samples(train_iters: int, eval_interval: int, eval_iters: int,
+                                 global_batch_size: int) -> tuple[int, int, int]:
+    """Megatron-LM's sample counts: all training steps, every evaluation (plus the final one), test."""
+    train = train_iters * global_batch_size
+    valid = (train_iters // eval_interval + 1) * eval_iters * global_batch_size if eval_interval else 0
+    test = eval_iters * global_batch_size
+    return train, valid, test
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet_mock_cache_warning(active: bool):
+    """Mock indices are rebuilt in memory on purpose; drop megatron-core's "Unable to save" warning."""
+    if not active:
+        yield
+        return
+    logger = logging.getLogger("megatron.core.datasets.gpt_dataset")
+    drop = _DropMessages("Unable to save")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _process_group_for_build():
+    """Yield with torch.distributed initialised: the caller's group, or a temporary 1-rank one."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _import_megatron():
+    with warnings.catch_warnings():  # megatron.core warns at import that apex / TE are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    return BlendedMegatronDatasetBuilder, GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+
+def build_train_valid_test_datasets(
+    data_path: Optional[Sequence[str] | str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    tokenizer,
+    num_samples: tuple[int, int, int],
+    mock: bool = False,
+    *,
+    data_cache_path: Optional[str] = None,
+    mmap_bin_files: bool = True,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    is_built_on_rank: Optional[Callable[[], bool]] = None,
+):
+    """Return (train, valid, test) megatron-core datasets; a split with weight 0 is None.
+
+    data_path:   Megatron blend, see `parse_data_path`; ignored when `mock`.
+    split:       "969,30,1": document-level proportions of train / valid / test (ignored by mock
+                 data: megatron-core always splits mock data "1,1,1").
+    num_samples: samples wanted per split; the datasets are at least this long (more epochs of the
+                 data are drawn if needed).
+    tokenizer:   from `megatron_ted.data.tokenizer.build_tokenizer` (needs vocab_size, eod,
+                 unique_identifiers); `eod` drives eod_mask_loss / reset_* options.
+    mock:        synthetic MockGPTDataset (use NullTokenizer); built in memory on every rank.
+    is_built_on_rank: () -> bool, default every rank; a rank where it is False gets None.
+
+    Collective when torch.distributed is initialised: call it on every rank.
+    """
+    if seq_length < 1:
+        raise ValueError(f"--seq-length {seq_length}: must be >= 1")
+    check_split(split)
+    if len(num_samples) != 3 or any(n is None or n < 0 for n in num_samples):
+        raise ValueError(f"num_samples {num_samples}: need three counts >= 0 (train, valid, test)")
+    blend = None
+    if not mock:
+        if not data_path:
+            raise ValueError("--data-path is required unless --mock-data is given")
+        prefixes, weights = parse_data_path(data_path)
+        check_prefixes_exist(prefixes)
+        blend = (prefixes, weights)
+        cache = data_cache_path or default_cache_path(prefixes)
+    else:
+        cache = data_cache_path  # None: mock indices are rebuilt in memory, nothing written
+
+    Builder, GPTDataset, GPTDatasetConfig, MockGPTDataset = _import_megatron()
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=cache,
+        mmap_bin_files=mmap_bin_files,
+        tokenizer=tokenizer,
+        reset_position_ids=reset_position_ids,
+        reset_attention_mask=reset_attention_mask,
+        eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,  # causal masking is the model's job; saves [s, s] per sample
+    )
+    builder = Builder(
+        MockGPTDataset if mock else GPTDataset,
+        [int(n) for n in num_samples],
+        is_built_on_rank or (lambda: True),
+        config,
+    )
+    with _process_group_for_build(), _quiet_mock_cache_warning(mock and cache is None):
+        train, valid, test = builder.build()
+    return train, valid, test

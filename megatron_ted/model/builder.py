@@ -1,0 +1,35 @@
+"""Build a GPT(-MoE) model for this rank's groups and draw its weights from the seed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_ted.model.gpt import GPTConfig, GPTModel
+from megatron_ted.model.init import init_parameters
+from megatron_ted.moe.moe_layer import MoELayer
+from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.groups import ParallelGroups
+
+
+@dataclass
+class MoEConfig:
+    router: RouterConfig
+    ffn_hidden_size: int
+    layer_freq: int = 2                      # layer i is MoE when i % layer_freq == 0 (Megatron-core)
+    duplicate_token_dropping: bool = True
+
+
+def moe_layer_indices(num_layers: int, layer_freq: int) -> tuple[int, ...]:
+    return tuple(i for i in range(num_layers) if i % layer_freq == 0)
+
+
+def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int) -> GPTModel:
+    build_moe = None
+    if moe is not None:
+        config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
+
+        def build_moe(_layer_index):
+            return MoELayer(config.hidden_size, moe.ffn_hidden_size, moe.router, groups.tp, groups.ep,
+                            config.swiglu, moe.duplicate_token_dropping)
+    model = GPTModel(config, groups.tp, build_moe)
+    init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
+    return model

@@ -1,0 +1,44 @@
+"""The MoE block: router -> dispatch -> experts -> combine.
+
+It replaces the dense MLP of every --moe-layer-freq-th layer. The router is replicated over TP and
+runs on the full token set of the micro-batch (so capacity and drops do not depend on TP); the
+dispatcher moves tokens to the expert-parallel ranks that hold their experts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megatron_ted.moe.dispatcher import TokenDispatcher
+from megatron_ted.moe.experts import GroupedExperts
+from megatron_ted.moe.router import RouterConfig, TopKRouter
+from megatron_ted.parallel.comm import Group
+
+
+@dataclass
+class MoEOutput:
+    aux_loss: torch.Tensor            # load-balancing + z loss of this layer (coefficients applied)
+    tokens_per_expert: torch.Tensor   # [E] assignments kept per expert, this rank's micro-batch
+    num_dropped: torch.Tensor         # assignments dropped by capacity
+    num_assignments: int              # T * k
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, router_config: RouterConfig,
+                 tp: Group, ep: Group, swiglu: bool = False, duplicate_token_dropping: bool = True):
+        super().__init__()
+        self.router = TopKRouter(hidden_size, router_config)
+        self.dispatcher = TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping)
+        self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size, tp, swiglu)
+
+    def forward(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
+        x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
+        routing = self.router(x_TH)
+        y_TH = self.dispatcher(x_TH, routing.probs_TE, routing.routing_map_TE, self.experts)
+        out = MoEOutput(aux_loss=routing.aux_loss + routing.z_loss,
+                        tokens_per_expert=routing.tokens_per_expert_E.detach(),
+                        num_dropped=routing.num_dropped.detach(),
+                        num_assignments=x_TH.shape[0] * self.router.config.topk)
+        return y_TH.view_as(x_BSH).to(x_BSH.dtype), out

@@ -1,0 +1,192 @@
+"""Command line: Megatron-LM's flag names where one exists, ours in the same style.
+
+`parse_args(argv, world_size)` parses and validates; every user error is a `ValueError` whose
+one-line message names the flag and the fix. The entry point turns it into a clean exit.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from megatron_ted.parallel.layout import ParallelLayout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain a GPT Mixture-of-Experts model with TED parallelism",
+                                allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
+    g.add_argument("--position-embedding-type", choices=["learned", "rope"], default="learned")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (none: dense model)")
+    g.add_argument("--moe-layer-freq", type=int, default=2, help="every N-th layer is MoE (the paper: 2)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
+    g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
+                   help="send every TP rank's full token copy through the all-to-all (DTD off)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--rank-order", choices=["tp-ep-dp", "tp-dp-ep"], default="tp-ep-dp",
+                   help="tp-dp-ep keeps expert-DP reductions inside a node at the price of a wider all-to-all")
+    g.add_argument("--world-size", type=int, default=None, help="for --dry-run without processes")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl on CUDA, gloo on CPU")
+    g.add_argument("--no-overlap-grad-reduce", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x DP")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**16)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform"], default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None, help="prefix, or 'w1 prefix1 w2 prefix2' for a blend")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens, same global batches in every layout")
+    g.add_argument("--tokenizer-type", default="NullTokenizer",
+                   choices=["NullTokenizer", "SentencePieceTokenizer"])
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--data-cache-path", default=None)
+
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--dry-run", action="store_true", help="resolve flags, print the layout and sizes, exit")
+    return p
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Round the vocabulary up to a multiple of --make-vocab-size-divisible-by (independent of TP,
+    so every layout has the same logical model); it must then split evenly over TP."""
+    padded = int(math.ceil(vocab_size / divisible_by) * divisible_by)
+    if padded % tp:
+        raise ValueError(f"padded vocabulary {padded} (--vocab-size {vocab_size} rounded up to "
+                         f"--make-vocab-size-divisible-by {divisible_by}) is not divisible by "
+                         f"--tensor-model-parallel-size {tp}; use a --make-vocab-size-divisible-by that is a multiple of {tp}")
+    return padded
+
+
+def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Fill defaults and check combinations; raises ValueError naming the flag."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(msg)
+
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "train_iters", "tensor_model_parallel_size", "expert_model_parallel_size"):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1")
+    args.world_size = world_size
+    args.layout = ParallelLayout(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size,
+                                 args.rank_order)
+    tp, dp = args.tensor_model_parallel_size, args.layout.data_parallel
+    need(args.num_attention_heads % tp == 0,
+         f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    need(args.hidden_size % args.num_attention_heads == 0,
+         f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    need(args.ffn_hidden_size % tp == 0,
+         f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    args.max_position_embeddings = args.max_position_embeddings or args.seq_length
+    need(args.max_position_embeddings >= args.seq_length,
+         f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}")
+    need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one")
+
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    need(args.global_batch_size % per_step == 0,
+         f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+         f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}")
+    args.num_micro_batches = args.global_batch_size // per_step
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+
+    if args.num_experts is not None:
+        e, ep, k = args.num_experts, args.expert_model_parallel_size, args.moe_router_topk
+        need(e >= 1, f"--num-experts must be at least 1")
+        need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
+                          f"use a multiple of {ep} experts or a smaller EP")
+        need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+        need(args.moe_layer_freq >= 1, "--moe-layer-freq must be at least 1")
+        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        need(args.moe_ffn_hidden_size % tp == 0,
+             f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+        cf = args.moe_expert_capacity_factor
+        need(cf is None or cf > 0, f"--moe-expert-capacity-factor must be positive (omit it for dropless routing)")
+        if tp > 1 and not args.moe_no_duplicate_token_dropping:
+            tokens = args.micro_batch_size * args.seq_length
+            need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
+                                   f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "
+                                   f"or pass --moe-no-duplicate-token-dropping")
+    else:
+        need(args.expert_model_parallel_size == 1,
+             "--expert-model-parallel-size > 1 needs --num-experts")
+
+    if args.mock_data:
+        need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
+    elif not args.dry_run:
+        need(args.data_path, "no data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    if args.tokenizer_type == "NullTokenizer":
+        need(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size N")
+    else:
+        need(args.tokenizer_model is not None, f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model PATH")
+        need(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model} does not exist")
+    if args.load is not None:
+        need(os.path.isdir(args.load) or args.load == args.save,
+             f"--load {args.load} is not a directory")
+    if args.recompute_granularity is not None:
+        need(args.recompute_num_layers >= 1, "--recompute-num-layers must be at least 1")
+    return args
+
+
+def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if world_size is None:
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    return validate(args, world_size)
