@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-comm", action="store_true", help="log the collectives of each step (calls, MiB)")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--save", default=None)

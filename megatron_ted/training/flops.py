@@ -1,0 +1,34 @@
+"""Model FLOPs of a GPT(-MoE) step, for TFLOP/s per GPU and MFU.
+
+Counted per token, forward, matmuls only (multiply-add = 2 FLOPs):
+  attention   QKV and output projections 2 * 4 H^2, scores and values 2 * 2 S H (full S x S,
+              not halved for the causal mask, as in Megatron-LM's classic formula)
+  dense MLP   2 * 2 H F (SwiGLU: 2 * 3 H F)
+  MoE MLP     top-k experts: k * 2 * 2 H F_moe (SwiGLU: k * 2 * 3 H F_moe), router 2 H E
+  logits      2 H V
+Training = 3 x forward (backward is twice the forward). Recomputation is not counted (model FLOPs).
+"""
+from __future__ import annotations
+
+
+def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
+                    moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: int = 0,
+                    swiglu: bool = False) -> float:
+    mlp_mults = 3 if swiglu else 2
+    attention = 2 * 4 * hidden * hidden + 2 * 2 * seq_length * hidden
+    dense_mlp = 2 * mlp_mults * hidden * ffn
+    moe_mlp = topk * 2 * mlp_mults * hidden * (moe_ffn or ffn) + 2 * hidden * num_experts
+    forward = (num_layers * attention + (num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
+               + 2 * hidden * vocab)
+    return 3.0 * forward
+
+
+# Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None

@@ -1,0 +1,217 @@
+"""Pretraining driver: parse flags, build layout/model/data/optimizer, run the loop, log like Megatron.
+
+    torchrun --nproc_per_node 4 pretrain_gpt_moe.py --tensor-model-parallel-size 2 \
+        --expert-model-parallel-size 2 --num-experts 4 --mock-data --vocab-size 1024 ...
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_ted.data.gpt_data import build_train_valid_test_datasets, train_valid_test_num_samples
+from megatron_ted.data.sampler import build_pretraining_data_loader
+from megatron_ted.data.tokenizer import build_tokenizer
+from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
+from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.training.arguments import padded_vocab_size, parse_args
+from megatron_ted.training.flops import flops_per_token, peak_tflops
+from megatron_ted.training.grad_sync import GradientSync
+from megatron_ted.training.lr_schedule import learning_rate
+from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW
+from megatron_ted.training.step import forward_backward
+
+
+def print_rank0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
+    config = GPTConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
+        max_position_embeddings=args.max_position_embeddings,
+        position_embedding_type=args.position_embedding_type, normalization=args.normalization,
+        swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
+        layernorm_epsilon=args.layernorm_epsilon, hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights)
+    moe = None
+    if args.num_experts is not None:
+        router = RouterConfig(num_experts=args.num_experts, topk=args.moe_router_topk,
+                              aux_loss_coeff=args.moe_aux_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
+                              capacity_factor=args.moe_expert_capacity_factor,
+                              drop_policy=args.moe_token_drop_policy, min_capacity=args.moe_min_capacity)
+        moe = MoEConfig(router, args.moe_ffn_hidden_size, args.moe_layer_freq,
+                        duplicate_token_dropping=not args.moe_no_duplicate_token_dropping)
+    return config, moe
+
+
+def init_distributed(args) -> torch.device:
+    if "RANK" not in os.environ:  # plain `python pretrain_gpt_moe.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    use_cuda = torch.cuda.is_available() and args.distributed_backend != "gloo"
+    backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return device
+
+
+class MegatronLog:
+    """One line per logged iteration in Megatron-LM's shape, plus throughput and MoE load."""
+
+    def __init__(self, args, tokens_per_step: int, flops_per_step: float, device: torch.device, writer=None):
+        self.args, self.tokens_per_step, self.flops_per_step = args, tokens_per_step, flops_per_step
+        self.peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        self.writer = writer
+        self.skipped = 0
+        self.last = time.time()
+
+    def iteration(self, it: int, lr: float, result, loss_scale: float, comm_summary: str):
+        a = self.args
+        now = time.time()
+        dt = (now - self.last) / a.log_interval
+        self.last = now
+        tflops = self.flops_per_step / dt / 1e12 / a.world_size
+        parts = [f"iteration {it:8d}/{a.train_iters:8d}",
+                 f"consumed samples: {it * a.global_batch_size:12d}",
+                 f"elapsed time per iteration (ms): {dt * 1000:.1f}",
+                 f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}",
+                 f"tokens per second: {self.tokens_per_step / dt:.0f}"]
+        if self.peak:
+            parts.append(f"MFU: {100 * tflops / self.peak:.1f}%")
+        parts += [f"learning rate: {lr:.6E}", f"global batch size: {a.global_batch_size:5d}",
+                  f"lm loss: {result.lm_loss:.6E}"]
+        if result.moe:
+            parts.append(f"moe aux loss: {result.aux_loss:.6E}")
+            loads = [(int(m["tokens_per_expert"].min()), int(m["tokens_per_expert"].max())) for m in result.moe]
+            parts.append("expert load min/max: " + " ".join(f"{lo}/{hi}" for lo, hi in loads))
+            dropped = sum(m["dropped"] for m in result.moe) / max(1, sum(m["assigned"] for m in result.moe))
+            parts.append(f"dropped tokens: {100 * dropped:.2f}%")
+        parts += [f"loss scale: {loss_scale:.1f}",
+                  f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: nan",
+                  f"number of skipped iterations: {self.skipped:3d}"]
+        if a.log_comm:
+            parts.append(f"comm/step: {comm_summary}")
+        print_rank0(" " + " | ".join(parts) + " |")
+        if self.writer is not None:
+            self.writer.add_scalar("lm loss", result.lm_loss, it)
+            self.writer.add_scalar("learning-rate", lr, it)
+            self.writer.add_scalar("grad-norm", result.grad_norm or float("nan"), it)
+            self.writer.add_scalar("throughput/tflops-per-gpu", tflops, it)
+            if result.moe:
+                self.writer.add_scalar("moe/aux-loss", result.aux_loss, it)
+
+
+def _micro_batches(iterator, n: int, device) -> list[dict]:
+    return [{k: v.to(device) for k, v in next(iterator).items()} for _ in range(n)]
+
+
+def evaluate(model, loader_iter, args, groups, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            mbs = _micro_batches(loader_iter, args.num_micro_batches, device)
+            for mb in mbs:
+                out = model(mb["tokens"], mb["position_ids"], mb["labels"])
+                total += float((out.loss * mb["loss_mask"]).sum())
+                count += float(mb["loss_mask"].sum())
+    model.train()
+    t = torch.tensor([total, count], dtype=torch.float64, device=device)
+    from megatron_ted.parallel import comm
+    comm.all_reduce(t, groups.dp)
+    return (t[0] / t[1]).item()
+
+
+def train(args) -> dict:
+    device = init_distributed(args)
+    groups = ParallelGroups.create(args.layout)
+    rank = dist.get_rank()
+    print_rank0(args.layout.table())
+
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    vocab = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, groups.tp.size)
+    config, moe = model_configs(args, vocab)
+    model = build_gpt(config, moe, groups, args.seed).to(device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    model.to(dtype)
+    # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
+    torch.manual_seed(args.seed + 1000 * groups.dp.rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
+
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(
+        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
+        train_valid_test_num_samples(args.train_iters, args.eval_interval or 0, args.eval_iters,
+                                     args.global_batch_size),
+        mock=args.mock_data, data_cache_path=args.data_cache_path)
+    mb = args.micro_batch_size
+    train_iter = iter(build_pretraining_data_loader(train_ds, 0, mb, groups.dp.rank, groups.dp.size))
+    valid_iter = iter(build_pretraining_data_loader(valid_ds, 0, mb, groups.dp.rank, groups.dp.size)) \
+        if (valid_ds is not None and args.eval_interval) else None
+
+    sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce)
+    scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
+    optimizer = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=args.lr, weight_decay=args.weight_decay,
+                                    betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                    clip_grad=args.clip_grad, loss_scaler=scaler)
+
+    n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
+    tokens_per_step = args.global_batch_size * args.seq_length
+    fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size, vocab,
+                          n_moe, args.moe_ffn_hidden_size if moe else None, args.moe_router_topk if moe else 0,
+                          args.num_experts or 0, args.swiglu)
+    writer = None
+    if args.tensorboard_dir and rank == args.world_size - 1:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(args.tensorboard_dir)
+    log = MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer)
+
+    history = []
+    model.train()
+    for it in range(1, args.train_iters + 1):
+        lr = learning_rate(it - 1, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
+        sync.zero_grad()
+        groups.stats.reset()
+        result = forward_backward(model, _micro_batches(train_iter, args.num_micro_batches, device), groups, sync,
+                                  loss_scale=optimizer.loss_scale)
+        applied, result.grad_norm = optimizer.step(lr)
+        if not applied:
+            log.skipped += 1
+            result.grad_norm = None
+        history.append(result.lm_loss)
+        if it % args.log_interval == 0:
+            log.iteration(it, lr, result, optimizer.loss_scale, groups.stats.summary())
+        if valid_iter is not None and it % args.eval_interval == 0:
+            loss = evaluate(model, valid_iter, args, groups, device)
+            print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
+                        f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"losses": history}
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(args)
+    return 0

@@ -1,0 +1,13 @@
+"""Pretrain a GPT Mixture-of-Experts model with tensor x expert x data parallelism (DeepSpeed-TED).
+
+    torchrun --nproc_per_node 4 pretrain_gpt_moe.py --tensor-model-parallel-size 2 \
+        --expert-model-parallel-size 2 --num-experts 4 --mock-data --vocab-size 1024
+
+See README.md for the flags and scripts/ for launchers.
+"""
+import sys
+
+from megatron_ted.training.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
