@@ -79,6 +79,11 @@ class Group:
         return f"Group({self.name}, rank {self.rank}/{self.size}, ranks={list(self.ranks)})"
 
 
+# torch >= 2.13 names the flat-tensor collectives *_single; older releases *_tensor.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -106,7 +111,7 @@ def all_gather(t: torch.Tensor, group: Group, dim: int = 0, kind: str = "all_gat
     t = t.contiguous()
     if dim == 0:
         out = t.new_empty((group.size * t.shape[0],) + tuple(t.shape[1:]))
-        dist.all_gather_into_tensor(out, t, group=group.pg)
+        _all_gather_flat(out, t, group=group.pg)
         return out
     parts = [torch.empty_like(t) for _ in range(group.size)]
     dist.all_gather(parts, t, group=group.pg)
@@ -123,7 +128,7 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
     t = t.contiguous()
     assert t.shape[0] % group.size == 0, "reduce_scatter needs a dim divisible by the group size"
     out = t.new_empty((t.shape[0] // group.size,) + tuple(t.shape[1:]))
-    dist.reduce_scatter_tensor(out, t, group=group.pg)
+    _reduce_scatter_flat(out, t, group=group.pg)
     return out.movedim(0, dim) if dim != 0 else out
 
 
