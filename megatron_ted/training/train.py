@@ -88,7 +88,7 @@ class MegatronLog:
         parts = [f"iteration {it:8d}/{a.train_iters:8d}",
                  f"consumed samples: {it * a.global_batch_size:12d}",
                  f"elapsed time per iteration (ms): {dt * 1000:.1f}",
-                 f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}",
+                 f"throughput per GPU (TFLOP/s/GPU): {tflops:.2f}",
                  f"tokens per second: {self.tokens_per_step / dt:.0f}"]
         if self.peak:
             parts.append(f"MFU: {100 * tflops / self.peak:.1f}%")
