@@ -31,7 +31,6 @@ import tempfile
 import warnings
 from typing import Callable, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 
 
@@ -136,7 +135,7 @@ def _quiet_mock_cache_warning(active: bool):
 @contextlib.contextmanager
 def _process_group_for_build():
     """Yield with torch.distributed initialised: the caller's group, or a temporary 1-rank one."""
-    if dist.is_initialized():
+    if not dist.is_available() or dist.is_initialized():
         yield
         return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -173,8 +172,9 @@ def build_train_valid_test_datasets(
     """Return (train, valid, test) megatron-core datasets; a split with weight 0 is None.
 
     data_path:   Megatron blend, see `parse_data_path`; ignored when `mock`.
-    split:       "969,30,1": document-level proportions of train / valid / test (ignored by mock
-                 data: megatron-core always splits mock data "1,1,1").
+    split:       "969,30,1": proportions of the sequences (one per JSONL line) that go to train /
+                 valid / test, contiguous in file order (ignored by mock data: megatron-core
+                 always splits mock data "1,1,1").
     num_samples: samples wanted per split; the datasets are at least this long (more epochs of the
                  data are drawn if needed).
     tokenizer:   from `megatron_ted.data.tokenizer.build_tokenizer` (needs vocab_size, eod,

@@ -130,7 +130,7 @@ class _Progress:
     """tqdm on an interactive stderr when installed, else a line on stdout every `interval` docs."""
 
     def __init__(self, interval: int):
-        self.interval, self.count, self.nbytes, self.start = interval, 0, 0, time.time()
+        self.interval, self.count, self.nbytes, self.start = interval, 0, 0, None
         self.bar = None
         if sys.stderr.isatty():
             try:
@@ -140,6 +140,8 @@ class _Progress:
                 pass
 
     def update(self, nbytes: int) -> None:
+        if self.start is None:  # rates from the first document on, not counting start-up
+            self.start = time.time()
         self.count += 1
         self.nbytes += nbytes
         if self.bar is not None:
@@ -148,7 +150,7 @@ class _Progress:
             self.report("processed")
 
     def report(self, verb: str) -> None:
-        elapsed = max(time.time() - self.start, 1e-9)
+        elapsed = max(time.time() - (self.start or time.time()), 1e-9)
         print(f"{verb} {self.count} documents ({self.count / elapsed:.1f} docs/s, "
               f"{self.nbytes / elapsed / 2**20:.2f} MB/s)", flush=True)
 
@@ -158,14 +160,19 @@ class _Progress:
 
 
 # -------------------------------------------------------------------------------------------- main
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def get_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Tokenize JSONL into Megatron .bin/.idx files (Megatron-LM compatible).")
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSONL file (optionally .gz), one document per line")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument("--tokenizer-type", required=True, help=" | ".join(TOKENIZER_TYPES))
     group.add_argument("--tokenizer-model", default=None, help="SentencePiece model file")
     group.add_argument("--vocab-size", type=int, default=None, help="ids of NullTokenizer (EOD is one more)")
     group.add_argument("--append-eod", action="store_true", help="append the EOD id to every document")
@@ -225,6 +232,9 @@ def preprocess(args: argparse.Namespace) -> dict:
     except UnicodeDecodeError as err:
         writers.abort()
         raise InputError(f"--input {args.input}: not UTF-8 text ({err.reason})") from None
+    except (OSError, EOFError) as err:  # unreadable / truncated .gz input, full disk, ...
+        writers.abort()
+        raise InputError(f"--input {args.input} -> --output-prefix {args.output_prefix}: {err}") from None
     except BaseException:
         writers.abort()
         raise
