@@ -136,14 +136,13 @@ def evaluate(model, loader_iter, args, groups, device) -> float:
     return (t[0] / t[1]).item()
 
 
-def train(args) -> dict:
+def train(args, tokenizer) -> dict:
     device = init_distributed(args)
     groups = ParallelGroups.create(args.layout)
     rank = dist.get_rank()
     print_rank0(args.layout.table())
 
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    vocab = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, groups.tp.size)
+    vocab = args.padded_vocab_size
     config, moe = model_configs(args, vocab)
     model = build_gpt(config, moe, groups, args.seed).to(device)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -207,11 +206,14 @@ def train(args) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
+    try:  # every user error surfaces here, before any process group or heavy work
         args = parse_args(argv)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
+                                                   args.tensor_model_parallel_size)
     except ValueError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    train(args)
+    train(args, tokenizer)
     return 0
