@@ -21,11 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, outdir, fn, args):
+def _worker(rank, world_size, port, outdir, fn, args, backend="gloo"):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
@@ -33,8 +35,9 @@ def _worker(rank, world_size, port, outdir, fn, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args):
-    """fn must be a module-level function (it is pickled into spawned processes)."""
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo"):
+    """fn must be a module-level function (it is pickled into spawned processes).
+    backend="nccl" puts rank r on cuda:r (GPU tests)."""
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world_size, free_port(), outdir, fn, args), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), outdir, fn, args, backend), nprocs=world_size, join=True)
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(world_size)]

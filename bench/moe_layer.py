@@ -1,0 +1,99 @@
+"""Benchmark one transformer layer with an MoE MLP (forward + backward) through our model code.
+
+    torchrun --nproc_per_node 4 bench/moe_layer.py --shape A --tp 1 --ep 4
+    torchrun --nproc_per_node 4 bench/moe_layer.py --shape B --tp 2 --ep 2 --no-dtd
+
+Shapes (DESIGN.md §4): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
+GPU; B hidden 4096, 32 heads, expert FFN 16384, 16 experts, top-2, 2048 tokens per GPU.
+"Tokens per GPU" is the micro-batch of each data-parallel rank (TP peers share it).
+Prints one line: ms per iteration, model TFLOP/s per GPU, peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_ted.model.init import init_parameters
+from megatron_ted.model.transformer import TransformerLayer
+from megatron_ted.moe.moe_layer import MoELayer
+from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.layout import ParallelLayout
+
+SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4096),
+          "B": dict(hidden=4096, heads=32, ffn=16384, experts=16, topk=2, tokens=2048)}
+
+
+def layer_flops(hidden, ffn, experts, topk, tokens, seq):
+    per_token = 2 * 4 * hidden * hidden + 2 * 2 * seq * hidden + topk * 2 * 2 * hidden * ffn + 2 * hidden * experts
+    return 3.0 * per_token * tokens
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=list(SHAPES), default="A")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--no-dtd", action="store_true")
+    p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    args = p.parse_args()
+    s = SHAPES[args.shape]
+
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    groups = ParallelGroups.create(ParallelLayout(world, args.tp, args.ep))
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    router = RouterConfig(num_experts=s["experts"], topk=s["topk"], capacity_factor=args.capacity_factor)
+    moe = MoELayer(s["hidden"], s["ffn"], router, groups.tp, groups.ep, duplicate_token_dropping=not args.no_dtd)
+    layer = TransformerLayer(s["hidden"], s["heads"], moe, groups.tp, bias=False)
+    init_parameters(layer, 1, 0.02, 2, groups.tp, groups.ep)
+    layer.to(device=device, dtype=dtype)
+    batch = s["tokens"] // args.seq
+    x = torch.randn(batch, args.seq, s["hidden"], device=device, dtype=dtype, generator=None, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        out, _ = layer(x)
+        out.backward(grad)
+
+    for _ in range(args.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.iters
+    dp = world // args.tp
+    flops = layer_flops(s["hidden"], s["ffn"], s["experts"], s["topk"], s["tokens"], args.seq) * dp / world
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    t = torch.tensor([dt], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if dist.get_rank() == 0:
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} "
+              f"cf={args.capacity_factor} | {t.item() * 1e3:.2f} ms/iter | {flops / t.item() / 1e12:.1f} TFLOP/s/GPU "
+              f"| peak {peak:.2f} GiB | {name}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
