@@ -55,10 +55,11 @@ def _nccl_worker(rank, world, tp, ep, dtd):
 def test_cuda_fp64_matches_cpu_reference():
     ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cpu"), torch.float64)
     loss, got = _grads(ParallelGroups.single(), torch.device("cuda"), torch.float64)
-    # fp64 on both; CUDA kernels reduce in another order (measured: 7e-11 relative on the loss)
+    # fp64 on both, but CUDA kernels reduce in another order (measured 2026-11-22 on H200: 7e-11
+    # relative on the loss, 7e-10 absolute on a gradient element): the NCCL tolerance below.
     assert abs(loss - ref_loss) < 1e-9 * abs(ref_loss)
     for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-9)
 
 
 def test_bf16_grouped_gemm_close_to_fp32():
