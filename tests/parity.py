@@ -2,7 +2,12 @@
 the full (unsharded) gradients and the loss curve, to compare with the single-process reference."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import tempfile
+
 import torch
+import torch.multiprocessing as mp
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
@@ -13,6 +18,7 @@ from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.optimizer import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
+from multiproc import _worker, free_port
 
 VOCAB, SEQ = 128, 8
 
@@ -49,11 +55,16 @@ def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int) -> list[d
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
                  dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234):
-    """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}."""
+    """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}.
+
+    Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
+    norm per step) and "moe_steps" (StepResult.moe per step); "moe" is the last step's.
+    """
     model = build_gpt(config, moe, groups, seed).to(dtype)
     sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=lr, weight_decay=0.1, clip_grad=clip_grad)
     losses, grads, stats = [], None, None
+    aux_losses, grad_norms, moe_steps = [], [], []
     for step, batch in enumerate(global_batches(steps, global_batch)):
         sync.zero_grad()
         groups.stats.reset()
@@ -63,9 +74,13 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
             stats = groups.stats.snapshot()
             grads = {n: unshard(p.main_grad, spec_of(p), groups.tp, groups.ep).clone()
                      for n, p in model.named_parameters()}
-        opt.step(lr)
+        _, norm = opt.step(lr)
         losses.append(result.lm_loss)
-    return {"losses": losses, "grads": grads, "stats": stats, "moe": result.moe}
+        aux_losses.append(result.aux_loss)
+        grad_norms.append(norm)
+        moe_steps.append(result.moe)
+    return {"losses": losses, "grads": grads, "stats": stats, "moe": result.moe,
+            "aux_losses": aux_losses, "grad_norms": grad_norms, "moe_steps": moe_steps}
 
 
 def run_layout(rank, world, layouts, config_kw, moe_kw, steps):
@@ -90,3 +105,98 @@ def assert_same(result, ref, rtol=1e-9, atol=1e-11, what=""):
     for name, g in ref["grads"].items():
         torch.testing.assert_close(result["grads"][name], g, rtol=rtol * 1e3, atol=atol * 1e3,
                                    msg=lambda m: f"{what}: grad {name}: {m}")
+
+
+# ---- helpers for the parallel test files ------------------------------------------------------
+
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "megatron_ted.model.builder",
+            "megatron_ted.training.optimizer", "multiproc", "parity"]
+
+
+def run_forked(fn, world_size: int, *args):
+    """`multiproc.run_distributed` with the "forkserver" start method.
+
+    The fork server imports torch (and torch._dynamo, which torch.optim pulls in on first use)
+    once per test session; each rank is then a fork of it instead of a fresh interpreter, so a
+    spawn costs a fraction of a second instead of several seconds per rank. Same worker, same
+    gloo setup, same results as run_distributed. fn must be a module-level function.
+    """
+    multiprocessing.set_forkserver_preload(_PRELOAD)  # only read when the fork server starts
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.start_processes(_worker, args=(world_size, free_port(), outdir, fn, args), nprocs=world_size,
+                           join=True, start_method="forkserver")
+        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=8, local_grads=False) -> dict:
+    """One training run to do in a layout: (tp, ep) of the world it runs in, model and batch shape.
+
+    local_grads: also return this rank's gradient contribution before the data-parallel reduction
+    (see `local_grads`), under the key "local_grads".
+    """
+    return dict(tp=tp, ep=ep, config_kw=dict(config_kw or {}), moe_kw=None if moe_kw is None else dict(moe_kw),
+                steps=steps, micro=micro, global_batch=global_batch, local_grads=local_grads)
+
+
+def run_job(groups: ParallelGroups, j: dict) -> dict:
+    moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
+    out = train_layout(groups, tiny_config(**j["config_kw"]), moe, steps=j["steps"],
+                       global_batch=j["global_batch"], micro=j["micro"])
+    if j["local_grads"]:
+        moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
+        out["local_grads"] = local_grads(groups, tiny_config(**j["config_kw"]), moe,
+                                         global_batch=j["global_batch"], micro=j["micro"])
+    out["coords"] = dict(tp=groups.tp.rank, dp=groups.dp.rank, ep=groups.ep.rank,
+                         expert_dp=groups.expert_dp.rank)
+    out["sizes"] = dict(tp=groups.tp.size, dp=groups.dp.size, ep=groups.ep.size,
+                        expert_dp=groups.expert_dp.size)
+    return out
+
+
+def run_jobs(rank, world, jobs):
+    """Worker: run every `job` in this world (each builds its own groups); one result per job."""
+    return [run_job(ParallelGroups.create(ParallelLayout(world, j["tp"], j["ep"])), j) for j in jobs]
+
+
+def reference_job(j: dict) -> dict:
+    """The single-process reference of a `job` (its tp/ep are ignored)."""
+    return run_job(ParallelGroups.single(), dict(j, local_grads=False))
+
+
+def local_grads(groups: ParallelGroups, config: GPTConfig, moe, global_batch=8, micro=2,
+                dtype=torch.float64, seed=1234) -> dict:
+    """Step-1 gradients of this rank's micro-batches only: no data-parallel reduction.
+
+    A fresh model (same seed) runs forward_backward without a GradientSync, so `param.grad` holds
+    this rank's share (the loss is still divided by the global token count); it is unsharded over
+    TP and EP only. Summed over the DP ranks of one TP/EP slot, these give the reference gradients.
+    """
+    model = build_gpt(config, moe, groups, seed).to(dtype)
+    batch = {k: (v.to(dtype) if k == "loss_mask" else v) for k, v in global_batches(1, global_batch)[0].items()}
+    enabled, groups.stats.enabled = groups.stats.enabled, False
+    try:
+        forward_backward(model, micro_batches(batch, groups.dp.rank, groups.dp.size, micro), groups, None)
+        return {n: unshard(p.grad, spec_of(p), groups.tp, groups.ep).clone() for n, p in model.named_parameters()}
+    finally:
+        groups.stats.enabled = enabled
+
+
+def max_errors(result: dict, ref: dict) -> tuple[float, float]:
+    """(largest absolute loss difference over the curve, largest relative gradient difference
+    max|g - g_ref| / max|g_ref| over all parameters)."""
+    loss_err = max(abs(a - b) for a, b in zip(result["losses"], ref["losses"]))
+    grad_err = max(float((result["grads"][n] - g).abs().max() / g.abs().max().clamp_min(1e-300))
+                   for n, g in ref["grads"].items())
+    return loss_err, grad_err
+
+
+def assert_matches(result: dict, ref: dict, what: str, loss_tol=1e-12, grad_rtol=1e-10, grad_atol=1e-13):
+    """Tight float64 comparison: every loss of the curve and every parameter's full gradient."""
+    assert len(result["losses"]) == len(ref["losses"]), what
+    for i, (a, b) in enumerate(zip(result["losses"], ref["losses"])):
+        assert abs(a - b) <= loss_tol * max(1.0, abs(b)), f"{what}: step {i + 1} loss {a!r} != reference {b!r}"
+    assert result["grads"].keys() == ref["grads"].keys(), what
+    for name, g in ref["grads"].items():
+        assert result["grads"][name].shape == g.shape, f"{what}: grad {name} shape"
+        torch.testing.assert_close(result["grads"][name], g, rtol=grad_rtol, atol=grad_atol,
+                                   msg=lambda m, name=name: f"{what}: grad {name}: {m}")
