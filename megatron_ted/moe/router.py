@@ -179,7 +179,8 @@ class TopKRouter(nn.Module):
             x_TH = x_TH.reshape(-1, x_TH.shape[-1])
         T = x_TH.shape[0]
         # logits and softmax in float32 whatever the activation dtype (DeepSpeed's TopKGate too)
-        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        dtype = torch.promote_types(x_TH.dtype, torch.float32)  # at least fp32; fp64 stays fp64
+        logits_TE = F.linear(x_TH.to(dtype), self.weight.to(dtype))
         scores_TE, probs_TE, routed_TE = topk_softmax(logits_TE, cfg.topk)
 
         capacity = None
