@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (and always at the end when --save is given)")
+    g.add_argument("--no-load-optim", action="store_true", help="--load the model only: fresh optimizer state")
+    g.add_argument("--no-load-rng", action="store_true", help="--load without the saved RNG states")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after the iteration divisible by N (saving first when --save is given)")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--dry-run", action="store_true", help="resolve flags, print the layout and sizes, exit")
     return p

@@ -71,7 +71,9 @@ class MixedPrecisionAdamW:
                  betas=(0.9, 0.999), eps: float = 1e-8, clip_grad: float = 1.0,
                  loss_scaler: DynamicLossScaler | None = None):
         self.tp, self.ep, self.clip_grad, self.loss_scaler = tp, ep, clip_grad, loss_scaler
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]          # logical names, for checkpoints
+        self.params = [p for _, p in named]
         self.master = [p.detach().float().clone() if p.dtype in (torch.float16, torch.bfloat16) else p
                        for p in self.params]
         decay = [m for p, m in zip(self.params, self.master) if p.dim() > 1]
@@ -107,11 +109,55 @@ class MixedPrecisionAdamW:
                 p.copy_(m)
         return True, norm.item()
 
+    # ---- state by logical parameter name (checkpoints) -------------------------------------------
+
+    MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+
+    def named_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{parameter name: {"master"?, "exp_avg", "exp_avg_sq", "step"}}: this rank's local shards.
+
+        The tensors are the live ones (not copies) and have the local parameter's shape, so their
+        place in the full logical tensor is the parameter's (`sharding.local_slices`). "master"
+        is present only when it is a separate fp32 copy; the Adam entries only after a first step.
+        """
+        out = {}
+        for name, p, m in zip(self.names, self.params, self.master):
+            entry = {} if m is p else {"master": m}
+            state = self.optimizer.state.get(m, {})
+            entry.update({k: state[k] for k in self.MOMENTS if k in state})
+            out[name] = entry
+        return out
+
+    @torch.no_grad()
+    def load_named_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of `named_state` (local-shard tensors by name, copied in). An entry without
+        "master" takes the master from the model weights; one without moments starts Adam afresh."""
+        for name, p, m in zip(self.names, self.params, self.master):
+            entry = states.get(name, {})
+            if m is not p:
+                m.copy_(entry["master"] if "master" in entry else p)
+            if all(k in entry for k in self.MOMENTS):
+                state = self.optimizer.state[m]
+                step_device = state["step"].device if "step" in state else torch.device("cpu")
+                state["exp_avg"] = entry["exp_avg"].to(m.device, m.dtype, copy=True)
+                state["exp_avg_sq"] = entry["exp_avg_sq"].to(m.device, m.dtype, copy=True)
+                state["step"] = entry["step"].detach().to(step_device, copy=True)
+            else:
+                self.optimizer.state.pop(m, None)
+
+    @torch.no_grad()
+    def sync_master_from_model(self) -> None:
+        """Reset the fp32 master copies to the model's weights (after loading weights only)."""
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                m.copy_(p)
+
     def state_dict(self):
-        return {"adam": self.optimizer.state_dict(),
+        """By logical name: {"params": {name: {...}}, "loss_scaler": ...} (see `named_state`)."""
+        return {"params": {n: {k: v.detach().clone() for k, v in e.items()} for n, e in self.named_state().items()},
                 "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None}
 
     def load_state_dict(self, sd):
-        self.optimizer.load_state_dict(sd["adam"])
+        self.load_named_state(sd["params"])
         if self.loss_scaler and sd.get("loss_scaler"):
             self.loss_scaler.load_state_dict(sd["loss_scaler"])

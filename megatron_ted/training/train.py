@@ -21,6 +21,8 @@ from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
+from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
+                                              load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.flops import flops_per_token, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
@@ -152,21 +154,33 @@ def train(args, tokenizer) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
 
-    train_ds, valid_ds, _ = build_train_valid_test_datasets(
-        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
-        train_valid_test_num_samples(args.train_iters, args.eval_interval or 0, args.eval_iters,
-                                     args.global_batch_size),
-        mock=args.mock_data, data_cache_path=args.data_cache_path)
-    mb = args.micro_batch_size
-    train_iter = iter(build_pretraining_data_loader(train_ds, 0, mb, groups.dp.rank, groups.dp.size))
-    valid_iter = iter(build_pretraining_data_loader(valid_ds, 0, mb, groups.dp.rank, groups.dp.size)) \
-        if (valid_ds is not None and args.eval_interval) else None
-
     sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce)
     scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
     optimizer = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=args.lr, weight_decay=args.weight_decay,
                                     betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                     clip_grad=args.clip_grad, loss_scaler=scaler)
+    iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
+
+    train_ds, valid_ds, _ = build_train_valid_test_datasets(
+        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
+        train_valid_test_num_samples(args.train_iters, args.eval_interval or 0, args.eval_iters,
+                                     args.global_batch_size),
+        mock=args.mock_data, data_cache_path=args.data_cache_path)
+
+    # Resume: the loaders start at the consumed samples (validation at the evaluations done so far).
+    mb = args.micro_batch_size
+    train_iter = valid_iter = None
+    if iteration < args.train_iters:
+        train_iter = iter(build_pretraining_data_loader(train_ds, consumed, mb, groups.dp.rank, groups.dp.size))
+        if valid_ds is not None and args.eval_interval:
+            consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
+            valid_iter = iter(build_pretraining_data_loader(valid_ds, consumed_valid, mb, groups.dp.rank,
+                                                            groups.dp.size))
+    # ... and the RNG continues where the checkpoint left it (set after the loaders, which draw a seed).
+    if rng_state is not None:
+        set_rng_state(rng_state)
+    elif iteration > 0:  # not restored (--no-load-rng, or another DP size): fresh dropout streams
+        torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration)
 
     n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
     tokens_per_step = args.global_batch_size * args.seq_length
@@ -179,9 +193,22 @@ def train(args, tokenizer) -> dict:
         writer = SummaryWriter(args.tensorboard_dir)
     log = MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer)
 
+    def save(it: int) -> None:
+        start = time.time()
+        save_checkpoint(args.save, it, model, optimizer, groups, vars(args), consumed_samples=consumed)
+        elapsed = time.time() - start
+        log.last += elapsed  # keep the save out of the next logged iteration time
+        print_rank0(f"  successfully saved checkpoint from iteration {it:7d} to {args.save} "
+                    f"[ t {elapsed:.2f}s ]")
+
     history = []
+    last_saved = None
+    it = iteration
     model.train()
-    for it in range(1, args.train_iters + 1):
+    if iteration >= args.train_iters:
+        print_rank0(f" > the checkpoint is at iteration {iteration}, --train-iters is {args.train_iters}: "
+                    f"nothing to train")
+    for it in range(iteration + 1, args.train_iters + 1):
         lr = learning_rate(it - 1, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
         sync.zero_grad()
         groups.stats.reset()
@@ -192,17 +219,63 @@ def train(args, tokenizer) -> dict:
             log.skipped += 1
             result.grad_norm = None
         history.append(result.lm_loss)
+        consumed += args.global_batch_size
         if it % args.log_interval == 0:
             log.iteration(it, lr, result, optimizer.loss_scale, groups.stats.summary())
         if valid_iter is not None and it % args.eval_interval == 0:
             loss = evaluate(model, valid_iter, args, groups, device)
             print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                         f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")
+        if args.save and args.save_interval and it % args.save_interval == 0:
+            save(it)
+            last_saved = it
+        if args.exit_interval and it % args.exit_interval == 0:
+            print_rank0(f" exiting program at iteration {it} (--exit-interval {args.exit_interval})")
+            break
+    if args.save and it > iteration and last_saved != it:
+        save(it)
     if writer is not None:
         writer.close()
     dist.barrier()
     dist.destroy_process_group()
-    return {"losses": history}
+    return {"losses": history, "iteration": it}
+
+
+def _resume(args, model, optimizer, groups) -> tuple[int, int, dict | None]:
+    """--load: (iteration, consumed samples, RNG state to set once the loaders exist)."""
+    if args.load is None:
+        return 0, 0, None
+    if find_checkpoint(args.load) is None:
+        print_rank0(f"WARNING: --load {args.load} holds no checkpoint yet; training from scratch")
+        return 0, 0, None
+    loaded = load_checkpoint(args.load, model, optimizer, groups, load_optim=not args.no_load_optim,
+                             load_rng=not args.no_load_rng, restore_rng=False)
+    layout = loaded.metadata["layout"]
+    print_rank0(f" > loaded checkpoint {loaded.directory} at iteration {loaded.iteration} "
+                f"(consumed samples {loaded.consumed_samples}; written at TP {layout['tp']} EP {layout['ep']} "
+                f"DP {layout['dp']}){'' if not args.no_load_optim else '; optimizer state not loaded'}")
+    if loaded.rng is None and not args.no_load_rng:
+        print_rank0(f" > RNG states not restored: the checkpoint was written at data-parallel size "
+                    f"{layout['dp']}, this run has {groups.dp.size}")
+    sched = loaded.metadata.get("scheduler") or {}
+    changed = [f"--{k.replace('_', '-')} {sched[k]} -> {getattr(args, k)}" for k in
+               ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
+               if k in sched and sched[k] != getattr(args, k)]
+    if changed:
+        print_rank0(f" > note: the LR schedule differs from the checkpoint's ({', '.join(changed)}); "
+                    f"continuing with this run's flags")
+    return loaded.iteration, loaded.consumed_samples, loaded.rng
+
+
+def _check_checkpoint_flags(args) -> None:
+    for flag in ("save_interval", "exit_interval"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ValueError(f"--save {args.save} is a file, not a directory")
+    if args.load is not None:
+        check_args_compatible(args.load, args)
 
 
 def main(argv=None) -> int:
@@ -211,9 +284,17 @@ def main(argv=None) -> int:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
+        _check_checkpoint_flags(args)
     except ValueError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    train(args, tokenizer)
+    try:
+        train(args, tokenizer)
+    except CheckpointError as e:  # every rank raises the same one (the ranks agree on checkpoint errors)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 2
     return 0

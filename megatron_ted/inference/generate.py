@@ -1,0 +1,136 @@
+"""Load a checkpoint into a one-process model and sample text from it.
+
+    model, tokenizer, args = load_for_inference("runs/quickstart/checkpoints")
+    text = generate_text(model, tokenizer, "def parse(", max_new_tokens=64, top_k=40, seed=1)
+
+The model is rebuilt from the flags saved in the checkpoint (`ParallelGroups.single()`, TP=EP=1:
+the full vocabulary comes out of one forward), so a checkpoint written at any (TP, EP, DP) works.
+Dropout is off and MoE routing is dropless (no capacity limit), whatever training used.
+No KV cache: each new token runs the model over the last `--max-position-embeddings` tokens,
+which is what a small model needs.
+
+Sampling: greedy when temperature is 0 or top_k is 1; else softmax(logits / temperature) over
+the top_k ids (all ids when top_k is 0). Ids the tokenizer does not have (the padding that rounds
+the vocabulary up to --make-vocab-size-divisible-by) and the tokenizer's pad id are never sampled.
+Generation stops at end-of-document unless stop_at_eod is False.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+import torch
+
+from megatron_ted.data.tokenizer import build_tokenizer
+from megatron_ted.model.builder import build_gpt
+from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_metadata
+
+NEEDED = ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+          "max_position_embeddings", "tokenizer_type")
+
+
+def _tokenizer_for(args: dict, directory: str, tokenizer_model: str | None):
+    kind = args["tokenizer_type"]
+    if kind == "NullTokenizer":
+        return build_tokenizer(kind, vocab_size=args.get("vocab_size"))
+    candidates = [tokenizer_model] if tokenizer_model else [os.path.join(directory, "tokenizer.model"),
+                                                           args.get("tokenizer_model")]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            return build_tokenizer(kind, tokenizer_model=path)
+    raise ValueError(f"--tokenizer-model: checkpoint {directory} holds no tokenizer.model and the training "
+                     f"run's {args.get('tokenizer_model')!r} is not there; pass --tokenizer-model PATH")
+
+
+def load_for_inference(load: str, tokenizer_model: str | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer, saved training flags) from `--load` (save or iteration directory)."""
+    from megatron_ted.training.train import model_configs  # the same flags -> configs mapping as training
+
+    directory = find_checkpoint(load)
+    if directory is None:
+        raise CheckpointError(f"--load {load}: no checkpoint there")
+    args = read_metadata(directory).get("args") or {}
+    missing = [k for k in NEEDED if k not in args]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory}: the saved flags lack {', '.join(missing)}; "
+                              f"it was not written by pretrain_gpt_moe.py")
+    tokenizer = _tokenizer_for(args, directory, tokenizer_model)
+    if tokenizer.vocab_size > args["padded_vocab_size"]:
+        raise ValueError(f"--tokenizer-model: its {tokenizer.vocab_size} ids exceed the checkpoint's vocabulary "
+                         f"{args['padded_vocab_size']}; use the tokenizer the model was trained with")
+    ns = argparse.Namespace(**args)
+    ns.hidden_dropout = ns.attention_dropout = 0.0
+    config, moe = model_configs(ns, args["padded_vocab_size"])
+    if moe is not None:
+        moe.router = dataclasses.replace(moe.router, capacity_factor=None)   # dropless at inference
+        moe.duplicate_token_dropping = False
+    model = build_gpt(config, moe, ParallelGroups.single(), int(args.get("seed", 0)))
+    model.to(device=device, dtype=dtype)
+    load_checkpoint(directory, model, None, ParallelGroups.single(), load_rng=False, restore_rng=False)
+    model.eval()
+    return model, tokenizer, args
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, vocab_size: int, temperature: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, eod: int | None = None, stop_at_eod: bool = True,
+                 banned_ids: tuple[int, ...] = ()) -> list[int]:
+    """The new ids (at most max_new_tokens) after prompt_ids; ids >= vocab_size are never produced."""
+    if max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
+    if top_k < 0:
+        raise ValueError(f"--top-k {top_k} must be >= 0 (0: no top-k cut)")
+    if not prompt_ids:
+        if eod is None:
+            raise ValueError("--prompt is empty and the tokenizer has no end-of-document id to start from")
+        prompt_ids = [eod]
+    device = next(model.parameters()).device
+    window = model.config.max_position_embeddings
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0 if seed is None else int(seed))
+    tokens = list(int(i) for i in prompt_ids)
+    new: list[int] = []
+    greedy = temperature == 0 or top_k == 1
+    for _ in range(max_new_tokens):
+        ctx = torch.tensor(tokens[-window:], dtype=torch.long, device=device).unsqueeze(0)
+        pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
+        logits = model(ctx, pos).logits[0, -1].float().cpu()          # [V] (padded vocabulary)
+        logits[vocab_size:] = float("-inf")                          # padding ids are not tokens
+        for i in banned_ids:
+            if 0 <= i < logits.shape[0]:
+                logits[i] = float("-inf")
+        if greedy:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if 0 < top_k < logits.shape[0]:
+                kth = torch.topk(logits, top_k).values[-1]
+                logits[logits < kth] = float("-inf")
+            nxt = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen))
+        new.append(nxt)
+        tokens.append(nxt)
+        if stop_at_eod and eod is not None and nxt == eod:
+            break
+    return new
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
+                  top_k: int = 0, seed: int | None = None, stop_at_eod: bool = True) -> str:
+    """The generated continuation of `prompt` (without the prompt, without a final end-of-document)."""
+    pad = getattr(tokenizer, "pad", -1)
+    prompt_ids = tokenizer.tokenize(prompt) if prompt else []
+    ids = generate_ids(model, prompt_ids, max_new_tokens, tokenizer.vocab_size, temperature, top_k, seed,
+                       eod=tokenizer.eod, stop_at_eod=stop_at_eod,
+                       banned_ids=(pad,) if pad is not None and pad >= 0 else ())
+    if ids and stop_at_eod and ids[-1] == tokenizer.eod:
+        ids = ids[:-1]
+    # Decode with the prompt so that word boundaries at the seam come out right, then cut it off.
+    head, full = tokenizer.detokenize(prompt_ids), tokenizer.detokenize(prompt_ids + ids)
+    if prompt_ids and full.startswith(head):
+        return full[len(head):]
+    return tokenizer.detokenize(ids)

@@ -1,0 +1,616 @@
+"""Sharded checkpoints by logical (full-tensor) name: written once per distinct shard, atomic, and
+loadable at any layout (TP, EP, DP).
+
+On disk (Megatron-LM's directory naming):
+
+    <save>/latest_checkpointed_iteration.txt   the last complete iteration ("10"), replaced atomically
+    <save>/iter_0000010/
+        metadata.json       format version, iteration, consumed samples, LR-schedule inputs, loss
+                            scaler, the training flags, the model config, the layout it was written
+                            at, and the index: logical tensor -> full shape, dtype, shards
+                            [{file, offsets, shape}]
+        shards_r00003.pt    one file per writing rank, {key: shard}; keys "model/<param name>" and
+                            "optim/<param name>/<master|exp_avg|exp_avg_sq|step>"
+        rng_dp00001.pt      RNG states of data-parallel rank 1 (torch CPU and CUDA, python, numpy)
+        tokenizer.model     a copy of the SentencePiece model the run trained with, if any
+
+A parameter's local shard sits at `sharding.local_slices(spec, full_shape, tp, ep)` of its full
+tensor; its optimizer state (fp32 master, Adam moments) has the same shape and place. Each distinct
+shard is written by exactly one rank: dense parameters by one data-parallel replica, expert
+parameters by one expert-data-parallel replica, TP-replicated ones by one TP rank; the replica that
+writes is chosen round-robin over the parameters so that the writing is spread over ranks.
+
+Loading reads, for each local shard, the overlapping pieces of the saved shards (files are opened
+with `torch.load(mmap=True, weights_only=True)`, so only the bytes needed are read): a checkpoint
+written at TP=2, EP=2, DP=2 loads at TP=1, EP=4 or in one process.
+
+Atomicity: every rank writes into `<save>/.iter_0000010.tmp/` and fsyncs; when all have
+succeeded rank 0 writes metadata.json, renames the directory to `iter_0000010` and only then
+replaces the tracker file (write a temporary, fsync, `os.replace`). A crash at any point leaves the
+previous checkpoint and the tracker pointing at it intact; a stale `.tmp` directory is removed by
+the next save.
+
+Errors: a missing, truncated or inconsistent checkpoint, or one made for another model, raises
+`CheckpointError` (a ValueError) whose one-line message names the checkpoint and the mismatch. Under
+torch.distributed every rank raises the same error (ranks agree on failures before going on), so no
+rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import time
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.sharding import full_shape, local_slices, spec_of
+
+FORMAT = "megatron_ted-sharded-v1"
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "metadata.json"
+OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")
+
+# Model-shape flags that must match between a checkpoint and the run that loads it.
+MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size",
+               "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "position_embedding_type",
+               "normalization", "swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights")
+# Model-config fields compared at load (GPTConfig): those that change parameter shapes or meaning.
+CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                 "position_embedding_type", "normalization", "swiglu", "add_bias_linear",
+                 "untie_embeddings_and_output_weights", "moe_layers", "num_experts")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message is one line naming the checkpoint."""
+
+
+class LoadedCheckpoint(NamedTuple):
+    iteration: int
+    consumed_samples: int
+    args: dict                # the training flags saved with the checkpoint
+    metadata: dict            # everything in metadata.json (scheduler, loss scaler, layout, ...)
+    rng: dict | None          # this data-parallel rank's RNG states, or None (see set_rng_state)
+    directory: str            # the iteration directory that was read
+
+
+def iteration_dir(path: str, iteration: int) -> str:
+    return os.path.join(path, f"iter_{iteration:07d}")
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error, cut after its first sentence (torch's zip errors run long)."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    if ". " in first:
+        first = first[:first.index(". ") + 1]
+    return f"{type(err).__name__}: {first}".strip()
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+
+
+def _save_file(obj, path: str) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def _world(groups: ParallelGroups) -> int:
+    return groups.layout.world_size if dist.is_initialized() else 1
+
+
+def _allgather(obj, groups: ParallelGroups) -> list:
+    """Every rank's `obj` (all ranks of the default group); [obj] in a world of one."""
+    if _world(groups) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _agree(error: str | None, groups: ParallelGroups) -> None:
+    """Raise the first rank's error on every rank, if any rank has one."""
+    errors = _allgather(error, groups)
+    first = next(((r, e) for r, e in enumerate(errors) if e), None)
+    if first is not None:
+        raise CheckpointError(first[1] if first[0] == groups.rank or len(errors) == 1
+                              else f"{first[1]} (reported by rank {first[0]})")
+
+
+_SKIP = object()
+
+
+def _jsonable(value) -> Any:
+    """value with everything JSON cannot hold dropped (dict entries) or turned into _SKIP."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable(v) for v in value]
+        return _SKIP if any(i is _SKIP for i in items) else items
+    if isinstance(value, dict):
+        return {str(k): v for k, v in ((k, _jsonable(v)) for k, v in value.items()) if v is not _SKIP}
+    return _SKIP
+
+
+def _clean_args(args_dict: dict | None) -> dict:
+    return _jsonable(dict(args_dict or {}))
+
+
+def _box(region: tuple[slice, ...], shape) -> list[tuple[int, int]]:
+    """slices (possibly slice(None)) -> [(start, stop)] per dim."""
+    return [(s.start or 0, dim if s.stop is None else s.stop) for s, dim in zip(region, shape)]
+
+
+def _writer(index: int, spec, groups: ParallelGroups) -> bool:
+    """Does this rank write the shard it holds of the index-th parameter (one writer per shard)?"""
+    replicas = groups.expert_dp if spec.expert else groups.dp
+    if replicas.rank != index % replicas.size:
+        return False
+    return spec.tp_dim is not None or groups.tp.rank == index % groups.tp.size
+
+
+def _model_config(model, groups: ParallelGroups) -> dict | None:
+    """The model's config (GPTConfig) plus "num_experts", read off the expert parameters."""
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return None
+    out = _jsonable(dataclasses.asdict(config))
+    out["num_experts"] = next((full_shape(p.shape, spec_of(p), groups.tp, groups.ep)[0]
+                               for p in model.parameters() if spec_of(p).expert), 0)
+    return out
+
+
+# ---- RNG ---------------------------------------------------------------------------------------
+
+def get_rng_state() -> dict:
+    """This process's RNG states, in a form `torch.load(weights_only=True)` reads back."""
+    state = {"torch_cpu": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict | None) -> None:
+    """Restore what `get_rng_state` returned (what `LoadedCheckpoint.rng` holds)."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+
+
+# ---- save --------------------------------------------------------------------------------------
+
+def _local_shards(model, optimizer, groups: ParallelGroups) -> tuple[dict, list]:
+    """(tensors this rank writes {key: cpu tensor}, index entries [(key, full, dtype, offsets, shape)])."""
+    tp, ep = groups.tp, groups.ep
+    optim_state = optimizer.named_state() if optimizer is not None else {}
+    tensors, entries = {}, []
+    for index, (name, p) in enumerate(model.named_parameters()):
+        spec = spec_of(p)
+        if not _writer(index, spec, groups):
+            continue
+        full = full_shape(p.shape, spec, tp, ep)
+        offsets = [start for start, _ in _box(local_slices(spec, full, tp, ep), full)]
+        items = [(f"model/{name}", p)]
+        items += [(f"optim/{name}/{k}", v) for k, v in optim_state.get(name, {}).items()]
+        for key, t in items:
+            t = t.detach()
+            if t.dim() == 0:       # Adam's step: one scalar per parameter, written with the first shard
+                if any(offsets):
+                    continue
+                tensors[key] = t.to("cpu", copy=True)
+                entries.append((key, [], str(t.dtype), [], []))
+            else:
+                tensors[key] = t.to("cpu", copy=True).contiguous()   # a copy: never save a view's storage
+                entries.append((key, list(full), str(t.dtype), offsets, list(t.shape)))
+    return tensors, entries
+
+
+def save_checkpoint(path: str, iteration: int, model, optimizer, groups: ParallelGroups,
+                    args_dict: dict | None = None, consumed_samples: int = 0, rng: bool | dict = True,
+                    extra: dict | None = None) -> str:
+    """Write `<path>/iter_<iteration>` (collective: every rank of the job calls it) and point the
+    tracker at it. Returns the iteration directory.
+
+    optimizer: a `MixedPrecisionAdamW` (its state by logical name and its loss scaler) or None.
+    args_dict: the training flags (JSON-able values are kept; `generate` rebuilds the model from them).
+    rng: True saves this process's RNG states (one file per data-parallel rank), a dict saves that
+    dict, False saves none. extra: JSON-able data stored in metadata.json (e.g. the valid position).
+    """
+    rank, final = groups.rank, iteration_dir(path, iteration)
+    tmp = os.path.join(path, f".iter_{iteration:07d}.tmp")
+    args_dict = _clean_args(args_dict)
+
+    error = None
+    if rank == 0:
+        try:
+            os.makedirs(path, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save
+            os.makedirs(tmp)
+        except OSError as err:
+            error = f"checkpoint {final}: cannot create {tmp}: {_one_line(err)}"
+    _agree(error, groups)
+
+    error, entries = None, []
+    try:
+        tensors, entries = _local_shards(model, optimizer, groups)
+        fname = f"shards_r{rank:05d}.pt"
+        if tensors:
+            _save_file(tensors, os.path.join(tmp, fname))
+        entries = [(key, full, dtype, fname, offsets, shape) for key, full, dtype, offsets, shape in entries]
+        if rng is not False and groups.tp.rank == 0:
+            state = rng if isinstance(rng, dict) else get_rng_state()
+            _save_file(state, os.path.join(tmp, f"rng_dp{groups.dp.rank:05d}.pt"))
+    except Exception as err:  # noqa: BLE001 -- reported on every rank below
+        error = f"checkpoint {final}: rank {rank} failed to write its shards: {_one_line(err)}"
+    try:
+        _agree(error, groups)
+        all_entries = _allgather(entries, groups)
+    except CheckpointError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    error = None
+    if rank == 0:
+        try:
+            index = _build_index(all_entries, final)
+            metadata = {
+                "format": FORMAT,
+                "iteration": int(iteration),
+                "consumed_samples": int(consumed_samples),
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "layout": {"world_size": groups.layout.world_size, "tp": groups.tp.size, "ep": groups.ep.size,
+                           "dp": groups.dp.size, "expert_dp": groups.expert_dp.size, "order": groups.layout.order},
+                "rng": rng is not False,
+                "optimizer": optimizer is not None,
+                "loss_scaler": (optimizer.loss_scaler.state_dict()
+                                if optimizer is not None and getattr(optimizer, "loss_scaler", None) else None),
+                "scheduler": {"iteration": int(iteration),
+                              **{k: args_dict.get(k) for k in ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
+                                                              "lr_decay_style") if k in args_dict}},
+                "model_config": _model_config(model, groups),
+                "args": args_dict,
+                "extra": _jsonable(extra or {}),
+                "tensors": index,
+            }
+            tok = args_dict.get("tokenizer_model")
+            if tok and os.path.isfile(tok):
+                shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
+                _fsync_file(os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, METADATA), "w") as f:
+                json.dump(metadata, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            _publish(path, tmp, final, iteration)
+        except Exception as err:  # noqa: BLE001
+            error = f"checkpoint {final}: {_one_line(err)}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error, groups)
+    return final
+
+
+def _build_index(all_entries: list[list], final: str) -> dict:
+    index: dict[str, dict] = {}
+    for entries in all_entries:
+        for key, full, dtype, fname, offsets, shape in entries:
+            item = index.setdefault(key, {"shape": full, "dtype": dtype, "shards": []})
+            if item["shape"] != full:
+                raise RuntimeError(f"ranks disagree on the full shape of {key}: {item['shape']} vs {full}")
+            item["shards"].append({"file": fname, "offsets": offsets, "shape": shape})
+    for key, item in index.items():  # each logical tensor is tiled exactly once
+        numel = 1
+        for d in item["shape"]:
+            numel *= d
+        covered = 0
+        for s in item["shards"]:
+            n = 1
+            for d in s["shape"]:
+                n *= d
+            covered += n
+        if covered != numel:
+            raise RuntimeError(f"shards of {key} cover {covered} of {numel} elements (writer assignment bug)")
+    return index
+
+
+def _publish(path: str, tmp: str, final: str, iteration: int) -> None:
+    """Rename the complete directory into place, then move the tracker (each step atomic)."""
+    trash = None
+    if os.path.exists(final):     # saving the same iteration again: keep the old one until the new is in
+        trash = os.path.join(path, f".iter_{iteration:07d}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync_dir(path)
+    tracker_tmp = os.path.join(path, f".{TRACKER}.tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(path, TRACKER))
+    _fsync_dir(path)
+    if trash:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# ---- find and check ----------------------------------------------------------------------------
+
+def find_checkpoint(path: str) -> str | None:
+    """The iteration directory that `--load path` means, or None when path holds no checkpoint yet.
+
+    path may be a save directory (its tracker file names the iteration; without a tracker, the
+    newest complete iter_* directory) or an iteration directory itself.
+    """
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, METADATA)):
+        return path
+    tracker = os.path.join(path, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"checkpoint {path}: {TRACKER} holds {text[:40]!r}, not an iteration number")
+        directory = iteration_dir(path, int(text))
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"checkpoint {path}: {TRACKER} names iteration {int(text)} but "
+                                  f"{os.path.basename(directory)} does not exist")
+        return directory
+    found = sorted(d for d in os.listdir(path)
+                   if re.fullmatch(r"iter_\d{7}", d) and os.path.isfile(os.path.join(path, d, METADATA)))
+    return os.path.join(path, found[-1]) if found else None
+
+
+def read_metadata(directory: str) -> dict:
+    meta_path = os.path.join(directory, METADATA)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {directory}: {METADATA} is missing (not a complete checkpoint)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {directory}: {METADATA} is unreadable ({_one_line(err)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"checkpoint {directory}: format {found!r} is not {FORMAT!r}")
+    for key in ("iteration", "tensors", "layout"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {directory}: {METADATA} has no {key!r} entry")
+    return meta
+
+
+def check_args_compatible(path: str, args) -> dict | None:
+    """Before any process group: compare the model flags of `args` with the checkpoint's.
+
+    Returns the metadata (None when path holds no checkpoint yet); raises CheckpointError naming
+    the flag that differs.
+    """
+    directory = find_checkpoint(path)
+    if directory is None:
+        return None
+    meta = read_metadata(directory)
+    saved = meta.get("args") or {}
+    for key in MODEL_FLAGS:
+        if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
+            flag = "--vocab-size/--make-vocab-size-divisible-by (padded vocabulary)" \
+                if key == "padded_vocab_size" else "--" + key.replace("_", "-")
+            raise CheckpointError(f"--load {path}: the checkpoint {directory} has {flag} {saved[key]} but this run "
+                                  f"has {getattr(args, key)}; use the checkpoint's model flags or another --load")
+    if saved.get("position_embedding_type") == "learned" and saved.get("max_position_embeddings") not in (
+            None, getattr(args, "max_position_embeddings", None)):
+        raise CheckpointError(f"--load {path}: the checkpoint {directory} has --max-position-embeddings "
+                              f"{saved['max_position_embeddings']} but this run has {args.max_position_embeddings}")
+    return meta
+
+
+# ---- load --------------------------------------------------------------------------------------
+
+class _Reader:
+    """Reads pieces of saved shards; each file is opened once, memory-mapped."""
+
+    def __init__(self, directory: str, index: dict):
+        self.directory, self.index, self.files = directory, index, {}
+
+    def _file(self, fname: str) -> dict:
+        if fname not in self.files:
+            fpath = os.path.join(self.directory, fname)
+            if not os.path.isfile(fpath):
+                raise CheckpointError(f"checkpoint {self.directory}: file {fname} is missing")
+            try:
+                self.files[fname] = torch.load(fpath, mmap=True, weights_only=True, map_location="cpu")
+            except Exception as err:  # noqa: BLE001 -- truncated, not a zip, ...
+                raise CheckpointError(f"checkpoint {self.directory}: cannot read {fname} "
+                                      f"(truncated or corrupt: {_one_line(err)})") from None
+        return self.files[fname]
+
+    def read_into(self, key: str, out: torch.Tensor, region: list[tuple[int, int]]) -> None:
+        """Fill `out` (the box `region` of the full tensor `key`) from the overlapping shards."""
+        item = self.index[key]
+        covered = 0
+        for shard in item["shards"]:
+            tensors = self._file(shard["file"])
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint {self.directory}: {shard['file']} lacks {key}")
+            src = tensors[key]
+            if list(src.shape) != list(shard["shape"]):
+                raise CheckpointError(f"checkpoint {self.directory}: {key} in {shard['file']} has shape "
+                                      f"{list(src.shape)}, the index says {shard['shape']}")
+            if not region:                      # a scalar
+                out.copy_(src)
+                covered = 1
+                break
+            src_idx, dst_idx = [], []
+            for (lo, hi), off, n in zip(region, shard["offsets"], shard["shape"]):
+                a, b = max(lo, off), min(hi, off + n)
+                if a >= b:
+                    break
+                src_idx.append(slice(a - off, b - off))
+                dst_idx.append(slice(a - lo, b - lo))
+            else:
+                piece = src[tuple(src_idx)]
+                out[tuple(dst_idx)].copy_(piece)
+                covered += piece.numel()
+        if covered != out.numel():
+            raise CheckpointError(f"checkpoint {self.directory}: the shards of {key} cover {covered} of the "
+                                  f"{out.numel()} elements this rank needs (incomplete checkpoint)")
+
+
+def _check_config(directory: str, saved: dict | None, model, groups: ParallelGroups) -> None:
+    current = _model_config(model, groups)
+    if not saved or not current:
+        return
+    for key in CONFIG_FIELDS:
+        if key in saved and key in current and saved[key] != current[key]:
+            raise CheckpointError(f"checkpoint {directory}: model {key} is {saved[key]} in the checkpoint but "
+                                  f"{current[key]} in this model")
+
+
+def _check_shape(directory: str, key: str, saved: list, want: tuple, expert: bool) -> None:
+    if list(saved) == list(want):
+        return
+    if expert and len(saved) == len(want) and saved[1:] == list(want[1:]):
+        raise CheckpointError(f"checkpoint {directory}: {key} has {saved[0]} experts in the checkpoint but "
+                              f"{want[0]} in this model (--num-experts)")
+    raise CheckpointError(f"checkpoint {directory}: {key} has full shape {list(saved)} in the checkpoint but "
+                          f"{list(want)} in this model")
+
+
+def load_checkpoint(path: str, model, optimizer, groups: ParallelGroups, strict: bool = True,
+                    load_optim: bool = True, load_rng: bool = True, restore_rng: bool = True) -> LoadedCheckpoint:
+    """Load a checkpoint written at any layout into this rank's shards (collective under
+    torch.distributed: every rank calls it). Returns (iteration, consumed_samples, args, metadata,
+    rng, directory).
+
+    path: a save directory (its tracker names the iteration) or an iteration directory.
+    optimizer: a `MixedPrecisionAdamW` or None; with load_optim its master weights, moments and
+    loss scaler are restored, else its master weights are reset from the loaded model.
+    strict: every model parameter must be in the checkpoint and every saved parameter in the model.
+    load_rng: read this data-parallel rank's RNG states (only when the checkpoint was written at the
+    same DP size); restore_rng: also set them now (else see `set_rng_state(result.rng)`).
+    """
+    error, result = None, None
+    try:
+        result = _load_local(path, model, optimizer, groups, strict, load_optim, load_rng)
+    except CheckpointError as err:
+        error = str(err)
+    except Exception as err:  # noqa: BLE001 -- e.g. out of memory; every rank must hear of it
+        error = f"checkpoint {path}: loading failed on rank {groups.rank}: {_one_line(err)}"
+    _agree(error, groups)
+    if restore_rng and result.rng is not None:
+        set_rng_state(result.rng)
+    return result
+
+
+@torch.no_grad()
+def _load_local(path, model, optimizer, groups, strict, load_optim, load_rng) -> LoadedCheckpoint:
+    directory = find_checkpoint(path)
+    if directory is None:
+        raise CheckpointError(f"checkpoint {path}: no checkpoint there (no {TRACKER} and no iter_* directory)")
+    meta = read_metadata(directory)
+    index = meta["tensors"]
+    _check_config(directory, meta.get("model_config"), model, groups)
+    tp, ep = groups.tp, groups.ep
+    reader = _Reader(directory, index)
+
+    params = list(model.named_parameters())
+    names = {f"model/{n}" for n, _ in params}
+    if strict:
+        unexpected = sorted(k for k in index if k.startswith("model/") and k not in names)
+        if unexpected:
+            raise CheckpointError(f"checkpoint {directory}: holds {len(unexpected)} parameter(s) this model lacks, "
+                                  f"e.g. {unexpected[0][6:]}")
+    want_optim = optimizer is not None and load_optim
+    has_optim = any(k.startswith("optim/") for k in index)
+    optim_states: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in params:
+        spec = spec_of(p)
+        full = full_shape(p.shape, spec, tp, ep)
+        region = _box(local_slices(spec, full, tp, ep), full)
+        key = f"model/{name}"
+        if key not in index:
+            if strict:
+                raise CheckpointError(f"checkpoint {directory}: parameter {name} is missing")
+            continue
+        _check_shape(directory, key, index[key]["shape"], full, spec.expert)
+        # An fp32 model reads the fp32 master weights when the run that saved kept them (bf16/fp16).
+        source = key
+        master_key = f"optim/{name}/master"
+        if master_key in index and p.dtype in (torch.float32, torch.float64):
+            source = master_key
+        reader.read_into(source, p.data, region)
+        if want_optim and has_optim:
+            entry = {}
+            for k in OPTIM_KEYS:
+                okey = f"optim/{name}/{k}"
+                if okey not in index:
+                    continue
+                item = index[okey]
+                if k == "step":
+                    buf = torch.empty((), dtype=getattr(torch, item["dtype"].split(".")[-1]))
+                    reader.read_into(okey, buf, [])
+                else:
+                    _check_shape(directory, okey, item["shape"], full, spec.expert)
+                    buf = torch.empty(p.shape, dtype=getattr(torch, item["dtype"].split(".")[-1]), device=p.device)
+                    reader.read_into(okey, buf, region)
+                entry[k] = buf
+            optim_states[name] = entry
+
+    if optimizer is not None:
+        if want_optim and has_optim:
+            optimizer.load_named_state(optim_states)
+            scaler = getattr(optimizer, "loss_scaler", None)
+            if scaler is not None and meta.get("loss_scaler"):
+                scaler.load_state_dict(meta["loss_scaler"])
+        else:
+            optimizer.sync_master_from_model()
+
+    rng = None
+    if load_rng and meta.get("rng") and meta["layout"].get("dp") == groups.dp.size:
+        fname = f"rng_dp{groups.dp.rank:05d}.pt"
+        fpath = os.path.join(directory, fname)
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"checkpoint {directory}: file {fname} is missing")
+        try:
+            rng = torch.load(fpath, weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {directory}: cannot read {fname} (truncated or corrupt: "
+                                  f"{_one_line(err)})") from None
+    return LoadedCheckpoint(int(meta["iteration"]), int(meta.get("consumed_samples", 0)), meta.get("args") or {},
+                            meta, rng, directory)
