@@ -12,5 +12,5 @@ setup(
         "sentencepiece",
         "numpy",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
 )

@@ -50,5 +50,5 @@ OMP_NUM_THREADS=1 $PYTHON -m torch.distributed.run --nproc_per_node "$NPROC" --m
   --log-interval 10 --eval-interval 50 --eval-iters 2 "$@"
 
 echo "== 5/5 generate: the checkpoint (saved at TP=$TP EP=$EP) loaded in one process, prompt \"$PROMPT\""
-OMP_NUM_THREADS=2 $PYTHON tools/generate.py --load "$WORK/checkpoints" --prompt "$PROMPT" \
+OMP_NUM_THREADS=2 $PYTHON tools/generate_text.py --load "$WORK/checkpoints" --prompt "$PROMPT" \
   --max-new-tokens 48 --temperature 0.8 --top-k 20 --seed 1

@@ -138,7 +138,7 @@ def _train(model, sync, opt, groups, stream, period, seq, batch, gen, max_steps=
 def test_cli(untrained, tmp_path):
     path, _ = untrained
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    script = os.path.join(ROOT, "tools", "generate.py")
+    script = os.path.join(ROOT, "tools", "generate_text.py")
     r = subprocess.run([sys.executable, script, "--load", path, "--prompt", "1 2 3", "--max-new-tokens", "6",
                         "--top-k", "20", "--seed", "5", "--ignore-eod", "--num-samples", "2"],
                        env=env, capture_output=True, text=True, timeout=120)

@@ -186,6 +186,10 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.load is not None:
         need(os.path.isdir(args.load) or args.load == args.save,
              f"--load {args.load} is not a directory")
+    if args.tensorboard_dir is not None:
+        import importlib.util
+        need(importlib.util.find_spec("tensorboard") is not None,
+             "--tensorboard-dir needs the tensorboard package: pip install tensorboard (or pip install -e .[tensorboard])")
     if args.recompute_granularity is not None:
         need(args.recompute_num_layers >= 1, "--recompute-num-layers must be at least 1")
     return args

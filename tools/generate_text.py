@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Sample text from a checkpoint written by pretrain_gpt_moe.py (at any TP/EP/DP layout).
 
-    python tools/generate.py --load runs/quickstart/checkpoints --prompt "def parse(" \\
+    python tools/generate_text.py --load runs/quickstart/checkpoints --prompt "def parse(" \\
         --max-new-tokens 64 --top-k 40 --temperature 0.8 --seed 1
-    python tools/generate.py --load ... --prompt "Return the" --temperature 0      # greedy
+    python tools/generate_text.py --load ... --prompt "Return the" --temperature 0      # greedy
 
 The model is rebuilt in one process from the flags saved with the checkpoint; the tokenizer is
 the copy of the SentencePiece model saved with it (or --tokenizer-model). Bad input (no
