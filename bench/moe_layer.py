@@ -43,6 +43,7 @@ def main():
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of rank 0 to this file")
     args = p.parse_args()
     s = SHAPES[args.shape]
 
@@ -82,6 +83,19 @@ def main():
     if cuda:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.iters
+    if args.profile and dist.get_rank() == 0:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(5):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=60))
+    elif args.profile:
+        for _ in range(5):
+            step()
     dp = world // args.tp
     flops = layer_flops(s["hidden"], s["ffn"], s["experts"], s["topk"], s["tokens"], args.seq) * dp / world
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")

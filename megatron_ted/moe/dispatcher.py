@@ -22,29 +22,33 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ted.moe.permute import gather_rows, scatter_rows
 from megatron_ted.parallel import comm, mappings
 from megatron_ted.parallel.comm import Group
 
 
-def chunk_order_index(counts_SL: torch.Tensor) -> torch.Tensor:
+def chunk_order_index(counts_SL: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Rows laid out as chunks (s, l) in row-major order, chunk (s, l) holding counts_SL[s, l] rows;
-    returns the row index that reorders them to (l, s) order (grouped by local expert l)."""
+    returns the row index that reorders them to (l, s) order (grouped by local expert l).
+    `total` (the row count, when the caller knows it) saves a host synchronisation."""
     S, L = counts_SL.shape
     flat = counts_SL.flatten()
     starts = torch.cumsum(flat, 0) - flat
     order = torch.arange(S * L, device=flat.device).view(S, L).t().flatten()
     counts, chunk_starts = flat[order], starts[order]
-    total = int(counts.sum())
+    total = int(counts.sum()) if total is None else total
     new_starts = torch.cumsum(counts, 0) - counts
     within = torch.arange(total, device=flat.device) - torch.repeat_interleave(new_starts, counts, output_size=total)
     return torch.repeat_interleave(chunk_starts, counts, output_size=total) + within
 
 
 class TokenDispatcher:
-    def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True):
+    def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True,
+                 topk: int | None = None):
         if num_experts % ep.size:
             raise ValueError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep.size}")
         self.num_experts, self.ep, self.tp = num_experts, ep, tp
+        self.topk = topk  # assignments per token at most (None: any)
         self.num_local_experts = num_experts // ep.size
         self.dtd = duplicate_token_dropping and tp.size > 1
 
@@ -56,53 +60,62 @@ class TokenDispatcher:
             probs_TE = mappings.split(probs_TE, tp, dim=0)
             map_TE = map_TE.view(tp.size, -1, map_TE.shape[1])[tp.rank]
 
-        # 2. permute: assignments sorted by expert, then token
-        expert_N, token_N = map_TE.t().nonzero(as_tuple=True)
+        # 2. permute. Each token's K slots (its kept experts first) are rows t * K + j; the kept
+        #    rows sorted by expert (stable: then by token) are this rank's send buffer.
+        T, E = map_TE.shape
+        K = min(self.topk or E, E)
+        slot_TK = torch.sort(map_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
+        kept_TK = map_TE.gather(1, slot_TK)
+        weight_TK = probs_TE.gather(1, slot_TK)
+        order = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
         counts_E = map_TE.sum(0)
-        x_NH = x_TH.index_select(0, token_N)
-        weight_N = probs_TE[token_N, expert_N]
 
-        # 3. all-to-all over EP; split sizes first
+        # 3. all-to-all over EP; split sizes first (one host synchronisation for all of them)
         send_counts_PL = counts_E.view(ep.size, L)
         recv_counts_PL = comm.all_to_all(send_counts_PL.contiguous(), ep, kind="counts")
-        input_splits = send_counts_PL.sum(1).tolist()
-        output_splits = recv_counts_PL.sum(1).tolist()
+        host = torch.cat([send_counts_PL.sum(1), recv_counts_PL.flatten()]).tolist()
+        input_splits = host[:ep.size]
+        recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
+        output_splits = [sum(c) for c in recv_counts]
+        perm_N = order[:sum(input_splits)]
+        x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N)
         x_RH = mappings.all_to_all(x_NH, ep, output_splits, input_splits)        # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
         if self.dtd:
             y_RH = self._experts_dtd(x_RH, recv_counts_PL, experts)
         else:
-            y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts)
+            y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
 
-        # 7. back, un-permute, weight
+        # 7. back, un-permute, weight: each token sums its K slots
         y_NH = mappings.all_to_all(y_RH, ep, input_splits, output_splits)
-        y_NH = y_NH * weight_N.unsqueeze(1).to(y_NH.dtype)
-        y_TH = torch.zeros(x_TH.shape, dtype=y_NH.dtype, device=y_NH.device).index_add(0, token_N, y_NH)
+        y_TKH = scatter_rows(y_NH, perm_N, T * K).view(T, K, -1)
+        y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
         if self.dtd:                                                             # 8. restore all tokens
             y_TH = mappings.gather(y_TH, tp, dim=0)
         assert y_TH.shape[0] == T_full
         return y_TH
 
-    def _experts_replicated(self, x_RH, recv_counts_PL, experts):
-        idx = chunk_order_index(recv_counts_PL)
-        x_sorted = mappings.copy_to(x_RH.index_select(0, idx), self.tp)
-        y_sorted = experts(x_sorted, recv_counts_PL.sum(0).tolist())
+    def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts):
+        idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])
+        x_sorted = mappings.copy_to(gather_rows(x_RH, idx), self.tp)
+        y_sorted = experts(x_sorted, [sum(col) for col in zip(*recv_counts)])
         y_sorted = mappings.reduce_from(y_sorted, self.tp)
-        return torch.zeros_like(y_sorted).index_copy(0, idx, y_sorted)
+        return scatter_rows(y_sorted, idx, y_sorted.shape[0])
 
     def _experts_dtd(self, x_RH, recv_counts_PL, experts):
         tp = self.tp
         counts_TPL = comm.all_gather(recv_counts_PL.unsqueeze(0).contiguous(), tp, dim=0, kind="counts")
-        rows_T = counts_TPL.flatten(1).sum(1)
-        M = int(rows_T.max())
+        host = torch.cat([counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]).tolist()  # one sync
+        rows_T, tokens_per_expert = host[:tp.size], host[tp.size:]
+        M = max(rows_T)
         pad = M - x_RH.shape[0]
         x_pad = torch.cat([x_RH, x_RH.new_zeros(pad, x_RH.shape[1])]) if pad else x_RH
         x_all = mappings.gather_partial(x_pad, tp)                                # [TP * M, H]
         # rows of TP rank t sit at t * M + (their index in t's buffer)
-        padded_of = torch.cat([t * M + torch.arange(int(n), device=x_RH.device) for t, n in enumerate(rows_T.tolist())])
-        idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1))]
-        y_sorted = experts(x_all.index_select(0, idx), counts_TPL.sum((0, 1)).tolist())
-        y_all = torch.zeros(x_all.shape, dtype=y_sorted.dtype, device=y_sorted.device).index_copy(0, idx, y_sorted)
+        padded_of = torch.cat([t * M + torch.arange(n, device=x_RH.device) for t, n in enumerate(rows_T)])
+        idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1), sum(rows_T))]
+        y_sorted = experts(gather_rows(x_all, idx), tokens_per_expert)
+        y_all = scatter_rows(y_sorted, idx, x_all.shape[0])
         y_pad = mappings.reduce_scatter(y_all, tp)                                # [M, H], summed over TP
         return y_pad[: x_RH.shape[0]]

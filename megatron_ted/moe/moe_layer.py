@@ -30,7 +30,8 @@ class MoELayer(nn.Module):
                  tp: Group, ep: Group, swiglu: bool = False, duplicate_token_dropping: bool = True):
         super().__init__()
         self.router = TopKRouter(hidden_size, router_config)
-        self.dispatcher = TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping)
+        self.dispatcher = TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping,
+                                          topk=router_config.topk)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size, tp, swiglu)
 
     def forward(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
