@@ -47,12 +47,15 @@ def forward_backward(model, micro_batches: list[dict], groups: ParallelGroups, g
         aux_sum += out.aux_loss.detach().double()
         for j, m in enumerate(out.moe):
             if j == len(moe_totals):
-                moe_totals.append({"tokens_per_expert": torch.zeros_like(m.tokens_per_expert), "dropped": 0, "assigned": 0})
-            moe_totals[j]["tokens_per_expert"] += m.tokens_per_expert
-            moe_totals[j]["dropped"] += int(m.num_dropped)
+                moe_totals.append({"tokens_per_expert": torch.zeros_like(m.tokens_per_expert),
+                                   "dropped": torch.zeros_like(m.num_dropped), "assigned": 0})
+            moe_totals[j]["tokens_per_expert"] += m.tokens_per_expert   # stays on the device: no sync per layer
+            moe_totals[j]["dropped"] += m.num_dropped
             moe_totals[j]["assigned"] += m.num_assignments
     if grad_sync is not None:
         grad_sync.finish()
+    for m in moe_totals:
+        m["dropped"] = int(m["dropped"])
     sums = comm.all_reduce(torch.stack([lm_sum, aux_sum]), dp)
     return StepResult(lm_loss=sums[0].item() / global_tokens, aux_loss=sums[1].item() / n_micro_global,
                       num_tokens=int(global_tokens), moe=moe_totals)
