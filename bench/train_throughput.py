@@ -1,0 +1,71 @@
+"""End-to-end training throughput of GPT-MoE presets through pretrain_gpt_moe.py.
+
+    python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 1 --ep 4
+    python bench/train_throughput.py --preset tiny --nproc 4 --tp 2 --ep 2          # CPU smoke test
+
+Launches torchrun, prints the layout table, and one result line: mean over the logged iterations
+after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).
+Presets:
+  moe-1.3b-16e  GPT-3 1.3B base (24 x 2048, 16 heads), 16 experts every other layer, top-2,
+                seq 2048, micro-batch 4 (megatron-core's reference point in DESIGN.md §4)
+  moe-6.7b-16e  GPT-3 6.7B shape (32 x 4096, 32 heads), 16 experts every other layer, seq 2048
+  tiny          a CPU-sized model
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRESETS = {
+    "moe-1.3b-16e": "--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 8192 "
+                    "--num-experts 16 --seq-length 2048 --micro-batch-size 4 --vocab-size 50256 --bf16",
+    "moe-6.7b-16e": "--num-layers 32 --hidden-size 4096 --num-attention-heads 32 --ffn-hidden-size 16384 "
+                    "--num-experts 16 --seq-length 2048 --micro-batch-size 1 --vocab-size 50256 --bf16",
+    "tiny": "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 --seq-length 64 "
+            "--micro-batch-size 2 --vocab-size 1000",
+}
+COMMON = ("--moe-router-topk 2 --moe-layer-freq 2 --moe-aux-loss-coeff 0.01 --mock-data --lr 1e-4 "
+          "--hidden-dropout 0 --attention-dropout 0 --log-interval 1")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more flags for pretrain_gpt_moe.py")
+    a = p.parse_args()
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
+            os.path.join(ROOT, "pretrain_gpt_moe.py"), *PRESETS[a.preset].split(), *COMMON.split(),
+            "--tensor-model-parallel-size", str(a.tp), "--expert-model-parallel-size", str(a.ep),
+            "--train-iters", str(a.iters), *a.extra]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    table = [l for l in r.stdout.splitlines() if not l.startswith(" iteration")][:20]
+    print("\n".join(table))
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        sys.exit(r.returncode)
+    rows = []
+    for line in r.stdout.splitlines():
+        m = re.search(r"iteration +(\d+)/.*elapsed time per iteration \(ms\): ([\d.]+).*TFLOP/s/GPU\): ([\d.]+)"
+                      r".*tokens per second: (\d+)(?:.*MFU: ([\d.]+)%)?", line)
+        if m and int(m.group(1)) > a.warmup:
+            rows.append([float(x) if x else float("nan") for x in m.groups()[1:]])
+    if not rows:
+        sys.exit("no iterations after warm-up were logged")
+    mean = [sum(c) / len(c) for c in zip(*rows)]
+    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} | {mean[0]:.1f} ms/iter | "
+          f"{mean[2]:.0f} tokens/s | {mean[1]:.1f} TFLOP/s/GPU | MFU {mean[3]:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
