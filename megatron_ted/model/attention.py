@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_ted.model.positions import apply_rotary
 from megatron_ted.parallel.comm import Group
@@ -28,6 +29,7 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.qkv = ColumnParallelLinear(hidden_size, hidden_size, tp, bias=bias, fused=3)
         self.proj = RowParallelLinear(hidden_size, hidden_size, tp, bias=bias)
+        self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, s, _ = x.shape
@@ -35,6 +37,12 @@ class SelfAttention(nn.Module):
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each [B, heads, S, D]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, use_reentrant=False)   # RNG restored: same dropout
+        else:
+            out = self._core(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              dropout_p=self.dropout if self.training else 0.0)

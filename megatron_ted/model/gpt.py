@@ -12,6 +12,7 @@ from torch import nn
 from megatron_ted.model.mlp import MLP
 from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
+from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
@@ -80,6 +81,7 @@ class GPTModel(nn.Module):
             self.output_weight = set_spec(nn.Parameter(torch.empty(c.vocab_size // tp.size, c.hidden_size)), tp_dim=0)
         else:
             self.output_weight = None
+        self.recompute: RecomputeConfig | None = None   # full activation checkpointing: model/recompute.py
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> GPTOutput:
         x = self.embedding(tokens)                                     # [B, S, H]
@@ -91,12 +93,9 @@ class GPTModel(nn.Module):
         x = self.embedding_dropout(x)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        moe_outputs = []
-        for layer in self.layers:
-            x, moe_out = self._run_layer(layer, x, rotary)
-            if moe_out is not None:
-                aux_loss = aux_loss + moe_out.aux_loss
-                moe_outputs.append(moe_out)
+        x, moe_outputs = self._run_layers(x, rotary)
+        for moe_out in moe_outputs:
+            aux_loss = aux_loss + moe_out.aux_loss
         x = self.final_norm(x)
 
         weight = self.output_weight if self.output_weight is not None else self.embedding.weight
@@ -106,6 +105,6 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
         return GPTOutput(loss, None, aux_loss, moe_outputs)
 
-    def _run_layer(self, layer, x, rotary):
-        """Hook for activation checkpointing; plain call by default."""
-        return layer(x, rotary)
+    def _run_layers(self, x, rotary):
+        """Every transformer layer in order; checkpointed in chunks when `apply_recompute` set it."""
+        return run_layers(self.layers, x, rotary, self.recompute if self.training else None)

@@ -17,13 +17,19 @@ and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP
 Without DTD every TP rank sends all T tokens through the all-to-all (TP identical copies), the
 experts' input enters with `copy_to` and their output is all-reduced over TP.
 The backward of each step is its mirror (see parallel/mappings.py).
+
+`kept` is None except inside a checkpointed region with communication-aware checkpointing
+(--moe-cac), where the all-to-alls and split-size exchanges (and with --moe-cac-tp the TP
+collectives of steps 4, 6, 8, or the experts' all-reduce) are kept in the forward and reused in
+the recompute (moe/cac.py).
 """
 from __future__ import annotations
 
 import torch
 
+from megatron_ted.moe import cac
 from megatron_ted.moe.permute import gather_rows, scatter_rows
-from megatron_ted.parallel import comm, mappings
+from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 
 
@@ -51,6 +57,7 @@ class TokenDispatcher:
         self.topk = topk  # assignments per token at most (None: any)
         self.num_local_experts = num_experts // ep.size
         self.dtd = duplicate_token_dropping and tp.size > 1
+        self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
 
     def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts) -> torch.Tensor:
         ep, tp, L = self.ep, self.tp, self.num_local_experts
@@ -72,14 +79,14 @@ class TokenDispatcher:
 
         # 3. all-to-all over EP; split sizes first (one host synchronisation for all of them)
         send_counts_PL = counts_E.view(ep.size, L)
-        recv_counts_PL = comm.all_to_all(send_counts_PL.contiguous(), ep, kind="counts")
+        recv_counts_PL = cac.exchange_counts(send_counts_PL.contiguous(), ep, self.kept)
         host = torch.cat([send_counts_PL.sum(1), recv_counts_PL.flatten()]).tolist()
         input_splits = host[:ep.size]
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
         output_splits = [sum(c) for c in recv_counts]
         perm_N = order[:sum(input_splits)]
         x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N)
-        x_RH = mappings.all_to_all(x_NH, ep, output_splits, input_splits)        # R rows: [src rank][local expert]
+        x_RH = cac.all_to_all(x_NH, ep, output_splits, input_splits, self.kept) # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
         if self.dtd:
@@ -88,11 +95,11 @@ class TokenDispatcher:
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
 
         # 7. back, un-permute, weight: each token sums its K slots
-        y_NH = mappings.all_to_all(y_RH, ep, input_splits, output_splits)
+        y_NH = cac.all_to_all(y_RH, ep, input_splits, output_splits, self.kept)
         y_TKH = scatter_rows(y_NH, perm_N, T * K).view(T, K, -1)
         y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
         if self.dtd:                                                             # 8. restore all tokens
-            y_TH = mappings.gather(y_TH, tp, dim=0)
+            y_TH = cac.gather(y_TH, tp, self.kept)
         assert y_TH.shape[0] == T_full
         return y_TH
 
@@ -100,22 +107,22 @@ class TokenDispatcher:
         idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])
         x_sorted = mappings.copy_to(gather_rows(x_RH, idx), self.tp)
         y_sorted = experts(x_sorted, [sum(col) for col in zip(*recv_counts)])
-        y_sorted = mappings.reduce_from(y_sorted, self.tp)
+        y_sorted = cac.reduce_from(y_sorted, self.tp, self.kept)
         return scatter_rows(y_sorted, idx, y_sorted.shape[0])
 
     def _experts_dtd(self, x_RH, recv_counts_PL, experts):
         tp = self.tp
-        counts_TPL = comm.all_gather(recv_counts_PL.unsqueeze(0).contiguous(), tp, dim=0, kind="counts")
+        counts_TPL = cac.gather_counts(recv_counts_PL.unsqueeze(0).contiguous(), tp, self.kept)
         host = torch.cat([counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]).tolist()  # one sync
         rows_T, tokens_per_expert = host[:tp.size], host[tp.size:]
         M = max(rows_T)
         pad = M - x_RH.shape[0]
         x_pad = torch.cat([x_RH, x_RH.new_zeros(pad, x_RH.shape[1])]) if pad else x_RH
-        x_all = mappings.gather_partial(x_pad, tp)                                # [TP * M, H]
+        x_all = cac.gather_partial(x_pad, tp, self.kept)                          # [TP * M, H]
         # rows of TP rank t sit at t * M + (their index in t's buffer)
         padded_of = torch.cat([t * M + torch.arange(n, device=x_RH.device) for t, n in enumerate(rows_T)])
         idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1), sum(rows_T))]
         y_sorted = experts(gather_rows(x_all, idx), tokens_per_expert)
         y_all = scatter_rows(y_sorted, idx, x_all.shape[0])
-        y_pad = mappings.reduce_scatter(y_all, tp)                                # [M, H], summed over TP
+        y_pad = cac.reduce_scatter(y_all, tp, self.kept)                          # [M, H], summed over TP
         return y_pad[: x_RH.shape[0]]

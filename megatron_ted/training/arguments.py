@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
+    g.add_argument("--moe-cac", action="store_true",
+                   help="communication-aware activation checkpointing: with --recompute-granularity full, "
+                        "keep the MoE all-to-all outputs of the forward and reuse them in the recompute "
+                        "(4 all-to-alls per MoE layer per micro-batch instead of 6)")
+    g.add_argument("--moe-cac-tp", action="store_true",
+                   help="with --moe-cac, also keep the MoE block's tensor-parallel collectives "
+                        "(DTD all-gathers and reduce-scatter, or the expert all-reduce)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -75,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**16)
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: checkpoint whole layers; selective: recompute only the attention core")
+    g.add_argument("--recompute-method", choices=["uniform"], default=None, help="full only; default uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="full/uniform: consecutive layers per checkpointed chunk (default 1)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None, help="prefix, or 'w1 prefix1 w2 prefix2' for a blend")
@@ -190,8 +199,19 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         import importlib.util
         need(importlib.util.find_spec("tensorboard") is not None,
              "--tensorboard-dir needs the tensorboard package: pip install tensorboard (or pip install -e .[tensorboard])")
-    if args.recompute_granularity is not None:
-        need(args.recompute_num_layers >= 1, "--recompute-num-layers must be at least 1")
+    full = args.recompute_granularity == "full"
+    need(args.recompute_method is None or full,
+         f"--recompute-method {args.recompute_method} needs --recompute-granularity full")
+    need(args.recompute_num_layers is None or full, "--recompute-num-layers needs --recompute-granularity full")
+    need(args.recompute_num_layers is None or args.recompute_num_layers >= 1,
+         "--recompute-num-layers must be at least 1")
+    if full:
+        args.recompute_method = args.recompute_method or "uniform"
+        args.recompute_num_layers = args.recompute_num_layers or 1
+    need(not args.moe_cac or args.num_experts is not None, "--moe-cac needs an MoE model (--num-experts)")
+    need(not args.moe_cac or full, "--moe-cac needs --recompute-granularity full (only a recomputed MoE layer "
+                                   "repeats its all-to-alls)")
+    need(not args.moe_cac_tp or args.moe_cac, "--moe-cac-tp needs --moe-cac")
     return args
 
 

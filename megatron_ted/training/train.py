@@ -18,6 +18,7 @@ from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
@@ -74,14 +75,16 @@ def init_distributed(args) -> torch.device:
 class MegatronLog:
     """One line per logged iteration in Megatron-LM's shape, plus throughput and MoE load."""
 
-    def __init__(self, args, tokens_per_step: int, flops_per_step: float, device: torch.device, writer=None):
+    def __init__(self, args, tokens_per_step: int, flops_per_step: float, device: torch.device, writer=None,
+                 num_moe_layers: int = 0):
         self.args, self.tokens_per_step, self.flops_per_step = args, tokens_per_step, flops_per_step
+        self.num_moe_layers = num_moe_layers
         self.peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
         self.writer = writer
         self.skipped = 0
         self.last = time.time()
 
-    def iteration(self, it: int, lr: float, result, loss_scale: float, comm_summary: str):
+    def iteration(self, it: int, lr: float, result, loss_scale: float, stats):
         a = self.args
         now = time.time()
         dt = (now - self.last) / a.log_interval
@@ -102,11 +105,15 @@ class MegatronLog:
             parts.append("expert load min/max: " + " ".join(f"{lo}/{hi}" for lo, hi in loads))
             dropped = sum(m["dropped"] for m in result.moe) / max(1, sum(m["assigned"] for m in result.moe))
             parts.append(f"dropped tokens: {100 * dropped:.2f}%")
+            if a.expert_model_parallel_size > 1 and self.num_moe_layers:
+                # 4 without checkpointing, 6 with full recompute, 4 with --moe-cac (moe/cac.py)
+                per = stats.count("all_to_all", "ep") / (self.num_moe_layers * a.num_micro_batches)
+                parts.append(f"all-to-alls per MoE layer per micro-batch: {per:g}")
         parts += [f"loss scale: {loss_scale:.1f}",
                   f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: nan",
                   f"number of skipped iterations: {self.skipped:3d}"]
         if a.log_comm:
-            parts.append(f"comm/step: {comm_summary}")
+            parts.append(f"comm/step: {stats.summary()}")
         print_rank0(" " + " | ".join(parts) + " |")
         if self.writer is not None:
             self.writer.add_scalar("lm loss", result.lm_loss, it)
@@ -147,6 +154,9 @@ def train(args, tokenizer) -> dict:
     vocab = args.padded_vocab_size
     config, moe = model_configs(args, vocab)
     model = build_gpt(config, moe, groups, args.seed).to(device)
+    if args.recompute_granularity is not None:
+        apply_recompute(model, RecomputeConfig(args.recompute_granularity, args.recompute_method or "uniform",
+                                               args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model.to(dtype)
     # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
@@ -191,7 +201,7 @@ def train(args, tokenizer) -> dict:
     if args.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(args.tensorboard_dir)
-    log = MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer)
+    log = MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer, n_moe)
 
     def save(it: int) -> None:
         start = time.time()
@@ -221,7 +231,7 @@ def train(args, tokenizer) -> dict:
         history.append(result.lm_loss)
         consumed += args.global_batch_size
         if it % args.log_interval == 0:
-            log.iteration(it, lr, result, optimizer.loss_scale, groups.stats.summary())
+            log.iteration(it, lr, result, optimizer.loss_scale, groups.stats)
         if valid_iter is not None and it % args.eval_interval == 0:
             loss = evaluate(model, valid_iter, args, groups, device)
             print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
