@@ -41,12 +41,11 @@ def main():
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("extra", nargs=argparse.REMAINDER, help="more flags for pretrain_gpt_moe.py")
-    a = p.parse_args()
+    a, extra = p.parse_known_args()  # any other flag goes to pretrain_gpt_moe.py
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
             os.path.join(ROOT, "pretrain_gpt_moe.py"), *PRESETS[a.preset].split(), *COMMON.split(),
             "--tensor-model-parallel-size", str(a.tp), "--expert-model-parallel-size", str(a.ep),
-            "--train-iters", str(a.iters), *a.extra]
+            "--train-iters", str(a.iters), *extra]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
     table = [l for l in r.stdout.splitlines() if not l.startswith(" iteration")][:20]
