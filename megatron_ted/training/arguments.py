@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-order", choices=["tp-ep-dp", "tp-dp-ep"], default="tp-ep-dp",
                    help="tp-dp-ep keeps expert-DP reductions inside a node at the price of a wider all-to-all")
     g.add_argument("--world-size", type=int, default=None, help="for --dry-run without processes")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="for --dry-run: which groups cross nodes")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--no-overlap-grad-reduce", action="store_true")

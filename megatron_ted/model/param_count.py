@@ -1,0 +1,136 @@
+"""Parameter shapes and counts of a GPT(-MoE) model from its config alone: no tensors, no processes.
+
+`parameter_shapes(config, moe)` lists every parameter the model builds (`GPTModel` via
+`builder.build_gpt`) by its `named_parameters()` name, with its full logical shape and how it is
+sliced (the `ParamSpec` fields `tp_dim` and `expert`); `count_parameters(..., tp, ep)` sums them
+into totals and one rank's share. tests/test_dry_run.py checks both against built models at several
+TP/EP, so a 40B model can be sized exactly without allocating it.
+
+Shapes (H hidden, F FFN, Fe expert FFN, V padded vocabulary, P positions, E experts, g = 2 for
+SwiGLU's fused gate/up else 1):
+    embedding.weight                    [V, H]          rows over TP
+    position_embedding.weight           [P, H]          replicated (learned positions only)
+    layers.i.{input,post_attention}_norm.{weight,bias}  [H]   replicated (no bias for RMSNorm)
+    layers.i.attention.qkv.{weight,bias}                [3, H, H], [3, H]   dim 1 over TP
+    layers.i.attention.proj.{weight,bias}               [H, H] dim 1 over TP, [H] replicated
+    dense layers:  layers.i.mlp.fc1.{weight,bias}       [g, F, H], [g, F]   dim 1 over TP
+                   layers.i.mlp.fc2.{weight,bias}       [H, F] dim 1 over TP, [H] replicated
+    MoE layers:    layers.i.mlp.router.weight           [E, H]          replicated
+                   layers.i.mlp.experts.fc1             [E, H, Fe] or [E, H, 2, Fe]  experts over EP, Fe over TP
+                   layers.i.mlp.experts.fc2             [E, Fe, H]      experts over EP, Fe over TP
+    final_norm.{weight,bias}            [H]
+    output_weight                       [V, H]          rows over TP (only when untied)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_ted.model.builder import MoEConfig, moe_layer_indices
+from megatron_ted.model.gpt import GPTConfig
+
+
+@dataclass(frozen=True)
+class ParamShape:
+    name: str
+    shape: tuple[int, ...]      # full logical shape (all TP slices, all experts)
+    tp_dim: int | None = None   # dim sliced over TP; None: replicated over TP
+    expert: bool = False        # dim 0 indexes experts, split over EP
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def local_shape(self, tp: int, ep: int) -> tuple[int, ...]:
+        """The shape one rank holds at tensor-parallel size `tp` and expert-parallel size `ep`."""
+        shape = list(self.shape)
+        if self.tp_dim is not None:
+            if shape[self.tp_dim] % tp:
+                raise ValueError(f"{self.name}: dim {self.tp_dim} of {self.shape} is not divisible by "
+                                 f"--tensor-model-parallel-size {tp}")
+            shape[self.tp_dim] //= tp
+        if self.expert:
+            if shape[0] % ep:
+                raise ValueError(f"{self.name}: {self.shape[0]} experts are not divisible by "
+                                 f"--expert-model-parallel-size {ep}")
+            shape[0] //= ep
+        return tuple(shape)
+
+    def local_numel(self, tp: int, ep: int) -> int:
+        return math.prod(self.local_shape(tp, ep))
+
+
+def _norm(prefix: str, config: GPTConfig) -> list[ParamShape]:
+    h = config.hidden_size
+    out = [ParamShape(f"{prefix}.weight", (h,))]
+    if config.normalization == "LayerNorm":
+        out.append(ParamShape(f"{prefix}.bias", (h,)))
+    return out
+
+
+def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[ParamShape]:
+    """Every parameter of `build_gpt(config, moe, ...)`, named as `model.named_parameters()` names it."""
+    c = config
+    h, f, v, bias = c.hidden_size, c.ffn_hidden_size, c.vocab_size, c.add_bias_linear
+    g = 2 if c.swiglu else 1
+    moe_layers = moe_layer_indices(c.num_layers, moe.layer_freq) if moe is not None else ()
+    out = [ParamShape("embedding.weight", (v, h), tp_dim=0)]
+    if c.position_embedding_type == "learned":
+        out.append(ParamShape("position_embedding.weight", (c.max_position_embeddings, h)))
+    for i in range(c.num_layers):
+        p = f"layers.{i}"
+        out += _norm(f"{p}.input_norm", c)
+        out.append(ParamShape(f"{p}.attention.qkv.weight", (3, h, h), tp_dim=1))
+        if bias:
+            out.append(ParamShape(f"{p}.attention.qkv.bias", (3, h), tp_dim=1))
+        out.append(ParamShape(f"{p}.attention.proj.weight", (h, h), tp_dim=1))
+        if bias:
+            out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
+        out += _norm(f"{p}.post_attention_norm", c)
+        if i in moe_layers:
+            e, fe = moe.router.num_experts, moe.ffn_hidden_size
+            out.append(ParamShape(f"{p}.mlp.router.weight", (e, h)))
+            fc1 = (e, h, 2, fe) if c.swiglu else (e, h, fe)
+            out.append(ParamShape(f"{p}.mlp.experts.fc1", fc1, tp_dim=len(fc1) - 1, expert=True))
+            out.append(ParamShape(f"{p}.mlp.experts.fc2", (e, fe, h), tp_dim=1, expert=True))
+        else:
+            out.append(ParamShape(f"{p}.mlp.fc1.weight", (g, f, h), tp_dim=1))
+            if bias:
+                out.append(ParamShape(f"{p}.mlp.fc1.bias", (g, f), tp_dim=1))
+            out.append(ParamShape(f"{p}.mlp.fc2.weight", (h, f), tp_dim=1))
+            if bias:
+                out.append(ParamShape(f"{p}.mlp.fc2.bias", (h,)))
+    out += _norm("final_norm", c)
+    if c.untie_embeddings_and_output_weights:
+        out.append(ParamShape("output_weight", (v, h), tp_dim=0))
+    return out
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Element counts: logical totals and what one rank holds (every rank holds the same amount)."""
+
+    dense: int               # non-expert parameters of the logical model (routers included)
+    expert: int              # expert weights of the logical model, all experts
+    dense_per_rank: int      # TP-sliced dense shards plus TP-replicated tensors
+    expert_per_rank: int     # E/EP experts, each sliced over TP
+    active: int              # used per token: dense + topk/E of the experts
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+    @property
+    def per_rank(self) -> int:
+        return self.dense_per_rank + self.expert_per_rank
+
+
+def count_parameters(config: GPTConfig, moe: MoEConfig | None = None, tp: int = 1, ep: int = 1) -> ParamCounts:
+    shapes = parameter_shapes(config, moe)
+    dense = sum(s.numel for s in shapes if not s.expert)
+    expert = sum(s.numel for s in shapes if s.expert)
+    active = dense + (expert * moe.router.topk // moe.router.num_experts if moe is not None else 0)
+    return ParamCounts(dense=dense, expert=expert,
+                       dense_per_rank=sum(s.local_numel(tp, ep) for s in shapes if not s.expert),
+                       expert_per_rank=sum(s.local_numel(tp, ep) for s in shapes if s.expert),
+                       active=active)

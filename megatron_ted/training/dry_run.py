@@ -1,0 +1,216 @@
+"""`--dry-run`: resolve the flags, lay out the world, size the model and its per-GPU memory; train nothing.
+
+    python pretrain_gpt_moe.py --dry-run --world-size 128 --gpus-per-node 8 \
+        --tensor-model-parallel-size 2 --expert-model-parallel-size 16 --num-experts 16 ...
+
+No process group is created and no tensor is allocated: parameter counts come from the shapes
+(`model/param_count.py`), the layout from `ParallelLayout`. The data (`--data-path` prefixes,
+`--split`) and `--load` are checked as the run would check them, so a dry run is the preflight of a
+job: it fails with the same one-line errors before any GPU is touched.
+
+Memory per GPU, in bytes per parameter this rank holds (N = dense + expert shard elements):
+  weights     2 (fp16/bf16) or 4 (fp32)
+  gradients   4: GradientSync accumulates fp32 `main_grad` buffers for every parameter
+  optimizer   Adam moments 4 + 4, plus a 4-byte fp32 master copy when the weights are fp16/bf16;
+              replicated on every data-parallel rank, or with --use-distributed-optimizer (ZeRO-1)
+              dense states split over DP and expert states over expert-DP.
+Not counted: activations (micro-batch, sequence, recomputation), communication buffers, the
+half-precision gradient a backward produces before it is added into `main_grad`, allocator slack.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from megatron_ted.model.param_count import ParamCounts, count_parameters
+from megatron_ted.parallel.layout import KINDS, ParallelLayout
+
+GiB = 2**30
+_KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP"}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU."""
+
+    weights: int
+    gradients: int
+    optimizer_replicated: int
+    optimizer_distributed: int
+
+    @property
+    def total_replicated(self) -> int:
+        return self.weights + self.gradients + self.optimizer_replicated
+
+    @property
+    def total_distributed(self) -> int:
+        return self.weights + self.gradients + self.optimizer_distributed
+
+
+def weight_bytes(precision: str) -> int:
+    return {"fp32": 4, "fp16": 2, "bf16": 2}[precision]
+
+
+def memory_per_gpu(counts: ParamCounts, layout: ParallelLayout, precision: str) -> MemoryEstimate:
+    """Weights, fp32 main grads and Adam states of one rank (see the module docstring)."""
+    w = weight_bytes(precision)
+    state = 8 + (4 if w < 4 else 0)     # exp_avg + exp_avg_sq (+ fp32 master)
+    n = counts.per_rank
+
+    def split(elements: int, parts: int) -> int:   # ZeRO-1 pads each partition to equal size
+        return -(-elements // parts)
+
+    distributed = state * (split(counts.dense_per_rank, layout.data_parallel)
+                           + split(counts.expert_per_rank, layout.expert_data_parallel))
+    return MemoryEstimate(weights=w * n, gradients=4 * n, optimizer_replicated=state * n,
+                          optimizer_distributed=distributed)
+
+
+def group_summary(layout: ParallelLayout, kind: str, gpus_per_node: int | None, shown: int = 2) -> str:
+    """"EP: 8 groups of 16, e.g. [0,2,...,30] [1,3,...,31]; each spans 4 nodes"."""
+    groups = layout.groups(kind)
+
+    def fmt(g: tuple[int, ...]) -> str:
+        if len(g) <= 6:
+            return "[" + ",".join(map(str, g)) + "]"
+        return f"[{g[0]},{g[1]},...,{g[-1]}]"
+
+    size = len(groups[0])
+    text = f"{_KIND_NAMES[kind]}: {len(groups)} group{'s' * (len(groups) > 1)} of {size}, e.g. " \
+           + " ".join(fmt(g) for g in groups[:shown]) + (" ..." if len(groups) > shown else "")
+    if gpus_per_node and size > 1:
+        spans = {len({r // gpus_per_node for r in g}) for g in groups}
+        text += ("; each inside one node" if spans == {1}
+                 else f"; each spans {'/'.join(map(str, sorted(spans)))} nodes")
+    return text
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+        if x >= scale:
+            return f"{x / scale:,.1f} {unit}"
+    return f"{x / 1e6:,.1f} MFLOP"
+
+
+def _n(x: int) -> str:
+    return f"{x:,}" if x < 10**9 else f"{x:,} ({x / 1e9:.2f}B)"
+
+
+def report(args) -> str:
+    """The dry-run text for validated `args` (arguments.parse_args + padded_vocab_size)."""
+    from megatron_ted.training.train import model_configs   # lazy: train imports this module
+
+    layout = args.layout
+    config, moe = model_configs(args, args.padded_vocab_size)
+    counts = count_parameters(config, moe, layout.tensor_parallel, layout.expert_parallel)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    sections = [["dry run: flags resolved; no process group, no training"] + _model_lines(args, precision),
+                _layout_lines(layout, args.gpus_per_node), _batch_lines(args),
+                _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
+                                                              precision)]
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _model_lines(args, precision: str) -> list[str]:
+    from megatron_ted.model.builder import moe_layer_indices
+    lines = [f"model: {args.num_layers} layers x hidden {args.hidden_size} x {args.num_attention_heads} heads, "
+             f"FFN {args.ffn_hidden_size}{' (SwiGLU)' if args.swiglu else ''}, seq {args.seq_length}, "
+             f"vocab {args.padded_vocab_size} (padded), {args.position_embedding_type} positions, "
+             f"{args.normalization}, {'untied' if args.untie_embeddings_and_output_weights else 'tied'} "
+             f"output layer, {precision}"]
+    if args.num_experts is not None:
+        cf = args.moe_expert_capacity_factor
+        routing = (f"capacity factor {cf} (min {args.moe_min_capacity}, drop by {args.moe_token_drop_policy})"
+                   if cf is not None else "dropless")
+        dtd = "on" if args.tensor_model_parallel_size > 1 and not args.moe_no_duplicate_token_dropping else "off"
+        n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
+        lines.append(f"MoE: {args.num_experts} experts, top-{args.moe_router_topk}, in {n_moe} of "
+                     f"{args.num_layers} layers (every {args.moe_layer_freq}), expert FFN {args.moe_ffn_hidden_size}, "
+                     f"{routing}, aux loss {args.moe_aux_loss_coeff:g}, duplicate token dropping {dtd}")
+    return lines
+
+
+def _layout_lines(layout: ParallelLayout, gpus_per_node: int | None) -> list[str]:
+    lines = [layout.table(gpus_per_node=gpus_per_node)]
+    lines += ["  " + group_summary(layout, kind, gpus_per_node) for kind in KINDS]
+    if gpus_per_node:
+        lines.append(f"  nodes: {-(-layout.world_size // gpus_per_node)} x {gpus_per_node} GPUs")
+    return lines
+
+
+def _batch_lines(args) -> list[str]:
+    from megatron_ted.model.builder import moe_layer_indices
+    from megatron_ted.training.flops import flops_per_token
+    layout, moe = args.layout, args.num_experts is not None
+    tokens = args.global_batch_size * args.seq_length
+    recompute = (f"{args.recompute_granularity}/{args.recompute_method or '-'}"
+                 f" ({args.recompute_num_layers} layer{'s' * (args.recompute_num_layers > 1)} per checkpoint)"
+                 if args.recompute_granularity else "off")
+    n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
+    fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
+                          args.padded_vocab_size, n_moe, args.moe_ffn_hidden_size if moe else None,
+                          args.moe_router_topk if moe else 0, args.num_experts or 0, args.swiglu)
+    return [f"batch: micro-batch {args.micro_batch_size} x DP {layout.data_parallel} x "
+            f"{args.num_micro_batches} micro-batches = global batch {args.global_batch_size} "
+            f"({tokens:,} tokens per iteration), {args.train_iters} iterations",
+            f"activation recomputation: {recompute}; model FLOPs per iteration: "
+            f"{_flops(fpt * tokens)} ({_flops(fpt * tokens / layout.world_size)} per GPU)"]
+
+
+def _parameter_lines(args, counts: ParamCounts) -> list[str]:
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    w = max(len(_n(counts.total)), 14)
+    lines = [f"parameters {'total':>{w}}  {'per GPU':>{w}}",
+             f"  dense    {_n(counts.dense):>{w}}  {_n(counts.dense_per_rank):>{w}}   "
+             f"(sliced over TP {tp}; norms, biases, positions, routers replicated)"]
+    if args.num_experts is not None:
+        lines.append(f"  expert   {_n(counts.expert):>{w}}  {_n(counts.expert_per_rank):>{w}}   "
+                     f"({args.num_experts // ep} of {args.num_experts} experts per GPU, each sliced over TP {tp})")
+    lines.append(f"  total    {_n(counts.total):>{w}}  {_n(counts.per_rank):>{w}}")
+    if args.num_experts is not None:
+        lines.append(f"  active per token (dense + top-{args.moe_router_topk} experts): {_n(counts.active)}")
+    return lines
+
+
+def _memory_lines(args, mem: MemoryEstimate, precision: str) -> list[str]:
+    layout = args.layout
+    master = "fp32 master + " if precision != "fp32" else ""
+    rows = [(f"weights ({precision})", mem.weights, mem.weights),
+            ("gradients (fp32 main grads)", mem.gradients, mem.gradients),
+            (f"optimizer ({master}Adam moments)", mem.optimizer_replicated, mem.optimizer_distributed),
+            ("total", mem.total_replicated, mem.total_distributed)]
+    label = max(len(r[0]) for r in rows) + 2
+    unit, scale = ("GiB", GiB) if mem.total_replicated >= GiB else ("MiB", 2**20)
+    lines = [f"{f'memory per GPU ({unit})':<{label}}  {'replicated':>10}  {'distributed':>11}   <- optimizer states"]
+    lines += [f"  {name:<{label - 2}}  {rep / scale:>10.2f}  {dis / scale:>11.2f}" for name, rep, dis in rows]
+    split = (f"dense states split over DP {layout.data_parallel}, expert states over expert-DP "
+             f"{layout.expert_data_parallel}")
+    lines.append(f"  applies: distributed (--use-distributed-optimizer: {split})" if args.use_distributed_optimizer
+                 else f"  applies: replicated (add --use-distributed-optimizer for the other column: {split})")
+    lines.append("  not counted: activations, communication buffers, transient half-precision gradients, "
+                 "allocator slack")
+    return lines
+
+
+def _check_run_inputs(args) -> None:
+    """What the run checks once its process group is up, checked here before any."""
+    import importlib.util
+    if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(f"--tensorboard-dir {args.tensorboard_dir} needs the tensorboard package: "
+                         f"pip install tensorboard, or drop the flag")
+    if args.data_path:
+        from megatron_ted.data.gpt_data import check_prefixes_exist, check_split, parse_data_path
+        prefixes, _ = parse_data_path(args.data_path)
+        check_prefixes_exist(prefixes)
+        check_split(args.split)
+
+
+def dry_run(args) -> int:
+    """Print the report on rank 0 (all ranks agree) and return the exit code; raises ValueError on bad input."""
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node {args.gpus_per_node} must be at least 1")
+    _check_run_inputs(args)
+    text = report(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+    return 0
