@@ -30,11 +30,14 @@ def run_entry(args, world_size=1):
     (2, ["--global-batch-size", "3"], "--global-batch-size"),
     (1, ["--num-experts", "2", "--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor"),
     (1, ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "missing.model"], "--tokenizer-model"),
+    (1, ["--data-path", "no/such/prefix", "--vocab-size", "200"], "--data-path"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(world, args, flag):
     argv = TINY + args
-    if "--vocab-size" in args:
+    if "--vocab-size" in args or "--tokenizer-model" in args:
         argv = argv[:-2]
+    if "--data-path" in args:
+        argv.remove("--mock-data")
     r = run_entry(argv, world)
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.strip().splitlines() if l]

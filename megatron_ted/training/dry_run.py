@@ -192,13 +192,10 @@ def _memory_lines(args, mem: MemoryEstimate, precision: str) -> list[str]:
     return lines
 
 
-def _check_run_inputs(args) -> None:
-    """What the run checks once its process group is up, checked here before any."""
-    import importlib.util
-    if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError(f"--tensorboard-dir {args.tensorboard_dir} needs the tensorboard package: "
-                         f"pip install tensorboard, or drop the flag")
-    if args.data_path:
+def check_run_inputs(args) -> None:
+    """The data files and split that the run reads once its process group is up, checked before any
+    (dry run or not). Flags are checked in arguments.validate."""
+    if args.data_path and not args.mock_data:
         from megatron_ted.data.gpt_data import check_prefixes_exist, check_split, parse_data_path
         prefixes, _ = parse_data_path(args.data_path)
         check_prefixes_exist(prefixes)
@@ -209,7 +206,7 @@ def dry_run(args) -> int:
     """Print the report on rank 0 (all ranks agree) and return the exit code; raises ValueError on bad input."""
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
         raise ValueError(f"--gpus-per-node {args.gpus_per_node} must be at least 1")
-    _check_run_inputs(args)
+    check_run_inputs(args)
     text = report(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(text, flush=True)

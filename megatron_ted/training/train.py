@@ -24,7 +24,7 @@ from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
-from megatron_ted.training.dry_run import dry_run
+from megatron_ted.training.dry_run import check_run_inputs, dry_run
 from megatron_ted.training.flops import flops_per_token, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
@@ -296,6 +296,7 @@ def main(argv=None) -> int:
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
         _check_checkpoint_flags(args)
+        check_run_inputs(args)  # a missing data prefix is one line here, not a traceback later
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
     except ValueError as e:
