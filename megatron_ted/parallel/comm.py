@@ -99,36 +99,64 @@ def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_op: bo
     return work if async_op else t
 
 
-def all_gather(t: torch.Tensor, group: Group, dim: int = 0, kind: str = "all_gather") -> torch.Tensor:
+def all_gather(t: torch.Tensor, group: Group, dim: int = 0, kind: str = "all_gather",
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Concatenate equal-shaped tensors of every rank along `dim`, in group-rank order.
 
     `kind` is the counting key; split-size exchanges pass "counts" so that they do not blur the
-    payload counts.
+    payload counts. `out` (dim 0 only): the flat result to fill, which may hold `t` in place as its
+    group-rank-th chunk (the distributed optimizer gathers parameters this way, without a copy).
     """
     if group.size == 1:
-        return t
+        if out is not None and out.data_ptr() != t.data_ptr():
+            out.copy_(t)
+        return t if out is None else out
     group.stats.record(kind, group.name, nbytes(t))
     t = t.contiguous()
     if dim == 0:
-        out = t.new_empty((group.size * t.shape[0],) + tuple(t.shape[1:]))
+        if out is None:
+            out = t.new_empty((group.size * t.shape[0],) + tuple(t.shape[1:]))
         _all_gather_flat(out, t, group=group.pg)
         return out
+    assert out is None, "all_gather(out=...) is for dim 0"
     parts = [torch.empty_like(t) for _ in range(group.size)]
     dist.all_gather(parts, t, group=group.pg)
     return torch.cat(parts, dim=dim)
 
 
-def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
-    """Sum over the group and keep this rank's 1/size chunk of `dim`."""
+def all_gather_into(outs: list[torch.Tensor], t: torch.Tensor, group: Group) -> None:
+    """Gather every rank's `t` into outs[rank] (equal-shaped tensors, views allowed): the list form,
+    which on gloo stages one flat output instead of copying a whole in-place buffer."""
     if group.size == 1:
-        return t
+        if outs[0].data_ptr() != t.data_ptr():
+            outs[0].copy_(t)
+        return
+    group.stats.record("all_gather", group.name, nbytes(t))
+    dist.all_gather(outs, t.contiguous(), group=group.pg)
+
+
+def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0, out: torch.Tensor | None = None,
+                   async_op: bool = False):
+    """Sum over the group and keep this rank's 1/size chunk of `dim`.
+
+    `out` (dim 0 only): where the chunk goes; it may be that chunk of `t` itself (in place).
+    Returns the chunk, or the work handle when async_op (None for a group of one).
+    """
+    if group.size == 1:
+        if out is not None and out.data_ptr() != t.data_ptr():
+            out.copy_(t)
+        return None if async_op else (t if out is None else out)
     group.stats.record("reduce_scatter", group.name, nbytes(t))
     if dim != 0:
+        assert out is None and not async_op, "reduce_scatter(out=..., async_op=...) is for dim 0"
         t = t.movedim(dim, 0)
     t = t.contiguous()
     assert t.shape[0] % group.size == 0, "reduce_scatter needs a dim divisible by the group size"
-    out = t.new_empty((t.shape[0] // group.size,) + tuple(t.shape[1:]))
-    _reduce_scatter_flat(out, t, group=group.pg)
+    if out is None:
+        out = t.new_empty((t.shape[0] // group.size,) + tuple(t.shape[1:]))
+    work = _reduce_scatter_flat(out, t, group=group.pg, async_op=async_op)
+    if async_op:
+        return work
     return out.movedim(0, dim) if dim != 0 else out
 
 

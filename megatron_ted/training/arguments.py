@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--no-overlap-grad-reduce", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="partition fp32 master weights and Adam moments: dense over DP, experts over expert-DP (ZeRO-1)")
+    g.add_argument("--optimizer-tile-size", type=int, default=2**24,
+                   help="elements per tile of the optimizer step (its extra memory is one tile); 0: no tiling")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -162,6 +165,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.num_micro_batches = args.global_batch_size // per_step
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")
 
     if args.num_experts is not None:
         e, ep, k = args.num_experts, args.expert_model_parallel_size, args.moe_router_topk

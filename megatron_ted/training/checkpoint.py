@@ -219,12 +219,13 @@ def set_rng_state(state: dict | None) -> None:
 def _local_shards(model, optimizer, groups: ParallelGroups) -> tuple[dict, list]:
     """(tensors this rank writes {key: cpu tensor}, index entries [(key, full, dtype, offsets, shape)])."""
     tp, ep = groups.tp, groups.ep
-    optim_state = optimizer.named_state() if optimizer is not None else {}
+    mine = [(name, p) for index, (name, p) in enumerate(model.named_parameters())
+            if _writer(index, spec_of(p), groups)]
+    # collective for a partitioned optimizer (it gathers its partitions); only what this rank writes is built
+    optim_state = optimizer.named_state(names={name for name, _ in mine}) if optimizer is not None else {}
     tensors, entries = {}, []
-    for index, (name, p) in enumerate(model.named_parameters()):
+    for name, p in mine:
         spec = spec_of(p)
-        if not _writer(index, spec, groups):
-            continue
         full = full_shape(p.shape, spec, tp, ep)
         offsets = [start for start, _ in _box(local_slices(spec, full, tp, ep), full)]
         items = [(f"model/{name}", p)]
@@ -248,7 +249,8 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
     """Write `<path>/iter_<iteration>` (collective: every rank of the job calls it) and point the
     tracker at it. Returns the iteration directory.
 
-    optimizer: a `MixedPrecisionAdamW` (its state by logical name and its loss scaler) or None.
+    optimizer: a `MixedPrecisionAdamW` or `TiledAdamW` (its state by logical name and its loss
+    scaler) or None.
     args_dict: the training flags (JSON-able values are kept; `generate` rebuilds the model from them).
     rng: True saves this process's RNG states (one file per data-parallel rank), a dict saves that
     dict, False saves none. extra: JSON-able data stored in metadata.json (e.g. the valid position).
@@ -519,7 +521,7 @@ def load_checkpoint(path: str, model, optimizer, groups: ParallelGroups, strict:
     rng, directory).
 
     path: a save directory (its tracker names the iteration) or an iteration directory.
-    optimizer: a `MixedPrecisionAdamW` or None; with load_optim its master weights, moments and
+    optimizer: a `MixedPrecisionAdamW`, a `TiledAdamW` or None; with load_optim its master weights, moments and
     loss scaler are restored, else its master weights are reset from the loaded model.
     strict: every model parameter must be in the checkpoint and every saved parameter in the model.
     load_rng: read this data-parallel rank's RNG states (only when the checkpoint was written at the

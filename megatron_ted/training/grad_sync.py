@@ -3,11 +3,21 @@
 Gradients accumulate across micro-batches in fp32 `param.main_grad` views of one flat buffer per
 reduction group: dense parameters reduce over the data-parallel group, expert parameters over the
 expert-data-parallel group only (TED: each expert lives on DP/EP replicas). The buffer is cut into
-buckets; on the last micro-batch a bucket's all-reduce starts as soon as backward has produced
+buckets; on the last micro-batch a bucket's reduction starts as soon as backward has produced
 all its gradients (`overlap=True`), else all buckets are reduced after backward.
 The reduction is a SUM: the loss is already divided by the global token count.
+
+`reduce_scatter=False`: each bucket is all-reduced; every rank ends with the whole reduced gradient.
+`reduce_scatter=True` (the distributed optimizer): each bucket is padded to a multiple of its
+group's size and reduce-scattered in place, so group rank r ends with the reduced sum of chunk r of
+every bucket (`Bucket.chunk`) and partial sums elsewhere; the optimizer owns that chunk.
+
+    flat buffer of one group:  | bucket 0 (+pad)          | bucket 1 (+pad)          | ...
+    owned by group rank r:     |  r-th 1/size of bucket 0  |  r-th 1/size of bucket 1 | ...
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,15 +27,45 @@ from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import is_expert
 
 
-class _Bucket:
-    def __init__(self, params, flat: torch.Tensor, group: Group):
-        self.params, self.flat, self.group = params, flat, group
+def chunk_range(numel: int, size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of group rank `rank`'s chunk when `numel` elements are split into `size` chunks of
+    ceil(numel / size) (the last ones may be short or empty)."""
+    n = -(-numel // size)
+    return min(rank * n, numel), min((rank + 1) * n, numel)
+
+
+class Bucket:
+    """A contiguous slice [start, end) of one `GradBuffer` (padding included), reduced at once.
+
+    params, offsets: its parameters and where each starts in the buffer (flat coordinates).
+    """
+
+    def __init__(self, params, offsets, start: int, end: int, buffer: "GradBuffer", reduce_scatter: bool):
+        self.params, self.offsets, self.start, self.end = params, offsets, start, end
+        self.buffer, self.reduce_scatter = buffer, reduce_scatter
+        self.flat = buffer.flat[start:end]
         self.pending = len(params)
         self.work = None
 
+    @property
+    def group(self) -> Group:
+        return self.buffer.group
+
+    @property
+    def chunk(self) -> tuple[int, int]:
+        """[lo, hi) in buffer coordinates of this rank's share of the bucket (its 1/size)."""
+        lo, hi = chunk_range(self.end - self.start, self.group.size, self.group.rank)
+        return self.start + lo, self.start + hi
+
     def launch(self):
         if self.work is None:
-            self.work = comm.all_reduce(self.flat, self.group, async_op=True) or _Done()
+            if self.reduce_scatter:
+                lo, hi = self.chunk
+                own = self.buffer.flat[lo:hi]
+                work = comm.reduce_scatter(self.flat, self.group, out=own, async_op=True)
+            else:
+                work = comm.all_reduce(self.flat, self.group, async_op=True)
+            self.work = work or _Done()
 
     def wait(self):
         self.launch()
@@ -39,37 +79,58 @@ class _Done:
         pass
 
 
+@dataclass(eq=False)
+class GradBuffer:
+    """The flat gradient buffer of one reduction group ("dense" over DP, "expert" over expert-DP)."""
+    name: str
+    group: Group
+    flat: torch.Tensor
+    buckets: list[Bucket] = field(default_factory=list)
+
+
 class GradientSync:
     def __init__(self, model: nn.Module, dp: Group, expert_dp: Group, bucket_elements: int = 40_000_000,
-                 overlap: bool = True):
-        self.overlap = overlap
+                 overlap: bool = True, reduce_scatter: bool = False):
+        self.overlap, self.reduce_scatter = overlap, reduce_scatter
         self.sync_now = True  # False on all but the last micro-batch of a step
-        self.buckets: list[_Bucket] = []
-        self.bucket_of: dict[nn.Parameter, _Bucket] = {}
+        self.buffers: list[GradBuffer] = []
+        self.bucket_of: dict[nn.Parameter, Bucket] = {}
         params = [p for p in model.parameters() if p.requires_grad]
-        for group, members in ((dp, [p for p in params if not is_expert(p)]),
-                               (expert_dp, [p for p in params if is_expert(p)])):
-            self._build(list(reversed(members)), group, bucket_elements)  # backward visits last params first
+        for name, group, members in (("dense", dp, [p for p in params if not is_expert(p)]),
+                                     ("expert", expert_dp, [p for p in params if is_expert(p)])):
+            self._build(name, list(reversed(members)), group, bucket_elements)  # backward visits last params first
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
 
-    def _build(self, params, group: Group, bucket_elements: int):
+    @property
+    def buckets(self) -> list[Bucket]:
+        return [b for buf in self.buffers for b in buf.buckets]
+
+    def _build(self, name: str, params, group: Group, bucket_elements: int):
         if not params:
             return
         device = params[0].device
         dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32  # fp64 for exact tests
-        flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
-        offset, start, members = 0, 0, []
+        # bucket boundaries first (padded to a multiple of the group size when reduce-scattering)
+        spans, offset, start, members = [], 0, 0, []
         for p in params:
-            p.main_grad = flat[offset: offset + p.numel()].view_as(p)
+            members.append((p, offset))
             offset += p.numel()
-            members.append(p)
             if offset - start >= bucket_elements or p is params[-1]:
-                bucket = _Bucket(members, flat[start:offset], group)
-                self.buckets.append(bucket)
-                for m in members:
-                    self.bucket_of[m] = bucket
+                if self.reduce_scatter:
+                    offset = start + -(-(offset - start) // group.size) * group.size
+                spans.append((members, start, offset))
                 start, members = offset, []
+        buffer = GradBuffer(name, group, torch.zeros(offset, dtype=dtype, device=device))
+        for members, lo, hi in spans:
+            for p, off in members:
+                p.main_grad = buffer.flat[off: off + p.numel()].view_as(p)
+            bucket = Bucket([p for p, _ in members], [off for _, off in members], lo, hi, buffer,
+                            self.reduce_scatter)
+            buffer.buckets.append(bucket)
+            for p, _ in members:
+                self.bucket_of[p] = bucket
+        self.buffers.append(buffer)
 
     def _on_grad(self, p: nn.Parameter):
         p.main_grad.add_(p.grad)

@@ -19,12 +19,13 @@ from megatron_ted.parallel.sharding import spec_of
 def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group) -> torch.Tensor:
     """sqrt of the sum of squares of every logical gradient element, identical on every rank."""
     device = params[0].main_grad.device if params else "cpu"
+    dtype = torch.promote_types(params[0].main_grad.dtype, torch.float32) if params else torch.float32
     # [dense sliced over TP, dense replicated, expert sliced over TP, expert replicated over TP]
-    sq = torch.zeros(4, dtype=torch.float32, device=device)
+    sq = torch.zeros(4, dtype=dtype, device=device)   # at least fp32; fp64 gradients stay fp64
     for p in params:
         spec = spec_of(p)
         slot = (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)
-        sq[slot] += p.main_grad.float().pow(2).sum()
+        sq[slot] += p.main_grad.to(dtype).pow(2).sum()
     sliced = sq[[0, 2]].clone()
     comm.all_reduce(sliced, tp)
     expert = (sliced[1] + sq[3]).reshape(1)
@@ -113,8 +114,9 @@ class MixedPrecisionAdamW:
 
     MOMENTS = ("exp_avg", "exp_avg_sq", "step")
 
-    def named_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{parameter name: {"master"?, "exp_avg", "exp_avg_sq", "step"}}: this rank's local shards.
+    def named_state(self, names=None) -> dict[str, dict[str, torch.Tensor]]:
+        """{parameter name: {"master"?, "exp_avg", "exp_avg_sq", "step"}}: this rank's local shards
+        (only those in `names` when given).
 
         The tensors are the live ones (not copies) and have the local parameter's shape, so their
         place in the full logical tensor is the parameter's (`sharding.local_slices`). "master"
@@ -122,6 +124,8 @@ class MixedPrecisionAdamW:
         """
         out = {}
         for name, p, m in zip(self.names, self.params, self.master):
+            if names is not None and name not in names:
+                continue
             entry = {} if m is p else {"master": m}
             state = self.optimizer.state.get(m, {})
             entry.update({k: state[k] for k in self.MOMENTS if k in state})

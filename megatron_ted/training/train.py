@@ -28,7 +28,8 @@ from megatron_ted.training.dry_run import check_run_inputs, dry_run
 from megatron_ted.training.flops import flops_per_token, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
-from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW
+from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
 
 
@@ -165,11 +166,17 @@ def train(args, tokenizer) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
 
-    sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce)
+    # --use-distributed-optimizer: gradients reduce-scattered, optimizer state partitioned (ZeRO-1)
+    sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce,
+                        reduce_scatter=args.use_distributed_optimizer)
     scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
-    optimizer = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=args.lr, weight_decay=args.weight_decay,
-                                    betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
-                                    clip_grad=args.clip_grad, loss_scaler=scaler)
+    optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
+                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
+                           loss_scaler=scaler, tile_size=args.optimizer_tile_size)
+    state = optimizer.state_numel()
+    print_rank0(f" > optimizer: AdamW, {'partitioned over DP / expert-DP' if args.use_distributed_optimizer else 'replicated'}"
+                f", tiles of {args.optimizer_tile_size or 'the whole partition'} elements; state on rank 0: "
+                f"{4 * state.get('dense', 0) / 2**20:.1f} MiB dense, {4 * state.get('expert', 0) / 2**20:.1f} MiB expert")
     iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
 
     train_ds, valid_ds, _ = build_train_valid_test_datasets(

@@ -1,0 +1,365 @@
+"""Tiled AdamW on the flat gradient buffers, optionally partitioned ZeRO-1 style (the distributed optimizer).
+
+DeepSpeed-TED's memory optimization (DESIGN.md §1 "Tiled optimizer step"). The optimizer works on
+`GradientSync`'s flat buffers, one per reduction group (dense over DP, experts over expert-DP), each
+cut into buckets (grad_sync.py). The model's parameters are re-pointed into a flat parameter buffer
+with the same layout, so a range of the gradient buffer, of the parameter buffer and of the
+optimizer state all describe the same elements:
+
+    grad buffer   (fp32)   | bucket 0 ......................... | bucket 1 ...
+    param buffer  (model dtype, the parameters are views of it)  same layout
+    owned range            all of every bucket,      or with partitioning (`GradientSync(...,
+                           reduce_scatter=True)`) the rank's 1/size chunk of every bucket
+    state per owned range  fp32 master (the parameters themselves for an fp32/fp64 model),
+                           exp_avg, exp_avg_sq
+
+A step:
+  1. the global gradient norm, computed once: each rank sums the squares of its chunk of every
+     bucket (its partition, or the same chunk of the replicated buffer without partitioning), per
+     class [dense TP-sliced, dense TP-replicated, expert TP-sliced, expert TP-replicated]; one
+     all-reduce over DP (which sums the dense chunks over DP and the expert chunks over expert-DP
+     and EP, since EP x expert-DP = DP) and one over TP (TP-replicated classes are then counted TP
+     times and divided by TP). Every rank of the job ends with the same value, so the fp16
+     overflow decision (inf/nan norm: skip the step) agrees everywhere by construction.
+  2. the owned ranges walked in tiles of at most `tile_size` elements: unscale and clip the
+     tile's gradient (in place), decoupled weight decay, the Adam moments, the update of the fp32
+     master, the write of the low-precision parameter. The one temporary (Adam's denominator) is a
+     tile: the extra memory of the step is one tile, not the partition.
+  3. with partitioning, each bucket's parameters are all-gathered in place in the parameter buffer
+     (NCCL; gloo stages its output, so there the gather goes in rounds of one tile per rank).
+
+The update is torch.optim.AdamW's (single-tensor form: bias corrections, eps added after the
+square root and the bias correction, weight decay multiplied into the weights first); no weight
+decay on 1-D parameters (biases, norms), as MixedPrecisionAdamW. The interface is
+MixedPrecisionAdamW's: `step(lr) -> (applied, grad_norm)`, `loss_scale`, `named_state` /
+`load_named_state` by logical parameter name with whole local-shard tensors (partitions are
+gathered on save, sliced on load), so checkpoints move between layouts and between the two optimizers.
+
+Create it after the model has its final device and dtype (`model.to(...)` afterwards would detach
+the parameters from the parameter buffer; `step` checks).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from megatron_ted.parallel import comm
+from megatron_ted.parallel.comm import Group
+from megatron_ted.parallel.sharding import spec_of
+from megatron_ted.training.grad_sync import Bucket, GradBuffer, GradientSync
+from megatron_ted.training.optimizer import DynamicLossScaler
+
+DEFAULT_TILE_SIZE = 2**24   # elements: a 64 MiB fp32 temporary; see docs/OPTIMIZER.md
+
+# classes of gradient elements for the norm
+DENSE_SLICED, DENSE_REPLICATED, EXPERT_SLICED, EXPERT_REPLICATED = range(4)
+
+
+@torch.no_grad()
+def adamw_update_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: int, lr: float, betas: tuple[float, float], eps: float) -> None:
+    """torch.optim.AdamW's update of one tile after its weight decay (`master *= 1 - lr * wd`),
+    op for op as its single-tensor implementation; allocates one temporary of the tile's size."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    step_size = lr / bias_correction1
+    denom = exp_avg_sq.sqrt().div_(bias_correction2 ** 0.5).add_(eps)
+    master.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+@dataclass(eq=False)
+class _Piece:
+    """The part of one parameter inside an owned range: parameter elements [p_lo, p_hi) (flat,
+    row-major) are owned-range elements [at, at + p_hi - p_lo)."""
+    name: str
+    param: nn.Parameter
+    p_lo: int
+    p_hi: int
+    at: int
+
+
+@dataclass(eq=False)
+class _Shard:
+    """This rank's owned range [lo, hi) of one bucket (buffer coordinates) and its optimizer state."""
+    bucket: Bucket
+    lo: int
+    hi: int
+    grad: torch.Tensor          # grad buffer [lo, hi)
+    param: torch.Tensor         # param buffer [lo, hi), model dtype
+    master: torch.Tensor        # fp32 master of [lo, hi) (`param` itself for an fp32/fp64 model)
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    bucket_param: torch.Tensor  # param buffer [bucket.start, bucket.end): the all-gather's output
+    pieces: list[_Piece] = field(default_factory=list)
+    decay_runs: list[tuple[int, int]] = field(default_factory=list)      # [a, b) relative to lo
+    norm_runs: list[tuple[int, int, int]] = field(default_factory=list)  # [a, b) of the buffer, class
+
+    @property
+    def separate_master(self) -> bool:
+        return self.master is not self.param
+
+
+def _merge(runs: list[tuple]) -> list[tuple]:
+    """Join adjacent runs (a, b, *key) with b == next a and the same key."""
+    out = []
+    for run in runs:
+        if out and out[-1][1] == run[0] and out[-1][2:] == run[2:]:
+            out[-1] = (out[-1][0], run[1], *run[2:])
+        else:
+            out.append(tuple(run))
+    return out
+
+
+def _within(runs: list[tuple[int, int]], starts: list[int], lo: int, hi: int):
+    """The runs clipped to [lo, hi) (runs sorted, not overlapping; starts = their starts)."""
+    i = max(bisect.bisect_right(starts, lo) - 1, 0)
+    while i < len(runs) and runs[i][0] < hi:
+        a, b = max(runs[i][0], lo), min(runs[i][1], hi)
+        if a < b:
+            yield a, b
+        i += 1
+
+
+def _gathers_in_place(group: Group) -> bool:
+    return group.pg is not None and torch.distributed.get_backend(group.pg) == "nccl"
+
+
+class TiledAdamW:
+    """AdamW with fp32 master weights on GradientSync's flat buffers, stepping in tiles; ZeRO-1
+    partitioned over DP (dense) and expert-DP (experts) when `grad_sync.reduce_scatter`.
+
+    tile_size: elements per tile; 0 = no tiling (each owned range in one piece).
+    """
+
+    def __init__(self, model: nn.Module, grad_sync: GradientSync, tp: Group, dp: Group, lr: float,
+                 weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, clip_grad: float = 1.0,
+                 loss_scaler: DynamicLossScaler | None = None, tile_size: int = DEFAULT_TILE_SIZE):
+        if tile_size < 0:
+            raise ValueError(f"tile_size {tile_size} must be >= 0 (0: no tiling)")
+        self.tp, self.dp, self.grad_sync = tp, dp, grad_sync
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
+        self.clip_grad, self.loss_scaler, self.tile_size = clip_grad, loss_scaler, tile_size
+        self.distributed = grad_sync.reduce_scatter
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self._name_of = {id(p): n for n, p in named}
+        self.step_count = 0
+        self.shards: list[_Shard] = []
+        for buf in grad_sync.buffers:
+            pbuf = self._param_buffer(buf)
+            for bucket in buf.buckets:
+                shard = self._shard(bucket, pbuf)
+                if shard.hi > shard.lo:
+                    self.shards.append(shard)
+        self._ptrs = [p.data_ptr() for p in self.params]
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @staticmethod
+    @torch.no_grad()
+    def _param_buffer(buf: GradBuffer) -> torch.Tensor:
+        """A flat buffer in the model's dtype laid out like the grad buffer; the parameters become views of it."""
+        params = [p for b in buf.buckets for p in b.params]
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ValueError(f"the {buf.name} parameters mix dtypes {sorted(map(str, dtypes))}; "
+                             f"cast the model to one dtype before building the optimizer")
+        pbuf = torch.zeros(buf.flat.numel(), dtype=params[0].dtype, device=buf.flat.device)
+        for b in buf.buckets:
+            for p, off in zip(b.params, b.offsets):
+                view = pbuf[off: off + p.numel()]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+        return pbuf
+
+    def _shard(self, bucket: Bucket, pbuf: torch.Tensor) -> _Shard:
+        lo, hi = bucket.chunk if self.distributed else (bucket.start, bucket.end)
+        param = pbuf[lo:hi]
+        if param.dtype in (torch.float16, torch.bfloat16):
+            master = param.float()   # a copy
+        else:
+            master = param           # fp32/fp64: the parameters are their own master
+        shard = _Shard(bucket, lo, hi, bucket.buffer.flat[lo:hi], param, master,
+                       torch.zeros_like(master), torch.zeros_like(master), pbuf[bucket.start:bucket.end])
+        n_lo, n_hi = bucket.chunk    # the share of the norm (= the owned range when partitioned)
+        decay, norm = [], []
+        for p, off in zip(bucket.params, bucket.offsets):
+            a, b = max(lo, off), min(hi, off + p.numel())
+            if a < b:
+                shard.pieces.append(_Piece(self._name_of[id(p)], p, a - off, b - off, a - lo))
+                if p.dim() > 1:
+                    decay.append((a - lo, b - lo))
+            a, b = max(n_lo, off), min(n_hi, off + p.numel())
+            if a < b:
+                spec = spec_of(p)
+                norm.append((a, b, (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)))
+        shard.decay_runs = [(a, b) for a, b in _merge(decay)]
+        shard.norm_runs = _merge(norm)
+        return shard
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    @property
+    def loss_scale(self) -> float:
+        return self.loss_scaler.scale if self.loss_scaler else 1.0
+
+    def grad_norm(self) -> torch.Tensor:
+        """sqrt of the sum of squares of every logical gradient element, identical on every rank
+        (collective over DP and TP). Needs the reduced gradients (after `grad_sync.finish()`)."""
+        buffers = self.grad_sync.buffers
+        dtype = buffers[0].flat.dtype if buffers else torch.float32
+        device = buffers[0].flat.device if buffers else "cpu"
+        sq = torch.zeros(4, dtype=dtype, device=device)
+        for shard in self.shards:
+            flat = shard.bucket.buffer.flat
+            for a, b, cls in shard.norm_runs:
+                g = flat[a:b]
+                sq[cls] += torch.dot(g, g)
+        comm.all_reduce(sq, self.dp)
+        comm.all_reduce(sq, self.tp)
+        replicated = (sq[DENSE_REPLICATED] + sq[EXPERT_REPLICATED]) / self.tp.size
+        return (sq[DENSE_SLICED] + sq[EXPERT_SLICED] + replicated).sqrt()
+
+    @torch.no_grad()
+    def step(self, lr: float) -> tuple[bool, float]:
+        """Returns (applied, grad_norm). A step with an inf/nan gradient anywhere is skipped on every rank."""
+        if [p.data_ptr() for p in self.params] != self._ptrs:
+            raise RuntimeError("a parameter no longer lives in the optimizer's parameter buffer "
+                               "(model.to(...) after building TiledAdamW?); build the optimizer last")
+        norm = (self.grad_norm() / self.loss_scale).item()
+        overflow = not math.isfinite(norm)
+        if self.loss_scaler:
+            self.loss_scaler.update(overflow)
+        if overflow:
+            return False, float("nan")
+        coeff = 1.0 / self.loss_scale
+        if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
+            coeff *= self.clip_grad / (norm + 1e-6)
+        self.step_count += 1
+        for shard in self.shards:
+            self._update(shard, coeff, lr)
+        if self.distributed:
+            for shard in self.shards:
+                self._gather(shard)
+        return True, norm
+
+    def _gather(self, shard: _Shard) -> None:
+        """All-gather a bucket's updated parameters into the parameter buffer. NCCL gathers in place
+        (`shard.param` is this rank's chunk of the output): no temporary. gloo stages an in-place
+        gather's whole output, so with tiling it gathers in rounds of one tile per rank instead."""
+        group, out = shard.bucket.group, shard.bucket_param
+        if group.size == 1:
+            return
+        if not self.tile_size or _gathers_in_place(group):
+            comm.all_gather(shard.param, group, out=out)
+            return
+        n = shard.hi - shard.lo
+        for t0 in range(0, n, self.tile_size):
+            t1 = min(n, t0 + self.tile_size)
+            rows = out.view(group.size, n)                                  # [rank, chunk]
+            comm.all_gather_into([rows[r, t0:t1] for r in range(group.size)], shard.param[t0:t1], group)
+
+    def _update(self, shard: _Shard, coeff: float, lr: float) -> None:
+        n = shard.hi - shard.lo
+        tile = self.tile_size or n
+        decay = 1 - lr * self.weight_decay
+        starts = [a for a, _ in shard.decay_runs]
+        for t0 in range(0, n, tile):
+            t1 = min(n, t0 + tile)
+            grad = shard.grad[t0:t1]        # already fp32: the buffer accumulates in fp32
+            if coeff != 1.0:
+                grad.mul_(coeff)            # unscale (fp16) and clip, in place
+            if self.weight_decay != 0:
+                for a, b in _within(shard.decay_runs, starts, t0, t1):
+                    shard.master[a:b].mul_(decay)
+            adamw_update_(shard.master[t0:t1], grad, shard.exp_avg[t0:t1], shard.exp_avg_sq[t0:t1],
+                          self.step_count, lr, self.betas, self.eps)
+            if shard.separate_master:
+                shard.param[t0:t1].copy_(shard.master[t0:t1])
+
+    # ---- sizes ---------------------------------------------------------------------------------
+
+    def state_numel(self) -> dict[str, int]:
+        """Elements of optimizer state this rank holds ({"dense": n, "expert": n}): the separate fp32
+        master (bf16/fp16 models) and the two Adam moments of its owned ranges."""
+        out = {buf.name: 0 for buf in self.grad_sync.buffers}
+        for s in self.shards:
+            out[s.bucket.buffer.name] += (s.hi - s.lo) * (3 if s.separate_master else 2)
+        return out
+
+    # ---- state by logical parameter name (checkpoints) -------------------------------------------
+
+    MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+
+    @torch.no_grad()
+    def named_state(self, names=None) -> dict[str, dict[str, torch.Tensor]]:
+        """{parameter name: {"master"?, "exp_avg", "exp_avg_sq", "step"}}: whole local-shard tensors
+        (the local parameter's shape), as MixedPrecisionAdamW. With partitioning the owned chunks
+        are all-gathered, one bucket at a time (collective over DP / expert-DP: every rank calls it,
+        whatever `names`). names: only these entries are built (default all). The tensors are
+        copies; "master" only for a bf16/fp16 model, the Adam entries only after a first step.
+        """
+        wanted = set(self.names) if names is None else set(names)
+        out = {n: {} for n in self.names if n in wanted}
+        low_precision = bool(self.params) and self.params[0].dtype in (torch.float16, torch.bfloat16)
+        kinds = ["master"] if low_precision else []   # the same on every rank: the gathers must match
+        kinds += ["exp_avg", "exp_avg_sq"] if self.step_count > 0 else []
+        for shard in self.shards:
+            b = shard.bucket
+            params = [(p, off) for p, off in zip(b.params, b.offsets) if self._name_of[id(p)] in wanted]
+            for kind in kinds:
+                own = getattr(shard, kind)
+                full = comm.all_gather(own, b.group) if self.distributed else own   # the bucket, [start, end)
+                for p, off in params:
+                    entry = out[self._name_of[id(p)]]
+                    entry[kind] = full[off - b.start: off - b.start + p.numel()].view(p.shape).clone()
+        if self.step_count > 0:
+            for entry in out.values():
+                entry["step"] = torch.tensor(float(self.step_count), dtype=torch.float32)
+        return out
+
+    @torch.no_grad()
+    def load_named_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Inverse of `named_state`: whole local-shard tensors by name; each rank keeps its owned
+        part. An entry without "master" takes the master from the model weights; the moments of a
+        parameter without them start at zero; the step is the largest saved one (0 if none)."""
+        steps = [float(e["step"]) for e in states.values() if all(k in e for k in self.MOMENTS)]
+        self.step_count = int(max(steps)) if steps else 0
+        for shard in self.shards:
+            if shard.separate_master:
+                shard.master.copy_(shard.param)
+            shard.exp_avg.zero_()
+            shard.exp_avg_sq.zero_()
+            for piece in shard.pieces:
+                entry = states.get(piece.name, {})
+                at, n = piece.at, piece.p_hi - piece.p_lo
+                if shard.separate_master and "master" in entry:
+                    shard.master[at:at + n].copy_(entry["master"].reshape(-1)[piece.p_lo:piece.p_hi])
+                if self.step_count and all(k in entry for k in self.MOMENTS):
+                    shard.exp_avg[at:at + n].copy_(entry["exp_avg"].reshape(-1)[piece.p_lo:piece.p_hi])
+                    shard.exp_avg_sq[at:at + n].copy_(entry["exp_avg_sq"].reshape(-1)[piece.p_lo:piece.p_hi])
+
+    @torch.no_grad()
+    def sync_master_from_model(self) -> None:
+        """Reset the fp32 master copies to the model's weights (after loading weights only)."""
+        for shard in self.shards:
+            if shard.separate_master:
+                shard.master.copy_(shard.param)
+
+    def state_dict(self):
+        """By logical name: {"params": {name: {...}}, "loss_scaler": ...} (see `named_state`; collective)."""
+        return {"params": self.named_state(),
+                "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None}
+
+    def load_state_dict(self, sd):
+        self.load_named_state(sd["params"])
+        if self.loss_scaler and sd.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(sd["loss_scaler"])
