@@ -76,7 +76,8 @@ def test_fp16_overflow_skips_the_step_and_keeps_weights():
 
 def test_eval_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    from multiproc import free_port
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--num-experts", "2",
             "--mock-data", "--vocab-size", "100", "--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
