@@ -1,6 +1,8 @@
 """Build a GPT(-MoE) model for this rank's groups and draw its weights from the seed."""
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from dataclasses import dataclass
 
 from megatron_ted.model.gpt import GPTConfig, GPTModel
@@ -22,14 +24,22 @@ def moe_layer_indices(num_layers: int, layer_freq: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if i % layer_freq == 0)
 
 
+def router_seed(seed: int, layer_index: int) -> int:
+    """The seed of one layer's routing draws (random gates, hash table): fixed by the model seed
+    and the layer, so it is the same in every layout."""
+    return (seed * 1_000_003 + zlib.crc32(f"router.{layer_index}".encode())) % (2**31)
+
+
 def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int) -> GPTModel:
     build_moe = None
     if moe is not None:
         config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
 
-        def build_moe(_layer_index):
-            return MoELayer(config.hidden_size, moe.ffn_hidden_size, moe.router, groups.tp, groups.ep,
-                            config.swiglu, moe.duplicate_token_dropping)
+        def build_moe(layer_index):
+            router = dataclasses.replace(moe.router, seed=router_seed(seed, layer_index),
+                                         vocab_size=moe.router.vocab_size or config.vocab_size)
+            return MoELayer(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
+                            config.swiglu, moe.duplicate_token_dropping, dp=groups.dp)
     model = GPTModel(config, groups.tp, build_moe)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
     return model

@@ -13,6 +13,7 @@ from megatron_ted.model.mlp import MLP
 from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
 from megatron_ted.model.transformer import TransformerLayer
+from megatron_ted.moe.routers import RouteInputs
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -81,8 +82,12 @@ class GPTModel(nn.Module):
         else:
             self.output_weight = None
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> GPTOutput:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                routing_seed: int | None = None) -> GPTOutput:
+        """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
+        moe/routers.py); the MoE layers also get the token ids (hash routing)."""
         x = self.embedding(tokens)                                     # [B, S, H]
+        route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = None
         if self.position_embedding is not None:
             x = x + self.position_embedding(position_ids)
@@ -93,7 +98,7 @@ class GPTModel(nn.Module):
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_outputs = []
         for layer in self.layers:
-            x, moe_out = self._run_layer(layer, x, rotary)
+            x, moe_out = self._run_layer(layer, x, rotary, route)
             if moe_out is not None:
                 aux_loss = aux_loss + moe_out.aux_loss
                 moe_outputs.append(moe_out)
@@ -106,6 +111,6 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
         return GPTOutput(loss, None, aux_loss, moe_outputs)
 
-    def _run_layer(self, layer, x, rotary):
+    def _run_layer(self, layer, x, rotary, route=None):
         """Hook for activation checkpointing; plain call by default."""
-        return layer(x, rotary)
+        return layer(x, rotary, route)

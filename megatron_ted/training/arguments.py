@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 
+from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
 
 
@@ -41,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
-    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position", "random"], default="probs",
+                   help="which tokens an overflowing expert keeps: largest weight, first in order, or random "
+                        "(Random Token Selection)")
+    g.add_argument("--moe-router-type", default="topk",
+                   help="the gate: topk (Switch k=1, GShard-style k=2), gshard (top-2 with random second "
+                        "expert), hash, base, expert_choice, sinkhorn (see README)")
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   help="aux_loss, seq_aux_loss, global_aux_loss or none (with --moe-aux-loss-coeff)")
+    g.add_argument("--moe-input-jitter-eps", type=float, default=None,
+                   help="multiply the router input by U(1-eps, 1+eps) in training")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing: a per-expert selection bias updated from the load")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="step of the expert-bias update per iteration")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
@@ -165,6 +179,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
              f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         cf = args.moe_expert_capacity_factor
         need(cf is None or cf > 0, f"--moe-expert-capacity-factor must be positive (omit it for dropless routing)")
+        router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+        tokens = args.micro_batch_size * args.seq_length
+        need(args.moe_router_type != "base" or tokens % e == 0,
+             f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
+             f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
         if tp > 1 and not args.moe_no_duplicate_token_dropping:
             tokens = args.micro_batch_size * args.seq_length
             need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
@@ -189,6 +208,19 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.recompute_granularity is not None:
         need(args.recompute_num_layers >= 1, "--recompute-num-layers must be at least 1")
     return args
+
+
+def router_config(args, num_experts: int) -> RouterConfig:
+    """The routing flags as a RouterConfig (flags a checkpoint predates take their defaults)."""
+    return RouterConfig(
+        num_experts=num_experts, topk=args.moe_router_topk, aux_loss_coeff=args.moe_aux_loss_coeff,
+        z_loss_coeff=args.moe_z_loss_coeff, capacity_factor=args.moe_expert_capacity_factor,
+        drop_policy=args.moe_token_drop_policy, min_capacity=args.moe_min_capacity,
+        router_type=getattr(args, "moe_router_type", "topk"),
+        load_balancing_type=getattr(args, "moe_router_load_balancing_type", "aux_loss"),
+        input_jitter_eps=getattr(args, "moe_input_jitter_eps", None),
+        enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
+        bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3))
 
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
