@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
 from megatron_ted.moe.moe_layer import MoELayer
+from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 
@@ -18,6 +19,16 @@ class MoEConfig:
     ffn_hidden_size: int
     layer_freq: int = 2                      # layer i is MoE when i % layer_freq == 0 (Megatron-core)
     duplicate_token_dropping: bool = True
+    # Pyramid-MoE: one expert count per MoE layer, in layer order (None: router.num_experts everywhere)
+    num_experts_per_layer: tuple[int, ...] | None = None
+    mlp_type: str = "standard"               # "residual": dense MLP + MoE mixed by a learned coefficient
+
+    def __post_init__(self):
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"--mlp-type must be one of {', '.join(MLP_TYPES)}, got {self.mlp_type!r}")
+
+
+MLP_TYPES = ("standard", "residual")
 
 
 def moe_layer_indices(num_layers: int, layer_freq: int) -> tuple[int, ...]:
@@ -30,16 +41,33 @@ def router_seed(seed: int, layer_index: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"router.{layer_index}".encode())) % (2**31)
 
 
+def experts_per_layer(moe: MoEConfig, num_layers: int) -> tuple[int, ...]:
+    """The expert count of each MoE layer (in layer order)."""
+    n = len(moe_layer_indices(num_layers, moe.layer_freq))
+    counts = moe.num_experts_per_layer or (moe.router.num_experts,)
+    if len(counts) == 1:
+        counts = tuple(counts) * n
+    if len(counts) != n:
+        raise ValueError(f"--num-experts has {len(counts)} values but the model has {n} MoE layers "
+                         f"(--num-layers {num_layers}, --moe-layer-freq {moe.layer_freq}); give one value or one "
+                         f"per MoE layer")
+    return tuple(counts)
+
+
 def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int) -> GPTModel:
     build_moe = None
     if moe is not None:
         config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
+        counts = dict(zip(config.moe_layers, experts_per_layer(moe, config.num_layers)))
+        block = ResidualMoE if moe.mlp_type == "residual" else MoELayer
 
         def build_moe(layer_index):
-            router = dataclasses.replace(moe.router, seed=router_seed(seed, layer_index),
+            router = dataclasses.replace(moe.router, num_experts=counts[layer_index],
+                                         seed=router_seed(seed, layer_index),
                                          vocab_size=moe.router.vocab_size or config.vocab_size)
-            return MoELayer(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
-                            config.swiglu, moe.duplicate_token_dropping, dp=groups.dp)
+            kwargs = dict(bias=config.add_bias_linear) if block is ResidualMoE else {}
+            return block(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
+                         config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, **kwargs)
     model = GPTModel(config, groups.tp, build_moe)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
     return model

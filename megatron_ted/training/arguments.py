@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
     g = p.add_argument_group("mixture of experts")
-    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (none: dense model)")
+    g.add_argument("--num-experts", type=int, nargs="+", default=None,
+                   help="experts per MoE layer (none: dense model); one value per MoE layer for a pyramid, "
+                        "e.g. --num-experts 32 32 64")
+    g.add_argument("--mlp-type", default="standard",
+                   help="standard: the MoE block alone; residual: a dense MLP plus the MoE mixed by a learned "
+                        "coefficient (Residual MoE)")
     g.add_argument("--moe-layer-freq", type=int, default=2, help="every N-th layer is MoE (the paper: 2)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
@@ -168,30 +173,36 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
 
     if args.num_experts is not None:
-        e, ep, k = args.num_experts, args.expert_model_parallel_size, args.moe_router_topk
-        need(e >= 1, f"--num-experts must be at least 1")
-        need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
-                          f"use a multiple of {ep} experts or a smaller EP")
-        need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+        ep, k = args.expert_model_parallel_size, args.moe_router_topk
         need(args.moe_layer_freq >= 1, "--moe-layer-freq must be at least 1")
+        counts = num_experts_per_layer(args)
+        # canonical form: an int when every MoE layer has the same count (as before), else the list
+        args.num_experts = counts[0] if len(set(counts)) == 1 else counts
+        need(args.mlp_type in ("standard", "residual"),
+             f"--mlp-type must be standard or residual, got {args.mlp_type!r}")
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
         need(args.moe_ffn_hidden_size % tp == 0,
              f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         cf = args.moe_expert_capacity_factor
         need(cf is None or cf > 0, f"--moe-expert-capacity-factor must be positive (omit it for dropless routing)")
-        router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
         tokens = args.micro_batch_size * args.seq_length
-        need(args.moe_router_type != "base" or tokens % e == 0,
-             f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
-             f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
+        for e in sorted(set(counts)):
+            need(e >= 1, f"--num-experts must be at least 1")
+            need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
+                              f"use a multiple of {ep} experts or a smaller EP")
+            need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+            router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+            need(args.moe_router_type != "base" or tokens % e == 0,
+                 f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
+                 f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
         if tp > 1 and not args.moe_no_duplicate_token_dropping:
-            tokens = args.micro_batch_size * args.seq_length
             need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
                                    f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "
                                    f"or pass --moe-no-duplicate-token-dropping")
     else:
         need(args.expert_model_parallel_size == 1,
              "--expert-model-parallel-size > 1 needs --num-experts")
+        need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
 
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
@@ -208,6 +219,21 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.recompute_granularity is not None:
         need(args.recompute_num_layers >= 1, "--recompute-num-layers must be at least 1")
     return args
+
+
+def num_experts_per_layer(args) -> list[int]:
+    """--num-experts as one count per MoE layer (layers i with i % --moe-layer-freq == 0).
+
+    One value applies to every MoE layer; several must be one per MoE layer (Pyramid-MoE)."""
+    counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
+    n = len(range(0, args.num_layers, args.moe_layer_freq))
+    if len(counts) == 1:
+        return list(counts) * n
+    if len(counts) != n:
+        raise ValueError(f"--num-experts has {len(counts)} values but the model has {n} MoE layers "
+                         f"(--num-layers {args.num_layers}, --moe-layer-freq {args.moe_layer_freq}); "
+                         f"give one value or one per MoE layer")
+    return list(counts)
 
 
 def router_config(args, num_experts: int) -> RouterConfig:

@@ -19,7 +19,7 @@ from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.arguments import padded_vocab_size, parse_args, router_config
+from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_size, parse_args, router_config
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.flops import flops_per_token, peak_tflops
@@ -46,9 +46,11 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights)
     moe = None
     if args.num_experts is not None:
-        router = router_config(args, args.num_experts)
+        counts = num_experts_per_layer(args)
+        router = router_config(args, counts[0])
         moe = MoEConfig(router, args.moe_ffn_hidden_size, args.moe_layer_freq,
-                        duplicate_token_dropping=not args.moe_no_duplicate_token_dropping)
+                        duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
+                        num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"))
     return config, moe
 
 
@@ -192,7 +194,8 @@ def train(args, tokenizer) -> dict:
     tokens_per_step = args.global_batch_size * args.seq_length
     fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size, vocab,
                           n_moe, args.moe_ffn_hidden_size if moe else None, args.moe_router_topk if moe else 0,
-                          args.num_experts or 0, args.swiglu)
+                          sum(moe.num_experts_per_layer) / n_moe if moe else 0, args.swiglu,
+                          residual=moe is not None and moe.mlp_type == "residual")
     writer = None
     if args.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
