@@ -31,11 +31,13 @@ def tiny_config(**overrides) -> GPTConfig:
 
 
 def tiny_moe(num_experts=4, topk=2, capacity_factor=None, dtd=True, mlp_type="standard", experts_per_layer=None,
-             **router) -> MoEConfig:
-    """experts_per_layer: a Pyramid-MoE's count per MoE layer; mlp_type "residual": Residual MoE."""
+             a2a_algorithm="flat", a2a_node_size=None, **router) -> MoEConfig:
+    """experts_per_layer: a Pyramid-MoE's count per MoE layer; mlp_type "residual": Residual MoE;
+    a2a_algorithm "hierarchical" with a2a_node_size ranks per (simulated) node."""
     return MoEConfig(RouterConfig(num_experts=num_experts, topk=topk, capacity_factor=capacity_factor, **router),
                      ffn_hidden_size=32, layer_freq=1, duplicate_token_dropping=dtd, mlp_type=mlp_type,
-                     num_experts_per_layer=experts_per_layer)
+                     num_experts_per_layer=experts_per_layer, a2a_algorithm=a2a_algorithm,
+                     a2a_node_size=a2a_node_size)
 
 
 def global_batches(steps: int, global_batch: int, seed: int = 7) -> list[dict]:

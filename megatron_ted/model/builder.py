@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
+from megatron_ted.moe.hierarchical import A2A_ALGORITHMS, HierarchicalTokenDispatcher, create_groups
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
@@ -22,10 +23,15 @@ class MoEConfig:
     # Pyramid-MoE: one expert count per MoE layer, in layer order (None: router.num_experts everywhere)
     num_experts_per_layer: tuple[int, ...] | None = None
     mlp_type: str = "standard"               # "residual": dense MLP + MoE mixed by a learned coefficient
+    a2a_algorithm: str = "flat"              # "hierarchical": HetuMoE's node-aggregated EP exchange
+    a2a_node_size: int | None = None         # ranks per node for "hierarchical" (None: the whole world)
 
     def __post_init__(self):
         if self.mlp_type not in MLP_TYPES:
             raise ValueError(f"--mlp-type must be one of {', '.join(MLP_TYPES)}, got {self.mlp_type!r}")
+        if self.a2a_algorithm not in A2A_ALGORITHMS:
+            raise ValueError(f"--moe-a2a-algorithm must be one of {', '.join(A2A_ALGORITHMS)}, "
+                             f"got {self.a2a_algorithm!r}")
 
 
 MLP_TYPES = ("standard", "residual")
@@ -60,14 +66,23 @@ def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, 
         config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
         counts = dict(zip(config.moe_layers, experts_per_layer(moe, config.num_layers)))
         block = ResidualMoE if moe.mlp_type == "residual" else MoELayer
+        hierarchy = None
+        if moe.a2a_algorithm == "hierarchical" and groups.ep.size > 1:
+            # collective (every rank builds the model): the node and leader groups of each EP group
+            hierarchy = create_groups(groups.layout, groups.rank, moe.a2a_node_size or groups.layout.world_size,
+                                      groups.stats)
 
         def build_moe(layer_index):
             router = dataclasses.replace(moe.router, num_experts=counts[layer_index],
                                          seed=router_seed(seed, layer_index),
                                          vocab_size=moe.router.vocab_size or config.vocab_size)
             kwargs = dict(bias=config.add_bias_linear) if block is ResidualMoE else {}
+            dispatcher = None
+            if hierarchy is not None:
+                dispatcher = HierarchicalTokenDispatcher(counts[layer_index], groups.ep, groups.tp,
+                                                         moe.duplicate_token_dropping, hierarchy)
             return block(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
-                         config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, **kwargs)
+                         config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, dispatcher=dispatcher, **kwargs)
     model = GPTModel(config, groups.tp, build_moe)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
     return model

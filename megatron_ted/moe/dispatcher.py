@@ -67,7 +67,7 @@ class TokenDispatcher:
         recv_counts_PL = comm.all_to_all(send_counts_PL.contiguous(), ep, kind="counts")
         input_splits = send_counts_PL.sum(1).tolist()
         output_splits = recv_counts_PL.sum(1).tolist()
-        x_RH = mappings.all_to_all(x_NH, ep, output_splits, input_splits)        # R rows: [src rank][local expert]
+        x_RH = self._all_to_all(x_NH, output_splits, input_splits)               # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
         if self.dtd:
@@ -76,13 +76,17 @@ class TokenDispatcher:
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts)
 
         # 7. back, un-permute, weight
-        y_NH = mappings.all_to_all(y_RH, ep, input_splits, output_splits)
+        y_NH = self._all_to_all(y_RH, input_splits, output_splits)
         y_NH = y_NH * weight_N.unsqueeze(1).to(y_NH.dtype)
         y_TH = torch.zeros(x_TH.shape, dtype=y_NH.dtype, device=y_NH.device).index_add(0, token_N, y_NH)
         if self.dtd:                                                             # 8. restore all tokens
             y_TH = mappings.gather(y_TH, tp, dim=0)
         assert y_TH.shape[0] == T_full
         return y_TH
+
+    def _all_to_all(self, x, output_splits, input_splits):
+        """The EP exchange (autograd: backward swaps the splits); moe/hierarchical.py overrides it."""
+        return mappings.all_to_all(x, self.ep, output_splits, input_splits)
 
     def _experts_replicated(self, x_RH, recv_counts_PL, experts):
         idx = chunk_order_index(recv_counts_PL)

@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 
+from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
 
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
+    g.add_argument("--moe-a2a-algorithm", default="flat",
+                   help="flat, or hierarchical: gather inside the node, one exchange between nodes, scatter "
+                        "(HetuMoE)")
+    g.add_argument("--moe-a2a-node-size", type=int, default=None,
+                   help="ranks per node for --moe-a2a-algorithm hierarchical (default: LOCAL_WORLD_SIZE from "
+                        "the launcher); smaller values simulate nodes")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -195,6 +202,12 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             need(args.moe_router_type != "base" or tokens % e == 0,
                  f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
                  f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
+        need(args.moe_a2a_algorithm in ("flat", "hierarchical"),
+             f"--moe-a2a-algorithm must be flat or hierarchical, got {args.moe_a2a_algorithm!r}")
+        if args.moe_a2a_algorithm == "hierarchical":
+            args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if args.moe_a2a_node_size is not None:
+            check_node_size(world_size, args.moe_a2a_node_size)
         if tp > 1 and not args.moe_no_duplicate_token_dropping:
             need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
                                    f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "

@@ -50,7 +50,9 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
         router = router_config(args, counts[0])
         moe = MoEConfig(router, args.moe_ffn_hidden_size, args.moe_layer_freq,
                         duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
-                        num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"))
+                        num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"),
+                        a2a_algorithm=getattr(args, "moe_a2a_algorithm", "flat"),
+                        a2a_node_size=getattr(args, "moe_a2a_node_size", None))
     return config, moe
 
 
