@@ -110,6 +110,9 @@ class RouterConfig:
         kind = self.router_type
         if kind not in ROUTER_TYPES:
             raise ValueError(f"--moe-router-type must be one of {', '.join(ROUTER_TYPES)}, got {kind!r}")
+        if self.load_balancing_type == "sinkhorn":
+            raise ValueError("--moe-router-load-balancing-type sinkhorn is megatron-core's spelling; here the "
+                             "Sinkhorn gate is --moe-router-type sinkhorn (with load-balancing type none or an aux loss)")
         if self.load_balancing_type not in LOAD_BALANCING_TYPES:
             raise ValueError(f"--moe-router-load-balancing-type must be one of "
                              f"{', '.join(LOAD_BALANCING_TYPES)}, got {self.load_balancing_type!r}")
