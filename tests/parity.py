@@ -30,9 +30,14 @@ def tiny_config(**overrides) -> GPTConfig:
     return GPTConfig(**kw)
 
 
-def tiny_moe(num_experts=4, topk=2, capacity_factor=None, dtd=True, **router) -> MoEConfig:
+def tiny_moe(num_experts=4, topk=2, capacity_factor=None, dtd=True, mlp_type="standard", experts_per_layer=None,
+             a2a_algorithm="flat", a2a_node_size=None, **router) -> MoEConfig:
+    """experts_per_layer: a Pyramid-MoE's count per MoE layer; mlp_type "residual": Residual MoE;
+    a2a_algorithm "hierarchical" with a2a_node_size ranks per (simulated) node."""
     return MoEConfig(RouterConfig(num_experts=num_experts, topk=topk, capacity_factor=capacity_factor, **router),
-                     ffn_hidden_size=32, layer_freq=1, duplicate_token_dropping=dtd)
+                     ffn_hidden_size=32, layer_freq=1, duplicate_token_dropping=dtd, mlp_type=mlp_type,
+                     num_experts_per_layer=experts_per_layer, a2a_algorithm=a2a_algorithm,
+                     a2a_node_size=a2a_node_size)
 
 
 def global_batches(steps: int, global_batch: int, seed: int = 7) -> list[dict]:
@@ -46,11 +51,14 @@ def global_batches(steps: int, global_batch: int, seed: int = 7) -> list[dict]:
     return out
 
 
-def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int) -> list[dict]:
-    """Megatron's order: DP rank d takes the d-th contiguous slice of the global batch."""
+def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int, step: int = 0) -> list[dict]:
+    """DP rank d takes the d-th contiguous slice of the global batch. Each micro-batch carries its
+    routing seed: its index in the global batch, counted over the steps, the same in every layout."""
     per_rank = batch["tokens"].shape[0] // dp_size
     mine = {k: v[dp_rank * per_rank:(dp_rank + 1) * per_rank] for k, v in batch.items()}
-    return [{k: v[i:i + micro] for k, v in mine.items()} for i in range(0, per_rank, micro)]
+    n_local = per_rank // micro
+    return [dict({k: v[i:i + micro] for k, v in mine.items()}, routing_seed=(step * dp_size + dp_rank) * n_local + j)
+            for j, i in enumerate(range(0, per_rank, micro))]
 
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
@@ -69,11 +77,12 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
         sync.zero_grad()
         groups.stats.reset()
         batch = {k: (v.to(dtype) if k == "loss_mask" else v) for k, v in batch.items()}
-        result = forward_backward(model, micro_batches(batch, groups.dp.rank, groups.dp.size, micro), groups, sync)
+        result = forward_backward(model, micro_batches(batch, groups.dp.rank, groups.dp.size, micro, step), groups,
+                                  sync)
         if step == 0:
             stats = groups.stats.snapshot()
             grads = {n: unshard(p.main_grad, spec_of(p), groups.tp, groups.ep).clone()
-                     for n, p in model.named_parameters()}
+                     for n, p in model.named_parameters() if p.requires_grad}
         _, norm = opt.step(lr)
         losses.append(result.lm_loss)
         aux_losses.append(result.aux_loss)
@@ -176,7 +185,8 @@ def local_grads(groups: ParallelGroups, config: GPTConfig, moe, global_batch=8, 
     enabled, groups.stats.enabled = groups.stats.enabled, False
     try:
         forward_backward(model, micro_batches(batch, groups.dp.rank, groups.dp.size, micro), groups, None)
-        return {n: unshard(p.grad, spec_of(p), groups.tp, groups.ep).clone() for n, p in model.named_parameters()}
+        return {n: unshard(p.grad, spec_of(p), groups.tp, groups.ep).clone() for n, p in model.named_parameters()
+                if p.requires_grad}
     finally:
         groups.stats.enabled = enabled
 

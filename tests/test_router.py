@@ -238,7 +238,7 @@ def test_initialization_follows_the_generator():
     (dict(num_experts=0, topk=1), "--num-experts"),
     (dict(num_experts=2, capacity_factor=0.0), "--moe-expert-capacity-factor"),
     (dict(num_experts=2, capacity_factor=-1.0), "--moe-expert-capacity-factor"),
-    (dict(num_experts=2, drop_policy="random"), "--moe-token-drop-policy"),
+    (dict(num_experts=2, drop_policy="lottery"), "--moe-token-drop-policy"),
     (dict(num_experts=2, min_capacity=-1), "--moe-min-capacity"),
     (dict(num_experts=2, aux_loss_coeff=-0.1), "--moe-aux-loss-coeff"),
     (dict(num_experts=2, z_loss_coeff=-0.1), "--moe-z-loss-coeff"),

@@ -1,11 +1,15 @@
 """Build a GPT(-MoE) model for this rank's groups and draw its weights from the seed."""
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from dataclasses import dataclass
 
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
+from megatron_ted.moe.hierarchical import A2A_ALGORITHMS, HierarchicalTokenDispatcher, create_groups
 from megatron_ted.moe.moe_layer import MoELayer
+from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 
@@ -16,20 +20,69 @@ class MoEConfig:
     ffn_hidden_size: int
     layer_freq: int = 2                      # layer i is MoE when i % layer_freq == 0 (Megatron-core)
     duplicate_token_dropping: bool = True
+    # Pyramid-MoE: one expert count per MoE layer, in layer order (None: router.num_experts everywhere)
+    num_experts_per_layer: tuple[int, ...] | None = None
+    mlp_type: str = "standard"               # "residual": dense MLP + MoE mixed by a learned coefficient
+    a2a_algorithm: str = "flat"              # "hierarchical": HetuMoE's node-aggregated EP exchange
+    a2a_node_size: int | None = None         # ranks per node for "hierarchical" (None: the whole world)
+
+    def __post_init__(self):
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"--mlp-type must be one of {', '.join(MLP_TYPES)}, got {self.mlp_type!r}")
+        if self.a2a_algorithm not in A2A_ALGORITHMS:
+            raise ValueError(f"--moe-a2a-algorithm must be one of {', '.join(A2A_ALGORITHMS)}, "
+                             f"got {self.a2a_algorithm!r}")
+
+
+MLP_TYPES = ("standard", "residual")
 
 
 def moe_layer_indices(num_layers: int, layer_freq: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if i % layer_freq == 0)
 
 
+def router_seed(seed: int, layer_index: int) -> int:
+    """The seed of one layer's routing draws (random gates, hash table): fixed by the model seed
+    and the layer, so it is the same in every layout."""
+    return (seed * 1_000_003 + zlib.crc32(f"router.{layer_index}".encode())) % (2**31)
+
+
+def experts_per_layer(moe: MoEConfig, num_layers: int) -> tuple[int, ...]:
+    """The expert count of each MoE layer (in layer order)."""
+    n = len(moe_layer_indices(num_layers, moe.layer_freq))
+    counts = moe.num_experts_per_layer or (moe.router.num_experts,)
+    if len(counts) == 1:
+        counts = tuple(counts) * n
+    if len(counts) != n:
+        raise ValueError(f"--num-experts has {len(counts)} values but the model has {n} MoE layers "
+                         f"(--num-layers {num_layers}, --moe-layer-freq {moe.layer_freq}); give one value or one "
+                         f"per MoE layer")
+    return tuple(counts)
+
+
 def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int) -> GPTModel:
     build_moe = None
     if moe is not None:
         config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
+        counts = dict(zip(config.moe_layers, experts_per_layer(moe, config.num_layers)))
+        block = ResidualMoE if moe.mlp_type == "residual" else MoELayer
+        hierarchy = None
+        if moe.a2a_algorithm == "hierarchical" and groups.ep.size > 1:
+            # collective (every rank builds the model): the node and leader groups of each EP group
+            hierarchy = create_groups(groups.layout, groups.rank, moe.a2a_node_size or groups.layout.world_size,
+                                      groups.stats)
 
-        def build_moe(_layer_index):
-            return MoELayer(config.hidden_size, moe.ffn_hidden_size, moe.router, groups.tp, groups.ep,
-                            config.swiglu, moe.duplicate_token_dropping)
+        def build_moe(layer_index):
+            router = dataclasses.replace(moe.router, num_experts=counts[layer_index],
+                                         seed=router_seed(seed, layer_index),
+                                         vocab_size=moe.router.vocab_size or config.vocab_size)
+            kwargs = dict(bias=config.add_bias_linear) if block is ResidualMoE else {}
+            dispatcher = None
+            if hierarchy is not None:
+                dispatcher = HierarchicalTokenDispatcher(counts[layer_index], groups.ep, groups.tp,
+                                                         moe.duplicate_token_dropping, hierarchy)
+            return block(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
+                         config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, dispatcher=dispatcher, **kwargs)
     model = GPTModel(config, groups.tp, build_moe)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
     return model

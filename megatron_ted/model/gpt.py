@@ -14,6 +14,7 @@ from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
 from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
+from megatron_ted.moe.routers import RouteInputs
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -83,8 +84,12 @@ class GPTModel(nn.Module):
             self.output_weight = None
         self.recompute: RecomputeConfig | None = None   # full activation checkpointing: model/recompute.py
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None) -> GPTOutput:
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                routing_seed: int | None = None) -> GPTOutput:
+        """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
+        moe/routers.py); the MoE layers also get the token ids (hash routing)."""
         x = self.embedding(tokens)                                     # [B, S, H]
+        route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = None
         if self.position_embedding is not None:
             x = x + self.position_embedding(position_ids)
@@ -93,7 +98,7 @@ class GPTModel(nn.Module):
         x = self.embedding_dropout(x)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        x, moe_outputs = self._run_layers(x, rotary)
+        x, moe_outputs = self._run_layers(x, rotary, route)
         for moe_out in moe_outputs:
             aux_loss = aux_loss + moe_out.aux_loss
         x = self.final_norm(x)
@@ -105,6 +110,8 @@ class GPTModel(nn.Module):
         loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
         return GPTOutput(loss, None, aux_loss, moe_outputs)
 
-    def _run_layers(self, x, rotary):
-        """Every transformer layer in order; checkpointed in chunks when `apply_recompute` set it."""
-        return run_layers(self.layers, x, rotary, self.recompute if self.training else None)
+    def _run_layers(self, x, rotary, route=None):
+        """Every transformer layer in order; checkpointed in chunks when `apply_recompute` set it.
+        `route` (token ids and the routing seed) goes to every MoE layer, so a recompute routes
+        exactly as the forward did."""
+        return run_layers(self.layers, x, rotary, self.recompute if self.training else None, route)

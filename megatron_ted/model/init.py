@@ -38,6 +38,8 @@ def _draw(shape, init: str, std: float, num_layers: int, gen: torch.Generator) -
 def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int, tp: Group, ep: Group) -> None:
     for name, p in model.named_parameters():
         spec = spec_of(p)
+        if spec.init == "fixed":   # set by its module from the seed (e.g. a hash-routing table)
+            continue
         full = full_shape(p.shape, spec, tp, ep)
         idx = local_slices(spec, full, tp, ep)
         if spec.expert:

@@ -25,5 +25,6 @@ class MLP(nn.Module):
         self.fc1 = ColumnParallelLinear(hidden_size, ffn_hidden_size, tp, bias=bias, fused=2 if swiglu else 1)
         self.fc2 = RowParallelLinear(ffn_hidden_size, hidden_size, tp, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route=None) -> torch.Tensor:
+        """route: what a MoE block in the same slot reads (token ids, routing seed); unused here."""
         return self.fc2(activation(self.fc1(x), self.swiglu))

@@ -66,28 +66,28 @@ def apply_recompute(model: nn.Module, config: RecomputeConfig | None) -> nn.Modu
     return model
 
 
-def run_layers(layers: nn.ModuleList, x: torch.Tensor, rotary, config: RecomputeConfig | None):
+def run_layers(layers: nn.ModuleList, x: torch.Tensor, rotary, config: RecomputeConfig | None, route=None):
     """Run the transformer layers in order; returns (output, [MoEOutput of each MoE layer]).
 
     config: the full-recompute config, or None to run plainly (the caller passes None outside
     training).
     """
     if config is None or not torch.is_grad_enabled():
-        return _run_chunk(layers, x, rotary)
+        return _run_chunk(layers, x, rotary, route)
     moe_outputs = []
     for start in range(0, len(layers), config.num_layers):
         chunk = layers[start:start + config.num_layers]
         context_fn = _cac_contexts(chunk, config, f"layers {start}-{start + len(chunk) - 1}") \
             if config.moe_cac else noop_context_fn
-        x, outs = checkpoint(_run_chunk, chunk, x, rotary, use_reentrant=False, context_fn=context_fn)
+        x, outs = checkpoint(_run_chunk, chunk, x, rotary, route, use_reentrant=False, context_fn=context_fn)
         moe_outputs += outs
     return x, moe_outputs
 
 
-def _run_chunk(layers, x, rotary):
+def _run_chunk(layers, x, rotary, route=None):
     moe_outputs = []
     for layer in layers:
-        x, moe_out = layer(x, rotary)
+        x, moe_out = layer(x, rotary, route)
         if moe_out is not None:
             moe_outputs.append(moe_out)
     return x, moe_outputs

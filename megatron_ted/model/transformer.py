@@ -1,7 +1,9 @@
 """One pre-norm transformer layer: x + attn(norm(x)), then x + mlp(norm(x)).
 
-The MLP slot holds a dense `MLP` or a `MoELayer`; a MoE layer returns (output, MoEOutput) so its
-auxiliary losses and routing statistics travel back as return values.
+The MLP slot holds a dense `MLP` or a `MoELayer` (or a residual MoE), called as mlp(x, route); a
+MoE layer returns (output, MoEOutput) so its auxiliary losses and routing statistics travel back
+as return values. `route` (token ids, routing seed) is what a MoE router may need; a dense MLP
+ignores it.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ class TransformerLayer(nn.Module):
         self.mlp = mlp
         self.dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: torch.Tensor, rotary=None):
+    def forward(self, x: torch.Tensor, rotary=None, route=None):
         x = x + self.dropout(self.attention(self.input_norm(x), rotary))
-        out = self.mlp(self.post_attention_norm(x))
+        out = self.mlp(self.post_attention_norm(x), route)
         moe_out = None
         if isinstance(out, tuple):
             out, moe_out = out

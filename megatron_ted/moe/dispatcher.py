@@ -49,12 +49,10 @@ def chunk_order_index(counts_SL: torch.Tensor, total: int | None = None) -> torc
 
 
 class TokenDispatcher:
-    def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True,
-                 topk: int | None = None):
+    def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True):
         if num_experts % ep.size:
             raise ValueError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep.size}")
         self.num_experts, self.ep, self.tp = num_experts, ep, tp
-        self.topk = topk  # assignments per token at most (None: any)
         self.num_local_experts = num_experts // ep.size
         self.dtd = duplicate_token_dropping and tp.size > 1
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
@@ -67,26 +65,27 @@ class TokenDispatcher:
             probs_TE = mappings.split(probs_TE, tp, dim=0)
             map_TE = map_TE.view(tp.size, -1, map_TE.shape[1])[tp.rank]
 
-        # 2. permute. Each token's K slots (its kept experts first) are rows t * K + j; the kept
-        #    rows sorted by expert (stable: then by token) are this rank's send buffer.
+        # 2. split sizes: this rank's assignments per expert, exchanged over EP; one host
+        #    synchronisation brings every size (and the most experts any token uses) to the host
         T, E = map_TE.shape
-        K = min(self.topk or E, E)
+        counts_E = map_TE.sum(0)
+        send_counts_PL = counts_E.view(ep.size, L)
+        recv_counts_PL = cac.exchange_counts(send_counts_PL.contiguous(), ep, self.kept)
+        host = torch.cat([send_counts_PL.sum(1), recv_counts_PL.flatten(), map_TE.sum(1).max().view(1)]).tolist()
+        input_splits = host[:ep.size]
+        recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
+        output_splits = [sum(c) for c in recv_counts]
+        K = max(1, host[-1])
+
+        # 3. permute and all-to-all over EP. Each token's K slots (its kept experts first) are rows
+        #    t * K + j; the kept rows sorted by expert (stable: then by token) are the send buffer.
         slot_TK = torch.sort(map_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
         kept_TK = map_TE.gather(1, slot_TK)
         weight_TK = probs_TE.gather(1, slot_TK)
         order = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
-        counts_E = map_TE.sum(0)
-
-        # 3. all-to-all over EP; split sizes first (one host synchronisation for all of them)
-        send_counts_PL = counts_E.view(ep.size, L)
-        recv_counts_PL = cac.exchange_counts(send_counts_PL.contiguous(), ep, self.kept)
-        host = torch.cat([send_counts_PL.sum(1), recv_counts_PL.flatten()]).tolist()
-        input_splits = host[:ep.size]
-        recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
-        output_splits = [sum(c) for c in recv_counts]
         perm_N = order[:sum(input_splits)]
         x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N)
-        x_RH = cac.all_to_all(x_NH, ep, output_splits, input_splits, self.kept) # R rows: [src rank][local expert]
+        x_RH = self._all_to_all(x_NH, output_splits, input_splits)       # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
         if self.dtd:
@@ -95,13 +94,18 @@ class TokenDispatcher:
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
 
         # 7. back, un-permute, weight: each token sums its K slots
-        y_NH = cac.all_to_all(y_RH, ep, input_splits, output_splits, self.kept)
+        y_NH = self._all_to_all(y_RH, input_splits, output_splits)
         y_TKH = scatter_rows(y_NH, perm_N, T * K).view(T, K, -1)
         y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
         if self.dtd:                                                             # 8. restore all tokens
             y_TH = cac.gather(y_TH, tp, self.kept)
         assert y_TH.shape[0] == T_full
         return y_TH
+
+    def _all_to_all(self, x, output_splits, input_splits):
+        """The EP exchange (autograd: backward swaps the splits), kept for the recompute under CAC;
+        moe/hierarchical.py overrides it."""
+        return cac.all_to_all(x, self.ep, output_splits, input_splits, self.kept)
 
     def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts):
         idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])

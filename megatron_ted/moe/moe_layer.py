@@ -13,7 +13,8 @@ from torch import nn
 
 from megatron_ted.moe.dispatcher import TokenDispatcher
 from megatron_ted.moe.experts import GroupedExperts
-from megatron_ted.moe.router import RouterConfig, TopKRouter
+from megatron_ted.moe.router import RouterConfig
+from megatron_ted.moe.routers import RouteInputs, build_router
 from megatron_ted.parallel.comm import Group
 
 
@@ -27,19 +28,19 @@ class MoEOutput:
 
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, router_config: RouterConfig,
-                 tp: Group, ep: Group, swiglu: bool = False, duplicate_token_dropping: bool = True):
+                 tp: Group, ep: Group, swiglu: bool = False, duplicate_token_dropping: bool = True,
+                 dp: Group | None = None, dispatcher: TokenDispatcher | None = None):
         super().__init__()
-        self.router = TopKRouter(hidden_size, router_config)
-        self.dispatcher = TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping,
-                                          topk=router_config.topk)
+        self.router = build_router(hidden_size, router_config, dp)      # dp: global_aux_loss only
+        self.dispatcher = dispatcher or TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size, tp, swiglu)
 
-    def forward(self, x_BSH: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
+    def forward(self, x_BSH: torch.Tensor, route: RouteInputs | None = None) -> tuple[torch.Tensor, MoEOutput]:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
-        routing = self.router(x_TH)
+        routing = self.router(x_BSH, route)
         y_TH = self.dispatcher(x_TH, routing.probs_TE, routing.routing_map_TE, self.experts)
         out = MoEOutput(aux_loss=routing.aux_loss + routing.z_loss,
                         tokens_per_expert=routing.tokens_per_expert_E.detach(),
                         num_dropped=routing.num_dropped.detach(),
-                        num_assignments=x_TH.shape[0] * self.router.config.topk)
+                        num_assignments=routing.num_assignments)
         return y_TH.view_as(x_BSH).to(x_BSH.dtype), out

@@ -25,7 +25,11 @@ Drop policies (per expert, over the tokens routed to it; ties keep the lower tok
   "position"  keep the first `capacity` tokens in token order (DeepSpeed's cumsum locations;
               megatron-core's torch.topk over 0/1 entries does not promise token order);
   "probs"     keep the `capacity` tokens with the largest combine weight (megatron-core ranks by
-              the same top-k-normalised weights).
+              the same top-k-normalised weights);
+  "random"    Random Token Selection (RTS, Kim et al., arXiv 2109.10465; DeepSpeed `use_rts`):
+              keep `capacity` tokens drawn uniformly at random among those routed to the expert
+              (each routed token gets a uniform priority u_te; the largest priorities are kept), so
+              an overflowing expert does not always favour the start of the sequence.
 
 Losses, both float32 scalars already multiplied by their coefficient, differentiable w.r.t. the
 router weight; returned, never stashed — the caller adds them to its loss:
@@ -47,7 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DROP_POLICIES = ("probs", "position")
+DROP_POLICIES = ("probs", "position", "random")
+# The gates (see moe/routers.py and moe/gates.py for each one's paper).
+ROUTER_TYPES = ("topk", "gshard", "hash", "base", "expert_choice", "sinkhorn")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
 
 def compute_capacity(num_tokens: int, num_experts: int, topk: int, capacity_factor: float,
@@ -67,8 +74,15 @@ class RouterConfig:
     aux_loss_coeff: float = 0.0
     z_loss_coeff: float = 0.0
     capacity_factor: float | None = None      # None: dropless
-    drop_policy: str = "probs"                # "probs" | "position"
+    drop_policy: str = "probs"                # "probs" | "position" | "random" (RTS)
     min_capacity: int = 4
+    router_type: str = "topk"                 # one of ROUTER_TYPES
+    load_balancing_type: str = "aux_loss"     # one of LOAD_BALANCING_TYPES
+    input_jitter_eps: float | None = None     # multiplicative router-input noise in training
+    enable_expert_bias: bool = False          # aux-loss-free balancing (selection bias from load)
+    bias_update_rate: float = 1e-3
+    seed: int = 0                             # this layer's seed for random draws and the hash map
+    vocab_size: int | None = None             # hash routing: the (padded) vocabulary
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -90,6 +104,44 @@ class RouterConfig:
             raise ValueError(f"--moe-aux-loss-coeff must be >= 0, got {self.aux_loss_coeff}")
         if self.z_loss_coeff < 0:
             raise ValueError(f"--moe-z-loss-coeff must be >= 0, got {self.z_loss_coeff}")
+        self._check_gate()
+
+    def _check_gate(self):
+        kind = self.router_type
+        if kind not in ROUTER_TYPES:
+            raise ValueError(f"--moe-router-type must be one of {', '.join(ROUTER_TYPES)}, got {kind!r}")
+        if self.load_balancing_type == "sinkhorn":
+            raise ValueError("--moe-router-load-balancing-type sinkhorn is megatron-core's spelling; here the "
+                             "Sinkhorn gate is --moe-router-type sinkhorn (with load-balancing type none or an aux loss)")
+        if self.load_balancing_type not in LOAD_BALANCING_TYPES:
+            raise ValueError(f"--moe-router-load-balancing-type must be one of "
+                             f"{', '.join(LOAD_BALANCING_TYPES)}, got {self.load_balancing_type!r}")
+        if self.input_jitter_eps is not None and not 0 < self.input_jitter_eps < 1:
+            raise ValueError(f"--moe-input-jitter-eps must be in (0, 1), got {self.input_jitter_eps}")
+        if self.bias_update_rate < 0:
+            raise ValueError(f"--moe-router-bias-update-rate must be >= 0, got {self.bias_update_rate}")
+        if kind == "gshard" and self.topk != 2:
+            raise ValueError(f"--moe-router-type gshard is top-2 routing; pass --moe-router-topk 2 "
+                             f"(got {self.topk})")
+        if kind in ("hash", "base") and self.topk != 1:
+            raise ValueError(f"--moe-router-type {kind} sends each token to one expert; pass "
+                             f"--moe-router-topk 1 (got {self.topk})")
+        if kind == "base" and self.capacity_factor is not None:
+            raise ValueError("--moe-router-type base gives every expert exactly tokens/experts tokens; "
+                             "drop --moe-expert-capacity-factor")
+        if kind in ("hash", "base", "expert_choice") and self.aux_loss_coeff > 0 \
+                and self.load_balancing_type != "none":
+            raise ValueError(f"--moe-router-type {kind} is balanced by its construction; drop "
+                             f"--moe-aux-loss-coeff or pass --moe-router-load-balancing-type none")
+        if kind == "hash" and (self.z_loss_coeff > 0 or self.input_jitter_eps is not None):
+            raise ValueError("--moe-router-type hash has no router logits; drop --moe-z-loss-coeff and "
+                             "--moe-input-jitter-eps")
+        if self.enable_expert_bias and kind not in ("topk", "gshard"):
+            raise ValueError(f"--moe-router-enable-expert-bias works with --moe-router-type topk or gshard, "
+                             f"not {kind}")
+        if kind == "expert_choice" and self.drop_policy == "random":
+            raise ValueError("--moe-router-type expert_choice has every expert pick its top tokens; "
+                             "--moe-token-drop-policy random does not apply")
 
 
 @dataclass
@@ -100,8 +152,9 @@ class RoutingResult:
     aux_loss: torch.Tensor            # float32 scalar, coeff included
     z_loss: torch.Tensor              # float32 scalar, coeff included
     num_dropped: torch.Tensor         # int64 scalar, (token, expert) assignments dropped
-    logits_TE: torch.Tensor           # float32 router logits
+    logits_TE: torch.Tensor | None    # float32 router logits (None: hash routing has none)
     capacity: int | None              # tokens per expert, None when dropless
+    num_assignments: int | None = None  # (token, expert) assignments asked for before drops
 
 
 def topk_softmax(logits_TE: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -120,13 +173,21 @@ def topk_softmax(logits_TE: torch.Tensor, topk: int) -> tuple[torch.Tensor, torc
 
 
 def capacity_mask(probs_TE: torch.Tensor, map_TE: torch.Tensor, capacity: int,
-                  drop_policy: str) -> torch.Tensor:
-    """Bool [T, E]: the routed assignments each expert keeps under its capacity."""
+                  drop_policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool [T, E]: the routed assignments each expert keeps under its capacity.
+
+    "random" draws the priorities u_TE ~ U[0, 1) from `generator` (same generator state, same
+    choice: the caller seeds it identically on every TP rank)."""
     if drop_policy == "position":
         return map_TE & (torch.cumsum(map_TE.to(torch.int64), dim=0) <= capacity)
-    if drop_policy == "probs":
-        # routed entries first (weights >= 0 > -1), largest weight first, lower token on ties
-        key_TE = torch.where(map_TE, probs_TE.detach(), torch.full_like(probs_TE, -1.0))
+    if drop_policy in ("probs", "random"):
+        # routed entries first (keys >= 0 > -1), largest key first, lower token on ties
+        if drop_policy == "probs":
+            key_TE = probs_TE.detach()
+        else:
+            key_TE = torch.rand(probs_TE.shape, generator=generator, device=probs_TE.device,
+                                dtype=probs_TE.dtype)
+        key_TE = torch.where(map_TE, key_TE, torch.full_like(key_TE, -1.0))
         order_TE = torch.sort(key_TE, dim=0, descending=True, stable=True).indices
         T = map_TE.shape[0]
         rank_TE = torch.empty_like(order_TE).scatter_(
@@ -142,6 +203,19 @@ def load_balancing_loss(scores_TE: torch.Tensor, map_TE: torch.Tensor, topk: int
     T, E = scores_TE.shape
     counts_E = map_TE.sum(dim=0).to(scores_TE.dtype)
     return (scores_TE.sum(dim=0) * counts_E).sum() * (E * coeff / (topk * max(T, 1) ** 2))
+
+
+def seq_load_balancing_loss(scores_TE: torch.Tensor, map_TE: torch.Tensor, topk: int, coeff: float,
+                            seq_length: int) -> torch.Tensor:
+    """The aux loss computed within each sequence and averaged over the sequences (DeepSeek-V2's
+    sequence-wise balance loss, arXiv 2405.04434; megatron-core "seq_aux_loss"). Tokens are in
+    [B, S] order (token t = b * S + s):
+        coeff * mean_b  E * sum_e f_be * P_be,  f_be = count_be / (S * K),  P_be = mean_s p_bse."""
+    T, E = scores_TE.shape
+    B = T // seq_length
+    counts_BE = map_TE.view(B, seq_length, E).sum(dim=1).to(scores_TE.dtype)
+    P_BE = scores_TE.view(B, seq_length, E).mean(dim=1)
+    return (counts_BE * P_BE).sum() * (E * coeff / (topk * seq_length * max(B, 1)))
 
 
 def z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
@@ -202,4 +276,5 @@ class TopKRouter(nn.Module):
             num_dropped=routed_TE.sum() - tokens_per_expert_E.sum(),
             logits_TE=logits_TE,
             capacity=capacity,
+            num_assignments=T * cfg.topk,
         )

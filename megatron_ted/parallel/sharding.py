@@ -5,7 +5,8 @@ Every parameter carries a `ParamSpec` (attribute `param.spec`):
   tp_dim   dim of the full tensor sliced over the tensor-parallel group (None: replicated over TP)
   expert   dim 0 indexes experts; the full tensor holds all experts, this rank the ones of its
            expert-parallel slot (contiguous block `ep_rank * E_local ...`)
-  init     how the full tensor is drawn: "normal", "output" (std / sqrt(2 * layers)), "zeros", "ones"
+  init     how the full tensor is drawn: "normal", "output" (std / sqrt(2 * layers)), "zeros", "ones",
+           or "fixed" (left as its module built it, e.g. a hash-routing table)
 
 The full tensor is the unit of initialization (so every layout draws the same model from one
 seed) and of checkpoints (so a checkpoint written at one layout loads at another).

@@ -9,6 +9,8 @@ import argparse
 import math
 import os
 
+from megatron_ted.moe.hierarchical import check_node_size
+from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
 
 
@@ -34,14 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
     g = p.add_argument_group("mixture of experts")
-    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (none: dense model)")
+    g.add_argument("--num-experts", type=int, nargs="+", default=None,
+                   help="experts per MoE layer (none: dense model); one value per MoE layer for a pyramid, "
+                        "e.g. --num-experts 32 32 64")
+    g.add_argument("--mlp-type", default="standard",
+                   help="standard: the MoE block alone; residual: a dense MLP plus the MoE mixed by a learned "
+                        "coefficient (Residual MoE)")
     g.add_argument("--moe-layer-freq", type=int, default=2, help="every N-th layer is MoE (the paper: 2)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
-    g.add_argument("--moe-token-drop-policy", choices=["probs", "position"], default="probs")
+    g.add_argument("--moe-token-drop-policy", choices=["probs", "position", "random"], default="probs",
+                   help="which tokens an overflowing expert keeps: largest weight, first in order, or random "
+                        "(Random Token Selection)")
+    g.add_argument("--moe-router-type", default="topk",
+                   help="the gate: topk (Switch k=1, GShard-style k=2), gshard (top-2 with random second "
+                        "expert), hash, base, expert_choice, sinkhorn (see README)")
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   help="aux_loss, seq_aux_loss, global_aux_loss or none (with --moe-aux-loss-coeff)")
+    g.add_argument("--moe-input-jitter-eps", type=float, default=None,
+                   help="multiply the router input by U(1-eps, 1+eps) in training")
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true",
+                   help="aux-loss-free balancing: a per-expert selection bias updated from the load")
+    g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
+                   help="step of the expert-bias update per iteration")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
@@ -52,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-cac-tp", action="store_true",
                    help="with --moe-cac, also keep the MoE block's tensor-parallel collectives "
                         "(DTD all-gathers and reduce-scatter, or the expert all-reduce)")
+    g.add_argument("--moe-a2a-algorithm", default="flat",
+                   help="flat, or hierarchical: gather inside the node, one exchange between nodes, scatter "
+                        "(HetuMoE)")
+    g.add_argument("--moe-a2a-node-size", type=int, default=None,
+                   help="ranks per node for --moe-a2a-algorithm hierarchical (default: LOCAL_WORLD_SIZE from "
+                        "the launcher); smaller values simulate nodes")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -168,25 +194,42 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")
 
     if args.num_experts is not None:
-        e, ep, k = args.num_experts, args.expert_model_parallel_size, args.moe_router_topk
-        need(e >= 1, f"--num-experts must be at least 1")
-        need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
-                          f"use a multiple of {ep} experts or a smaller EP")
-        need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+        ep, k = args.expert_model_parallel_size, args.moe_router_topk
         need(args.moe_layer_freq >= 1, "--moe-layer-freq must be at least 1")
+        counts = num_experts_per_layer(args)
+        # canonical form: an int when every MoE layer has the same count (as before), else the list
+        args.num_experts = counts[0] if len(set(counts)) == 1 else counts
+        need(args.mlp_type in ("standard", "residual"),
+             f"--mlp-type must be standard or residual, got {args.mlp_type!r}")
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
         need(args.moe_ffn_hidden_size % tp == 0,
              f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
         cf = args.moe_expert_capacity_factor
         need(cf is None or cf > 0, f"--moe-expert-capacity-factor must be positive (omit it for dropless routing)")
+        tokens = args.micro_batch_size * args.seq_length
+        for e in sorted(set(counts)):
+            need(e >= 1, f"--num-experts must be at least 1")
+            need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
+                              f"use a multiple of {ep} experts or a smaller EP")
+            need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+            router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+            need(args.moe_router_type != "base" or tokens % e == 0,
+                 f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
+                 f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
+        need(args.moe_a2a_algorithm in ("flat", "hierarchical"),
+             f"--moe-a2a-algorithm must be flat or hierarchical, got {args.moe_a2a_algorithm!r}")
+        if args.moe_a2a_algorithm == "hierarchical":
+            args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if args.moe_a2a_node_size is not None:
+            check_node_size(world_size, args.moe_a2a_node_size)
         if tp > 1 and not args.moe_no_duplicate_token_dropping:
-            tokens = args.micro_batch_size * args.seq_length
             need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
                                    f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "
                                    f"or pass --moe-no-duplicate-token-dropping")
     else:
         need(args.expert_model_parallel_size == 1,
              "--expert-model-parallel-size > 1 needs --num-experts")
+        need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
 
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
@@ -218,6 +261,34 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                                    "repeats its all-to-alls)")
     need(not args.moe_cac_tp or args.moe_cac, "--moe-cac-tp needs --moe-cac")
     return args
+
+
+def num_experts_per_layer(args) -> list[int]:
+    """--num-experts as one count per MoE layer (layers i with i % --moe-layer-freq == 0).
+
+    One value applies to every MoE layer; several must be one per MoE layer (Pyramid-MoE)."""
+    counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
+    n = len(range(0, args.num_layers, args.moe_layer_freq))
+    if len(counts) == 1:
+        return list(counts) * n
+    if len(counts) != n:
+        raise ValueError(f"--num-experts has {len(counts)} values but the model has {n} MoE layers "
+                         f"(--num-layers {args.num_layers}, --moe-layer-freq {args.moe_layer_freq}); "
+                         f"give one value or one per MoE layer")
+    return list(counts)
+
+
+def router_config(args, num_experts: int) -> RouterConfig:
+    """The routing flags as a RouterConfig (flags a checkpoint predates take their defaults)."""
+    return RouterConfig(
+        num_experts=num_experts, topk=args.moe_router_topk, aux_loss_coeff=args.moe_aux_loss_coeff,
+        z_loss_coeff=args.moe_z_loss_coeff, capacity_factor=args.moe_expert_capacity_factor,
+        drop_policy=args.moe_token_drop_policy, min_capacity=args.moe_min_capacity,
+        router_type=getattr(args, "moe_router_type", "topk"),
+        load_balancing_type=getattr(args, "moe_router_load_balancing_type", "aux_loss"),
+        input_jitter_eps=getattr(args, "moe_input_jitter_eps", None),
+        enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
+        bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3))
 
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:

@@ -5,6 +5,8 @@ Counted per token, forward, matmuls only (multiply-add = 2 FLOPs):
               not halved for the causal mask, as in Megatron-LM's classic formula)
   dense MLP   2 * 2 H F (SwiGLU: 2 * 3 H F)
   MoE MLP     top-k experts: k * 2 * 2 H F_moe (SwiGLU: k * 2 * 3 H F_moe), router 2 H E
+              (E: the mean over MoE layers for a pyramid); Residual MoE adds a dense MLP of F_moe
+              and the 2-way coefficient 2 * 2 H
   logits      2 H V
 Training = 3 x forward (backward is twice the forward). Recomputation is not counted (model FLOPs).
 """
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
-                    moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: int = 0,
-                    swiglu: bool = False) -> float:
+                    moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
+                    swiglu: bool = False, residual: bool = False) -> float:
     mlp_mults = 3 if swiglu else 2
     attention = 2 * 4 * hidden * hidden + 2 * 2 * seq_length * hidden
     dense_mlp = 2 * mlp_mults * hidden * ffn
     moe_mlp = topk * 2 * mlp_mults * hidden * (moe_ffn or ffn) + 2 * hidden * num_experts
+    if residual:
+        moe_mlp += 2 * mlp_mults * hidden * (moe_ffn or ffn) + 2 * 2 * hidden
     forward = (num_layers * attention + (num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
                + 2 * hidden * vocab)
     return 3.0 * forward

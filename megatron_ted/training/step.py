@@ -4,6 +4,9 @@ The loss of a step is the mean over every loss token of the global batch: each m
 backpropagates sum(token losses) / (loss tokens in the whole global batch), and gradients are
 summed over the data-parallel ranks. The MoE auxiliary losses are averaged over the micro-batches
 of the global batch the same way.
+
+A micro-batch may carry "routing_seed": its key for the MoE routers' random draws (jitter,
+GShard sampling, RTS), the same for the same samples in every layout (see training/train.py).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_ted.moe.routers import update_expert_bias
 from megatron_ted.parallel import comm
 from megatron_ted.parallel.groups import ParallelGroups
 
@@ -39,7 +43,7 @@ def forward_backward(model, micro_batches: list[dict], groups: ParallelGroups, g
     for i, mb in enumerate(micro_batches):
         if grad_sync is not None:
             grad_sync.sync_now = i == len(micro_batches) - 1
-        out = model(mb["tokens"], mb["position_ids"], mb["labels"])
+        out = model(mb["tokens"], mb["position_ids"], mb["labels"], routing_seed=mb.get("routing_seed"))
         token_loss = (out.loss * mb["loss_mask"]).sum()
         loss = token_loss / global_tokens + out.aux_loss / n_micro_global
         (loss * loss_scale).backward()
@@ -56,6 +60,7 @@ def forward_backward(model, micro_batches: list[dict], groups: ParallelGroups, g
         grad_sync.finish()
     for m in moe_totals:
         m["dropped"] = int(m["dropped"])
+    update_expert_bias(model, dp)   # aux-loss-free balancing: loads of the whole global batch
     sums = comm.all_reduce(torch.stack([lm_sum, aux_sum]), dp)
     return StepResult(lm_loss=sums[0].item() / global_tokens, aux_loss=sums[1].item() / n_micro_global,
                       num_tokens=int(global_tokens), moe=moe_totals)

@@ -19,9 +19,8 @@ from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
-from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.arguments import padded_vocab_size, parse_args
+from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_size, parse_args, router_config
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
@@ -50,12 +49,13 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights)
     moe = None
     if args.num_experts is not None:
-        router = RouterConfig(num_experts=args.num_experts, topk=args.moe_router_topk,
-                              aux_loss_coeff=args.moe_aux_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff,
-                              capacity_factor=args.moe_expert_capacity_factor,
-                              drop_policy=args.moe_token_drop_policy, min_capacity=args.moe_min_capacity)
+        counts = num_experts_per_layer(args)
+        router = router_config(args, counts[0])
         moe = MoEConfig(router, args.moe_ffn_hidden_size, args.moe_layer_freq,
-                        duplicate_token_dropping=not args.moe_no_duplicate_token_dropping)
+                        duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
+                        num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"),
+                        a2a_algorithm=getattr(args, "moe_a2a_algorithm", "flat"),
+                        a2a_node_size=getattr(args, "moe_a2a_node_size", None))
     return config, moe
 
 
@@ -126,8 +126,18 @@ class MegatronLog:
                 self.writer.add_scalar("moe/aux-loss", result.aux_loss, it)
 
 
-def _micro_batches(iterator, n: int, device) -> list[dict]:
-    return [{k: v.to(device) for k, v in next(iterator).items()} for _ in range(n)]
+def _micro_batches(iterator, n: int, device, first_key: int | None = None, dp_rank: int = 0,
+                   dp_size: int = 1) -> list[dict]:
+    """This rank's n micro-batches. With first_key (training), each gets its routing seed: the
+    sampler gives micro-step i of DP rank d the (i * dp_size + d)-th micro-batch of the global
+    batch, so first_key + i * dp_size + d names the same samples in every layout."""
+    out = []
+    for i in range(n):
+        mb = {k: v.to(device) for k, v in next(iterator).items()}
+        if first_key is not None:
+            mb["routing_seed"] = first_key + i * dp_size + dp_rank
+        out.append(mb)
+    return out
 
 
 def evaluate(model, loader_iter, args, groups, device) -> float:
@@ -204,7 +214,8 @@ def train(args, tokenizer) -> dict:
     tokens_per_step = args.global_batch_size * args.seq_length
     fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size, vocab,
                           n_moe, args.moe_ffn_hidden_size if moe else None, args.moe_router_topk if moe else 0,
-                          args.num_experts or 0, args.swiglu)
+                          sum(moe.num_experts_per_layer) / n_moe if moe else 0, args.swiglu,
+                          residual=moe is not None and moe.mlp_type == "residual")
     writer = None
     if args.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
@@ -230,8 +241,9 @@ def train(args, tokenizer) -> dict:
         lr = learning_rate(it - 1, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
         sync.zero_grad()
         groups.stats.reset()
-        result = forward_backward(model, _micro_batches(train_iter, args.num_micro_batches, device), groups, sync,
-                                  loss_scale=optimizer.loss_scale)
+        first_key = (it - 1) * args.num_micro_batches * groups.dp.size
+        mbs = _micro_batches(train_iter, args.num_micro_batches, device, first_key, groups.dp.rank, groups.dp.size)
+        result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
         applied, result.grad_norm = optimizer.step(lr)
         if not applied:
             log.skipped += 1

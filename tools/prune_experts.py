@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Prune the least-used experts of a checkpoint for inference (Kim et al., arXiv 2109.10465).
+
+    python tools/prune_experts.py --load runs/ckpt --save runs/ckpt-pruned --keep-experts 4 \\
+        --data-path corpus_text_document --num-samples 64
+    python tools/prune_experts.py --load ... --save ... --keep-experts 4 8 --text-file sample.jsonl
+    python tools/generate.py --load runs/ckpt-pruned --prompt "Return the"
+
+Routing frequency is measured with the checkpoint's gate on a data sample: a Megatron .bin/.idx
+prefix (--data-path), a text file (--text-file: JSONL {"text": ...} or plain lines), or random ids
+(--mock-data). Each MoE layer keeps its --keep-experts most used experts (one value for all, or one
+per MoE layer) and the smaller checkpoint is written to --save (same format; the usage and the kept
+indices are recorded in its metadata.json under "extra"). Bad input prints one `error:` line and
+exits with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--load", required=True, help="a --save directory (its latest checkpoint) or an iter_* directory")
+    p.add_argument("--save", required=True, help="where to write the pruned checkpoint")
+    p.add_argument("--keep-experts", type=int, nargs="+", required=True,
+                   help="experts to keep per MoE layer: one value, or one per MoE layer")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data-path", default=None, help="Megatron .bin/.idx prefix to measure routing on")
+    src.add_argument("--text-file", default=None, help="JSONL ({\"text\": ...}) or plain text, one document a line")
+    src.add_argument("--mock-data", action="store_true", help="random token ids (the default without data)")
+    p.add_argument("--num-samples", type=int, default=64, help="sequences of the sample")
+    p.add_argument("--seq-length", type=int, default=None, help="default: the checkpoint's --seq-length")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1234, help="for --mock-data")
+    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer saved with the checkpoint")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        from megatron_ted.inference.generate import load_for_inference
+        from megatron_ted.inference.prune import choose_experts, expert_usage, prune_model, sample_sequences
+        from megatron_ted.training.checkpoint import find_checkpoint, read_metadata, save_checkpoint
+        from megatron_ted.parallel.groups import ParallelGroups
+
+        torch.set_num_threads(min(4, torch.get_num_threads()))
+        if args.micro_batch_size < 1:
+            raise ValueError(f"--micro-batch-size {args.micro_batch_size} must be at least 1")
+        source = find_checkpoint(args.load)
+        if source is None:
+            raise ValueError(f"--load {args.load}: no checkpoint there")
+        if os.path.abspath(args.save) in (os.path.abspath(args.load), os.path.abspath(os.path.dirname(source))):
+            raise ValueError(f"--save {args.save} is the checkpoint being pruned; write the pruned one elsewhere")
+        model, tokenizer, saved = load_for_inference(source, args.tokenizer_model)
+        if saved.get("num_experts") is None:
+            raise ValueError(f"--load {args.load}: a dense checkpoint has no experts to prune")
+        seq_length = args.seq_length or int(saved.get("seq_length", model.config.max_position_embeddings))
+        if not 1 <= seq_length <= model.config.max_position_embeddings:
+            raise ValueError(f"--seq-length {seq_length} must be between 1 and the checkpoint's "
+                             f"--max-position-embeddings {model.config.max_position_embeddings}")
+        sample = sample_sequences(tokenizer, seq_length, args.num_samples, args.data_path, args.text_file, args.seed)
+        usage = expert_usage(model, sample, args.micro_batch_size)
+        kept = choose_experts(usage, args.keep_experts, int(saved["moe_router_topk"]))
+        pruned, new_args = prune_model(model, saved, kept)
+
+        tok_copy = os.path.join(source, "tokenizer.model")
+        if os.path.isfile(tok_copy) and not args.tokenizer_model:
+            new_args["tokenizer_model"] = tok_copy          # save_checkpoint copies it next to the shards
+        elif args.tokenizer_model:
+            new_args["tokenizer_model"] = args.tokenizer_model
+        meta = read_metadata(source)
+        extra = {"pruned_from": source, "sample_sequences": int(sample.shape[0]), "sample_seq_length": seq_length,
+                 "kept_experts": kept,
+                 "expert_usage": [{"layer": u["layer"], "counts": u["counts"].tolist()} for u in usage]}
+        out = save_checkpoint(args.save, int(meta["iteration"]), pruned, None, ParallelGroups.single(), new_args,
+                              consumed_samples=int(meta.get("consumed_samples", 0)), rng=False, extra=extra)
+        total = sample.numel()
+        for u, k in zip(usage, kept):
+            share = [f"{int(c) / total:.2f}" for c in u["counts"]]
+            print(f" layer {u['layer']}: routing share per expert {' '.join(share)} -> keeping {k}")
+        print(f" wrote {out}: experts per MoE layer {[len(k) for k in kept]} (was {[len(u['counts']) for u in usage]})")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
