@@ -106,7 +106,7 @@ def test_tool_keeps_the_most_routed_experts_and_the_result_generates(original, t
     text = generate_text(pruned, tok2, "1 2 3", max_new_tokens=8, seed=1, stop_at_eod=False)
     assert len(text.split()) == 8
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate.py"), "--load", out, "--prompt", "5 6",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), "--load", out, "--prompt", "5 6",
                         "--max-new-tokens", "5", "--ignore-eod"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and len(r.stdout.split()) == 7, r.stderr
 

@@ -4,7 +4,7 @@
     python tools/prune_experts.py --load runs/ckpt --save runs/ckpt-pruned --keep-experts 4 \\
         --data-path corpus_text_document --num-samples 64
     python tools/prune_experts.py --load ... --save ... --keep-experts 4 8 --text-file sample.jsonl
-    python tools/generate.py --load runs/ckpt-pruned --prompt "Return the"
+    python tools/generate_text.py --load runs/ckpt-pruned --prompt "Return the"
 
 Routing frequency is measured with the checkpoint's gate on a data sample: a Megatron .bin/.idx
 prefix (--data-path), a text file (--text-file: JSONL {"text": ...} or plain lines), or random ids

@@ -12,7 +12,7 @@ expert index. Pruning an expert removes its weights and its router row (and expe
 so the gate's softmax renormalises over the experts that remain and a token whose choice was
 pruned goes to its best remaining expert. The pruned checkpoint has the same format
 (training/checkpoint.py), its --num-experts set to the kept counts (a list when they differ per
-layer), and loads in tools/generate.py or for further training at an EP that divides the counts.
+layer), and loads in tools/generate_text.py or for further training at an EP that divides the counts.
 Hash routing cannot be pruned this way (a dropped expert's token ids would have nowhere to go).
 """
 from __future__ import annotations
