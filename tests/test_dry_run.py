@@ -46,7 +46,8 @@ def fake_groups(tp: int, ep: int, tp_rank: int, ep_rank: int):
     model needs only sizes and ranks."""
     stats = CommStats()
     return SimpleNamespace(tp=Group("tp", tuple(range(tp)), tp_rank, None, stats),
-                           ep=Group("ep", tuple(range(ep)), ep_rank, None, stats))
+                           ep=Group("ep", tuple(range(ep)), ep_rank, None, stats),
+                           dp=Group.single("dp", stats))  # the MoE router takes DP (global aux loss only)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -91,13 +91,13 @@ VARIANTS = {
 }
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
 # Known bug (2026-11-22, 4xH200): these gates match the reference on CPU/gloo at TP 2 x EP 2 but
 # not on CUDA/NCCL, even against a one-GPU CUDA reference; residual MoE and the hierarchical
 # all-to-all match. Kept visible until fixed.
 _GPU_GATE_BUG = pytest.mark.xfail(reason="gate differs on NCCL at TP2xEP2 (open bug, see issue 9 note)")
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_GPU_GATE_BUG)
                                   if n in ("gshard+rts+jitter", "base", "expert_choice", "sinkhorn") else n
                                   for n in VARIANTS])
