@@ -36,15 +36,20 @@ def _batch(n, device):
                 position_ids=torch.arange(SEQ).expand(n, SEQ).to(device))
 
 
-def _grads(groups, device, dtype, dtd=True, global_batch=4, router=None, moe=None):
+def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None, moe=None):
+    """One step on the same global batch in any layout. Micro-batches are the same `micro`
+    sequences in every layout and carry their global index as routing seed, so batch-level gates
+    (capacity, BASE, expert choice, Sinkhorn) and random ones see the same inputs everywhere."""
     model = build_gpt(_config(), _moe(dtd, router, **(moe or {})), groups, 11).to(device=device, dtype=dtype)
     sync = GradientSync(model, groups.dp, groups.expert_dp)
     batch = _batch(global_batch, device)
     per = global_batch // groups.dp.size
-    mine = {k: v[groups.dp.rank * per:(groups.dp.rank + 1) * per] for k, v in batch.items()}
-    res = forward_backward(model, [mine], groups, sync)
+    first = groups.dp.rank * per
+    mbs = [dict({k: v[i:i + micro] for k, v in batch.items()}, routing_seed=i // micro)
+           for i in range(first, first + per, micro)]
+    res = forward_backward(model, mbs, groups, sync)
     grads = {n: unshard(p.main_grad, spec_of(p), groups.tp, groups.ep).double().cpu()
-             for n, p in model.named_parameters()}
+             for n, p in model.named_parameters() if p.requires_grad}
     return res.lm_loss, grads
 
 
@@ -91,16 +96,8 @@ VARIANTS = {
 }
 
 
-# Known bug (2026-11-22, 4xH200): these gates match the reference on CPU/gloo at TP 2 x EP 2 but
-# not on CUDA/NCCL, even against a one-GPU CUDA reference; residual MoE and the hierarchical
-# all-to-all match. Kept visible until fixed.
-_GPU_GATE_BUG = pytest.mark.xfail(reason="gate differs on NCCL at TP2xEP2 (open bug, see issue 9 note)")
-
-
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_GPU_GATE_BUG)
-                                  if n in ("gshard+rts+jitter", "base", "expert_choice", "sinkhorn") else n
-                                  for n in VARIANTS])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_nccl_gates_and_variants_match_reference(name):
     """Gates, residual MoE and the hierarchical all-to-all on CUDA + NCCL equal a one-GPU reference.
 
