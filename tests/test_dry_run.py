@@ -190,3 +190,24 @@ def test_bad_dry_run_is_one_line(capsys, extra, flag):
     lines = err.strip().splitlines()
     assert out == "" and len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("variant", [
+    dict(mlp_type="residual", experts_per_layer=(2, 4), enable_expert_bias=True, topk=1),
+    dict(router_type="hash", topk=1, vocab_size=128),
+])
+@pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
+def test_parameter_shapes_of_moe_variants_equal_the_built_model(variant, tp, ep):
+    """Residual and pyramid MoE, expert bias and hash routing: every name and shard shape."""
+    from parity import tiny_config, tiny_moe
+    from megatron_ted.model.builder import build_gpt
+    from megatron_ted.model.param_count import parameter_shapes
+    config, moe = tiny_config(), tiny_moe(**variant)
+    shapes = {s.name: s for s in parameter_shapes(config, moe)}
+    for tp_rank in range(tp):
+        for ep_rank in range(ep):
+            model = build_gpt(tiny_config(), tiny_moe(**variant), fake_groups(tp, ep, tp_rank, ep_rank), seed=1)
+            built = {n: tuple(p.shape) for n, p in model.named_parameters()}
+            assert built.keys() == shapes.keys()
+            for n, shape in built.items():
+                assert shapes[n].local_shape(tp, ep) == shape, n

@@ -15,9 +15,13 @@ SwiGLU's fused gate/up else 1):
     layers.i.attention.proj.{weight,bias}               [H, H] dim 1 over TP, [H] replicated
     dense layers:  layers.i.mlp.fc1.{weight,bias}       [g, F, H], [g, F]   dim 1 over TP
                    layers.i.mlp.fc2.{weight,bias}       [H, F] dim 1 over TP, [H] replicated
-    MoE layers:    layers.i.mlp.router.weight           [E, H]          replicated
+    MoE layers:    layers.i.mlp.router.weight           [E, H]          replicated (hash routing: no weight,
+                                                        router.expert_of_token [V]; expert bias: router.expert_bias [E])
                    layers.i.mlp.experts.fc1             [E, H, Fe] or [E, H, 2, Fe]  experts over EP, Fe over TP
                    layers.i.mlp.experts.fc2             [E, Fe, H]      experts over EP, Fe over TP
+    Residual MoE:  layers.i.mlp.coefficient_{weight,bias} [2, H], [2]  replicated;
+                   layers.i.mlp.dense.*                 a dense MLP of FFN Fe, as above
+    Pyramid MoE:   E per MoE layer from MoEConfig.num_experts_per_layer
     final_norm.{weight,bias}            [H]
     output_weight                       [V, H]          rows over TP (only when untied)
 """
@@ -68,6 +72,16 @@ def _norm(prefix: str, config: GPTConfig) -> list[ParamShape]:
     return out
 
 
+def _dense_mlp(prefix: str, h: int, f: int, g: int, bias: bool) -> list[ParamShape]:
+    out = [ParamShape(f"{prefix}.fc1.weight", (g, f, h), tp_dim=1)]
+    if bias:
+        out.append(ParamShape(f"{prefix}.fc1.bias", (g, f), tp_dim=1))
+    out.append(ParamShape(f"{prefix}.fc2.weight", (h, f), tp_dim=1))
+    if bias:
+        out.append(ParamShape(f"{prefix}.fc2.bias", (h,)))
+    return out
+
+
 def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[ParamShape]:
     """Every parameter of `build_gpt(config, moe, ...)`, named as `model.named_parameters()` names it."""
     c = config
@@ -88,18 +102,24 @@ def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[Pa
             out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
         out += _norm(f"{p}.post_attention_norm", c)
         if i in moe_layers:
-            e, fe = moe.router.num_experts, moe.ffn_hidden_size
-            out.append(ParamShape(f"{p}.mlp.router.weight", (e, h)))
+            r, fe = moe.router, moe.ffn_hidden_size
+            e = moe.num_experts_per_layer[moe_layers.index(i)] if moe.num_experts_per_layer else r.num_experts
+            if moe.mlp_type == "residual":
+                out.append(ParamShape(f"{p}.mlp.coefficient_weight", (2, h)))
+                out.append(ParamShape(f"{p}.mlp.coefficient_bias", (2,)))
+            if r.router_type == "hash":
+                out.append(ParamShape(f"{p}.mlp.router.expert_of_token", (r.vocab_size or v,)))
+            else:
+                out.append(ParamShape(f"{p}.mlp.router.weight", (e, h)))
+                if r.enable_expert_bias:
+                    out.append(ParamShape(f"{p}.mlp.router.expert_bias", (e,)))
             fc1 = (e, h, 2, fe) if c.swiglu else (e, h, fe)
             out.append(ParamShape(f"{p}.mlp.experts.fc1", fc1, tp_dim=len(fc1) - 1, expert=True))
             out.append(ParamShape(f"{p}.mlp.experts.fc2", (e, fe, h), tp_dim=1, expert=True))
+            if moe.mlp_type == "residual":
+                out += _dense_mlp(f"{p}.mlp.dense", h, fe, g, bias)
         else:
-            out.append(ParamShape(f"{p}.mlp.fc1.weight", (g, f, h), tp_dim=1))
-            if bias:
-                out.append(ParamShape(f"{p}.mlp.fc1.bias", (g, f), tp_dim=1))
-            out.append(ParamShape(f"{p}.mlp.fc2.weight", (h, f), tp_dim=1))
-            if bias:
-                out.append(ParamShape(f"{p}.mlp.fc2.bias", (h,)))
+            out += _dense_mlp(f"{p}.mlp", h, f, g, bias)
     out += _norm("final_norm", c)
     if c.untie_embeddings_and_output_weights:
         out.append(ParamShape("output_weight", (v, h), tp_dim=0))
@@ -129,7 +149,10 @@ def count_parameters(config: GPTConfig, moe: MoEConfig | None = None, tp: int = 
     shapes = parameter_shapes(config, moe)
     dense = sum(s.numel for s in shapes if not s.expert)
     expert = sum(s.numel for s in shapes if s.expert)
-    active = dense + (expert * moe.router.topk // moe.router.num_experts if moe is not None else 0)
+    if moe is None:
+        active = dense
+    else:  # per MoE layer: topk of its E experts
+        active = dense + sum(s.numel * moe.router.topk // s.shape[0] for s in shapes if s.expert)
     return ParamCounts(dense=dense, expert=expert,
                        dense_per_rank=sum(s.local_numel(tp, ep) for s in shapes if not s.expert),
                        expert_per_rank=sum(s.local_numel(tp, ep) for s in shapes if s.expert),
