@@ -23,13 +23,15 @@ from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.training.flops import attention_flops_per_token, mlp_flops_per_token
 
 SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4096),
           "B": dict(hidden=4096, heads=32, ffn=16384, experts=16, topk=2, tokens=2048)}
 
 
 def layer_flops(hidden, ffn, experts, topk, tokens, seq):
-    per_token = 2 * 4 * hidden * hidden + 2 * 2 * seq * hidden + topk * 2 * 2 * hidden * ffn + 2 * hidden * experts
+    """Training FLOPs of one attention + MoE-MLP layer (training/flops.py's model)."""
+    per_token = attention_flops_per_token(hidden, seq) + mlp_flops_per_token(hidden, ffn, topk=topk, num_experts=experts)
     return 3.0 * per_token * tokens
 
 

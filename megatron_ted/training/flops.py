@@ -13,16 +13,27 @@ Training = 3 x forward (backward is twice the forward). Recomputation is not cou
 from __future__ import annotations
 
 
+def attention_flops_per_token(hidden: int, seq_length: int) -> float:
+    """Forward: QKV and output projections, scores and values over the full S x S."""
+    return 2 * 4 * hidden * hidden + 2 * 2 * seq_length * hidden
+
+
+def mlp_flops_per_token(hidden: int, ffn: int, swiglu: bool = False, topk: int | None = None,
+                        num_experts: float = 0) -> float:
+    """Forward: a dense MLP, or (topk given) the top-k experts of an MoE MLP plus its router."""
+    dense = 2 * (3 if swiglu else 2) * hidden * ffn
+    return dense if topk is None else topk * dense + 2 * hidden * num_experts
+
+
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
                     moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
                     swiglu: bool = False, residual: bool = False) -> float:
-    mlp_mults = 3 if swiglu else 2
-    attention = 2 * 4 * hidden * hidden + 2 * 2 * seq_length * hidden
-    dense_mlp = 2 * mlp_mults * hidden * ffn
-    moe_mlp = topk * 2 * mlp_mults * hidden * (moe_ffn or ffn) + 2 * hidden * num_experts
-    if residual:
-        moe_mlp += 2 * mlp_mults * hidden * (moe_ffn or ffn) + 2 * 2 * hidden
-    forward = (num_layers * attention + (num_layers - moe_layers) * dense_mlp + moe_layers * moe_mlp
+    moe_mlp = mlp_flops_per_token(hidden, moe_ffn or ffn, swiglu, topk, num_experts)
+    if residual:  # Residual MoE: its dense MLP and the 2-way mixing coefficient
+        moe_mlp += mlp_flops_per_token(hidden, moe_ffn or ffn, swiglu) + 2 * 2 * hidden
+    forward = (num_layers * attention_flops_per_token(hidden, seq_length)
+               + (num_layers - moe_layers) * mlp_flops_per_token(hidden, ffn, swiglu)
+               + moe_layers * moe_mlp
                + 2 * hidden * vocab)
     return 3.0 * forward
 
