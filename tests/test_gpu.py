@@ -74,39 +74,53 @@ def test_bf16_grouped_gemm_close_to_fp32():
     assert abs(loss - ref_loss) < 0.05 * abs(ref_loss)
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
-@pytest.mark.parametrize("tp,ep,dtd", [(2, 2, True), (2, 2, False), (1, 4, True), (4, 1, True)])
-def test_nccl_layouts_match_reference(tp, ep, dtd):
-    ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cpu"), torch.float64)
-    results = run_distributed(_nccl_worker, 4, tp, ep, dtd, backend="nccl")
+# The multi-GPU checks use 4 GPUs where there are 4, else 2 (a lease of 2 GPUs runs the same checks
+# at the layouts that fit): (tp, ep, dtd) per world size.
+WORLD = 4 if torch.cuda.device_count() >= 4 else 2
+LAYOUTS = {4: [(2, 2, True), (2, 2, False), (1, 4, True), (4, 1, True)],
+           2: [(2, 1, True), (2, 1, False), (1, 2, True)]}
+needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+def _assert_all_match(results, ref_loss, ref):
     for loss, grads in results:
         assert abs(loss - ref_loss) < 1e-9 * abs(ref_loss)
         for n in ref:
             torch.testing.assert_close(grads[n], ref[n], rtol=1e-6, atol=1e-9)
 
 
+@needs_two
+@pytest.mark.parametrize("tp,ep,dtd", LAYOUTS[WORLD])
+def test_nccl_layouts_match_reference(tp, ep, dtd):
+    ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cpu"), torch.float64)
+    _assert_all_match(run_distributed(_nccl_worker, WORLD, tp, ep, dtd, backend="nccl"), ref_loss, ref)
+
+
+# name -> (router, moe extras, (tp, ep) at world 4, (tp, ep) at world 2). The gates are checked
+# with EP and DP > 1 together (TP 2 x EP 2 on 4 GPUs; EP 2 with DP 2 on 2); the hierarchical
+# exchange as 2 nodes of 2 GPUs (it needs 2 GPUs per node to differ from the flat one: not on 2).
 VARIANTS = {
-    "gshard+rts+jitter": (2, 2, dict(topk=2, router_type="gshard", drop_policy="random", input_jitter_eps=0.05,
-                                     capacity_factor=1.0, min_capacity=1), None),
-    "base": (2, 2, dict(topk=1, router_type="base"), None),
-    "expert_choice": (2, 2, dict(topk=2, router_type="expert_choice"), None),
-    "sinkhorn": (2, 2, dict(topk=2, router_type="sinkhorn"), None),
-    "residual": (2, 2, dict(topk=1), dict(mlp_type="residual")),
-    "hierarchical": (1, 4, dict(topk=2), dict(a2a_algorithm="hierarchical", a2a_node_size=2)),
+    "gshard+rts+jitter": (dict(topk=2, router_type="gshard", drop_policy="random", input_jitter_eps=0.05,
+                               capacity_factor=1.0, min_capacity=1), None, (2, 2), (1, 2)),
+    "base": (dict(topk=1, router_type="base"), None, (2, 2), (1, 2)),
+    "expert_choice": (dict(topk=2, router_type="expert_choice"), None, (2, 2), (1, 2)),
+    "sinkhorn": (dict(topk=2, router_type="sinkhorn"), None, (2, 2), (1, 2)),
+    "residual": (dict(topk=1), dict(mlp_type="residual"), (2, 2), (2, 1)),
+    "hierarchical": (dict(topk=2), dict(a2a_algorithm="hierarchical", a2a_node_size=2), (1, 4), None),
 }
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 GPUs")
+@needs_two
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_nccl_gates_and_variants_match_reference(name):
     """Gates, residual MoE and the hierarchical all-to-all on CUDA + NCCL equal a one-GPU reference.
 
     The reference runs on CUDA too: the random gates draw on the device (CUDA and CPU generators
     give different streams) and near-tied routing scores may break differently on another device."""
-    tp, ep, router, moe = VARIANTS[name]
+    router, moe, layout4, layout2 = VARIANTS[name]
+    if (layout4 if WORLD == 4 else layout2) is None:
+        pytest.skip(f"{name} needs 4 GPUs")
+    tp, ep = layout4 if WORLD == 4 else layout2
     ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cuda"), torch.float64, router=router, moe=moe)
-    results = run_distributed(_nccl_worker, 4, tp, ep, True, router, moe, backend="nccl")
-    for loss, grads in results:
-        assert abs(loss - ref_loss) < 1e-9 * abs(ref_loss)
-        for n in ref:
-            torch.testing.assert_close(grads[n], ref[n], rtol=1e-6, atol=1e-9)
+    results = run_distributed(_nccl_worker, WORLD, tp, ep, True, router, moe, backend="nccl")
+    _assert_all_match(results, ref_loss, ref)

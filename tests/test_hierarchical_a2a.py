@@ -130,8 +130,12 @@ def test_traffic_is_counted(exchanges):
 
 HIER = dict(num_experts=8, topk=2, a2a_algorithm="hierarchical", a2a_node_size=4)
 HIER_CAP = dict(HIER, topk=1, capacity_factor=1.0, min_capacity=1, drop_policy="random")
+FULL = dict(granularity="full")
+CAC = dict(granularity="full", moe_cac=True)
 MODEL_JOBS = [job(1, 8, moe_kw=HIER, steps=2, global_batch=16), job(2, 4, moe_kw=HIER, steps=2, global_batch=16),
-              job(1, 8, moe_kw=HIER_CAP, steps=2, global_batch=16)]
+              job(1, 8, moe_kw=HIER_CAP, steps=2, global_batch=16),
+              job(1, 8, moe_kw=HIER, steps=2, global_batch=16, recompute=FULL),
+              job(1, 8, moe_kw=HIER, steps=2, global_batch=16, recompute=CAC)]
 
 
 def _without_a2a(kw):
@@ -149,7 +153,7 @@ def test_model_with_hierarchical_exchange_equals_one_process(model_runs, jj):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref = reference_job(dict(j, moe_kw=_without_a2a(j["moe_kw"])))
+        ref = reference_job(dict(j, moe_kw=_without_a2a(j["moe_kw"]), recompute=None))
     finally:
         torch.set_num_threads(threads)
     for rank, per_rank in enumerate(model_runs):
@@ -159,6 +163,26 @@ def test_model_with_hierarchical_exchange_equals_one_process(model_runs, jj):
         assert res["stats"]["gather/ep_intra"][0] > 0 and res["stats"]["scatter/ep_intra"][0] > 0
         assert ("all_to_all/ep_inter" in res["stats"]) == (res["coords"]["ep"] in (0, j["ep"] // 2))
         assert "all_to_all/ep" not in res["stats"]
+
+
+def test_cac_keeps_the_hierarchical_exchange(model_runs):
+    """Per step, checkpointing recomputes the forward exchanges (dispatch + combine): the leaders'
+    inter-node all-to-alls and the node gathers/scatters grow 4 -> 6 per MoE layer per micro-batch,
+    and the split matrices are exchanged again. CAC reuses the forward's: the counts of no
+    checkpointing, byte for byte."""
+    plain, full, kept = (MODEL_JOBS.index(j) for j in MODEL_JOBS if j["tp"] == 1 and j["moe_kw"] == HIER)
+    for per_rank in model_runs:
+        for key in ("gather/ep_intra", "scatter/ep_intra", "all_to_all/ep_inter", "counts/ep"):
+            none = per_rank[plain]["stats"].get(key)
+            if none is None:                      # not a leader: no inter-node exchange
+                assert key == "all_to_all/ep_inter"
+                continue
+            assert per_rank[kept]["stats"][key] == none, key
+            calls_full, calls_none = per_rank[full]["stats"][key][0], none[0]
+            if key == "counts/ep":   # 1 split-size exchange + 2 split matrices per layer: 3 -> 6
+                assert calls_full == 2 * calls_none, key
+            else:
+                assert 2 * calls_full == 3 * calls_none, key
 
 
 def test_flags():

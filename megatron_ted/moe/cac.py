@@ -159,11 +159,22 @@ def gather_counts(counts: torch.Tensor, tp: Group, kept: KeptCollectives | None)
     return kept.run("counts/tp", collective)
 
 
-def all_to_all(x: torch.Tensor, ep: Group, output_splits, input_splits, kept: KeptCollectives | None) -> torch.Tensor:
-    collective = lambda: mappings.all_to_all(x, ep, output_splits, input_splits)  # noqa: E731
+def all_to_all(x: torch.Tensor, ep: Group, output_splits, input_splits, kept: KeptCollectives | None,
+               exchange=None, mirror=None) -> torch.Tensor:
+    """The EP exchange of rows. exchange (differentiable, x -> rows) and mirror (its backward,
+    gradient -> gradient) replace the flat all-to-all: the hierarchical one passes its own."""
+    collective = (lambda: exchange(x)) if exchange else (lambda: mappings.all_to_all(x, ep, output_splits, input_splits))
     if kept is None or ep.size == 1:
         return collective()
-    return kept.run("all_to_all/ep", collective, x, lambda g: comm.all_to_all(g, ep, input_splits, output_splits))
+    mirror = mirror or (lambda g: comm.all_to_all(g, ep, input_splits, output_splits))
+    return kept.run("all_to_all/ep", collective, x, mirror)
+
+
+def split_matrix(input_splits: list[int], ep: Group, kept: KeptCollectives | None, device) -> list[list[int]]:
+    """S[i][j] = rows EP rank i sends to EP rank j, all-gathered over EP ("counts"); kept under CAC."""
+    mine = torch.tensor([input_splits], dtype=torch.int64, device=device)
+    collective = lambda: comm.all_gather(mine, ep, dim=0, kind="counts")  # noqa: E731
+    return (collective() if kept is None or ep.size == 1 else kept.run("counts/ep_matrix", collective)).tolist()
 
 
 def gather_partial(x: torch.Tensor, tp: Group, kept: KeptCollectives | None) -> torch.Tensor:

@@ -65,17 +65,23 @@ class TokenDispatcher:
             probs_TE = mappings.split(probs_TE, tp, dim=0)
             map_TE = map_TE.view(tp.size, -1, map_TE.shape[1])[tp.rank]
 
-        # 2. split sizes: this rank's assignments per expert, exchanged over EP; one host
-        #    synchronisation brings every size (and the most experts any token uses) to the host
+        # 2. split sizes: this rank's assignments per expert, exchanged over EP (and with DTD the
+        #    received counts of every TP rank, gathered over TP); one host synchronisation brings
+        #    every size (and the most experts any token uses) to the host
         T, E = map_TE.shape
         counts_E = map_TE.sum(0)
         send_counts_PL = counts_E.view(ep.size, L)
         recv_counts_PL = cac.exchange_counts(send_counts_PL.contiguous(), ep, self.kept)
-        host = torch.cat([send_counts_PL.sum(1), recv_counts_PL.flatten(), map_TE.sum(1).max().view(1)]).tolist()
+        sizes = [send_counts_PL.sum(1), recv_counts_PL.flatten(), map_TE.sum(1).max().view(1)]
+        if self.dtd:
+            counts_TPL = cac.gather_counts(recv_counts_PL.unsqueeze(0).contiguous(), tp, self.kept)
+            sizes += [counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]
+        host = torch.cat(sizes).tolist()
         input_splits = host[:ep.size]
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
         output_splits = [sum(c) for c in recv_counts]
-        K = max(1, host[-1])
+        K = max(1, host[ep.size * (L + 1)])
+        tp_sizes = host[ep.size * (L + 1) + 1:]     # DTD: rows per TP rank, then rows per local expert
 
         # 3. permute and all-to-all over EP. Each token's K slots (its kept experts first) are rows
         #    t * K + j; the kept rows sorted by expert (stable: then by token) are the send buffer.
@@ -89,7 +95,7 @@ class TokenDispatcher:
 
         # 4. + 5. + 6.
         if self.dtd:
-            y_RH = self._experts_dtd(x_RH, recv_counts_PL, experts)
+            y_RH = self._experts_dtd(x_RH, counts_TPL, tp_sizes[:tp.size], tp_sizes[tp.size:], experts)
         else:
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
 
@@ -114,11 +120,8 @@ class TokenDispatcher:
         y_sorted = cac.reduce_from(y_sorted, self.tp, self.kept)
         return scatter_rows(y_sorted, idx, y_sorted.shape[0])
 
-    def _experts_dtd(self, x_RH, recv_counts_PL, experts):
+    def _experts_dtd(self, x_RH, counts_TPL, rows_T, tokens_per_expert, experts):
         tp = self.tp
-        counts_TPL = cac.gather_counts(recv_counts_PL.unsqueeze(0).contiguous(), tp, self.kept)
-        host = torch.cat([counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]).tolist()  # one sync
-        rows_T, tokens_per_expert = host[:tp.size], host[tp.size:]
         M = max(rows_T)
         pad = M - x_RH.shape[0]
         x_pad = torch.cat([x_RH, x_RH.new_zeros(pad, x_RH.shape[1])]) if pad else x_RH

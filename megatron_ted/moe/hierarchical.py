@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ted.moe import cac
 from megatron_ted.moe.dispatcher import TokenDispatcher
-from megatron_ted.parallel import comm, mappings
+from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import CommStats, Group
 from megatron_ted.parallel.layout import ParallelLayout
 
@@ -149,17 +150,20 @@ class _HierarchicalAllToAll(torch.autograd.Function):
 
 
 def hierarchical_all_to_all(x: torch.Tensor, ep: Group, hg: HierarchicalGroups | None, output_splits: list[int],
-                            input_splits: list[int]) -> torch.Tensor:
+                            input_splits: list[int], kept: cac.KeptCollectives | None = None) -> torch.Tensor:
     """Drop-in for `mappings.all_to_all(x, ep, output_splits, input_splits)` (same rows, same order,
-    same gradients) that crosses nodes once per node pair."""
+    same gradients) that crosses nodes once per node pair. Under CAC (`kept`) the split matrix and
+    the received rows are kept for the recompute, like the flat exchange's."""
     if ep.size == 1:
         return x
     if hg is None or not hg.useful:
-        return mappings.all_to_all(x, ep, output_splits, input_splits)
-    mine = torch.tensor([input_splits], dtype=torch.int64, device=x.device)
-    S = comm.all_gather(mine, ep, dim=0, kind="counts").tolist()           # [P, P]: S[i][j] rows i -> j
+        return cac.all_to_all(x, ep, output_splits, input_splits, kept)
+    S = cac.split_matrix(input_splits, ep, kept, x.device)                 # [P, P]: S[i][j] rows i -> j
     assert [S[i][ep.rank] for i in range(ep.size)] == list(output_splits), "split sizes disagree"
-    return _HierarchicalAllToAll.apply(x, hg, ep.rank, S)
+    S_t = [list(col) for col in zip(*S)]
+    return cac.all_to_all(x, ep, output_splits, input_splits, kept,
+                          exchange=lambda x: _HierarchicalAllToAll.apply(x, hg, ep.rank, S),
+                          mirror=lambda g: _exchange(g.contiguous(), hg, ep.rank, S_t))
 
 
 class HierarchicalTokenDispatcher(TokenDispatcher):
@@ -171,4 +175,4 @@ class HierarchicalTokenDispatcher(TokenDispatcher):
         self.hierarchy = hierarchy
 
     def _all_to_all(self, x, output_splits, input_splits):
-        return hierarchical_all_to_all(x, self.ep, self.hierarchy, output_splits, input_splits)
+        return hierarchical_all_to_all(x, self.ep, self.hierarchy, output_splits, input_splits, self.kept)

@@ -219,7 +219,9 @@ def seq_load_balancing_loss(scores_TE: torch.Tensor, map_TE: torch.Tensor, topk:
 
 
 def z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
-    """coeff * mean_t(logsumexp(logits_t)^2)."""
+    """coeff * mean_t(logsumexp(logits_t)^2); at coefficient 0 nothing is computed (hot path)."""
+    if coeff == 0:
+        return logits_TE.new_zeros(())
     T = logits_TE.shape[0]
     return torch.logsumexp(logits_TE, dim=-1).square().sum() * (coeff / max(T, 1))
 
