@@ -45,6 +45,8 @@ def main():
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", choices=["none", "router", "layer"], default="none",
+                   help="torch.compile the router module or the whole layer (graph breaks at host syncs)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of rank 0 to this file")
     args = p.parse_args()
     s = SHAPES[args.shape]
@@ -65,6 +67,10 @@ def main():
     layer = TransformerLayer(s["hidden"], s["heads"], moe, groups.tp, bias=False)
     init_parameters(layer, 1, 0.02, 2, groups.tp, groups.ep)
     layer.to(device=device, dtype=dtype)
+    if args.compile == "router":
+        moe.router = torch.compile(moe.router)
+    elif args.compile == "layer":
+        layer = torch.compile(layer)
     batch = s["tokens"] // args.seq
     x = torch.randn(batch, args.seq, s["hidden"], device=device, dtype=dtype, generator=None, requires_grad=True)
     grad = torch.randn_like(x)
@@ -106,7 +112,7 @@ def main():
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} "
-              f"cf={args.capacity_factor} | {t.item() * 1e3:.2f} ms/iter | {flops / t.item() / 1e12:.1f} TFLOP/s/GPU "
+              f"cf={args.capacity_factor} compile={args.compile} | {t.item() * 1e3:.2f} ms/iter | {flops / t.item() / 1e12:.1f} TFLOP/s/GPU "
               f"| peak {peak:.2f} GiB | {name}", flush=True)
     dist.destroy_process_group()
 
