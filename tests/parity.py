@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
+from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe.router import RouterConfig
@@ -63,7 +64,8 @@ def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int, step: int
 
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
-                 dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, recompute: dict | None = None):
+                 dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, recompute: dict | None = None,
+                 compile_backend: str | None = None):
     """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}.
 
     Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
@@ -72,6 +74,8 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
     model = build_gpt(config, moe, groups, seed).to(dtype)
     if recompute:
         apply_recompute(model, RecomputeConfig(**recompute))
+    if compile_backend:
+        compile_layers(model, compile_backend)
     sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=lr, weight_decay=0.1, clip_grad=clip_grad)
     losses, grads, stats = [], None, None
@@ -141,23 +145,25 @@ def run_forked(fn, world_size: int, *args):
 
 
 def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=8, local_grads=False,
-        recompute=None) -> dict:
+        recompute=None, compile_backend=None) -> dict:
     """One training run to do in a layout: (tp, ep) of the world it runs in, model and batch shape.
 
     recompute: RecomputeConfig fields (activation checkpointing, CAC), or None.
+    compile_backend: compile the layers with this torch.compile backend (model/compile.py), or None.
 
     local_grads: also return this rank's gradient contribution before the data-parallel reduction
     (see `local_grads`), under the key "local_grads".
     """
     return dict(tp=tp, ep=ep, config_kw=dict(config_kw or {}), moe_kw=None if moe_kw is None else dict(moe_kw),
                 steps=steps, micro=micro, global_batch=global_batch, local_grads=local_grads,
-                recompute=None if recompute is None else dict(recompute))
+                recompute=None if recompute is None else dict(recompute), compile_backend=compile_backend)
 
 
 def run_job(groups: ParallelGroups, j: dict) -> dict:
     moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
     out = train_layout(groups, tiny_config(**j["config_kw"]), moe, steps=j["steps"],
-                       global_batch=j["global_batch"], micro=j["micro"], recompute=j.get("recompute"))
+                       global_batch=j["global_batch"], micro=j["micro"], recompute=j.get("recompute"),
+                       compile_backend=j.get("compile_backend"))
     if j["local_grads"]:
         moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
         out["local_grads"] = local_grads(groups, tiny_config(**j["config_kw"]), moe,

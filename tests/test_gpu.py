@@ -5,6 +5,7 @@ import torch
 from multiproc import run_distributed
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
+from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
@@ -36,11 +37,13 @@ def _batch(n, device):
                 position_ids=torch.arange(SEQ).expand(n, SEQ).to(device))
 
 
-def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None, moe=None):
+def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None, moe=None, compiled=False):
     """One step on the same global batch in any layout. Micro-batches are the same `micro`
     sequences in every layout and carry their global index as routing seed, so batch-level gates
     (capacity, BASE, expert choice, Sinkhorn) and random ones see the same inputs everywhere."""
     model = build_gpt(_config(), _moe(dtd, router, **(moe or {})), groups, 11).to(device=device, dtype=dtype)
+    if compiled:
+        compile_layers(model)
     sync = GradientSync(model, groups.dp, groups.expert_dp)
     batch = _batch(global_batch, device)
     per = global_batch // groups.dp.size
@@ -53,9 +56,9 @@ def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None
     return res.lm_loss, grads
 
 
-def _nccl_worker(rank, world, tp, ep, dtd, router=None, moe=None):
+def _nccl_worker(rank, world, tp, ep, dtd, router=None, moe=None, compiled=False):
     groups = ParallelGroups.create(ParallelLayout(world, tp, ep))
-    return _grads(groups, torch.device("cuda", rank), torch.float64, dtd, router=router, moe=moe)
+    return _grads(groups, torch.device("cuda", rank), torch.float64, dtd, router=router, moe=moe, compiled=compiled)
 
 
 def test_cuda_fp64_matches_cpu_reference():
@@ -124,3 +127,18 @@ def test_nccl_gates_and_variants_match_reference(name):
     ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cuda"), torch.float64, router=router, moe=moe)
     results = run_distributed(_nccl_worker, WORLD, tp, ep, True, router, moe, backend="nccl")
     _assert_all_match(results, ref_loss, ref)
+
+
+@needs_two
+@pytest.mark.parametrize("tp,ep", [(1, WORLD), (2, WORLD // 2)])
+def test_nccl_inductor_compiled_layers_match_reference(tp, ep):
+    """--torch-compile with Inductor's generated kernels (fp64) on NCCL equals the CPU reference."""
+    ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cpu"), torch.float64)
+    _assert_all_match(run_distributed(_nccl_worker, WORLD, tp, ep, True, None, None, True, backend="nccl"),
+                      ref_loss, ref)
+
+
+def test_bf16_compiled_close_to_eager():
+    eager_loss, eager = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16)
+    loss, got = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16, compiled=True)
+    assert abs(loss - eager_loss) < 0.01 * abs(eager_loss)

@@ -18,6 +18,7 @@ from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_size, parse_args, router_config
@@ -171,6 +172,8 @@ def train(args, tokenizer) -> dict:
                                                args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model.to(dtype)
+    if args.torch_compile:
+        compile_layers(model)
     # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
     torch.manual_seed(args.seed + 1000 * groups.dp.rank)
     n_params = sum(p.numel() for p in model.parameters())
