@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
@@ -62,14 +64,21 @@ def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int, step: int
 
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
-                 dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234):
+                 dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, sequence_parallel=False,
+                 recompute: dict | None = None):
     """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}.
 
     Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
     norm per step) and "moe_steps" (StepResult.moe per step); "moe" is the last step's.
+    sequence_parallel: --sequence-parallel; recompute: RecomputeConfig fields (None: off).
     """
     model = build_gpt(config, moe, groups, seed).to(dtype)
-    sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500)
+    if sequence_parallel:
+        apply_sequence_parallel(model)
+    if recompute is not None:
+        apply_recompute(model, RecomputeConfig(**recompute))
+    sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500,
+                        tp=groups.tp if sequence_parallel else None)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=lr, weight_decay=0.1, clip_grad=clip_grad)
     losses, grads, stats = [], None, None
     aux_losses, grad_norms, moe_steps = [], [], []
@@ -119,6 +128,7 @@ def assert_same(result, ref, rtol=1e-9, atol=1e-11, what=""):
 # ---- helpers for the parallel test files ------------------------------------------------------
 
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "megatron_ted.model.builder",
+            "megatron_ted.model.sequence_parallel",
             "megatron_ted.training.optimizer", "multiproc", "parity"]
 
 
@@ -137,20 +147,24 @@ def run_forked(fn, world_size: int, *args):
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
-def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=8, local_grads=False) -> dict:
+def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=8, local_grads=False,
+        sequence_parallel=False, recompute=None) -> dict:
     """One training run to do in a layout: (tp, ep) of the world it runs in, model and batch shape.
 
     local_grads: also return this rank's gradient contribution before the data-parallel reduction
     (see `local_grads`), under the key "local_grads".
+    sequence_parallel, recompute: as `train_layout`'s.
     """
     return dict(tp=tp, ep=ep, config_kw=dict(config_kw or {}), moe_kw=None if moe_kw is None else dict(moe_kw),
-                steps=steps, micro=micro, global_batch=global_batch, local_grads=local_grads)
+                steps=steps, micro=micro, global_batch=global_batch, local_grads=local_grads,
+                sequence_parallel=sequence_parallel, recompute=recompute)
 
 
 def run_job(groups: ParallelGroups, j: dict) -> dict:
     moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
     out = train_layout(groups, tiny_config(**j["config_kw"]), moe, steps=j["steps"],
-                       global_batch=j["global_batch"], micro=j["micro"])
+                       global_batch=j["global_batch"], micro=j["micro"],
+                       sequence_parallel=j.get("sequence_parallel", False), recompute=j.get("recompute"))
     if j["local_grads"]:
         moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
         out["local_grads"] = local_grads(groups, tiny_config(**j["config_kw"]), moe,
