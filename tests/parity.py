@@ -74,7 +74,7 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
     """
     model = build_gpt(config, moe, groups, seed).to(dtype)
     if sequence_parallel:
-        apply_sequence_parallel(model)
+        apply_sequence_parallel(model, groups.tp)
     if recompute is not None:
         apply_recompute(model, RecomputeConfig(**recompute))
     sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500,

@@ -78,7 +78,7 @@ def forward_counts(groups: ParallelGroups, sequence_parallel: bool, moe: bool) -
     """The counted collectives of one forward (no labels, no gradients): the layers' own."""
     model = build_gpt(tiny_config(), tiny_moe(**TOP2) if moe else None, groups, 1234).double()
     if sequence_parallel:
-        apply_sequence_parallel(model)
+        apply_sequence_parallel(model, groups.tp)
     batch = global_batches(1, 2)[0]
     groups.stats.reset()
     with torch.no_grad():
@@ -95,7 +95,7 @@ def run_all(rank, world, jobs):
         groups = ParallelGroups.create(ParallelLayout(world, 2, 1))
         out["forward"] = {(sp, moe): forward_counts(groups, sp, moe) for sp in (False, True) for moe in (False, True)}
         model = build_gpt(tiny_config(), tiny_moe(**TOP2), groups, 1234)
-        apply_sequence_parallel(model)
+        apply_sequence_parallel(model, groups.tp)
         names = {id(p): n for n, p in model.named_parameters()}
         out["sp_params"] = sorted(names[id(p)] for p in sequence_parallel_params(model))
     return out
@@ -254,8 +254,9 @@ BASE = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 def test_tp_one_is_a_no_op():
     args = parse_args(BASE + ["--sequence-parallel", "--seq-length", "7"], world_size=2)
     assert args.sequence_parallel is False
-    model = build_gpt(tiny_config(), tiny_moe(), ParallelGroups.single(), 1234)
-    assert apply_sequence_parallel(model) is model and not model.sequence_parallel
+    groups = ParallelGroups.single()
+    model = build_gpt(tiny_config(), tiny_moe(), groups, 1234)
+    assert apply_sequence_parallel(model, groups.tp) is model and not model.sequence_parallel
     assert sequence_parallel_params(model) == []
 
 

@@ -34,13 +34,14 @@ import dataclasses
 from torch import nn
 
 from megatron_ted.moe.moe_layer import MoELayer
+from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import spec_of
 from megatron_ted.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
-def apply_sequence_parallel(model: nn.Module) -> nn.Module:
-    """Turn sequence parallelism on for a GPTModel (a no-op when its TP group has one rank)."""
-    tp = model.tp
+def apply_sequence_parallel(model: nn.Module, tp: Group) -> nn.Module:
+    """Turn sequence parallelism over `tp` on for a GPTModel, or any module built of our TP layers
+    and MoE blocks (bench/moe_layer.py: one TransformerLayer); a no-op when `tp` has one rank."""
     if tp.size == 1:
         return model
     seq_modules = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)

@@ -173,7 +173,7 @@ def train(args, tokenizer) -> dict:
     config, moe = model_configs(args, vocab)
     model = build_gpt(config, moe, groups, args.seed).to(device)
     if getattr(args, "sequence_parallel", False):
-        apply_sequence_parallel(model)
+        apply_sequence_parallel(model, groups.tp)
     if args.recompute_granularity is not None:
         apply_recompute(model, RecomputeConfig(args.recompute_granularity, args.recompute_method or "uniform",
                                                args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
