@@ -23,7 +23,7 @@ from megatron_ted.model.sequence_parallel import apply_sequence_parallel, sequen
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.arguments import parse_args
-from parity import (SEQ, VOCAB, assert_matches, global_batches, job, reference_job, run_forked, run_job,
+from parity import (SEQ, assert_matches, global_batches, job, reference_job, run_forked, run_job,
                     tiny_config, tiny_moe)
 
 STEPS = 3
