@@ -23,7 +23,9 @@ from megatron_ted.model.sequence_parallel import apply_sequence_parallel, sequen
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.arguments import parse_args
-from parity import (SEQ, assert_matches, global_batches, job, reference_job, run_forked, run_job,
+from megatron_ted.training.grad_sync import GradientSync
+from megatron_ted.training.step import forward_backward
+from parity import (SEQ, assert_matches, global_batches, job, micro_batches, reference_job, run_forked, run_job,
                     tiny_config, tiny_moe)
 
 STEPS = 3
@@ -86,11 +88,35 @@ def forward_counts(groups: ParallelGroups, sequence_parallel: bool, moe: bool) -
     return groups.stats.snapshot()
 
 
+def owned_chunks_match(groups: ParallelGroups) -> float:
+    """--use-distributed-optimizer's reduce-scatter: the chunk of every bucket a rank owns ends with
+    the same gradient as the all-reduce gives, the TP sum of the SP parameters included. Returns
+    the largest difference over the owned chunks."""
+    flats = []
+    for reduce_scatter in (False, True):
+        model = build_gpt(tiny_config(), tiny_moe(**TOP2), groups, 1234).double()
+        apply_sequence_parallel(model, groups.tp)
+        sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500, reduce_scatter=reduce_scatter,
+                            tp=groups.tp)
+        batch = {k: (v.double() if k == "loss_mask" else v) for k, v in global_batches(1, 8)[0].items()}
+        forward_backward(model, micro_batches(batch, groups.dp.rank, groups.dp.size, 2), groups, sync)
+        flats.append(sync)
+    full, scattered = flats
+    err = 0.0
+    for a, b in zip(full.buckets, scattered.buckets):
+        lo, hi = b.chunk
+        if hi > lo:
+            err = max(err, float((a.buffer.flat[lo:hi] - b.buffer.flat[lo:hi]).abs().max()))
+    return err
+
+
 def run_all(rank, world, jobs):
     out = {"jobs": []}
     for j in jobs:
         groups = ParallelGroups.create(ParallelLayout(world, j["tp"], j["ep"]))
         out["jobs"].append(run_job(groups, j))
+    if world == 4:
+        out["owned_chunk_error"] = owned_chunks_match(ParallelGroups.create(ParallelLayout(world, 2, 2)))
     if world == 2:
         groups = ParallelGroups.create(ParallelLayout(world, 2, 1))
         out["forward"] = {(sp, moe): forward_counts(groups, sp, moe) for sp in (False, True) for moe in (False, True)}
@@ -178,6 +204,13 @@ def test_sequence_parallel_params_are_the_tp_replicated_ones(runs):
     assert "layers.0.input_norm.bias" in names and "layers.0.attention.proj.bias" in names
     assert "layers.0.mlp.router.weight" in names
     assert not any("experts" in n or "qkv" in n or n == "embedding.weight" for n in names)
+
+
+def test_distributed_optimizer_owned_chunks(runs):
+    """Reduce-scatter over DP, then the TP all-reduce of the SP gradients: the chunk each rank owns
+    is the fully reduced gradient (TP peers own the same chunk of identically laid-out buffers)."""
+    for r in runs[4]:
+        assert r["owned_chunk_error"] < 1e-15
 
 
 # ---- communication -------------------------------------------------------------------------------
