@@ -2,10 +2,13 @@
 
     torchrun --nproc_per_node 4 bench/moe_layer.py --shape A --tp 1 --ep 4
     torchrun --nproc_per_node 4 bench/moe_layer.py --shape B --tp 2 --ep 2 --no-dtd
+    torchrun --nproc_per_node 4 bench/moe_layer.py --shape A --tp 2 --ep 2 --sequence-parallel
 
 Shapes (DESIGN.md §4): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
 GPU; B hidden 4096, 32 heads, expert FFN 16384, 16 experts, top-2, 2048 tokens per GPU.
-"Tokens per GPU" is the micro-batch of each data-parallel rank (TP peers share it).
+"Tokens per GPU" is the micro-batch of each data-parallel rank (TP peers share it; with
+--sequence-parallel each TP rank holds its 1/TP of the sequence between the TP matmuls, and the
+MoE dispatch starts from that shard instead of DTD's drop).
 Prints one line: ms per iteration, model TFLOP/s per GPU, peak memory.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ted.model.init import init_parameters
+from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
@@ -42,6 +46,7 @@ def main():
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--no-dtd", action="store_true")
+    p.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism over TP")
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -66,13 +71,18 @@ def main():
     moe = MoELayer(s["hidden"], s["ffn"], router, groups.tp, groups.ep, duplicate_token_dropping=not args.no_dtd)
     layer = TransformerLayer(s["hidden"], s["heads"], moe, groups.tp, bias=False)
     init_parameters(layer, 1, 0.02, 2, groups.tp, groups.ep)
+    if args.sequence_parallel:
+        if args.no_dtd or args.seq % args.tp:
+            raise SystemExit("--sequence-parallel needs DTD (drop --no-dtd) and --seq divisible by --tp")
+        apply_sequence_parallel(layer, groups.tp)
+    sp = args.sequence_parallel and args.tp > 1
     layer.to(device=device, dtype=dtype)
     if args.compile == "router":
         moe.router = torch.compile(moe.router)
     elif args.compile == "layer":
         layer = torch.compile(layer)
     batch = s["tokens"] // args.seq
-    x = torch.randn(batch, args.seq, s["hidden"], device=device, dtype=dtype, generator=None, requires_grad=True)
+    x = torch.randn(batch, args.seq // args.tp if sp else args.seq, s["hidden"], device=device, dtype=dtype, generator=None, requires_grad=True)
     grad = torch.randn_like(x)
 
     def step():
@@ -111,7 +121,7 @@ def main():
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
-        print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} "
+        print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} sp={sp} "
               f"cf={args.capacity_factor} compile={args.compile} | {t.item() * 1e3:.2f} ms/iter | {flops / t.item() / 1e12:.1f} TFLOP/s/GPU "
               f"| peak {peak:.2f} GiB | {name}", flush=True)
     dist.destroy_process_group()

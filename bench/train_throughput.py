@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 1 --ep 4
     python bench/train_throughput.py --preset tiny --nproc 4 --tp 2 --ep 2          # CPU smoke test
+    python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 2 --ep 2 --sequence-parallel
 
 Launches torchrun, prints the layout table, and one result line: mean over the logged iterations
 after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).
@@ -62,7 +63,8 @@ def main():
     if not rows:
         sys.exit("no iterations after warm-up were logged")
     mean = [sum(c) / len(c) for c in zip(*rows)]
-    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} | {mean[0]:.1f} ms/iter | "
+    sp = "--sequence-parallel" in extra and a.tp > 1
+    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} | {mean[0]:.1f} ms/iter | "
           f"{mean[2]:.0f} tokens/s | {mean[1]:.1f} TFLOP/s/GPU | MFU {mean[3]:.1f}%")
 
 

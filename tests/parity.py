@@ -13,6 +13,7 @@ from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
@@ -64,19 +65,23 @@ def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int, step: int
 
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
-                 dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, recompute: dict | None = None,
-                 compile_backend: str | None = None):
+                 dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, sequence_parallel=False,
+                 recompute: dict | None = None, compile_backend: str | None = None):
     """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}.
 
     Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
     norm per step) and "moe_steps" (StepResult.moe per step); "moe" is the last step's.
+    sequence_parallel: --sequence-parallel; recompute: RecomputeConfig fields (None: off).
     """
     model = build_gpt(config, moe, groups, seed).to(dtype)
-    if recompute:
+    if sequence_parallel:
+        apply_sequence_parallel(model, groups.tp)
+    if recompute is not None:
         apply_recompute(model, RecomputeConfig(**recompute))
     if compile_backend:
         compile_layers(model, compile_backend)
-    sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500)
+    sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500,
+                        tp=groups.tp if sequence_parallel else None)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=lr, weight_decay=0.1, clip_grad=clip_grad)
     losses, grads, stats = [], None, None
     aux_losses, grad_norms, moe_steps = [], [], []
@@ -126,6 +131,7 @@ def assert_same(result, ref, rtol=1e-9, atol=1e-11, what=""):
 # ---- helpers for the parallel test files ------------------------------------------------------
 
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "megatron_ted.model.builder",
+            "megatron_ted.model.sequence_parallel",
             "megatron_ted.training.optimizer", "multiproc", "parity"]
 
 
@@ -145,7 +151,7 @@ def run_forked(fn, world_size: int, *args):
 
 
 def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=8, local_grads=False,
-        recompute=None, compile_backend=None) -> dict:
+        sequence_parallel=False, recompute=None, compile_backend=None) -> dict:
     """One training run to do in a layout: (tp, ep) of the world it runs in, model and batch shape.
 
     recompute: RecomputeConfig fields (activation checkpointing, CAC), or None.
@@ -153,16 +159,19 @@ def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=
 
     local_grads: also return this rank's gradient contribution before the data-parallel reduction
     (see `local_grads`), under the key "local_grads".
+    sequence_parallel, recompute: as `train_layout`'s.
     """
     return dict(tp=tp, ep=ep, config_kw=dict(config_kw or {}), moe_kw=None if moe_kw is None else dict(moe_kw),
                 steps=steps, micro=micro, global_batch=global_batch, local_grads=local_grads,
-                recompute=None if recompute is None else dict(recompute), compile_backend=compile_backend)
+                sequence_parallel=sequence_parallel, recompute=None if recompute is None else dict(recompute),
+                compile_backend=compile_backend)
 
 
 def run_job(groups: ParallelGroups, j: dict) -> dict:
     moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
     out = train_layout(groups, tiny_config(**j["config_kw"]), moe, steps=j["steps"],
-                       global_batch=j["global_batch"], micro=j["micro"], recompute=j.get("recompute"),
+                       global_batch=j["global_batch"], micro=j["micro"],
+                       sequence_parallel=j.get("sequence_parallel", False), recompute=j.get("recompute"),
                        compile_backend=j.get("compile_backend"))
     if j["local_grads"]:
         moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None

@@ -32,8 +32,9 @@ class SelfAttention(nn.Module):
         self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        b, s, _ = x.shape
-        qkv = self.qkv(x).view(b, s, 3, self.local_heads, self.head_dim)
+        qkv = self.qkv(x)                    # [B, S, 3 * local heads * D] (S whole under --sequence-parallel)
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each [B, heads, S, D]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)

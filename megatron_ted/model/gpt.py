@@ -1,6 +1,11 @@
 """GPT: embeddings -> transformer layers (dense or MoE MLPs) -> final norm -> vocab-parallel logits/loss.
 
 Shapes: B micro-batch, S sequence, H hidden, V padded vocabulary (sliced over TP).
+
+With --sequence-parallel (model/sequence_parallel.py) the embedding reduce-scatters its output to
+this rank's sequence shard [B, S/TP, H], positions are those of the shard, every layer runs on the
+shard between its tensor-parallel matmuls, and the final norm's output is all-gathered along the
+sequence before the vocab-parallel output layer.
 """
 from __future__ import annotations
 
@@ -83,16 +88,17 @@ class GPTModel(nn.Module):
         else:
             self.output_weight = None
         self.recompute: RecomputeConfig | None = None   # full activation checkpointing: model/recompute.py
+        self.sequence_parallel = False                   # model/sequence_parallel.py
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 routing_seed: int | None = None) -> GPTOutput:
         """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
         moe/routers.py); the MoE layers also get the token ids (hash routing)."""
-        x = self.embedding(tokens)                                     # [B, S, H]
+        x = self.embedding(tokens)                                     # [B, S, H] ([B, S/TP, H] under SP)
         route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = None
         if self.position_embedding is not None:
-            x = x + self.position_embedding(position_ids)
+            x = x + self.position_embedding(self._sequence_shard(position_ids))
         else:
             rotary = self.rotary(position_ids)
         x = self.embedding_dropout(x)
@@ -104,11 +110,22 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
 
         weight = self.output_weight if self.output_weight is not None else self.embedding.weight
-        logits = torch.nn.functional.linear(mappings.copy_to(x, self.tp), weight)  # [B, S, V/TP]
+        if self.sequence_parallel:
+            x = mappings.gather_partial(x, self.tp, dim=1)            # [B, S/TP, H] -> [B, S, H]
+        else:
+            x = mappings.copy_to(x, self.tp)
+        logits = torch.nn.functional.linear(x, weight)                 # [B, S, V/TP]
         if labels is None:
             return GPTOutput(None, logits, aux_loss, moe_outputs)
         loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
         return GPTOutput(loss, None, aux_loss, moe_outputs)
+
+    def _sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This TP rank's part of the sequence (dim 1) of t under SP; t itself otherwise."""
+        if not self.sequence_parallel:
+            return t
+        s = t.shape[1] // self.tp.size
+        return t[:, self.tp.rank * s:(self.tp.rank + 1) * s]
 
     def _run_layers(self, x, rotary, route=None):
         """Every transformer layer in order; checkpointed in chunks when `apply_recompute` set it.

@@ -19,7 +19,8 @@ RNG: checkpoint stashes the CPU RNG state and the CUDA RNG state of the input's 
 chunk's forward and restores both for its recompute, so every dropout mask (attention, hidden,
 and any randomness in routing) is drawn again identically. TP ranks draw from the same stream
 (train.py seeds by DP rank), so masks on TP-replicated activations stay identical over TP in the
-recompute too.
+recompute too. With --sequence-parallel nothing random is TP-replicated, and train.py gives each
+TP rank its own stream (model/sequence_parallel.py).
 """
 from __future__ import annotations
 

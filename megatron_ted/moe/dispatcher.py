@@ -16,6 +16,11 @@ and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP
 
 Without DTD every TP rank sends all T tokens through the all-to-all (TP identical copies), the
 experts' input enters with `copy_to` and their output is all-reduced over TP.
+
+With --sequence-parallel (`sequence_parallel`, TP > 1) each TP rank already holds only its own
+1/TP of the tokens (its sequence shard, with the routing of those tokens): steps 1 and 8 are
+skipped, steps 2-7 are DTD's. The all-to-all moves the same rows in total as under DTD (another
+1/TP per rank: a sequence slice of every sample instead of a slice of the flattened tokens).
 The backward of each step is its mirror (see parallel/mappings.py).
 
 `kept` is None except inside a checkpointed region with communication-aware checkpointing
@@ -55,12 +60,15 @@ class TokenDispatcher:
         self.num_experts, self.ep, self.tp = num_experts, ep, tp
         self.num_local_experts = num_experts // ep.size
         self.dtd = duplicate_token_dropping and tp.size > 1
+        self.sequence_parallel = False   # set by model/sequence_parallel.py: tokens arrive as this rank's shard
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
 
     def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts) -> torch.Tensor:
         ep, tp, L = self.ep, self.tp, self.num_local_experts
         T_full = x_TH.shape[0]
-        if self.dtd:                                                             # 1. drop
+        sharded = tp.size > 1 and (self.dtd or self.sequence_parallel)         # rows are this rank's 1/TP
+        drop = sharded and not self.sequence_parallel
+        if drop:                                                                 # 1. drop
             x_TH = mappings.split(x_TH, tp, dim=0)
             probs_TE = mappings.split(probs_TE, tp, dim=0)
             map_TE = map_TE.view(tp.size, -1, map_TE.shape[1])[tp.rank]
@@ -73,7 +81,7 @@ class TokenDispatcher:
         send_counts_PL = counts_E.view(ep.size, L)
         recv_counts_PL = cac.exchange_counts(send_counts_PL.contiguous(), ep, self.kept)
         sizes = [send_counts_PL.sum(1), recv_counts_PL.flatten(), map_TE.sum(1).max().view(1)]
-        if self.dtd:
+        if sharded:
             counts_TPL = cac.gather_counts(recv_counts_PL.unsqueeze(0).contiguous(), tp, self.kept)
             sizes += [counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]
         host = torch.cat(sizes).tolist()
@@ -81,7 +89,7 @@ class TokenDispatcher:
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
         output_splits = [sum(c) for c in recv_counts]
         K = max(1, host[ep.size * (L + 1)])
-        tp_sizes = host[ep.size * (L + 1) + 1:]     # DTD: rows per TP rank, then rows per local expert
+        tp_sizes = host[ep.size * (L + 1) + 1:]     # sharded: rows per TP rank, then per local expert
 
         # 3. permute and all-to-all over EP. Each token's K slots (its kept experts first) are rows
         #    t * K + j; the kept rows sorted by expert (stable: then by token) are the send buffer.
@@ -94,7 +102,7 @@ class TokenDispatcher:
         x_RH = self._all_to_all(x_NH, output_splits, input_splits)       # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
-        if self.dtd:
+        if sharded:
             y_RH = self._experts_dtd(x_RH, counts_TPL, tp_sizes[:tp.size], tp_sizes[tp.size:], experts)
         else:
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
@@ -103,7 +111,7 @@ class TokenDispatcher:
         y_NH = self._all_to_all(y_RH, input_splits, output_splits)
         y_TKH = scatter_rows(y_NH, perm_N, T * K).view(T, K, -1)
         y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
-        if self.dtd:                                                             # 8. restore all tokens
+        if drop:                                                                 # 8. restore all tokens
             y_TH = cac.gather(y_TH, tp, self.kept)
         assert y_TH.shape[0] == T_full
         return y_TH

@@ -38,9 +38,20 @@ def gshard_keep_second(weights_T2: torch.Tensor, uniform_T: torch.Tensor) -> tor
     return 2.0 * weights_T2[:, 1].detach() > uniform_T
 
 
-def multiplicative_jitter(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    """x * u with u ~ U(1 - eps, 1 + eps) elementwise (the router input in training)."""
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def multiplicative_jitter(x: torch.Tensor, eps: float, generator: torch.Generator | None,
+                          seq_shard: tuple[int, int] | None = None) -> torch.Tensor:
+    """x * u with u ~ U(1 - eps, 1 + eps) elementwise (the router input in training).
+
+    seq_shard (rank, size): x [B, S/size, H] is part `rank` of the sequence (--sequence-parallel);
+    the noise of the whole [B, S, H] is drawn and this part of it used, so the draws do not depend
+    on the split."""
+    if seq_shard is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        rank, size = seq_shard
+        s = x.shape[1]
+        u = torch.rand((x.shape[0], s * size) + tuple(x.shape[2:]), generator=generator, device=x.device,
+                       dtype=x.dtype).narrow(1, rank * s, s)
     return x * (1.0 - eps + 2.0 * eps * u)
 
 

@@ -3,6 +3,11 @@
 It replaces the dense MLP of every --moe-layer-freq-th layer. The router is replicated over TP and
 runs on the full token set of the micro-batch (so capacity and drops do not depend on TP); the
 dispatcher moves tokens to the expert-parallel ranks that hold their experts.
+
+With --sequence-parallel the block gets this TP rank's sequence shard [B, S/TP, H]; the router
+still decides on the full token set (it all-gathers its logits, moe/routers.py) and the block keeps
+the combine weights and routing map of its shard's tokens for the dispatcher, which then skips
+DTD's drop and final gather (moe/dispatcher.py).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from megatron_ted.moe.dispatcher import TokenDispatcher
 from megatron_ted.moe.experts import GroupedExperts
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.moe.routers import RouteInputs, build_router
+from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 
 
@@ -38,7 +44,12 @@ class MoELayer(nn.Module):
     def forward(self, x_BSH: torch.Tensor, route: RouteInputs | None = None) -> tuple[torch.Tensor, MoEOutput]:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
         routing = self.router(x_BSH, route)
-        y_TH = self.dispatcher(x_TH, routing.probs_TE, routing.routing_map_TE, self.experts)
+        probs_TE, map_TE = routing.probs_TE, routing.routing_map_TE
+        if self.dispatcher.sequence_parallel:   # full-T routing -> the rows of this rank's sequence shard
+            tp, (B, s, _) = self.dispatcher.tp, x_BSH.shape
+            probs_TE = mappings.split(probs_TE.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1)
+            map_TE = map_TE.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1)
+        y_TH = self.dispatcher(x_TH, probs_TE, map_TE, self.experts)
         out = MoEOutput(aux_loss=routing.aux_loss + routing.z_loss,
                         tokens_per_expert=routing.tokens_per_expert_E.detach(),
                         num_dropped=routing.num_dropped.detach(),

@@ -41,6 +41,13 @@ Random draws (jitter, GShard's second expert, RTS) come from a generator seeded 
 gives each micro-batch of the global batch its own key, the same in every layout, so random gates
 stay layout invariant; without one the router counts its calls. Every TP rank routes the same
 replicated tokens with the same generator, so routing never differs over TP.
+
+--sequence-parallel (`sp_group`, set by model/sequence_parallel.py): a TP rank holds only its
+sequence shard [B, S/TP, H]. The router computes the logits of its shard and all-gathers them
+along the sequence over TP ([T/TP, E] per rank, E << H), so the gate, its capacity, its random draws
+and its losses see the micro-batch's full T tokens exactly as without SP; the MoE layer then keeps
+its shard's rows. Every gate stays layout invariant. The weight's gradient is a partial sum over
+TP (the gather's backward keeps this rank's rows): it is tagged `sequence_parallel`.
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ from torch import nn
 from megatron_ted.moe import gates
 from megatron_ted.moe.router import (RouterConfig, RoutingResult, TopKRouter, capacity_mask, compute_capacity,
                                      load_balancing_loss, seq_load_balancing_loss, z_loss)
-from megatron_ted.parallel import comm
+from megatron_ted.parallel import comm, mappings
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 
@@ -93,6 +100,7 @@ class Router(TopKRouter):
             raise ValueError("--moe-router-type hash: use HashRouter (build_router picks it)")
         super().__init__(hidden_size, config, init_std, seed, device)
         self.dp = dp or Group.single("dp")
+        self.sp_group: Group | None = None   # --sequence-parallel: the TP group the sequence is split over
         self.random = _RandomStream(config.seed)
         self.expert_bias = None
         if config.enable_expert_bias:
@@ -112,9 +120,10 @@ class Router(TopKRouter):
 
     def forward(self, x: torch.Tensor, route: RouteInputs | None = None) -> RoutingResult:
         cfg = self.config
+        sp = self.sp_group
         seq_length = x.shape[-2] if x.dim() == 3 else None
         x_TH = x.reshape(-1, x.shape[-1])
-        T, E, K = x_TH.shape[0], cfg.num_experts, cfg.topk
+        E, K = cfg.num_experts, cfg.topk
         dtype = torch.promote_types(x_TH.dtype, torch.float32)
         gen = None
 
@@ -126,8 +135,16 @@ class Router(TopKRouter):
 
         x_in = x_TH.to(dtype)
         if cfg.input_jitter_eps is not None and self.training:
-            x_in = gates.multiplicative_jitter(x_in, cfg.input_jitter_eps, generator())
+            if sp is None:
+                x_in = gates.multiplicative_jitter(x_in, cfg.input_jitter_eps, generator())
+            else:
+                x_in = gates.multiplicative_jitter(x_in.view(x.shape), cfg.input_jitter_eps, generator(),
+                                                   (sp.rank, sp.size)).view(x_TH.shape)
         logits_TE = F.linear(x_in, self.weight.to(dtype))
+        if sp is not None:   # [B, S/TP, E] of this rank -> [B, S, E]: the gate sees every token
+            logits_TE = mappings.gather(logits_TE.view(x.shape[0], x.shape[1], E), sp, dim=1).reshape(-1, E)
+            seq_length = x.shape[1] * sp.size
+        T = logits_TE.shape[0]
         scores_TE = torch.softmax(logits_TE, dim=-1)
         zeros_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
         num_assignments = T * K
@@ -220,6 +237,7 @@ class HashRouter(nn.Module):
         table = gates.hash_experts(config.vocab_size, config.num_experts, config.seed).to(device)
         self.expert_of_token = set_spec(nn.Parameter(table, requires_grad=False), init="fixed")
         self.random = _RandomStream(config.seed)
+        self.sp_group: Group | None = None   # --sequence-parallel: x is a 1/TP shard, the ids are whole
 
     def forward(self, x: torch.Tensor, route: RouteInputs | None = None) -> RoutingResult:
         cfg = self.config
@@ -228,8 +246,9 @@ class HashRouter(nn.Module):
                              "without token ids (GPTModel passes them)")
         ids_T = route.token_ids.reshape(-1).to(self.expert_of_token.device)
         T = ids_T.shape[0]
-        if T != x.reshape(-1, x.shape[-1]).shape[0]:
-            raise ValueError(f"hash routing: {T} token ids for {x.reshape(-1, x.shape[-1]).shape[0]} tokens")
+        tokens = x.reshape(-1, x.shape[-1]).shape[0] * (self.sp_group.size if self.sp_group is not None else 1)
+        if T != tokens:
+            raise ValueError(f"hash routing: {T} token ids for {tokens} tokens")
         dtype = torch.promote_types(x.dtype, torch.float32)
         map_TE = F.one_hot(self.expert_of_token[ids_T], cfg.num_experts).bool()
         probs_TE = map_TE.to(dtype)

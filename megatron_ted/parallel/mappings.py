@@ -7,8 +7,10 @@ group and so are their gradients. Names say what the forward does:
   reduce_from(x)      fwd all-reduce        bwd identity       (leave a row-parallel region)
   split(x, dim)       fwd keep own chunk    bwd all-gather     (DTD "drop": no communication forward)
   gather(x, dim)      fwd all-gather        bwd keep own chunk (undo a split)
-  gather_partial(x)   fwd all-gather dim 0  bwd reduce-scatter (tokens into tensor-sliced experts)
-  reduce_scatter(x)   fwd reduce-scatter    bwd all-gather     (partial expert output to own share)
+  gather_partial(x, dim)  fwd all-gather  bwd reduce-scatter (tokens into tensor-sliced experts; with
+                      --sequence-parallel, the sequence shards into a column-parallel linear, dim 1)
+  reduce_scatter(x, dim)  fwd reduce-scatter  bwd all-gather (partial expert output to own share; with
+                      --sequence-parallel, a row-parallel output to this rank's sequence shard, dim 1)
   all_to_all(x, ...)  fwd all-to-all        bwd all-to-all with the splits swapped
 
 Every communication, forward or backward, is counted in the group's CommStats.
@@ -72,24 +74,24 @@ class _Gather(torch.autograd.Function):
 
 class _GatherPartial(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.all_gather(x, group, 0)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return comm.all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return comm.reduce_scatter(g, ctx.group, 0), None
+        return comm.reduce_scatter(g, ctx.group, ctx.dim), None, None
 
 
 class _ReduceScatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.reduce_scatter(x, group, 0)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return comm.reduce_scatter(x, group, dim)
 
     @staticmethod
     def backward(ctx, g):
-        return comm.all_gather(g, ctx.group, 0), None
+        return comm.all_gather(g, ctx.group, ctx.dim), None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -119,12 +121,12 @@ def gather(x: torch.Tensor, group: Group, dim: int = -1) -> torch.Tensor:
     return x if group.size == 1 else _Gather.apply(x, group, dim % x.dim())
 
 
-def gather_partial(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group.size == 1 else _GatherPartial.apply(x, group)
+def gather_partial(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    return x if group.size == 1 else _GatherPartial.apply(x, group, dim % x.dim())
 
 
-def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group.size == 1 else _ReduceScatter.apply(x, group)
+def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    return x if group.size == 1 else _ReduceScatter.apply(x, group, dim % x.dim())
 
 
 def all_to_all(x: torch.Tensor, group: Group, output_splits: list[int] | None = None,

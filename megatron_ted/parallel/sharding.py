@@ -7,6 +7,10 @@ Every parameter carries a `ParamSpec` (attribute `param.spec`):
            expert-parallel slot (contiguous block `ep_rank * E_local ...`)
   init     how the full tensor is drawn: "normal", "output" (std / sqrt(2 * layers)), "zeros", "ones",
            or "fixed" (left as its module built it, e.g. a hash-routing table)
+  sequence_parallel
+           replicated over TP but used on this rank's sequence shard only (--sequence-parallel: norms,
+           row-parallel biases, position embeddings, routers): its gradient is a partial sum that
+           training/grad_sync.py all-reduces over TP. Set by model/sequence_parallel.py.
 
 The full tensor is the unit of initialization (so every layout draws the same model from one
 seed) and of checkpoints (so a checkpoint written at one layout loads at another).
@@ -26,6 +30,7 @@ class ParamSpec:
     tp_dim: int | None = None
     expert: bool = False
     init: str = "normal"
+    sequence_parallel: bool = False
 
 
 def set_spec(param: torch.nn.Parameter, tp_dim: int | None = None, expert: bool = False,

@@ -3,6 +3,12 @@
 ColumnParallelLinear: weight [out/TP, in], output features sliced over TP.
 RowParallelLinear:    weight [out, in/TP], input features sliced over TP, outputs summed over TP.
 A column layer followed by a row layer needs one all-reduce forward and one backward.
+
+With `sequence_parallel` (set by model/sequence_parallel.py) the activations outside the pair are
+this rank's 1/TP of the sequence (dim 1 of [B, S, H]): the column layer all-gathers its input along
+the sequence (backward: reduce-scatter) and the row layer reduce-scatters its output (backward:
+all-gather) instead of all-reducing it. Same bytes per rank, and the regions between the pairs run on
+S/TP tokens.
 """
 from __future__ import annotations
 
@@ -38,10 +44,12 @@ class ColumnParallelLinear(nn.Module):
         out_local = _divide(out_features, tp.size, "output features")
         self.weight = set_spec(nn.Parameter(torch.empty(fused, out_local, in_features)), tp_dim=1, init=init)
         self.bias = set_spec(nn.Parameter(torch.empty(fused, out_local)), tp_dim=1, init="zeros") if bias else None
+        self.sequence_parallel = False   # input [B, S/TP, H]: all-gather the sequence first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.flatten() if self.bias is not None else None
-        return F.linear(mappings.copy_to(x, self.tp), self.weight.flatten(0, 1), bias)
+        x = mappings.gather_partial(x, self.tp, dim=1) if self.sequence_parallel else mappings.copy_to(x, self.tp)
+        return F.linear(x, self.weight.flatten(0, 1), bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -55,7 +63,9 @@ class RowParallelLinear(nn.Module):
         in_local = _divide(in_features, tp.size, "input features")
         self.weight = set_spec(nn.Parameter(torch.empty(out_features, in_local)), tp_dim=1, init=init)
         self.bias = set_spec(nn.Parameter(torch.empty(out_features)), init="zeros") if bias else None
+        self.sequence_parallel = False   # output [B, S/TP, H]: reduce-scatter along the sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = mappings.reduce_from(F.linear(x, self.weight), self.tp)
+        y = F.linear(x, self.weight)
+        y = mappings.reduce_scatter(y, self.tp, dim=1) if self.sequence_parallel else mappings.reduce_from(y, self.tp)
         return y + self.bias if self.bias is not None else y

@@ -26,6 +26,7 @@ class VocabParallelEmbedding(nn.Module):
         self.per_rank = num_embeddings // tp.size
         self.start = tp.rank * self.per_rank
         self.weight = set_spec(nn.Parameter(torch.empty(self.per_rank, embedding_dim)), tp_dim=0)
+        self.sequence_parallel = False   # ids [B, S] -> [B, S/TP, H]: reduce-scatter along the sequence
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -34,6 +35,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.per_rank)
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter(out, self.tp, dim=1)
         return mappings.reduce_from(out, self.tp)
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with TP > 1, run norms, dropout, residuals and the MoE dispatch on 1/TP of the sequence "
+                        "(all-gather + reduce-scatter instead of all-reduce; replaces DTD's drop); a no-op at TP 1")
     g.add_argument("--rank-order", choices=["tp-ep-dp", "tp-dp-ep"], default="tp-ep-dp",
                    help="tp-dp-ep keeps expert-DP reductions inside a node at the price of a wider all-to-all")
     g.add_argument("--world-size", type=int, default=None, help="for --dry-run without processes")
@@ -185,6 +188,11 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(args.max_position_embeddings >= args.seq_length,
          f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}")
     need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one")
+    if tp == 1:
+        args.sequence_parallel = False   # as Megatron-LM: nothing to split the sequence over
+    need(not args.sequence_parallel or args.seq_length % tp == 0,
+         f"--sequence-parallel splits --seq-length {args.seq_length} over --tensor-model-parallel-size {tp}; "
+         f"use a multiple of {tp}")
 
     per_step = args.micro_batch_size * dp
     if args.global_batch_size is None:
@@ -226,6 +234,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         if args.moe_a2a_node_size is not None:
             check_node_size(world_size, args.moe_a2a_node_size)
+        need(not (args.sequence_parallel and args.moe_no_duplicate_token_dropping),
+             "--sequence-parallel already gives each TP rank its own tokens; drop --moe-no-duplicate-token-dropping")
         if tp > 1 and not args.moe_no_duplicate_token_dropping:
             need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
                                    f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "

@@ -123,10 +123,15 @@ def _model_lines(args, precision: str) -> list[str]:
         routing = (f"capacity factor {cf} (min {args.moe_min_capacity}, drop by {args.moe_token_drop_policy})"
                    if cf is not None else "dropless")
         dtd = "on" if args.tensor_model_parallel_size > 1 and not args.moe_no_duplicate_token_dropping else "off"
+        if getattr(args, "sequence_parallel", False):
+            dtd = "not needed (sequence parallel: each TP rank dispatches its own shard)"
         n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
         lines.append(f"MoE: {args.num_experts} experts, top-{args.moe_router_topk}, in {n_moe} of "
                      f"{args.num_layers} layers (every {args.moe_layer_freq}), expert FFN {args.moe_ffn_hidden_size}, "
                      f"{routing}, aux loss {args.moe_aux_loss_coeff:g}, duplicate token dropping {dtd}")
+    if getattr(args, "sequence_parallel", False):
+        lines.append(f"sequence parallel: activations between the TP matmuls on {args.seq_length} / "
+                     f"{args.tensor_model_parallel_size} positions per TP rank")
     return lines
 
 

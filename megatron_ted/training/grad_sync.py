@@ -14,6 +14,12 @@ every bucket (`Bucket.chunk`) and partial sums elsewhere; the optimizer owns tha
 
     flat buffer of one group:  | bucket 0 (+pad)          | bucket 1 (+pad)          | ...
     owned by group rank r:     |  r-th 1/size of bucket 0  |  r-th 1/size of bucket 1 | ...
+
+--sequence-parallel (`tp` given): the parameters tagged `ParamSpec.sequence_parallel` (replicated
+over TP but each TP rank saw only its sequence shard) hold partial sums over TP; `finish` adds one
+coalesced all-reduce of their gradients over TP after the data-parallel reduction. The sums commute,
+and with reduce-scatter the TP peers of a DP rank own the same chunk of identically laid-out
+buffers, so the owned chunk ends with the full sum either way.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch import nn
 
 from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import Group
-from megatron_ted.parallel.sharding import is_expert
+from megatron_ted.parallel.sharding import is_expert, spec_of
 
 
 def chunk_range(numel: int, size: int, rank: int) -> tuple[int, int]:
@@ -90,8 +96,9 @@ class GradBuffer:
 
 class GradientSync:
     def __init__(self, model: nn.Module, dp: Group, expert_dp: Group, bucket_elements: int = 40_000_000,
-                 overlap: bool = True, reduce_scatter: bool = False):
+                 overlap: bool = True, reduce_scatter: bool = False, tp: Group | None = None):
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
+        self.tp = tp
         self.sync_now = True  # False on all but the last micro-batch of a step
         self.buffers: list[GradBuffer] = []
         self.bucket_of: dict[nn.Parameter, Bucket] = {}
@@ -101,6 +108,8 @@ class GradientSync:
             self._build(name, list(reversed(members)), group, bucket_elements)  # backward visits last params first
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
+        # read at finish(), so apply_sequence_parallel may run before or after this constructor
+        self._params = params
 
     @property
     def buckets(self) -> list[Bucket]:
@@ -150,3 +159,14 @@ class GradientSync:
         """Complete every bucket's reduction (launching those backward did not)."""
         for b in self.buckets:
             b.wait()
+        if self.tp is not None and self.tp.size > 1:
+            self._reduce_sequence_parallel()
+
+    def _reduce_sequence_parallel(self):
+        """Sum the gradients of the sequence-parallel parameters over TP (one all-reduce)."""
+        grads = [p.main_grad for p in self._params if spec_of(p).sequence_parallel]
+        if not grads:
+            return
+        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), self.tp)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))

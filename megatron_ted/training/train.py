@@ -20,6 +20,7 @@ from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_size, parse_args, router_config
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
@@ -158,6 +159,11 @@ def evaluate(model, loader_iter, args, groups, device) -> float:
     return (t[0] / t[1]).item()
 
 
+def _sp_seed_offset(args, groups) -> int:
+    """Dropout seed offset of this TP rank under --sequence-parallel (0 otherwise)."""
+    return 7919 * groups.tp.rank if getattr(args, "sequence_parallel", False) else 0
+
+
 def train(args, tokenizer) -> dict:
     device = init_distributed(args)
     groups = ParallelGroups.create(args.layout)
@@ -167,6 +173,8 @@ def train(args, tokenizer) -> dict:
     vocab = args.padded_vocab_size
     config, moe = model_configs(args, vocab)
     model = build_gpt(config, moe, groups, args.seed).to(device)
+    if getattr(args, "sequence_parallel", False):
+        apply_sequence_parallel(model, groups.tp)
     if args.recompute_granularity is not None:
         apply_recompute(model, RecomputeConfig(args.recompute_granularity, args.recompute_method or "uniform",
                                                args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
@@ -175,13 +183,15 @@ def train(args, tokenizer) -> dict:
     if args.torch_compile:
         compile_layers(model)
     # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
-    torch.manual_seed(args.seed + 1000 * groups.dp.rank)
+    # With --sequence-parallel no activation is TP-replicated: every TP rank gets its own stream.
+    torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
 
     # --use-distributed-optimizer: gradients reduce-scattered, optimizer state partitioned (ZeRO-1)
     sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce,
-                        reduce_scatter=args.use_distributed_optimizer)
+                        reduce_scatter=args.use_distributed_optimizer,
+                        tp=groups.tp if getattr(args, "sequence_parallel", False) else None)
     scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
     optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
@@ -210,8 +220,10 @@ def train(args, tokenizer) -> dict:
     # ... and the RNG continues where the checkpoint left it (set after the loaders, which draw a seed).
     if rng_state is not None:
         set_rng_state(rng_state)
-    elif iteration > 0:  # not restored (--no-load-rng, or another DP size): fresh dropout streams
-        torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration)
+    if iteration > 0 and (rng_state is None or _sp_seed_offset(args, groups)):
+        # not restored (--no-load-rng, or another DP size), or a TP rank > 0 under --sequence-parallel
+        # (checkpoints hold TP rank 0's states only): fresh dropout streams
+        torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration + _sp_seed_offset(args, groups))
 
     n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
     tokens_per_step = args.global_batch_size * args.seq_length
