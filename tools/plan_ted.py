@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         plans, cluster, args = plan(argv)
         best = plans[0]
         if not best.fits:
-            raise ValueError(f"no layout fits in {cluster.gpu_memory_gib:g} GiB per GPU: the smallest needs "
+            raise ValueError(f"no layout fits in {cluster.gpu_memory_gib:g} GiB per GPU (less 10% headroom): the smallest needs "
                              f"{best.memory.total / GiB:.1f} GiB (TP {best.knobs['tp']}, EP {best.knobs['ep']}, "
                              f"micro-batch {best.knobs['micro_batch']}, recompute {best.knobs['recompute']}); "
                              f"add nodes, shrink the model or the micro-batch")

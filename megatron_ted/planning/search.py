@@ -6,7 +6,8 @@ recompute none/full, --moe-cac, --use-distributed-optimizer), validated by
 lists is one the trainer accepts. Then: parameter counts (model/param_count.py), peak memory
 (memory.py), communication (comm.py) and step time (throughput.py).
 
-Ranking: layouts that fit (predicted peak <= GPU memory) first, by predicted tokens per second
+Ranking: layouts that fit (predicted peak <= 90% of the GPU memory: the memory model's validated
+error is within +-15%, docs/PLANNER.md) first, by predicted tokens per second
 (higher first); then the ones that do not fit, by how far they exceed the memory.
 """
 from __future__ import annotations
@@ -85,7 +86,7 @@ def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
     t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
                   args.num_layers * args.num_micro_batches)
     return Plan(args, layout, counts, mem, volumes, t, tokens / t.total,
-                mem.total <= cluster.gpu_memory_gib * GiB)
+                mem.total <= cluster.usable_bytes)
 
 
 def candidates(base: argparse.Namespace, cluster: Cluster, vocab_size: int, tps=None, eps=None,
@@ -93,7 +94,7 @@ def candidates(base: argparse.Namespace, cluster: Cluster, vocab_size: int, tps=
     """Every valid variant of `base` (parsed, not yet validated flags) over the planned knobs."""
     world = cluster.world_size
     moe = base.num_experts is not None
-    for tp in tps or [d for d in _divisors(world) if d <= cluster.gpus_per_node]:
+    for tp in tps or _divisors(world):
         for ep in eps or (_divisors(world // tp) if moe else [1]):
             for mb in micro_batches:
                 recomputes = [(None, False), ("full", False)] + ([("full", True)] if moe and ep > 1 else [])

@@ -33,6 +33,11 @@ class Cluster:
     intra_node_gbps: float       # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float       # GB/s per GPU between nodes (its NIC share)
     achievable_tflops: float     # sustained model TFLOP/s per GPU for the matmuls
+    memory_headroom: float = 0.10  # a layout fits when its predicted peak <= (1 - headroom) x GPU memory
+
+    @property
+    def usable_bytes(self) -> float:
+        return (1 - self.memory_headroom) * self.gpu_memory_gib * 2**30
 
     def __post_init__(self):
         for name, value in (("--gpus-per-node", self.gpus_per_node), ("--num-nodes", self.num_nodes)):
