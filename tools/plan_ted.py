@@ -13,6 +13,7 @@ on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ted.data.tokenizer import build_tokenizer  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
-from megatron_ted.planning.search import PRESETS, search  # noqa: E402
+from megatron_ted.planning.search import PRESETS, evaluate, search  # noqa: E402
 from megatron_ted.planning.throughput import Cluster  # noqa: E402
 from megatron_ted.training.arguments import build_parser, padded_vocab_size, validate  # noqa: E402
 
@@ -87,13 +88,10 @@ def plan(argv=None):
     if tokenizer is None:
         raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size N (or use a --preset)")
     if args.fixed_layout:
-        import copy
         a = validate(copy.deepcopy(args), cluster.world_size)
         a.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, a.make_vocab_size_divisible_by,
                                                 a.tensor_model_parallel_size)
-        from megatron_ted.planning.search import evaluate
         return [evaluate(a, cluster)], cluster, args
-    import copy
     probe = copy.deepcopy(args)           # model errors first, at TP 1 / EP 1, with the trainer's messages
     probe.tensor_model_parallel_size = probe.expert_model_parallel_size = 1
     validate(probe, cluster.world_size)
