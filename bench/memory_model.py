@@ -1,6 +1,7 @@
 """Predicted (planning/memory.py) vs measured peak memory per rank, for a list of layouts.
 
-    torchrun --nproc_per_node 1 bench/memory_model.py                # 1 GPU
+    torchrun --nproc_per_node 1 bench/memory_model.py --num-layers 6  # 1 GPU (24 layers of 16 experts
+                                                                      # need ~130 GB without expert parallelism)
     torchrun --nproc_per_node 2 bench/memory_model.py                # 2 GPUs (TP 2 / EP 2 layouts too)
     torchrun --nproc_per_node 4 bench/memory_model.py
     torchrun --nproc_per_node 2 bench/memory_model.py --cpu          # gloo smoke test (counts nothing)
@@ -88,6 +89,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="gloo on CPU with tiny sizes (smoke test)")
+    p.add_argument("--num-layers", type=int, default=24, help="layers of the 1.3B-base cases (fewer on 1-2 GPUs)")
     a = p.parse_args()
     cuda = torch.cuda.is_available() and not a.cpu
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -103,6 +105,8 @@ def main():
         if world % tp or (world // tp) % ep:
             continue
         try:
+            if name.startswith("1.3b"):
+                flags = flags.replace("--num-layers 24", f"--num-layers {a.num_layers}")
             args, predicted, measured = run_case(f"{flags} --tensor-model-parallel-size {tp} "
                                                  f"--expert-model-parallel-size {ep}", world, device, a.iters)
         except torch.OutOfMemoryError:
