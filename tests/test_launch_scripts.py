@@ -35,14 +35,17 @@ def test_40b_sbatch_dry_run(model, shape, total, tmp_path):
     out = r.stdout
     assert shape in out and "seq 2048" in out and "fp16" in out
     assert "MoE: 16 experts, top-1, in " in out and "capacity factor 1.0 (min 4" in out and "aux loss 0.01" in out
-    assert "world 128: TP 2, DP 64, EP 16, expert-DP 4" in out and "nodes: 16 x 8 GPUs" in out
-    assert "global batch 2048" in out and "activation recomputation: full/uniform" in out
+    # the planner's layout for 16 x 8 H100-80GB (docs/PLANNER.md)
+    assert "world 128: TP 1, DP 128, EP 16, expert-DP 8" in out and "nodes: 16 x 8 GPUs" in out
+    assert "global batch 2048" in out and "micro-batch 2" in out and "activation recomputation: off" in out
+    peak = float(re.search(r"predicted peak memory per GPU: ([\d.]+) GiB", out).group(1))
+    assert 20 < peak < 0.9 * 80                           # fits an 80 GB GPU with the planner's headroom
     assert total_parameters(out) == total                 # = tests/test_dry_run.py's closed form
     assert "applies: distributed (--use-distributed-optimizer" in out
 
 
 def test_40b_sbatch_sizes_come_from_the_environment():
-    r = run_script(SBATCH, {"DRY_RUN": "1", "NNODES": "1", "GPUS_PER_NODE": "4", "NUM_LAYERS": "2", "HIDDEN": "64",
+    r = run_script(SBATCH, {"DRY_RUN": "1", "NNODES": "1", "GPUS_PER_NODE": "4", "TP": "2", "NUM_LAYERS": "2", "HIDDEN": "64",
                             "HEADS": "4", "NUM_EXPERTS": "4", "EP": "2", "GLOBAL_BATCH": "16", "SEQ_LEN": "64",
                             "PRECISION": "bf16", "RECOMPUTE": "none", "DIST_OPT": "0", "VOCAB_SIZE": "250"})
     assert r.returncode == 0, r.stderr
@@ -56,7 +59,7 @@ def test_40b_sbatch_sizes_come_from_the_environment():
     ({"DATA_PATH": "data/x_text_document"}, "error: CHECKPOINT_DIR is not set"),
     ({"MOCK_DATA": "1"}, "error: CHECKPOINT_DIR is not set"),
     ({"MOCK_DATA": "1", "CHECKPOINT_DIR": "ckpt"}, "error: not inside a Slurm job"),
-    ({"DRY_RUN": "1", "GPUS_PER_NODE": "3"},          # world 48 = TP 2 x DP 24, EP 16 does not divide 24
+    ({"DRY_RUN": "1", "GPUS_PER_NODE": "3", "TP": "2"},   # world 48 = TP 2 x DP 24, EP 16 does not divide 24
      "error: --expert-model-parallel-size 16 does not divide the data-parallel size 24"),
     ({"DRY_RUN": "1", "MODEL": "gpt4"}, "error: MODEL=gpt4 is unknown"),
     ({"DRY_RUN": "1", "DATA_PATH": "no/such/prefix"}, "error: --data-path no/such/prefix"),

@@ -8,14 +8,10 @@ No process group is created and no tensor is allocated: parameter counts come fr
 `--split`) and `--load` are checked as the run would check them, so a dry run is the preflight of a
 job: it fails with the same one-line errors before any GPU is touched.
 
-Memory per GPU, in bytes per parameter this rank holds (N = dense + expert shard elements):
-  weights     2 (fp16/bf16) or 4 (fp32)
-  gradients   4: GradientSync accumulates fp32 `main_grad` buffers for every parameter
-  optimizer   Adam moments 4 + 4, plus a 4-byte fp32 master copy when the weights are fp16/bf16;
-              replicated on every data-parallel rank, or with --use-distributed-optimizer (ZeRO-1)
-              dense states split over DP and expert states over expert-DP.
-Not counted: activations (micro-batch, sequence, recomputation), communication buffers, the
-half-precision gradient a backward produces before it is added into `main_grad`, allocator slack.
+Memory per GPU: the planner's model (planning/memory.py, one model for both): weights, fp32 main
+grads, optimizer states (replicated and distributed), then the predicted peak of the run as
+configured: activations of one micro-batch (recompute, CAC), communication buffers, the optimizer
+step's spike (one tile) and an allocator allowance.
 """
 from __future__ import annotations
 
@@ -24,46 +20,11 @@ from dataclasses import dataclass
 
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import KINDS, ParallelLayout
+from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, memory_per_gpu, peak_memory,  # noqa: F401
+                                          weight_bytes, workload_from_args)
 
 GiB = 2**30
 _KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP"}
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per GPU."""
-
-    weights: int
-    gradients: int
-    optimizer_replicated: int
-    optimizer_distributed: int
-
-    @property
-    def total_replicated(self) -> int:
-        return self.weights + self.gradients + self.optimizer_replicated
-
-    @property
-    def total_distributed(self) -> int:
-        return self.weights + self.gradients + self.optimizer_distributed
-
-
-def weight_bytes(precision: str) -> int:
-    return {"fp32": 4, "fp16": 2, "bf16": 2}[precision]
-
-
-def memory_per_gpu(counts: ParamCounts, layout: ParallelLayout, precision: str) -> MemoryEstimate:
-    """Weights, fp32 main grads and Adam states of one rank (see the module docstring)."""
-    w = weight_bytes(precision)
-    state = 8 + (4 if w < 4 else 0)     # exp_avg + exp_avg_sq (+ fp32 master)
-    n = counts.per_rank
-
-    def split(elements: int, parts: int) -> int:   # ZeRO-1 pads each partition to equal size
-        return -(-elements // parts)
-
-    distributed = state * (split(counts.dense_per_rank, layout.data_parallel)
-                           + split(counts.expert_per_rank, layout.expert_data_parallel))
-    return MemoryEstimate(weights=w * n, gradients=4 * n, optimizer_replicated=state * n,
-                          optimizer_distributed=distributed)
 
 
 def group_summary(layout: ParallelLayout, kind: str, gpus_per_node: int | None, shown: int = 2) -> str:
@@ -107,7 +68,8 @@ def report(args) -> str:
     sections = [["dry run: flags resolved; no process group, no training"] + _model_lines(args, precision),
                 _layout_lines(layout, args.gpus_per_node), _batch_lines(args),
                 _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
-                                                              precision)]
+                                                              precision),
+                _peak_lines(peak_memory(workload_from_args(args), layout, counts))]
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -192,8 +154,20 @@ def _memory_lines(args, mem: MemoryEstimate, precision: str) -> list[str]:
              f"{layout.expert_data_parallel}")
     lines.append(f"  applies: distributed (--use-distributed-optimizer: {split})" if args.use_distributed_optimizer
                  else f"  applies: replicated (add --use-distributed-optimizer for the other column: {split})")
-    lines.append("  not counted: activations, communication buffers, transient half-precision gradients, "
-                 "allocator slack")
+    return lines
+
+
+def _peak_lines(peak: PeakMemory) -> list[str]:
+    """The predicted peak of this run (planning/memory.py)."""
+    rows = [("weights + main grads + optimizer", peak.static),
+            ("activations (one micro-batch, peak)", peak.activations),
+            ("communication buffers (MoE dispatch)", peak.comm_buffers),
+            ("optimizer-step spike (one tile)", peak.spike),
+            ("allocator allowance", peak.allowance)]
+    label = max(len(r[0]) for r in rows) + 2
+    lines = [f"predicted peak memory per GPU: {peak.total / GiB:.2f} GiB "
+             f"(static + max(activations + buffers, spike) + allowance)"]
+    lines += [f"  {name:<{label}}{value / GiB:>9.2f} GiB" for name, value in rows]
     return lines
 
 

@@ -1,0 +1,336 @@
+"""Per-GPU memory of a training run, from the configs and the layout alone: the one memory model of
+`--dry-run` and of the planner (tools/plan_ted.py).
+
+    peak = weights + main grads + optimizer states                       (static, all run long)
+         + max(activation peak of one micro-batch + communication buffers,  (forward/backward)
+               optimizer-step spike)                                      (the step, activations freed)
+         + allocator allowance
+
+Static, in bytes per parameter this rank holds (N = dense + expert shard elements,
+model/param_count.py):
+  weights     2 (fp16/bf16) or 4 (fp32)
+  gradients   4: GradientSync accumulates fp32 `main_grad` buffers for every parameter
+  optimizer   Adam moments 4 + 4, plus a 4-byte fp32 master copy when the weights are fp16/bf16;
+              replicated on every data-parallel rank, or with --use-distributed-optimizer (ZeRO-1)
+              dense states split over DP and expert states over expert-DP.
+
+Activations of one micro-batch (this system runs one micro-batch at a time: no pipeline), derived
+from what the code paths save for backward. T = micro-batch x seq tokens, h hidden, a heads,
+t = TP, w = 2 (fp16/bf16) or 4 bytes, F dense FFN, Fe expert FFN, k top-k, E experts. Tensors
+replicated over TP count whole, TP-sliced ones 1/t:
+  per layer, attention side   w*T*h*(4 + 4/t): the layer input (saved by the input norm), the
+                              normed input (QKV linear), QKV output (3/t: SDPA saves q, k, v as
+                              views of it), SDPA output (1/t; the fused kernels return it in
+                              [B, S, heads, D] layout, so the projection's input is a view of it),
+                              the residual sum (post-attention norm), its normed value (MLP input);
+                              + 4*T*a/t (SDPA log-sum-exp, fp32) + norm statistics (fp32 mean and
+                              rstd per token and norm: 16*T for LayerNorm, 8*T for RMSNorm)
+  dense MLP                   w*T*F/t*2 (fc1 output, GeLU output) or *4 with SwiGLU (fc1's gate|up,
+                              silu(gate), the product)
+  MoE MLP                     rows = T*k (every routed assignment reaches one expert; dropless
+                              expectation, and the upper bound with a capacity factor <= 1):
+                              w*rows*h (expert input rows) + w*rows*Fe/t*(2, or 4 with SwiGLU)
+                              + w*(T/t under DTD, else T)*k*h (combine: the un-permuted expert
+                              output weighted per slot) + 4*T*h when w < 4 (the fp32 copy of the
+                              router input) + routing bookkeeping 4*T*E*4 + 6*T*k*8 (scores,
+                              probabilities, index vectors)
+  hidden dropout > 0          1 byte per element of each of the 2 dropout masks per layer
+  outside the layers          w*T*h*2 (final norm input and output) + 4*T*V/t (the loss keeps
+                              fp32 log-probabilities / softmax over this rank's vocabulary slice)
+Recomputation:
+  full (chunks of n layers)   each chunk keeps only its input, w*T*h; in backward one chunk is
+                              recomputed at a time (its activations as above are added to the peak)
+  --moe-cac                   + per MoE layer the kept all-to-all outputs: the dispatched rows
+                              (w*T*k*h/t under DTD, else w*T*k*h) and the combined rows (same);
+                              --moe-cac-tp adds the TP collectives' outputs (w*h*(T*k + T*k/t + T))
+  selective                   recomputes the attention core only; with fused SDPA kernels the
+                              core keeps no S x S scores, and q, k, v and the output stay alive
+                              anyway (the checkpoint's inputs, the projection's input), so the
+                              saving is only the log-sum-exp. Counted as that.
+Transients on top of the saved activations (the high-water mark of one micro-batch):
+  loss                        the fp32 gradient of the logits and its cast: (4 + w)*T*V/t, and the
+                              output-layer weight gradient w*V/t*h (with tied embeddings it is
+                              held until the embedding's backward, at the end)
+  MoE layer in flight         the all-to-all send/receive buffers and the replicated token copy the
+                              permutation reads: w*h*(T*k/t_d + 2*T*k/t_d + T*k) (t_d = t under
+                              DTD else 1; the last term is the TP all-gather of the routed rows)
+                              -- reported as "communication buffers", not as activations
+  layer backward              two gradients of the widest activation of a layer
+Optimizer-step spike (training/tiled_optimizer.py): one fp32 temporary of a tile, 4*min(tile,
+largest owned bucket range); without tiling 4 x the largest owned bucket range. Gradient buckets
+are views of the main grads: no extra memory.
+Allocator allowance: 5% of the rest plus 0.5 GiB (CUDA context not included: torch's
+max_memory_allocated does not see it either).
+
+tests/test_planner.py checks the activation formulas against counted CPU allocations of the real
+model (several layouts, recompute modes, dense and MoE) and bench/memory_model.py against
+`torch.cuda.max_memory_allocated` on GPUs (docs/PERFORMANCE.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_ted.model.builder import MoEConfig, experts_per_layer, moe_layer_indices
+from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.param_count import ParamCounts, count_parameters, parameter_shapes
+from megatron_ted.parallel.layout import ParallelLayout
+
+GiB = 2**30
+ALLOWANCE_FRACTION = 0.05
+ALLOWANCE_BYTES = GiB // 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Static bytes per GPU: weights, fp32 main grads, optimizer states (both optimizer modes)."""
+
+    weights: int
+    gradients: int
+    optimizer_replicated: int
+    optimizer_distributed: int
+
+    @property
+    def total_replicated(self) -> int:
+        return self.weights + self.gradients + self.optimizer_replicated
+
+    @property
+    def total_distributed(self) -> int:
+        return self.weights + self.gradients + self.optimizer_distributed
+
+
+def weight_bytes(precision: str) -> int:
+    return {"fp32": 4, "fp16": 2, "bf16": 2}[precision]
+
+
+def memory_per_gpu(counts: ParamCounts, layout: ParallelLayout, precision: str) -> MemoryEstimate:
+    """Weights, fp32 main grads and Adam states of one rank (see the module docstring)."""
+    w = weight_bytes(precision)
+    state = 8 + (4 if w < 4 else 0)     # exp_avg + exp_avg_sq (+ fp32 master)
+    n = counts.per_rank
+    distributed = state * (_split(counts.dense_per_rank, layout.data_parallel)
+                           + _split(counts.expert_per_rank, layout.expert_data_parallel))
+    return MemoryEstimate(weights=w * n, gradients=4 * n, optimizer_replicated=state * n,
+                          optimizer_distributed=distributed)
+
+
+def _split(elements: int, parts: int) -> int:   # ZeRO-1 pads each partition to equal size
+    return -(-elements // parts)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run does with the model, besides its shape: the inputs of the activation model."""
+
+    config: GPTConfig
+    moe: MoEConfig | None
+    seq_length: int
+    micro_batch: int
+    precision: str = "bf16"
+    recompute: str | None = None          # None | "full" | "selective"
+    recompute_num_layers: int = 1
+    cac: bool = False
+    cac_tp: bool = False
+    distributed_optimizer: bool = False
+    tile_size: int = 2**24                # --optimizer-tile-size (0: untiled)
+    bucket_elements: int = 40_000_000     # GradientSync's default
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_length
+
+    @property
+    def w(self) -> int:
+        return weight_bytes(self.precision)
+
+    def dtd(self, tp: int) -> bool:
+        return self.moe is not None and self.moe.duplicate_token_dropping and tp > 1
+
+    def layer_kinds(self) -> list[int | None]:
+        """Per layer: None (dense MLP) or the expert count of its MoE block."""
+        c, moe = self.config, self.moe
+        kinds: list[int | None] = [None] * c.num_layers
+        if moe is not None:
+            for i, e in zip(moe_layer_indices(c.num_layers, moe.layer_freq), experts_per_layer(moe, c.num_layers)):
+                kinds[i] = e
+        return kinds
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """Bytes of one micro-batch's activations on one rank."""
+
+    saved: int                 # alive between forward and backward
+    peak: int                  # high-water mark of forward + backward (saved + transients)
+    comm_buffers: int          # the largest all-to-all / TP-gather working set of a MoE layer
+    parts: dict = field(default_factory=dict)   # named terms of `saved`, for reports
+
+
+def _attention_bytes(wl: Workload, tp: int) -> int:
+    c, T, w = wl.config, wl.tokens, wl.w
+    norm_stats = (16 if c.normalization == "LayerNorm" else 8) * T      # two norms per layer
+    return w * T * c.hidden_size * (4 * tp + 4) // tp + 4 * T * c.num_attention_heads // tp + norm_stats
+
+
+def _dense_mlp_bytes(wl: Workload, tp: int, ffn: int) -> int:
+    return wl.w * wl.tokens * ffn * (4 if wl.config.swiglu else 2) // tp
+
+
+def _moe_mlp_bytes(wl: Workload, tp: int, num_experts: int) -> int:
+    c, T, w, k = wl.config, wl.tokens, wl.w, wl.moe.router.topk
+    h, fe = c.hidden_size, wl.moe.ffn_hidden_size
+    rows = T * k
+    combine_tokens = T // tp if wl.dtd(tp) else T
+    out = w * rows * h + w * rows * fe * (4 if c.swiglu else 2) // tp + w * combine_tokens * k * h
+    out += (4 * T * h if w < 4 else 0) + 16 * T * num_experts + 48 * T * k
+    if wl.moe.mlp_type == "residual":
+        out += _dense_mlp_bytes(wl, tp, fe) + w * T * h
+    return out
+
+
+def _dropout_bytes(wl: Workload) -> int:
+    return 2 * wl.tokens * wl.config.hidden_size if wl.config.hidden_dropout > 0 else 0
+
+
+def _layer_bytes(wl: Workload, tp: int, num_experts: int | None) -> int:
+    mlp = _dense_mlp_bytes(wl, tp, wl.config.ffn_hidden_size) if num_experts is None \
+        else _moe_mlp_bytes(wl, tp, num_experts)
+    return _attention_bytes(wl, tp) + mlp + _dropout_bytes(wl)
+
+
+def _cac_kept_bytes(wl: Workload, tp: int) -> int:
+    """Per MoE layer: what --moe-cac (and --moe-cac-tp) keep from forward to backward."""
+    if not wl.cac:
+        return 0
+    T, w, h, k = wl.tokens, wl.w, wl.config.hidden_size, wl.moe.router.topk
+    sent = T * k // tp if wl.dtd(tp) else T * k
+    kept = 2 * w * sent * h
+    if wl.cac_tp and tp > 1:
+        kept += w * h * (T * k + sent + T) if wl.dtd(tp) else w * h * T * k
+    return kept
+
+
+def moe_comm_buffer_bytes(wl: Workload, tp: int) -> int:
+    """The transient buffers of one MoE layer's dispatch: the replicated token copy the permutation
+    reads, the all-to-all send and receive buffers, and (DTD) the TP all-gather of the routed rows."""
+    if wl.moe is None:
+        return 0
+    T, w, h, k = wl.tokens, wl.w, wl.config.hidden_size, wl.moe.router.topk
+    sent = T * k // tp if wl.dtd(tp) else T * k
+    return w * h * (3 * sent + (T * k if wl.dtd(tp) else 0))
+
+
+def _largest_layer_parameter(wl: Workload, tp: int, ep: int) -> list[int]:
+    """The largest local parameter of each transformer layer: its gradient exists, in the model's
+    dtype, from its computation in backward until GradientSync's hook adds it into main_grad and
+    frees it (one parameter's gradient at a time)."""
+    out = [0] * wl.config.num_layers
+    for s in parameter_shapes(wl.config, wl.moe):
+        if s.name.startswith("layers."):
+            i = int(s.name.split(".")[1])
+            out[i] = max(out[i], s.local_numel(tp, ep))
+    return out
+
+
+def _widest_activation(wl: Workload, tp: int, num_experts: int | None) -> int:
+    """Elements of the widest activation of a layer: its gradient and the next one coexist in backward."""
+    c, T, g = wl.config, wl.tokens, 2 if wl.config.swiglu else 1
+    attn = T * 3 * c.hidden_size // tp
+    if num_experts is None:
+        return max(attn, T * g * c.ffn_hidden_size // tp)
+    return max(attn, T * wl.moe.router.topk * g * wl.moe.ffn_hidden_size // tp)
+
+
+def activation_memory(wl: Workload, tp: int, ep: int = 1) -> ActivationEstimate:
+    """Activations of one micro-batch on one rank of TP size `tp` and EP size `ep` (module docstring).
+
+    The peak is the largest of the phases of backward: the loss (every activation saved, plus the
+    logits' gradients) and each layer (or recomputed chunk) with what is still saved below it and
+    its backward transient (its largest weight gradient and one activation gradient)."""
+    c, T, w, h = wl.config, wl.tokens, wl.w, wl.config.hidden_size
+    v = c.vocab_size // tp
+    kinds = wl.layer_kinds()
+    layers = [_layer_bytes(wl, tp, e) for e in kinds]
+    if wl.recompute == "selective":
+        layers = [b - 4 * T * c.num_attention_heads // tp for b in layers]
+    backward = [w * p + w * _widest_activation(wl, tp, e)
+                for p, e in zip(_largest_layer_parameter(wl, tp, ep), kinds)]
+    outside = 2 * w * T * h + 4 * T * v + (T * h if c.hidden_dropout > 0 else 0)
+    parts = {"outside layers": outside}
+    # the loss: fp32 gradient of the log-probabilities and of the logits (TP: softmax - one-hot too)
+    loss_transient = (8 if tp == 1 else 12) * T * v
+    if wl.recompute == "full":
+        n = wl.recompute_num_layers
+        kept = _cac_kept_bytes(wl, tp) if ep > 1 else 0
+        chunks = [range(i, min(i + n, len(layers))) for i in range(0, len(layers), n)]
+        per_chunk = [w * T * h + kept * sum(kinds[i] is not None for i in ch) for ch in chunks]
+        parts["checkpointed chunk inputs"] = len(chunks) * w * T * h
+        parts["CAC kept collective outputs"] = sum(per_chunk) - parts["checkpointed chunk inputs"]
+        # the recomputed first layer's input is the chunk input itself (not counted twice)
+        # (backward then walks down the chunk, freeing the layers above as it goes)
+        phases = [outside + sum(per_chunk[:j + 1]) - w * T * h + sum(layers[ch.start:i + 1]) + backward[i]
+                  for j, ch in enumerate(chunks) for i in ch]
+    else:
+        parts["transformer layers"] = sum(layers)
+        phases = [outside + sum(layers[:i + 1]) + backward[i] for i in range(len(layers))]
+    saved = sum(parts.values())
+    peak = max([saved + loss_transient] + phases)
+    return ActivationEstimate(saved=saved, peak=peak, comm_buffers=moe_comm_buffer_bytes(wl, tp), parts=parts)
+
+
+def optimizer_spike_bytes(wl: Workload, layout: ParallelLayout, counts: ParamCounts) -> int:
+    """The step's fp32 temporary: one tile, at most the largest owned range of a bucket (a bucket is
+    closed once it holds --bucket-elements, so it reaches at most that plus one parameter)."""
+    largest = max(s.local_numel(layout.tensor_parallel, layout.expert_parallel)
+                  for s in parameter_shapes(wl.config, wl.moe))
+    ranges = []
+    for total, group in ((counts.dense_per_rank, layout.data_parallel),
+                         (counts.expert_per_rank, layout.expert_data_parallel)):
+        bucket = min(total, max(wl.bucket_elements, largest))
+        ranges.append(_split(bucket, group) if wl.distributed_optimizer else bucket)
+    biggest = max(ranges)
+    return 4 * (min(wl.tile_size, biggest) if wl.tile_size else biggest)
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Predicted peak bytes per GPU, by term (module docstring)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int           # peak of one micro-batch's forward + backward
+    comm_buffers: int
+    spike: int                 # optimizer step temporary
+    allowance: int
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.static + max(self.activations + self.comm_buffers, self.spike) + self.allowance
+
+
+def peak_memory(wl: Workload, layout: ParallelLayout, counts: ParamCounts | None = None) -> PeakMemory:
+    counts = counts or count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
+    static = memory_per_gpu(counts, layout, wl.precision)
+    act = activation_memory(wl, layout.tensor_parallel, layout.expert_parallel)
+    spike = optimizer_spike_bytes(wl, layout, counts)
+    optimizer = static.optimizer_distributed if wl.distributed_optimizer else static.optimizer_replicated
+    body = static.weights + static.gradients + optimizer + max(act.peak + act.comm_buffers, spike)
+    allowance = int(ALLOWANCE_FRACTION * body) + ALLOWANCE_BYTES
+    return PeakMemory(weights=static.weights, gradients=static.gradients, optimizer=optimizer,
+                      activations=act.peak, comm_buffers=act.comm_buffers, spike=spike, allowance=allowance)
+
+
+def workload_from_args(args) -> Workload:
+    """The Workload of validated pretrain_gpt_moe.py flags (arguments.parse_args + padded_vocab_size)."""
+    from megatron_ted.training.train import model_configs   # lazy: train imports dry_run, which imports us
+    config, moe = model_configs(args, args.padded_vocab_size)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    return Workload(config=config, moe=moe, seq_length=args.seq_length, micro_batch=args.micro_batch_size,
+                    precision=precision, recompute=args.recompute_granularity,
+                    recompute_num_layers=args.recompute_num_layers or 1, cac=args.moe_cac,
+                    cac_tp=args.moe_cac_tp, distributed_optimizer=args.use_distributed_optimizer,
+                    tile_size=args.optimizer_tile_size)

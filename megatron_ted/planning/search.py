@@ -1,0 +1,125 @@
+"""Enumerate the layouts a model can run with on a cluster, size and time each, rank them.
+
+Each candidate is the run's own flags with the planned knobs set (TP, EP, micro-batch,
+recompute none/full, --moe-cac, --use-distributed-optimizer), validated by
+`training.arguments.validate` — the same checks as `pretrain_gpt_moe.py`, so a candidate the planner
+lists is one the trainer accepts. Then: parameter counts (model/param_count.py), peak memory
+(memory.py), communication (comm.py) and step time (throughput.py).
+
+Ranking: layouts that fit (predicted peak <= 90% of the GPU memory: the memory model's validated
+error is within +-15%, docs/PLANNER.md) first, by predicted tokens per second
+(higher first); then the ones that do not fit, by how far they exceed the memory.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+
+from megatron_ted.model.builder import moe_layer_indices
+from megatron_ted.model.param_count import ParamCounts, count_parameters
+from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.planning.comm import Volume, step_comm
+from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_from_args
+from megatron_ted.planning.throughput import Cluster, StepTime, step_time
+from megatron_ted.training.arguments import padded_vocab_size, validate
+from megatron_ted.training.flops import flops_per_token
+
+_COMMON = dict(seq_length=2048, max_position_embeddings=2048, vocab_size=50256, num_experts=[16], moe_layer_freq=2,
+               moe_router_topk=1, moe_expert_capacity_factor=1.0, global_batch_size=2048, fp16=True)
+# GPT-3 shapes (Brown et al., table 2.1) with 16 experts in every other layer; "ted-6.7b-16e" is the
+# DeepSpeed-TED authors' launch script for their 40B run (20 x 5120 x 40).
+PRESETS = {
+    "gpt3-350m-16e": dict(num_layers=24, hidden_size=1024, num_attention_heads=16),
+    "gpt3-1.3b-16e": dict(num_layers=24, hidden_size=2048, num_attention_heads=16),
+    "gpt3-2.7b-16e": dict(num_layers=32, hidden_size=2560, num_attention_heads=32),
+    "gpt3-6.7b-16e": dict(num_layers=32, hidden_size=4096, num_attention_heads=32),
+    "ted-6.7b-16e": dict(num_layers=20, hidden_size=5120, num_attention_heads=40),
+    "gpt3-13b-16e": dict(num_layers=40, hidden_size=5120, num_attention_heads=40),
+    "gpt3-20b-16e": dict(num_layers=44, hidden_size=6144, num_attention_heads=48),
+    "gpt3-30b-16e": dict(num_layers=48, hidden_size=7168, num_attention_heads=56),
+    "gpt3-40b-16e": dict(num_layers=56, hidden_size=8192, num_attention_heads=64),
+}
+PRESETS = {name: {**_COMMON, **shape, "ffn_hidden_size": 4 * shape["hidden_size"]} for name, shape in PRESETS.items()}
+
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Plan:
+    args: argparse.Namespace       # validated flags of this layout
+    layout: ParallelLayout
+    counts: ParamCounts
+    memory: PeakMemory
+    comm: list[Volume]
+    time: StepTime
+    tokens_per_second: float
+    fits: bool
+
+    @property
+    def knobs(self) -> dict:
+        a = self.args
+        return dict(tp=a.tensor_model_parallel_size, ep=a.expert_model_parallel_size,
+                    expert_dp=self.layout.expert_data_parallel, micro_batch=a.micro_batch_size,
+                    recompute=a.recompute_granularity or "none", cac=bool(a.moe_cac),
+                    dist_opt=bool(a.use_distributed_optimizer))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
+    """Size and time the run of validated `args` (padded_vocab_size set) on `cluster`."""
+    layout = args.layout
+    wl: Workload = workload_from_args(args)
+    counts = count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
+    mem = peak_memory(wl, layout, counts)
+    volumes = step_comm(wl, layout, args.num_micro_batches, counts)
+    moe = wl.moe
+    n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
+    fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
+                          args.padded_vocab_size, n_moe, args.moe_ffn_hidden_size if moe else None,
+                          args.moe_router_topk if moe else 0,
+                          sum(moe.num_experts_per_layer) / n_moe if moe else 0, args.swiglu)
+    tokens = args.global_batch_size * args.seq_length
+    t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
+                  args.num_layers * args.num_micro_batches)
+    return Plan(args, layout, counts, mem, volumes, t, tokens / t.total,
+                mem.total <= cluster.usable_bytes)
+
+
+def candidates(base: argparse.Namespace, cluster: Cluster, vocab_size: int, tps=None, eps=None,
+               micro_batches=MICRO_BATCHES):
+    """Every valid variant of `base` (parsed, not yet validated flags) over the planned knobs."""
+    world = cluster.world_size
+    moe = base.num_experts is not None
+    for tp in tps or _divisors(world):
+        for ep in eps or (_divisors(world // tp) if moe else [1]):
+            for mb in micro_batches:
+                recomputes = [(None, False), ("full", False)] + ([("full", True)] if moe and ep > 1 else [])
+                for recompute, cac in recomputes:
+                    for dist_opt in (False, True):
+                        a = copy.deepcopy(base)
+                        a.tensor_model_parallel_size, a.expert_model_parallel_size = tp, ep
+                        a.micro_batch_size, a.use_distributed_optimizer = mb, dist_opt
+                        a.recompute_granularity, a.moe_cac, a.moe_cac_tp = recompute, cac, False
+                        a.recompute_method = a.recompute_num_layers = None
+                        a.dry_run = True
+                        try:
+                            validate(a, world)
+                            a.padded_vocab_size = padded_vocab_size(vocab_size, a.make_vocab_size_divisible_by, tp)
+                        except ValueError:
+                            continue
+                        yield a
+
+
+def search(base: argparse.Namespace, cluster: Cluster, vocab_size: int, **kw) -> list[Plan]:
+    """All valid layouts, ranked (module docstring). Raises ValueError when none is valid."""
+    plans = [evaluate(a, cluster) for a in candidates(base, cluster, vocab_size, **kw)]
+    if not plans:
+        raise ValueError(f"no valid layout of this model on {cluster.world_size} GPUs: check that "
+                         f"--num-attention-heads, --ffn-hidden-size and --num-experts have divisors that fit "
+                         f"{cluster.gpus_per_node} GPUs per node and --global-batch-size is a multiple of the "
+                         f"data-parallel size")
+    return sorted(plans, key=lambda p: (not p.fits, -p.tokens_per_second if p.fits else p.memory.total))

@@ -1,0 +1,195 @@
+"""Plan a TED layout before queueing GPUs: which (TP, EP, expert-DP, micro-batch, recompute, CAC,
+distributed optimizer) fit, their per-GPU memory and communication, ranked by a time model.
+
+    python tools/plan_ted.py --preset ted-6.7b-16e --cluster h100-80gb --num-nodes 16
+    python tools/plan_ted.py --num-layers 24 --hidden-size 2048 --num-attention-heads 16 \
+        --num-experts 16 --seq-length 2048 --global-batch-size 512 --vocab-size 50256 --bf16 \
+        --gpus-per-node 8 --num-nodes 2 --gpu-memory-gib 80 --top 10
+
+Model flags are pretrain_gpt_moe.py's (same names, same checks); --preset fills them (explicit flags
+win). The models behind the numbers: megatron_ted/planning/ (docs/PLANNER.md). Bad input: one line
+on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ted.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_ted.planning.memory import GiB  # noqa: E402
+from megatron_ted.planning.search import PRESETS, evaluate, search  # noqa: E402
+from megatron_ted.planning.throughput import Cluster  # noqa: E402
+from megatron_ted.training.arguments import build_parser, padded_vocab_size, validate  # noqa: E402
+
+# per GPU: memory GiB, intra-node GB/s (one direction), inter-node GB/s (its NIC share),
+# achievable model TFLOP/s (40% of the fp16/bf16 dense peak)
+CLUSTERS = {
+    "h100-80gb": dict(gpu_memory_gib=80, intra_node_bandwidth_gbps=450, inter_node_bandwidth_gbps=50,
+                      achievable_tflops=400),
+    "v100-32gb": dict(gpu_memory_gib=32, intra_node_bandwidth_gbps=150, inter_node_bandwidth_gbps=12.5,
+                      achievable_tflops=50),
+}
+
+
+def build_planner_parser(preset: str | None, cluster: str | None) -> argparse.ArgumentParser:
+    p = build_parser()
+    p.description = "Plan a TED layout: memory, communication and time per layout"
+    g = p.add_argument_group("planner")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a model (flags given win)")
+    g.add_argument("--cluster", choices=sorted(CLUSTERS), default=None, help="GPU memory and bandwidths")
+    g.add_argument("--num-nodes", type=int, default=1)
+    g.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    g.add_argument("--intra-node-bandwidth-gbps", type=float, default=450.0,
+                   help="GB/s (gigabytes) per GPU inside a node, one direction")
+    g.add_argument("--inter-node-bandwidth-gbps", type=float, default=50.0,
+                   help="GB/s (gigabytes) per GPU between nodes (its share of the NICs)")
+    g.add_argument("--achievable-tflops", type=float, default=400.0,
+                   help="sustained model TFLOP/s per GPU of the matmuls")
+    g.add_argument("--top", type=int, default=10, help="layouts to list")
+    g.add_argument("--fixed-layout", action="store_true",
+                   help="evaluate only the given --tensor-model-parallel-size/--expert-model-parallel-size/"
+                        "--micro-batch-size/recompute flags instead of searching")
+    defaults = {"gpus_per_node": 8}
+    if preset:
+        defaults.update(PRESETS[preset])
+    if cluster:
+        defaults.update(CLUSTERS[cluster])
+    p.set_defaults(**defaults)
+    return p
+
+
+def _pre(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=None)
+    pre.add_argument("--cluster", default=None)
+    known, _ = pre.parse_known_args(argv)
+    for flag, value, choices in (("--preset", known.preset, PRESETS), ("--cluster", known.cluster, CLUSTERS)):
+        if value is not None and value not in choices:
+            raise ValueError(f"{flag} {value} is unknown; pick one of {', '.join(sorted(choices))}")
+    return known.preset, known.cluster
+
+
+def plan(argv=None):
+    """(ranked plans, cluster, args); raises ValueError on bad input."""
+    preset, cluster_name = _pre(argv)
+    args = build_planner_parser(preset, cluster_name).parse_args(argv)
+    if args.top < 1:
+        raise ValueError(f"--top {args.top} must be at least 1")
+    cluster = Cluster(gpus_per_node=args.gpus_per_node, num_nodes=args.num_nodes, gpu_memory_gib=args.gpu_memory_gib,
+                      intra_node_gbps=args.intra_node_bandwidth_gbps, inter_node_gbps=args.inter_node_bandwidth_gbps,
+                      achievable_tflops=args.achievable_tflops)
+    args.dry_run = True
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size) \
+        if args.tokenizer_type != "NullTokenizer" or args.vocab_size is not None else None
+    if tokenizer is None:
+        raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size N (or use a --preset)")
+    if args.fixed_layout:
+        a = validate(copy.deepcopy(args), cluster.world_size)
+        a.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, a.make_vocab_size_divisible_by,
+                                                a.tensor_model_parallel_size)
+        return [evaluate(a, cluster)], cluster, args
+    probe = copy.deepcopy(args)           # model errors first, at TP 1 / EP 1, with the trainer's messages
+    probe.tensor_model_parallel_size = probe.expert_model_parallel_size = 1
+    validate(probe, cluster.world_size)
+    return search(args, cluster, tokenizer.vocab_size), cluster, args
+
+
+def _g(x: float) -> str:
+    return f"{x / GiB:.1f}"
+
+
+def table(plans, top: int) -> str:
+    head = (f"{'#':>3} {'TP':>3} {'EP':>3} {'eDP':>4} {'mb':>3} {'recomp':>6} {'CAC':>3} {'ZeRO':>4} | "
+            f"{'peak':>6} {'w+g+opt':>7} {'act':>5} {'buf':>4} {'spike':>5} | {'a2a':>6} {'TP':>6} {'DP':>6} GiB/step | "
+            f"{'step s':>7} {'tok/s/GPU':>9} fits")
+    lines = [head, "-" * len(head)]
+    for i, p in enumerate(plans[:top], 1):
+        k, m = p.knobs, p.memory
+
+        def vol(groups):
+            return sum(v.bytes for v in p.comm if v.group in groups) / GiB
+        lines.append(f"{i:>3} {k['tp']:>3} {k['ep']:>3} {k['expert_dp']:>4} {k['micro_batch']:>3} "
+                     f"{k['recompute']:>6} {'yes' if k['cac'] else '-':>3} {'yes' if k['dist_opt'] else '-':>4} | "
+                     f"{_g(m.total):>6} {_g(m.static):>7} {_g(m.activations):>5} {_g(m.comm_buffers):>4} "
+                     f"{_g(m.spike):>5} | {vol(('ep',)):>6.1f} {vol(('tp',)):>6.1f} {vol(('dp', 'expert_dp')):>6.1f}"
+                     f"          | {p.time.total:>7.2f} {p.tokens_per_second / p.layout.world_size:>9.0f} "
+                     f"{'yes' if p.fits else 'NO'}")
+    return "\n".join(lines)
+
+
+def commands(p, cluster) -> str:
+    """The exact launch of a plan: the 40B Slurm script's environment, and torchrun on one node."""
+    a, k = p.args, p.knobs
+    env = [f"NNODES={cluster.num_nodes}", f"GPUS_PER_NODE={cluster.gpus_per_node}",
+           f"NUM_LAYERS={a.num_layers}", f"HIDDEN={a.hidden_size}", f"HEADS={a.num_attention_heads}",
+           f"FFN_HIDDEN={a.ffn_hidden_size}", f"SEQ_LEN={a.seq_length}",
+           f"NUM_EXPERTS={a.num_experts if a.num_experts is not None else ''}",
+           f"MOE_LAYER_FREQ={a.moe_layer_freq}", f"TOPK={a.moe_router_topk}",
+           f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}", f"GLOBAL_BATCH={a.global_batch_size}",
+           f"RECOMPUTE={k['recompute']}", f"MOE_CAC={int(k['cac'])}", f"DIST_OPT={int(k['dist_opt'])}",
+           f"PRECISION={'bf16' if a.bf16 else 'fp16' if a.fp16 else 'fp32'}"]
+    sbatch = " ".join(env) + f" sbatch --nodes {cluster.num_nodes} scripts/slurm/pretrain_40b.sbatch"
+    flags = [f"--num-layers {a.num_layers}", f"--hidden-size {a.hidden_size}",
+             f"--num-attention-heads {a.num_attention_heads}", f"--ffn-hidden-size {a.ffn_hidden_size}",
+             f"--seq-length {a.seq_length}", f"--max-position-embeddings {a.max_position_embeddings}"]
+    if a.num_experts is not None:
+        flags += [f"--num-experts {a.num_experts}", f"--moe-layer-freq {a.moe_layer_freq}",
+                  f"--moe-router-topk {a.moe_router_topk}", f"--moe-ffn-hidden-size {a.moe_ffn_hidden_size}"]
+        if a.moe_expert_capacity_factor is not None:
+            flags.append(f"--moe-expert-capacity-factor {a.moe_expert_capacity_factor}")
+    flags += [f"--tensor-model-parallel-size {k['tp']}", f"--expert-model-parallel-size {k['ep']}",
+              f"--micro-batch-size {k['micro_batch']}", f"--global-batch-size {a.global_batch_size}"]
+    if k["recompute"] == "full":
+        flags.append("--recompute-granularity full")
+        if k["cac"]:
+            flags.append("--moe-cac")
+    if k["dist_opt"]:
+        flags.append("--use-distributed-optimizer")
+    if a.bf16 or a.fp16:
+        flags.append("--bf16" if a.bf16 else "--fp16")
+    flags.append(f"--vocab-size {a.vocab_size}" if a.vocab_size else "")
+    torchrun = (f"torchrun --nnodes {cluster.num_nodes} --nproc_per_node {cluster.gpus_per_node} "
+                f"pretrain_gpt_moe.py " + " ".join(f for f in flags if f) + " --data-path <prefix> ...")
+    return f"sbatch:   {sbatch}\ntorchrun: {torchrun}"
+
+
+def main(argv=None) -> int:
+    try:
+        plans, cluster, args = plan(argv)
+        best = plans[0]
+        if not best.fits:
+            raise ValueError(f"no layout fits in {cluster.gpu_memory_gib:g} GiB per GPU (less 10% headroom): the smallest needs "
+                             f"{best.memory.total / GiB:.1f} GiB (TP {best.knobs['tp']}, EP {best.knobs['ep']}, "
+                             f"micro-batch {best.knobs['micro_batch']}, recompute {best.knobs['recompute']}); "
+                             f"add nodes, shrink the model or the micro-batch")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = best.counts
+    print(f"cluster: {cluster.num_nodes} nodes x {cluster.gpus_per_node} GPUs, {cluster.gpu_memory_gib:g} GiB each, "
+          f"{cluster.intra_node_gbps:g} GB/s inside a node, {cluster.inter_node_gbps:g} GB/s between nodes, "
+          f"{cluster.achievable_tflops:g} TFLOP/s achievable")
+    print(f"model: {args.num_layers} layers x hidden {args.hidden_size} x {args.num_attention_heads} heads, "
+          f"{c.total:,} parameters ({c.total / 1e9:.2f}B; dense {c.dense:,}, expert {c.expert:,}); "
+          f"{len(plans)} valid layouts, {sum(p.fits for p in plans)} fit")
+    print(table(plans, args.top))
+    m = best.memory
+    print(f"\nbest: {best.layout}; micro-batch {best.knobs['micro_batch']}, recompute {best.knobs['recompute']}, "
+          f"CAC {'on' if best.knobs['cac'] else 'off'}, distributed optimizer "
+          f"{'on' if best.knobs['dist_opt'] else 'off'}")
+    print(f"  predicted peak {m.total / GiB:.2f} GiB per GPU = weights {_g(m.weights)} + main grads {_g(m.gradients)}"
+          f" + optimizer {_g(m.optimizer)} + max(activations {_g(m.activations)} + buffers {_g(m.comm_buffers)},"
+          f" spike {_g(m.spike)}) + allowance {_g(m.allowance)}")
+    print(f"  predicted step {best.time.total:.2f} s (compute {best.time.compute:.2f}, TP+a2a {best.time.tp_and_a2a:.2f},"
+          f" exposed grad reduce {best.time.grad_reduce_exposed:.2f}, param gather {best.time.param_gather:.2f}); "
+          f"{best.tokens_per_second:,.0f} tokens/s")
+    print(commands(best, cluster))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
