@@ -84,12 +84,19 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# Collectives run eagerly under torch.compile (--torch-compile): traced, they would become
+# functional collectives that Inductor may schedule against the compute, and CommStats' counting
+# (a Python side effect) would not run per call.
+_eager = torch.compiler.disable
+
+
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 # ---- raw collectives: counted, no autograd ---------------------------------------------------
 
+@_eager
 def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_op: bool = False):
     """In-place reduction over the group. Returns `t`, or the work handle when async_op."""
     if group.size == 1:
@@ -99,6 +106,7 @@ def all_reduce(t: torch.Tensor, group: Group, op=dist.ReduceOp.SUM, async_op: bo
     return work if async_op else t
 
 
+@_eager
 def all_gather(t: torch.Tensor, group: Group, dim: int = 0, kind: str = "all_gather",
                out: torch.Tensor | None = None) -> torch.Tensor:
     """Concatenate equal-shaped tensors of every rank along `dim`, in group-rank order.
@@ -124,6 +132,7 @@ def all_gather(t: torch.Tensor, group: Group, dim: int = 0, kind: str = "all_gat
     return torch.cat(parts, dim=dim)
 
 
+@_eager
 def all_gather_into(outs: list[torch.Tensor], t: torch.Tensor, group: Group) -> None:
     """Gather every rank's `t` into outs[rank] (equal-shaped tensors, views allowed): the list form,
     which on gloo stages one flat output instead of copying a whole in-place buffer."""
@@ -135,6 +144,7 @@ def all_gather_into(outs: list[torch.Tensor], t: torch.Tensor, group: Group) -> 
     dist.all_gather(outs, t.contiguous(), group=group.pg)
 
 
+@_eager
 def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0, out: torch.Tensor | None = None,
                    async_op: bool = False):
     """Sum over the group and keep this rank's 1/size chunk of `dim`.
@@ -160,6 +170,7 @@ def reduce_scatter(t: torch.Tensor, group: Group, dim: int = 0, out: torch.Tenso
     return out.movedim(0, dim) if dim != 0 else out
 
 
+@_eager
 def all_to_all(t: torch.Tensor, group: Group, output_splits: list[int] | None = None,
                input_splits: list[int] | None = None, kind: str = "all_to_all") -> torch.Tensor:
     """Exchange rows of `t` (dim 0): rank i sends input_splits[j] rows to rank j.
@@ -179,6 +190,7 @@ def all_to_all(t: torch.Tensor, group: Group, output_splits: list[int] | None = 
     return out
 
 
+@_eager
 def broadcast(t: torch.Tensor, group: Group, src_group_rank: int = 0) -> torch.Tensor:
     if group.size > 1:
         group.stats.record("broadcast", group.name, nbytes(t))
