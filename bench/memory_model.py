@@ -9,7 +9,9 @@
 Each case builds the model as pretrain_gpt_moe.py does (same flags, training/train.py's configs,
 GradientSync, TiledAdamW), runs --iters training steps on random tokens and reads
 torch.cuda.max_memory_allocated (reset before the first step, model and optimizer state included).
-Rank 0 prints one table: case, layout, predicted and measured peak (GiB, the maximum over ranks),
+Rank 0 prints, per case, where the peak was reached (after building model, gradients and optimizer
+state; during forward+backward; during the optimizer step; and the static level after building),
+then one table: case, layout, predicted and measured peak (GiB, the maximum over ranks),
 error in %. Cases whose layout the world size does not allow are skipped.
 """
 from __future__ import annotations
@@ -67,7 +69,13 @@ def run_case(flags: str, world: int, device, iters: int):
                      tile_size=args.optimizer_tile_size)
     model.train()
     gen = torch.Generator().manual_seed(groups.dp.rank)
+    cuda = device.type == "cuda"
+    # where the peak is reached: model + grads + optimizer built, forward+backward, optimizer step
+    phases = {"built": torch.cuda.max_memory_allocated(device) if cuda else 0,
+              "static": torch.cuda.memory_allocated(device) if cuda else 0, "fwd+bwd": 0, "step": 0}
     for it in range(iters):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         sync.zero_grad()
         mbs = []
         for _ in range(args.num_micro_batches):
@@ -76,8 +84,15 @@ def run_case(flags: str, world: int, device, iters: int):
                         "loss_mask": torch.ones_like(tokens, dtype=torch.float32).to(device),
                         "position_ids": torch.arange(args.seq_length).expand_as(tokens).to(device)})
         forward_backward(model, mbs, groups, sync)
+        if cuda:
+            phases["fwd+bwd"] = max(phases["fwd+bwd"], torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
         opt.step(args.lr)
-    measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        if cuda:
+            phases["step"] = max(phases["step"], torch.cuda.max_memory_allocated(device))
+    measured = max(phases.values())
+    if cuda and int(os.environ.get("RANK", 0)) == 0:
+        print("  phases (GiB, rank 0): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in phases.items()), flush=True)
     predicted = peak_memory(workload_from_args(args), args.layout).total
     t = torch.tensor([float(measured)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
