@@ -17,6 +17,7 @@ error in %. Cases whose layout the world size does not allow are skipped.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -55,9 +56,12 @@ def run_case(flags: str, world: int, device, iters: int):
     args.padded_vocab_size = padded_vocab_size(args.vocab_size + 1, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)
     groups = ParallelGroups.create(args.layout)
+    gc.collect()    # the previous case's model (hooks make reference cycles) must be gone
+    base = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)   # whatever is still held (NCCL, leftovers): not ours
     config, moe = model_configs(args, args.padded_vocab_size)
     model = build_gpt(config, moe, groups, args.seed).to(device)
     if args.recompute_granularity:
@@ -71,8 +75,8 @@ def run_case(flags: str, world: int, device, iters: int):
     gen = torch.Generator().manual_seed(groups.dp.rank)
     cuda = device.type == "cuda"
     # where the peak is reached: model + grads + optimizer built, forward+backward, optimizer step
-    phases = {"built": torch.cuda.max_memory_allocated(device) if cuda else 0,
-              "static": torch.cuda.memory_allocated(device) if cuda else 0, "fwd+bwd": 0, "step": 0}
+    phases = {"built": torch.cuda.max_memory_allocated(device) - base if cuda else 0,
+              "static": torch.cuda.memory_allocated(device) - base if cuda else 0, "fwd+bwd": 0, "step": 0}
     for it in range(iters):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -85,14 +89,16 @@ def run_case(flags: str, world: int, device, iters: int):
                         "position_ids": torch.arange(args.seq_length).expand_as(tokens).to(device)})
         forward_backward(model, mbs, groups, sync)
         if cuda:
-            phases["fwd+bwd"] = max(phases["fwd+bwd"], torch.cuda.max_memory_allocated(device))
+            phases["fwd+bwd"] = max(phases["fwd+bwd"], torch.cuda.max_memory_allocated(device) - base)
             torch.cuda.reset_peak_memory_stats(device)
         opt.step(args.lr)
         if cuda:
-            phases["step"] = max(phases["step"], torch.cuda.max_memory_allocated(device))
+            phases["step"] = max(phases["step"], torch.cuda.max_memory_allocated(device) - base)
     measured = max(phases.values())
     if cuda and int(os.environ.get("RANK", 0)) == 0:
-        print("  phases (GiB, rank 0): " + ", ".join(f"{k} {v / GiB:.2f}" for k, v in phases.items()), flush=True)
+        print("  phases (GiB above the level at the start of the case, rank 0): "
+              + ", ".join(f"{k} {v / GiB:.2f}" for k, v in phases.items()) + f"; level at start {base / GiB:.2f}",
+              flush=True)
     predicted = peak_memory(workload_from_args(args), args.layout).total
     t = torch.tensor([float(measured)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
