@@ -1,4 +1,4 @@
-"""--torch-compile (model/compile.py): the compiled layers give the eager numbers.
+"""Compiled layers (model/compile.py, an experiment) give the eager numbers on CPU.
 
 Dynamo traces each layer and breaks its graph at the dispatcher's host sync, the collectives and
 the CAC bookkeeping; a wrong break (a Python side effect dropped, a guard missing when the

@@ -85,7 +85,7 @@ class KeptCollectives:
     def clear(self) -> None:
         self._kept.clear()
 
-    @torch.compiler.disable   # Python bookkeeping on tensor versions: eager under --torch-compile
+    @torch.compiler.disable   # Python bookkeeping on tensor versions: eager under torch.compile
     def run(self, key: str, collective, x: torch.Tensor | None = None, mirror=None, tp: bool = False):
         """`collective()` in the forward (its output kept), the kept output in the recompute.
 

@@ -120,10 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=["uniform"], default=None, help="full only; default uniform")
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="full/uniform: consecutive layers per checkpointed chunk (default 1)")
-    g.add_argument("--torch-compile", action="store_true",
-                   help="compile each transformer layer with torch.compile (TorchInductor; fuses the "
-                        "norms, router and permutation arithmetic between the MoE block's host sync and "
-                        "collectives); model/compile.py")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None, help="prefix, or 'w1 prefix1 w2 prefix2' for a blend")
