@@ -88,3 +88,28 @@ def test_eval_and_tensorboard(tmp_path):
     assert re.search(r"loss scale: 65536\.0", r.stdout)
     events = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     assert events and os.path.getsize(events[0]) > 0
+
+
+def test_model_gradient_sync_and_optimizer_are_freed_when_dropped():
+    """Nothing outside them may keep a model's parameters, fp32 gradient buffers or optimizer state
+    alive once the caller drops them (the gradient hooks on the parameters once kept GradientSync
+    and its buffers forever: Python's cycle collector does not see tensor hooks)."""
+    import gc
+    import weakref
+    from parity import global_batches, micro_batches, tiny_config, tiny_moe
+    from megatron_ted.training.step import forward_backward
+    from megatron_ted.training.tiled_optimizer import TiledAdamW
+
+    def build_and_step():
+        groups = ParallelGroups.single()
+        model = build_gpt(tiny_config(), tiny_moe(), groups, 1)
+        sync = GradientSync(model, groups.dp, groups.expert_dp)
+        opt = TiledAdamW(model, sync, groups.tp, groups.dp, lr=1e-3, weight_decay=0.0)
+        batch = {k: (v.float() if k == "loss_mask" else v) for k, v in global_batches(1, 4)[0].items()}
+        forward_backward(model, micro_batches(batch, 0, 1, 2), groups, sync)
+        opt.step(1e-3)
+        return [weakref.ref(x) for x in (model, sync, opt, next(iter(sync.buffers)).flat)]
+
+    refs = build_and_step()
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * len(refs)
