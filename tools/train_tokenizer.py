@@ -16,10 +16,13 @@ Deterministic: fixed random seed, input read in file order.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ted.cli import OneLineErrorParser  # noqa: E402
 
 SPECIALS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>",
                 bos_piece="<s>", eos_piece="<EOD>")
@@ -74,13 +77,8 @@ def train(input_path: str, output_prefix: str, vocab_size: int, json_keys=("text
     return output_prefix + ".model"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def main(argv=None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="JSONL file")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the text")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")

@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 
+from megatron_ted.cli import OneLineErrorParser
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
@@ -160,13 +161,8 @@ class _Progress:
 
 
 # -------------------------------------------------------------------------------------------- main
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def get_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineErrorParser(
         description="Tokenize JSONL into Megatron .bin/.idx files (Megatron-LM compatible).")
     group = parser.add_argument_group("input data")
     group.add_argument("--input", required=True, help="JSONL file (optionally .gz), one document per line")
