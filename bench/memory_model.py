@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 
 from megatron_ted.model.builder import build_gpt  # noqa: E402
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute  # noqa: E402
-from megatron_ted.parallel.groups import ParallelGroups  # noqa: E402
+from megatron_ted.parallel.groups import ParallelGroups, init_process_group  # noqa: E402
 from megatron_ted.planning.memory import GiB, peak_memory, workload_from_args  # noqa: E402
 from megatron_ted.training.arguments import padded_vocab_size, parse_args  # noqa: E402
 from megatron_ted.training.grad_sync import GradientSync  # noqa: E402
@@ -113,11 +113,8 @@ def main():
     p.add_argument("--num-layers", type=int, default=24, help="layers of the 1.3B-base cases (fewer on 1-2 GPUs)")
     a = p.parse_args()
     cuda = torch.cuda.is_available() and not a.cpu
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = init_process_group(cuda)
     world, rank = dist.get_world_size(), dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     cases = CASES if cuda else [("tiny", "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 "
                                          "--seq-length 64 --vocab-size 1000 --micro-batch-size 2", 1, None)]
     rows = []

@@ -14,7 +14,6 @@ Prints one line: ms per iteration, model TFLOP/s per GPU, peak memory.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -25,7 +24,7 @@ from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.flops import attention_flops_per_token, mlp_flops_per_token
 
@@ -57,14 +56,9 @@ def main():
     s = SHAPES[args.shape]
 
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = init_process_group(cuda)
     world = dist.get_world_size()
     groups = ParallelGroups.create(ParallelLayout(world, args.tp, args.ep))
-    device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
 
     router = RouterConfig(num_experts=s["experts"], topk=s["topk"], capacity_factor=args.capacity_factor)

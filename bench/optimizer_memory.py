@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 
 import torch
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.memory import peak_extra_bytes
@@ -99,12 +98,7 @@ def main():
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29534")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = init_process_group(cuda)
     args.hidden_size = args.hidden_size or (2048 if cuda else 256)
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.vocab_size = args.vocab_size or (32000 if cuda else 1024)

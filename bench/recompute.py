@@ -20,7 +20,6 @@ parameters, gradients and inputs, and the all-to-alls counted per MoE layer per 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -33,7 +32,7 @@ from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
 
 SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4096, seq=2048),
@@ -80,14 +79,9 @@ def main():
     modes = args.modes or ["none", "full", "cac"] + (["cac-tp"] if args.tp > 1 else [])
 
     cuda = torch.cuda.is_available() and args.shape != "tiny"
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29534")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = init_process_group(cuda)
     world = dist.get_world_size()
     groups = ParallelGroups.create(ParallelLayout(world, args.tp, args.ep))
-    device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
 
     stack = build_stack(s, args.layers, args.moe_layer_freq, groups, not args.no_dtd, args.dropout,

@@ -8,8 +8,11 @@ so the same model code runs as its own unsharded reference.
 """
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from megatron_ted.parallel.comm import CommStats, Group
@@ -74,3 +77,16 @@ class ParallelGroups:
 
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.layout}: " + ", ".join(repr(self.group(k)) for k in KINDS)
+
+
+def init_process_group(use_cuda: bool, backend: str | None = None) -> torch.device:
+    """Join the launcher's process group (torchrun / srun set RANK, WORLD_SIZE, MASTER_*); a plain
+    `python script.py` is a world of one. Returns this rank's device (cuda:LOCAL_RANK or cpu)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=10))
+    return device

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
-from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_size, parse_args, router_config
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
@@ -61,18 +60,8 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
 
 
 def init_distributed(args) -> torch.device:
-    if "RANK" not in os.environ:  # plain `python pretrain_gpt_moe.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     use_cuda = torch.cuda.is_available() and args.distributed_backend != "gloo"
-    backend = args.distributed_backend or ("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    return device
+    return init_process_group(use_cuda, args.distributed_backend)
 
 
 class MegatronLog:
