@@ -4,7 +4,7 @@
     python bench/train_throughput.py --preset tiny --nproc 4 --tp 2 --ep 2          # CPU smoke test
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 2 --ep 2 --sequence-parallel
 
-Launches torchrun, prints the layout table, and one result line: mean over the logged iterations
+Launches torchrun, prints the layout table, and one result line: median over the logged iterations
 after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).
 Presets:
   moe-1.3b-16e  GPT-3 1.3B base (24 x 2048, 16 heads), 16 experts every other layer, top-2,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -62,10 +63,10 @@ def main():
             rows.append([float(x) if x else float("nan") for x in m.groups()[1:]])
     if not rows:
         sys.exit("no iterations after warm-up were logged")
-    mean = [sum(c) / len(c) for c in zip(*rows)]
+    med = [statistics.median(c) for c in zip(*rows)]   # a recompile or straggler step does not skew it
     sp = "--sequence-parallel" in extra and a.tp > 1
-    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} | {mean[0]:.1f} ms/iter | "
-          f"{mean[2]:.0f} tokens/s | {mean[1]:.1f} TFLOP/s/GPU | MFU {mean[3]:.1f}%")
+    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} | {med[0]:.1f} ms/iter | "
+          f"{med[2]:.0f} tokens/s | {med[1]:.1f} TFLOP/s/GPU | MFU {med[3]:.1f}%")
 
 
 if __name__ == "__main__":
