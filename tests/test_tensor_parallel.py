@@ -416,3 +416,31 @@ def test_unshard_of_shard_round_trip(ranks):
                 # how many different pieces the layout must produce for this spec
                 n = (tp_size if spec.tp_dim is not None else 1) * (ep_size if spec.expert else 1)
                 assert len(pieces) == n, (world, tp_size, ep_size, spec)
+
+
+# ---- attention dropout over TP -------------------------------------------------------------------
+
+def _attention_dropout(rank, world):
+    from megatron_ted.model.attention import SelfAttention
+    groups = ParallelGroups.create(ParallelLayout(world, world, 1))
+    attn = SelfAttention(16, 4, groups.tp, dropout=0.5, bias=False).train()
+    q = torch.linspace(-1, 1, 2 * 2 * 6 * 4).view(2, 2, 6, 4)     # the same heads on every rank
+    torch.manual_seed(7)
+    first = attn._core(q, q, q)
+    after = torch.rand(3)                                           # the shared stream after the call
+    torch.manual_seed(7)
+    again = attn._core(q, q, q)                                     # what a recompute would see
+    attn.eval()
+    return first, after, again, attn._core(q, q, q)
+
+
+def test_attention_dropout_masks_differ_over_tp_and_replay():
+    """Head shards of different TP ranks get different dropout masks (same inputs, different
+    outputs); a replay from the same RNG state gives the same masks (recompute); the shared stream
+    advances identically on every rank (replicated hidden dropout stays identical over TP)."""
+    (first0, after0, again0, eval0), (first1, after1, again1, eval1) = run_forked(_attention_dropout, 2)
+    assert torch.equal(eval0, eval1)                 # no dropout: identical heads give identical outputs
+    assert not torch.equal(first0, first1)           # dropout: each TP rank its own masks
+    assert not torch.equal(first0, eval0)            # dropout really ran
+    assert torch.equal(first0, again0) and torch.equal(first1, again1)
+    assert torch.equal(after0, after1)

@@ -27,6 +27,7 @@ class SelfAttention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.local_heads = num_heads // tp.size
         self.dropout = dropout
+        self.tp_rank, self.tp_size = tp.rank, tp.size
         self.qkv = ColumnParallelLinear(hidden_size, hidden_size, tp, bias=bias, fused=3)
         self.proj = RowParallelLinear(hidden_size, hidden_size, tp, bias=bias)
         self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
@@ -45,5 +46,20 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                              dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if p == 0.0 or self.tp_size == 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        # Every TP rank draws from the same RNG stream (the activations outside attention are
+        # replicated over TP and need identical dropout masks), so the head shards would get
+        # identical attention-dropout masks. A seed from the shared CPU stream (checkpoint restores
+        # it: a recompute draws the same), offset by the TP rank, seeds the kernel's generator for
+        # this call only; the shared streams are restored afterwards (Megatron's model-parallel RNG).
+        seed = int(torch.randint(0, 2**62, ()))
+        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
+            if q.is_cuda:
+                generator = torch.cuda.default_generators[q.device.index if q.device.index is not None
+                                                          else torch.cuda.current_device()]
+            else:
+                generator = torch.default_generator
+            generator.manual_seed(seed + 1_000_003 * self.tp_rank)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
