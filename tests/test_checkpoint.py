@@ -417,3 +417,39 @@ def test_entry_point_save_exit_resume_equals_an_uninterrupted_run(tmp_path):
         assert "Traceback" not in out + err
     assert open(os.path.join(work, "bad", ckpt.TRACKER)).read().strip() == "6"   # nothing overwritten
     assert sorted(os.listdir(os.path.join(work, "bad"))) == ["iter_0000006", ckpt.TRACKER]
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_load_reads_the_optimizer_state_one_parameter_at_a_time(tmp_path, monkeypatch, tiled):
+    """Loading never holds the whole optimizer state read from disk at once: when a parameter's
+    master or moments are read, those read for other parameters are already freed (it used to hold
+    every one until the end: 12 bytes per local parameter, 79 GB per GPU for the 40B run)."""
+    import weakref
+    from megatron_ted.training.tiled_optimizer import TiledAdamW
+
+    def build(seed):
+        model, sync, opt = make(groups, seed=seed)
+        if tiled:
+            opt = TiledAdamW(model, sync, groups.tp, groups.dp, lr=LR, weight_decay=0.1)
+        return model, sync, opt
+    groups = ParallelGroups.single()
+    model, sync, opt = build(1234)
+    train_steps(model, sync, opt, groups, global_batches(1, 8))
+    save_checkpoint(str(tmp_path), 1, model, opt, groups)
+    model2, _, opt2 = build(99)
+
+    read, most_alive = [], [0]
+    original = ckpt._Reader.read_into
+
+    def read_into(self, key, out, region):
+        original(self, key, out, region)
+        if key.startswith("optim/") and not key.endswith("/step"):
+            name = key.split("/")[1]
+            alive_elsewhere = sum(1 for n, r in read if n != name and r() is not None)
+            most_alive[0] = max(most_alive[0], alive_elsewhere)
+            read.append((name, weakref.ref(out)))
+    monkeypatch.setattr(ckpt._Reader, "read_into", read_into)
+    load_checkpoint(str(tmp_path), model2, opt2, groups)
+    assert len({n for n, _ in read}) > 10                  # many parameters' states were read ...
+    assert most_alive[0] == 0                              # ... each after the previous ones were freed
+    assert_same_state(full_state(model2, opt2, groups), full_state(model, opt, groups), "loaded")
