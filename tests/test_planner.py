@@ -113,8 +113,10 @@ def test_tp_and_ep_runs_match_memory_and_communication_models(tp, ep, recompute,
     layout = ParallelLayout(2, tp, ep)
     volumes = micro_batch_comm(wl, layout)
     # Multi-process runs on gloo: the counted bytes vary from run to run by up to ~15% for the same
-    # routing (EP: 178-209 KB saved; TP: 485-535 KB; 2026-11-22; cause not found: not cyclic GC,
-    # one thread), so these cases get PARALLEL_SAVED_TOL; the one-process cases keep SAVED_TOL
+    # routing (EP: 178-209 KB saved; TP: 485-535 KB; 2026-11-22). Cause: gloo frees some
+    # collective buffers after the call returns, outside what the profiler records (a loop of
+    # all_gather/all_reduce whose tensors are all dropped still "leaves" 0-280 KB counted), so
+    # these cases get PARALLEL_SAVED_TOL; the one-process cases keep SAVED_TOL
     for saved, peak, _ in results:
         assert abs(est.saved / saved - 1) < PARALLEL_SAVED_TOL, (est.saved, saved)
         assert abs(est.peak / peak - 1) < PARALLEL_PEAK_TOL, (est.peak, peak)
