@@ -135,6 +135,17 @@ _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "megat
             "megatron_ted.training.optimizer", "multiproc", "parity"]
 
 
+def single_thread(fn):
+    """fn() on one thread, the thread count restored: these tiny tensors run ~10x faster on one
+    thread on a busy machine (the single-process references)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_forked(fn, world_size: int, *args):
     """`multiproc.run_distributed` with the "forkserver" start method.
 
@@ -211,6 +222,17 @@ def local_grads(groups: ParallelGroups, config: GPTConfig, moe, global_batch=8, 
                 if p.requires_grad}
     finally:
         groups.stats.enabled = enabled
+
+
+def assert_same_state(a: dict, b: dict, what: str, exact=True):
+    """Two {name: tensor} states (checkpoint round trips): the same keys, equal tensors (bitwise, or
+    within float64 tolerances)."""
+    assert a.keys() == b.keys(), f"{what}: {sorted(set(a) ^ set(b))[:4]}"
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{what}: {k}: {m}")
 
 
 def max_errors(result: dict, ref: dict) -> tuple[float, float]:

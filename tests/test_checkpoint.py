@@ -31,7 +31,7 @@ from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from multiproc import free_port
-from parity import global_batches, micro_batches, tiny_config, tiny_moe
+from parity import assert_same_state, global_batches, micro_batches, tiny_config, tiny_moe
 
 try:  # the fork-server launcher (fast) when the harness has it, else plain spawn
     from parity import run_forked as launch
@@ -78,15 +78,6 @@ def full_state(model, opt, groups) -> dict:
         for key, t in states.get(name, {}).items():
             out[f"{key}/{name}"] = t.clone() if t.dim() == 0 else unshard(t, spec, groups.tp, groups.ep).clone()
     return out
-
-
-def assert_same_state(a: dict, b: dict, what: str, exact=True):
-    assert a.keys() == b.keys(), f"{what}: {sorted(set(a) ^ set(b))[:4]}"
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{what}: {k}: {m}")
 
 
 # ---- the world-4 launch ------------------------------------------------------------------------

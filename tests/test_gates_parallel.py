@@ -19,7 +19,7 @@ import torch
 
 from megatron_ted.model.builder import router_seed
 from megatron_ted.moe import gates
-from parity import SEQ, VOCAB, assert_matches, global_batches, job, reference_job, run_forked, run_jobs
+from parity import SEQ, VOCAB, assert_matches, global_batches, job, reference_job, run_forked, run_jobs, single_thread
 
 STEPS = 3
 E, NUM_MOE_LAYERS, GLOBAL_BATCH, MICRO = 4, 2, 8, 2
@@ -45,18 +45,10 @@ def runs():
     return {world: run_forked(run_jobs, world, jobs) for world, jobs in JOBS.items()}
 
 
-def _single_thread(fn):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def refs():
-    return _single_thread(lambda: {name: reference_job(job(moe_kw=kw, steps=STEPS)) for name, kw in GATES.items()})
+    return single_thread(lambda: {name: reference_job(job(moe_kw=kw, steps=STEPS)) for name, kw in GATES.items()})
 
 
 @pytest.mark.parametrize("gate", list(GATES))
@@ -97,7 +89,7 @@ def test_hash_loads_are_the_table_applied_to_the_batch(refs):
 
 def test_the_random_gates_and_the_bias_change_the_numbers(refs):
     """Not vacuous: the random draws and the bias change the curve against the plain top-k gate."""
-    _single_thread(lambda: _changes(refs))
+    single_thread(lambda: _changes(refs))
 
 
 def _changes(refs):
@@ -121,6 +113,6 @@ def test_global_aux_loss_same_at_the_same_dp_size(runs):
         for a, b in zip(res["aux_losses"], ref["aux_losses"]):
             assert a == pytest.approx(b, rel=1e-12)
     # and it is not the micro-batch aux loss: the DP group's loads enter f_e
-    local = _single_thread(lambda: reference_job(job(moe_kw=dict(GLOBAL_AUX, load_balancing_type="aux_loss"),
+    local = single_thread(lambda: reference_job(job(moe_kw=dict(GLOBAL_AUX, load_balancing_type="aux_loss"),
                                                      steps=STEPS)))
     assert abs(local["aux_losses"][0] - ref["aux_losses"][0]) > 1e-9

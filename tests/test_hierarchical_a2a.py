@@ -17,7 +17,7 @@ from megatron_ted.parallel import mappings
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.arguments import parse_args
-from parity import assert_matches, job, reference_job, run_forked, run_jobs
+from parity import assert_matches, job, reference_job, run_forked, run_jobs, single_thread
 
 H = 3
 CASES = [  # (tp, ep, order, node size)
@@ -150,12 +150,7 @@ def model_runs():
 @pytest.mark.parametrize("jj", range(len(MODEL_JOBS)))
 def test_model_with_hierarchical_exchange_equals_one_process(model_runs, jj):
     j = MODEL_JOBS[jj]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ref = reference_job(dict(j, moe_kw=_without_a2a(j["moe_kw"]), recompute=None))
-    finally:
-        torch.set_num_threads(threads)
+    ref = single_thread(lambda: reference_job(dict(j, moe_kw=_without_a2a(j["moe_kw"]), recompute=None)))
     for rank, per_rank in enumerate(model_runs):
         res = per_rank[jj]
         assert_matches(res, ref, f"hierarchical TP {j['tp']} EP {j['ep']} rank {rank}")

@@ -17,7 +17,7 @@ import torch
 
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
-from parity import SEQ, VOCAB, assert_matches, job, reference_job, run_forked, run_job, run_jobs
+from parity import SEQ, VOCAB, assert_matches, job, reference_job, run_forked, run_job, run_jobs, single_thread
 
 STEPS = 3
 H, F, E, NUM_MOE_LAYERS = 16, 32, 4, 2
@@ -71,14 +71,6 @@ def runs():
     return {world: run_forked(run_jobs, world, jobs) for world, jobs in JOBS.items()}
 
 
-def _single_thread(fn):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # these tiny tensors run ~10x faster on one thread on a busy machine
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def refs():
@@ -91,7 +83,7 @@ def refs():
                 if key not in out:
                     out[key] = reference_job(dict(j, moe_kw={k: v for k, v in j["moe_kw"].items() if k != "dtd"}))
         return out
-    return _single_thread(build)
+    return single_thread(build)
 
 
 def _all(runs):
@@ -154,7 +146,7 @@ def test_world_one_is_bitwise_the_reference(refs):
             assert res["losses"] == ref["losses"]
             assert all(torch.equal(res["grads"][n], g) for n, g in ref["grads"].items())
             assert res["stats"] == {}
-    _single_thread(run)
+    single_thread(run)
 
 
 def test_capacity_really_drops(refs):
@@ -185,7 +177,7 @@ def test_capacity_depends_on_the_micro_batch():
         assert abs(free1["losses"][0] - free2["losses"][0]) < 1e-9
         for name, g in free2["grads"].items():
             torch.testing.assert_close(free1["grads"][name], g, rtol=1e-10, atol=1e-13)
-    _single_thread(run)
+    single_thread(run)
 
 
 def test_aux_and_z_loss_match_reference(runs, refs):

@@ -36,7 +36,7 @@ from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.optimizer import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
-from parity import global_batches, micro_batches, run_forked, tiny_config, tiny_moe
+from parity import global_batches, micro_batches, run_forked, single_thread, tiny_config, tiny_moe
 
 WORLD, TP, EP = 4, 2, 2
 STEPS, GLOBAL_BATCH, MICRO = 3, 8, 2
@@ -96,12 +96,7 @@ def runs():
 
 @pytest.fixture(scope="module")
 def reference():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(ParallelGroups.single(), "none", {}, True)
-    finally:
-        torch.set_num_threads(threads)
+    return single_thread(lambda: train(ParallelGroups.single(), "none", {}, True))
 
 
 def _results(runs, mode, config_kw=None, dtd=True):

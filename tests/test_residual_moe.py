@@ -23,7 +23,7 @@ from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
 from megatron_ted.training.checkpoint import save_checkpoint
 from megatron_ted.training.train import model_configs
-from parity import assert_matches, job, reference_job, run_forked, run_jobs, tiny_config, tiny_moe
+from parity import assert_matches, job, reference_job, run_forked, run_jobs, single_thread, tiny_config, tiny_moe
 
 STEPS = 3
 RES = dict(topk=1, mlp_type="residual")
@@ -40,14 +40,6 @@ JOBS = {
 }
 
 
-def _single_thread(fn):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def runs():
@@ -56,7 +48,7 @@ def runs():
 
 @pytest.fixture(scope="module")
 def refs():
-    return _single_thread(lambda: {name: reference_job(job(moe_kw=kw, steps=STEPS)) for name, kw in CONFIGS.items()})
+    return single_thread(lambda: {name: reference_job(job(moe_kw=kw, steps=STEPS)) for name, kw in CONFIGS.items()})
 
 
 # ---- the block itself ---------------------------------------------------------------------------
@@ -112,7 +104,7 @@ def test_matches_the_reference_in_every_layout(runs, refs, name):
 
 
 def test_the_variants_are_not_the_plain_moe(refs):
-    plain = _single_thread(lambda: reference_job(job(moe_kw=dict(topk=1), steps=STEPS)))
+    plain = single_thread(lambda: reference_job(job(moe_kw=dict(topk=1), steps=STEPS)))
     assert abs(plain["losses"][0] - refs["residual"]["losses"][0]) > 1e-6
     assert refs["pr-moe"]["grads"]["layers.1.mlp.experts.fc1"].shape[0] == 8
     # capacity: the 8-expert layer has capacity ceil(16 / 8) = 2 per micro-batch and drops

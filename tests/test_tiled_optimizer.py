@@ -31,7 +31,7 @@ from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAda
 from megatron_ted.training.step import forward_backward
 from megatron_ted.training.arguments import parse_args
 from megatron_ted.training.tiled_optimizer import DEFAULT_TILE_SIZE, TiledAdamW
-from parity import global_batches, micro_batches, run_forked, tiny_config, tiny_moe
+from parity import assert_same_state, global_batches, micro_batches, run_forked, tiny_config, tiny_moe
 
 STEPS, LR, WD, CLIP, TILE, GB, MICRO = 10, 1e-2, 0.1, 0.05, 37, 8, 2
 BATCHES = global_batches(STEPS, GB)
@@ -355,32 +355,23 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(world4):
         assert s[0]["unchanged"] and s[1]["unchanged"] and not s[2]["unchanged"]
 
 
-def _same(a, b, what, exact=True):
-    assert a.keys() == b.keys(), f"{what}: {sorted(set(a) ^ set(b))[:4]}"
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{what}: {k}: {m}")
-
-
 def test_checkpoint_of_the_partitioned_state_moves_between_layouts_and_optimizers(world4, one_thread):
     root, ranks = world4
     r = ranks[0]["ckpt"]
     saved = r["saved"]
     assert any(k.startswith("exp_avg/") for k in saved) and any(k.startswith("step/") for k in saved)
     for key in [(2, 2, "dist"), (1, 4, "dist"), (1, 1, "dist"), (1, 2, "replicated"), (2, 1, "torch")]:
-        _same(r[key]["loaded"], saved, f"loaded at {key}")
+        assert_same_state(r[key]["loaded"], saved, f"loaded at {key}")
         assert len(r[key]["losses"]) == 1
         for a, b in zip(r[key]["losses"], r["straight"][2:]):
             assert abs(a - b) <= 1e-13 * abs(b), f"resumed at {key}: loss {a!r} != {b!r}"
-        _same(r[key]["final"], r["straight_state"], f"resumed at {key}", exact=key == (2, 2, "dist"))
-    _same(r["torch_loaded"], r["torch_saved"], "torch.optim.AdamW checkpoint into the partitioned optimizer")
+        assert_same_state(r[key]["final"], r["straight_state"], f"resumed at {key}", exact=key == (2, 2, "dist"))
+    assert_same_state(r["torch_loaded"], r["torch_saved"], "torch.optim.AdamW checkpoint into the partitioned optimizer")
     # and in one process, into TiledAdamW
     g = ParallelGroups.single()
     model, sync, opt = build(g, "replicated", seed=5)
     load_checkpoint(os.path.join(root, "dist"), model, opt, g)
-    _same(full_state(model, opt, g), saved, "loaded in one process")
+    assert_same_state(full_state(model, opt, g), saved, "loaded in one process")
 
 
 def test_bf16_partitioned_keeps_fp32_masters_and_tracks_torch(one_thread):
