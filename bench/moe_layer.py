@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_ted.model.compile import compile_layer
 from megatron_ted.model.init import init_parameters
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.model.transformer import TransformerLayer
@@ -50,7 +51,7 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", choices=["none", "router", "layer"], default="none",
-                   help="torch.compile the router module or the whole layer (an experiment: model/compile.py)")
+                   help="torch.compile the router module or the whole layer (--compile-layers in training)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of rank 0 to this file")
     args = p.parse_args()
     s = SHAPES[args.shape]
@@ -74,7 +75,7 @@ def main():
     if args.compile == "router":
         moe.router = torch.compile(moe.router)
     elif args.compile == "layer":
-        layer.compile()     # as model/compile.py: experimental, gradients wrong on CUDA (see there)
+        compile_layer(layer)     # as --compile-layers does in training (model/compile.py)
     batch = s["tokens"] // args.seq
     x = torch.randn(batch, args.seq // args.tp if sp else args.seq, s["hidden"], device=device, dtype=dtype, generator=None, requires_grad=True)
     grad = torch.randn_like(x)

@@ -130,8 +130,6 @@ def test_nccl_gates_and_variants_match_reference(name):
 
 
 @needs_two
-@pytest.mark.xfail(strict=True, reason="open bug: on CUDA the gradient leaving Inductor-compiled layers is wrong "
-                                       "(embedding grad off by 4e-3 in fp64, loss right); model/compile.py")
 @pytest.mark.parametrize("tp,ep", [(1, WORLD), (2, WORLD // 2)])
 def test_nccl_inductor_compiled_layers_match_reference(tp, ep):
     """Layers compiled with Inductor's generated kernels (fp64) on NCCL equal the CPU reference."""

@@ -160,6 +160,19 @@ def test_model_with_hierarchical_exchange_equals_one_process(model_runs, jj):
         assert "all_to_all/ep" not in res["stats"]
 
 
+def test_split_matrix_is_exchanged_once_per_moe_layer_call(model_runs):
+    """Dispatch and combine need the split matrix and its transpose: one all-gather serves both.
+    Per MoE layer per micro-batch the node gathers run 4 times (dispatch and combine, forward and
+    backward) and the "counts" exchanges twice (the dispatcher's split sizes, the matrix)."""
+    plain = MODEL_JOBS.index(next(j for j in MODEL_JOBS if j["moe_kw"] == HIER and j["tp"] == 1
+                                  and j.get("recompute") is None))
+    for per_rank in model_runs:
+        stats = per_rank[plain]["stats"]
+        layer_calls = stats["gather/ep_intra"][0] // 4
+        assert layer_calls > 0 and stats["gather/ep_intra"][0] == 4 * layer_calls
+        assert stats["counts/ep"][0] == 2 * layer_calls
+
+
 def test_cac_keeps_the_hierarchical_exchange(model_runs):
     """Per step, checkpointing recomputes the forward exchanges (dispatch + combine): the leaders'
     inter-node all-to-alls and the node gathers/scatters grow 4 -> 6 per MoE layer per micro-batch,
@@ -174,7 +187,7 @@ def test_cac_keeps_the_hierarchical_exchange(model_runs):
                 continue
             assert per_rank[kept]["stats"][key] == none, key
             calls_full, calls_none = per_rank[full]["stats"][key][0], none[0]
-            if key == "counts/ep":   # 1 split-size exchange + 2 split matrices per layer: 3 -> 6
+            if key == "counts/ep":   # 1 split-size exchange + 1 split matrix per layer: 2 -> 4
                 assert calls_full == 2 * calls_none, key
             else:
                 assert 2 * calls_full == 3 * calls_none, key

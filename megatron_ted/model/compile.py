@@ -1,12 +1,15 @@
-"""Each transformer layer's forward through `torch.compile` (TorchInductor): an experiment, not a
-training flag yet.
+"""Each transformer layer's forward through `torch.compile` (TorchInductor): --compile-layers.
 
-Status (2026-11-22): on CPU (aot_eager and Inductor) the compiled layers give the eager losses and
-gradients in float64 (tests/test_compile.py). On CUDA + NCCL (2x H200, torch 2.11) the loss is
-right but the gradient that leaves the compiled layers is not (the tied embedding's gradient is
-off by 4e-3 in fp64, the same in EP 2 and TP 2 layouts; tests/test_gpu.py, xfail). Until that is
-understood it is reachable only from bench/moe_layer.py --compile, where it made layer A at EP 2
-13% faster and layer B at TP 2 slower (docs/PERFORMANCE.md).
+Correctness: on CPU (aot_eager, Inductor) and on CUDA + NCCL (Inductor, fp64, 4x H200, torch 2.11)
+the compiled layers give the eager losses and gradients (tests/test_compile.py, tests/test_gpu.py;
+the GPU run was with scatter_rows as index_copy, the index_put_ now there is checked on CPU only).
+An earlier version of moe/permute.py's row scatter, a custom autograd.Function, made torch 2.11's
+dynamo return wrong gradients (right loss) through any compiled MoE layer; torch 2.13 does not.
+Dropout masks come from Inductor's generator, so a compiled run's masks differ from eager ones.
+
+Speed (docs/PERFORMANCE.md): on 1-2 GPUs it fuses the ~90 small router/permutation/elementwise
+kernels of layer A (-13 to -18%); at EP 4 on 4x H200 layer A and the end-to-end step were unchanged
+and TP 2 layers slower (graph breaks at every TP collective). Off by default for that reason.
 
 Why per layer (as torchtitan compiles per block): the layers are the repeated unit, so one traced
 graph serves every layer of the same kind (parameters are graph inputs, not guarded constants),
@@ -30,8 +33,14 @@ _CACHE_SIZE_LIMIT = 32
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> nn.Module:
-    """Compile every layer of `model.layers` in place (`nn.Module.compile`); returns the model."""
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _CACHE_SIZE_LIMIT)
+    """Compile every layer of `model.layers` in place; returns the model."""
     for layer in model.layers:
-        layer.compile(backend=backend)
+        compile_layer(layer, backend)
     return model
+
+
+def compile_layer(layer: nn.Module, backend: str = "inductor") -> nn.Module:
+    """`nn.Module.compile` in place, with room in dynamo's cache for the dynamic-shape recompiles."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _CACHE_SIZE_LIMIT)
+    layer.compile(backend=backend)
+    return layer

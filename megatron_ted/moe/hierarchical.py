@@ -12,7 +12,8 @@ few NICs per node. Results are those of the flat all-to-all, row for row, forwar
 Nodes are blocks of `node_size` consecutive global ranks (torchrun and Slurm number ranks node by
 node; `--moe-a2a-node-size`, default the launcher's LOCAL_WORLD_SIZE). For rank r of an EP group
 of P ranks, S[i][j] rows go from EP rank i to EP rank j (the dispatcher's splits; the full S is
-all-gathered over EP first, counted as "counts"). The three steps, each an all_to_all_single with
+all-gathered over EP first, counted as "counts", once per MoE layer call: the combine's is its
+transpose). The three steps, each an all_to_all_single with
 uneven splits, counted in CommStats under the group names "ep_intra" and "ep_inter":
 
   1. gather   (ep_intra, kind "gather"): every member sends all its rows, ordered by destination,
@@ -150,16 +151,20 @@ class _HierarchicalAllToAll(torch.autograd.Function):
 
 
 def hierarchical_all_to_all(x: torch.Tensor, ep: Group, hg: HierarchicalGroups | None, output_splits: list[int],
-                            input_splits: list[int], kept: cac.KeptCollectives | None = None) -> torch.Tensor:
+                            input_splits: list[int], kept: cac.KeptCollectives | None = None,
+                            S: list[list[int]] | None = None) -> torch.Tensor:
     """Drop-in for `mappings.all_to_all(x, ep, output_splits, input_splits)` (same rows, same order,
     same gradients) that crosses nodes once per node pair. Under CAC (`kept`) the split matrix and
-    the received rows are kept for the recompute, like the flat exchange's."""
+    the received rows are kept for the recompute, like the flat exchange's. `S`: the split matrix
+    when the caller already has it (all-gathered over EP otherwise)."""
     if ep.size == 1:
         return x
     if hg is None or not hg.useful:
         return cac.all_to_all(x, ep, output_splits, input_splits, kept)
-    S = cac.split_matrix(input_splits, ep, kept, x.device)                 # [P, P]: S[i][j] rows i -> j
-    assert [S[i][ep.rank] for i in range(ep.size)] == list(output_splits), "split sizes disagree"
+    if S is None:
+        S = cac.split_matrix(input_splits, ep, kept, x.device)             # [P, P]: S[i][j] rows i -> j
+    assert S[ep.rank] == list(input_splits) and [S[i][ep.rank] for i in range(ep.size)] == list(output_splits), \
+        "split sizes disagree"
     S_t = [list(col) for col in zip(*S)]
     return cac.all_to_all(x, ep, output_splits, input_splits, kept,
                           exchange=lambda x: _HierarchicalAllToAll.apply(x, hg, ep.rank, S),
@@ -174,5 +179,17 @@ class HierarchicalTokenDispatcher(TokenDispatcher):
         super().__init__(num_experts, ep, tp, duplicate_token_dropping)
         self.hierarchy = hierarchy
 
+        self._combine_S: list[list[int]] | None = None
+
+    def __call__(self, *args, **kwargs):
+        self._combine_S = None
+        return super().__call__(*args, **kwargs)
+
     def _all_to_all(self, x, output_splits, input_splits):
-        return hierarchical_all_to_all(x, self.ep, self.hierarchy, output_splits, input_splits, self.kept)
+        # Called twice per layer call: dispatch, then combine, whose split matrix is the
+        # dispatch's transposed; only the dispatch all-gathers it.
+        S, self._combine_S = self._combine_S, None
+        if S is None and self.ep.size > 1 and self.hierarchy.useful:
+            S = cac.split_matrix(input_splits, self.ep, self.kept, x.device)
+            self._combine_S = [list(col) for col in zip(*S)]
+        return hierarchical_all_to_all(x, self.ep, self.hierarchy, output_splits, input_splits, self.kept, S)

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                    help="full: checkpoint whole layers; selective: recompute only the attention core")
     g.add_argument("--recompute-method", choices=["uniform"], default=None, help="full only; default uniform")
+    g.add_argument("--compile-layers", action="store_true",
+                   help="torch.compile (Inductor) each transformer layer: fuses the router, permutation and "
+                        "elementwise kernels (model/compile.py); first steps pay the compile time")
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="full/uniform: consecutive layers per checkpointed chunk (default 1)")
 

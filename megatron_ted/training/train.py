@@ -16,6 +16,7 @@ from megatron_ted.data.gpt_data import build_train_valid_test_datasets, train_va
 from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
+from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
@@ -168,6 +169,9 @@ def train(args, tokenizer) -> dict:
                                                args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model.to(dtype)
+    if args.compile_layers:
+        compile_layers(model)
+        print_rank0(f" > torch.compile (inductor): {len(model.layers)} layers, compiled at their first call")
     # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
     # With --sequence-parallel no activation is TP-replicated: every TP rank gets its own stream.
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
