@@ -3,6 +3,8 @@
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 1 --ep 4
     python bench/train_throughput.py --preset tiny --nproc 4 --tp 2 --ep 2          # CPU smoke test
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 2 --ep 2 --sequence-parallel
+    python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --ep 4 --global-batch-size 64 \
+        --profile --use-pytorch-profiler --profile-step-start 8 --profile-step-end 10 --profile-dir prof
 
 Launches torchrun, prints the layout table, and one result line: median over the logged iterations
 after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).

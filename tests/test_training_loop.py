@@ -113,3 +113,37 @@ def test_model_gradient_sync_and_optimizer_are_freed_when_dropped():
     refs = build_and_step()
     gc.collect()
     assert [r() is None for r in refs] == [True] * len(refs)
+
+
+def test_profile_records_the_requested_iterations_on_the_requested_ranks(tmp_path):
+    """--profile --use-pytorch-profiler on iterations [2, 4) of an EP 2 run on rank 1 only: one
+    trace and one table, from rank 1, whose phases were entered once per profiled iteration and
+    whose ops include the expert all-to-all."""
+    from multiproc import free_port
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            os.path.join(ROOT, "pretrain_gpt_moe.py"), "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--num-experts", "4",
+            "--expert-model-parallel-size", "2", "--mock-data", "--vocab-size", "100", "--train-iters", "5",
+            "--profile", "--use-pytorch-profiler", "--profile-step-start", "2", "--profile-step-end", "4",
+            "--profile-ranks", "1", "--profile-dir", str(tmp_path / "prof")]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "prof")) == ["profile_rank1.txt", "trace_rank1.json"]
+    table = (tmp_path / "prof" / "profile_rank1.txt").read_text()
+    assert table.startswith("iterations 2..3, rank 1")
+    for phase in ("forward-backward", "optimizer-step"):
+        assert re.search(rf"{phase} +calls +2,", table), table[:400]
+    assert "c10d::alltoall" in table
+    assert len(re.findall(r"iteration +\d+/ +5 \|", r.stdout)) == 5
+
+
+@pytest.mark.parametrize("flags,match", [(["--profile-step-start", "0"], "--profile-step-start 0"),
+                                         (["--profile-step-start", "5", "--profile-step-end", "5"], "--profile-step-start 5"),
+                                         (["--profile-ranks", "3"], "--profile-ranks 3")])
+def test_profile_flags_are_checked(flags, match):
+    from megatron_ted.training.arguments import parse_args
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+            "--mock-data", "--vocab-size", "100", "--profile"]
+    with pytest.raises(ValueError, match=match):
+        parse_args(base + flags, world_size=2)

@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop after the iteration divisible by N (saving first when --save is given)")
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--profile", action="store_true",
+                   help="profile iterations [--profile-step-start, --profile-step-end) on --profile-ranks "
+                        "(Nsight range, or torch.profiler with --use-pytorch-profiler; training/profiling.py)")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="with --profile: torch.profiler trace + op table per rank in --profile-dir")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
+    g.add_argument("--profile-dir", default=None, help="default: --tensorboard-dir, else ./profile")
     g.add_argument("--dry-run", action="store_true", help="resolve flags, print the layout and sizes, exit")
     return p
 
@@ -256,6 +265,12 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     if args.load is not None:
         need(os.path.isdir(args.load) or args.load == args.save,
              f"--load {args.load} is not a directory")
+    if args.profile:
+        need(1 <= args.profile_step_start < args.profile_step_end,
+             f"--profile-step-start {args.profile_step_start} must be >= 1 and below --profile-step-end "
+             f"{args.profile_step_end}")
+        bad = [r for r in args.profile_ranks if not 0 <= r < world_size]
+        need(not bad, f"--profile-ranks {bad[0] if bad else ''} is not a rank of this world of {world_size}")
     if args.tensorboard_dir is not None:
         import importlib.util
         need(importlib.util.find_spec("tensorboard") is not None,

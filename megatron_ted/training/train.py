@@ -29,6 +29,7 @@ from megatron_ted.training.flops import flops_per_token, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
 
@@ -235,6 +236,7 @@ def train(args, tokenizer) -> dict:
         print_rank0(f"  successfully saved checkpoint from iteration {it:7d} to {args.save} "
                     f"[ t {elapsed:.2f}s ]")
 
+    profiler = StepProfiler(args, rank, device)
     history = []
     last_saved = None
     it = iteration
@@ -248,8 +250,16 @@ def train(args, tokenizer) -> dict:
         groups.stats.reset()
         first_key = (it - 1) * args.num_micro_batches * groups.dp.size
         mbs = _micro_batches(train_iter, args.num_micro_batches, device, first_key, groups.dp.rank, groups.dp.size)
-        result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
-        applied, result.grad_norm = optimizer.step(lr)
+        profiler.before(it)
+        with torch.profiler.record_function("forward-backward"):
+            result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
+        with torch.profiler.record_function("optimizer-step"):
+            applied, result.grad_norm = optimizer.step(lr)
+        start = time.time()
+        table = profiler.after(it)
+        if table:
+            log.last += time.time() - start  # the export is not the iteration's time
+            print(f" > rank {rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
         if not applied:
             log.skipped += 1
             result.grad_norm = None
