@@ -10,6 +10,7 @@ the same layout and to float64 reordering error (~1e-14) across layouts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -444,3 +445,17 @@ def test_load_reads_the_optimizer_state_one_parameter_at_a_time(tmp_path, monkey
     assert len({n for n, _ in read}) > 10                  # many parameters' states were read ...
     assert most_alive[0] == 0                              # ... each after the previous ones were freed
     assert_same_state(full_state(model2, opt2, groups), full_state(model, opt, groups), "loaded")
+
+
+def test_flat_range_boxes_cover_exactly_the_flat_range():
+    """Every flat range of small tensors of 1-4 dims: the boxes, read in order, are the elements
+    reshape(-1)[lo:hi] (what the partitioned optimizer asks a checkpoint for), in few boxes."""
+    for shape in [(5,), (3, 4), (2, 3, 4), (4, 1, 3), (1, 1, 7), (2, 3, 2, 5)]:
+        t = torch.arange(math.prod(shape)).reshape(shape)
+        for lo in range(t.numel() + 1):
+            for hi in range(lo, t.numel() + 1):
+                boxes = ckpt.flat_range_boxes(shape, lo, hi)
+                parts = [t[tuple(slice(a, b) for a, b in box)].reshape(-1) for box in boxes]
+                got = torch.cat(parts) if parts else t.new_empty(0)
+                assert torch.equal(got, t.reshape(-1)[lo:hi]), (shape, lo, hi, boxes)
+                assert len(boxes) <= 2 * len(shape) - 1

@@ -175,6 +175,24 @@ def _fp16_overflow(world):
     return seen
 
 
+def _moment_elements_read(load) -> int:
+    """Elements of Adam moments that `load()` reads from checkpoint files (fp64 models keep no
+    separate master, so the moments are all of the optimizer state read)."""
+    import megatron_ted.training.checkpoint as ckpt
+    original, count = ckpt._Reader.read_into, [0]
+
+    def counting(self, key, out, region):
+        if key.startswith("optim/") and key.endswith(("/exp_avg", "/exp_avg_sq")):
+            count[0] += out.numel()
+        return original(self, key, out, region)
+    ckpt._Reader.read_into = counting
+    try:
+        load()
+    finally:
+        ckpt._Reader.read_into = original
+    return count[0]
+
+
 def _checkpoints(world, root):
     """Save at TP 2 x EP 2 with the partitioned optimizer after 2 steps; load it at other layouts,
     into the unpartitioned optimizers, and continue a step (which uses the loaded moments). Also
@@ -192,10 +210,12 @@ def _checkpoints(world, root):
     for tp, ep, kind in [(2, 2, "dist"), (1, 4, "dist"), (1, 1, "dist"), (1, 2, "replicated"), (2, 1, "torch")]:
         g = ParallelGroups.create(ParallelLayout(world, tp, ep))
         model, sync, opt = build(g, kind, seed=99, tile=5)
-        load_checkpoint(os.path.join(root, "dist"), model, opt, g)
+        read = _moment_elements_read(lambda: load_checkpoint(os.path.join(root, "dist"), model, opt, g))
         loaded = full_state(model, opt, g)
         losses = train(model, sync, opt, g, BATCHES[n:n + 1])[0]
-        out[(tp, ep, kind)] = dict(loaded=loaded, losses=losses, final=full_state(model, opt, g))
+        owned = sum(pc.p_hi - pc.p_lo for sh in opt.shards for pc in sh.pieces) if kind != "torch" else None
+        out[(tp, ep, kind)] = dict(loaded=loaded, losses=losses, final=full_state(model, opt, g), read=read,
+                                   owned=owned, local=sum(p.numel() for p in model.parameters()))
     # the reverse: written by torch.optim.AdamW (TP 1 x EP 1), read by the partitioned optimizer at TP 2 x EP 2
     g = ParallelGroups.create(ParallelLayout(world, 1, 1))
     model, sync, opt = build(g, "torch")
@@ -372,6 +392,22 @@ def test_checkpoint_of_the_partitioned_state_moves_between_layouts_and_optimizer
     model, sync, opt = build(g, "replicated", seed=5)
     load_checkpoint(os.path.join(root, "dist"), model, opt, g)
     assert_same_state(full_state(model, opt, g), saved, "loaded in one process")
+
+
+def test_loading_the_partitioned_state_reads_only_each_ranks_part(world4):
+    """With --use-distributed-optimizer a rank reads the moments of the elements it owns and no
+    others (tiles of 5 elements cut parameters anywhere); it used to read its whole local shard.
+    Unpartitioned, it reads the whole shard."""
+    ranks = world4[1]
+    for rank in ranks:
+        for key, res in rank["ckpt"].items():
+            if isinstance(key, tuple) and key[2] != "torch":
+                assert res["read"] == 2 * res["owned"], (key, res["read"], res["owned"])
+        assert rank["ckpt"][(1, 2, "replicated")]["owned"] == rank["ckpt"][(1, 2, "replicated")]["local"]
+    # TP 1 EP 1 on 4 ranks: DP 4 and expert-DP 4, every element owned (and read) by exactly one rank
+    dist = [r["ckpt"][(1, 1, "dist")] for r in ranks]
+    assert sum(d["owned"] for d in dist) == dist[0]["local"]
+    assert all(0 < d["owned"] < d["local"] for d in dist)
 
 
 def test_bf16_partitioned_keeps_fp32_masters_and_tracks_torch(one_thread):

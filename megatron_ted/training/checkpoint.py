@@ -22,7 +22,9 @@ writes is chosen round-robin over the parameters so that the writing is spread o
 
 Loading reads, for each local shard, the overlapping pieces of the saved shards (files are opened
 with `torch.load(mmap=True, weights_only=True)`, so only the bytes needed are read): a checkpoint
-written at TP=2, EP=2, DP=2 loads at TP=1, EP=4 or in one process.
+written at TP=2, EP=2, DP=2 loads at TP=1, EP=4 or in one process. The optimizer state is read
+one parameter at a time, and with --use-distributed-optimizer only the elements the rank owns
+(`flat_range_boxes`): the job reads the optimizer state about once, not once per DP replica.
 
 Atomicity: every rank writes into `<save>/.iter_0000010.tmp/` and fsyncs; when all have
 succeeded rank 0 writes metadata.json, renames the directory to `iter_0000010` and only then
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -592,6 +595,22 @@ class _OptimEntry(Mapping):
             self._read[k] = buf
         return self._read[k]
 
+    def read_flat(self, k: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened local shard of state `k`, reading only those: the
+        partitioned optimizer asks for its part, so a rank reads 1/DP of a dense parameter's state."""
+        if k not in self.keys_:
+            raise KeyError(k)
+        if k in self._read or k == "step":
+            return self[k].reshape(-1)[lo:hi]
+        okey, (p, region) = f"optim/{self.name}/{k}", self.states.places[self.name]
+        dtype = getattr(torch, self.states.index[okey]["dtype"].split(".")[-1])
+        pieces = []
+        for box in flat_range_boxes(tuple(p.shape), lo, hi):
+            buf = torch.empty([b - a for a, b in box], dtype=dtype, device=p.device)
+            self.states.reader.read_into(okey, buf, [(r0 + a, r0 + b) for (a, b), (r0, _) in zip(box, region)])
+            pieces.append(buf.reshape(-1))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
     def __contains__(self, k) -> bool:          # without reading the tensor (Mapping's default would)
         return k in self.keys_
 
@@ -600,6 +619,30 @@ class _OptimEntry(Mapping):
 
     def __len__(self) -> int:
         return len(self.keys_)
+
+
+def flat_range_boxes(shape: tuple[int, ...], lo: int, hi: int) -> list[list[tuple[int, int]]]:
+    """Boxes (per dim [a, b)) of a tensor of `shape` whose elements, each box in row-major order,
+    one box after the other, are its flat elements [lo, hi): a partial leading row, whole rows, a
+    partial trailing row (partial rows recursively). At most 2 * ndim - 1 boxes."""
+    if hi <= lo:
+        return []
+    if len(shape) <= 1:
+        return [[(lo, hi)]] if shape else [[]]
+    row = math.prod(shape[1:])
+    first, last = lo // row, (hi - 1) // row                  # the rows the range touches
+    if first == last:
+        return [[(first, first + 1)] + b for b in flat_range_boxes(shape[1:], lo - first * row, hi - first * row)]
+    boxes = []
+    if lo % row:                                               # the end of row `first`
+        boxes += [[(first, first + 1)] + b for b in flat_range_boxes(shape[1:], lo % row, row)]
+        first += 1
+    full_end = last + 1 if hi % row == 0 else last
+    if full_end > first:                                       # whole rows
+        boxes.append([(first, full_end)] + [(0, d) for d in shape[1:]])
+    if hi % row:                                               # the start of row `last`
+        boxes += [[(last, last + 1)] + b for b in flat_range_boxes(shape[1:], 0, hi % row)]
+    return boxes
 
 
 @torch.no_grad()

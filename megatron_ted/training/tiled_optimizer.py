@@ -329,7 +329,7 @@ class TiledAdamW:
     @torch.no_grad()
     def load_named_state(self, states: dict[str, dict[str, torch.Tensor]]) -> None:
         """Inverse of `named_state`: whole local-shard tensors by name; each rank keeps its owned
-        part. An entry without "master" takes the master from the model weights; the moments of a
+        part (a checkpoint's lazy entries read only that part: training/checkpoint.py). An entry without "master" takes the master from the model weights; the moments of a
         parameter without them start at zero; the step is the largest saved one (0 if none)."""
         steps = [float(e["step"]) for e in states.values() if all(k in e for k in self.MOMENTS)]
         self.step_count = int(max(steps)) if steps else 0
@@ -342,10 +342,10 @@ class TiledAdamW:
                 entry = states.get(piece.name, {})
                 at, n = piece.at, piece.p_hi - piece.p_lo
                 if shard.separate_master and "master" in entry:
-                    shard.master[at:at + n].copy_(entry["master"].reshape(-1)[piece.p_lo:piece.p_hi])
+                    shard.master[at:at + n].copy_(_flat_range(entry, "master", piece.p_lo, piece.p_hi))
                 if self.step_count and all(k in entry for k in self.MOMENTS):
-                    shard.exp_avg[at:at + n].copy_(entry["exp_avg"].reshape(-1)[piece.p_lo:piece.p_hi])
-                    shard.exp_avg_sq[at:at + n].copy_(entry["exp_avg_sq"].reshape(-1)[piece.p_lo:piece.p_hi])
+                    shard.exp_avg[at:at + n].copy_(_flat_range(entry, "exp_avg", piece.p_lo, piece.p_hi))
+                    shard.exp_avg_sq[at:at + n].copy_(_flat_range(entry, "exp_avg_sq", piece.p_lo, piece.p_hi))
 
     @torch.no_grad()
     def sync_master_from_model(self) -> None:
@@ -363,3 +363,10 @@ class TiledAdamW:
         self.load_named_state(sd["params"])
         if self.loss_scaler and sd.get("loss_scaler"):
             self.loss_scaler.load_state_dict(sd["loss_scaler"])
+
+
+def _flat_range(entry, key: str, lo: int, hi: int) -> torch.Tensor:
+    """entry[key].reshape(-1)[lo:hi]. An entry that can read a flat range by itself (a checkpoint
+    being loaded) reads just those elements: each rank's I/O is its partition, not its shard."""
+    read = getattr(entry, "read_flat", None)
+    return read(key, lo, hi) if read is not None else entry[key].reshape(-1)[lo:hi]
