@@ -186,11 +186,26 @@ def test_slow_inter_node_links_rank_tp_inside_the_node_first():
     assert plans[0].layout.tensor_parallel <= 4
 
 
+def test_tp_efficiency_slows_only_the_compute_of_tp_layouts():
+    """The same per-GPU FLOPs take 1/eff^log2(TP) as long; TP 1 and the collectives are unchanged."""
+    from megatron_ted.planning.throughput import step_time
+    flops = 3e14
+    for tp in (1, 2, 4, 8):
+        layout = ParallelLayout(16, tp, 1)
+        plain = step_time(flops, False, [], layout, _cluster(tp_efficiency=1.0))
+        slowed = step_time(flops, False, [], layout, _cluster(tp_efficiency=0.8))
+        assert plain.compute == pytest.approx(flops / 400e12)
+        assert slowed.compute == pytest.approx(plain.compute / 0.8 ** {1: 0, 2: 1, 4: 2, 8: 3}[tp])
+    with pytest.raises(ValueError, match="--tp-efficiency"):
+        _cluster(tp_efficiency=1.5)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--preset", "gpt3-1.3b-16e", "--gpu-memory-gib", "0"], "error: --gpu-memory-gib must be positive"),
     (["--preset", "gpt3-1.3b-16e", "--num-attention-heads", "15"], "error: --hidden-size 2048 is not divisible by"),
     (["--preset", "gpt3-1.3b-16e", "--num-nodes", "0"], "error: --num-nodes must be a positive integer"),
     (["--preset", "nope"], "error: --preset nope is unknown"),
+    (["--preset", "gpt3-1.3b-16e", "--tp-efficiency", "0"], "error: --tp-efficiency must be in (0, 1]"),
     (["--preset", "gpt3-40b-16e", "--num-nodes", "1", "--gpu-memory-gib", "16"], "error: no layout fits in 16 GiB"),
 ])
 def test_bad_planner_input_is_one_line(argv, message):

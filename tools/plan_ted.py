@@ -49,6 +49,8 @@ def build_planner_parser(preset: str | None, cluster: str | None) -> argparse.Ar
                    help="GB/s (gigabytes) per GPU between nodes (its share of the NICs)")
     g.add_argument("--achievable-tflops", type=float, default=400.0,
                    help="sustained model TFLOP/s per GPU of the matmuls")
+    g.add_argument("--tp-efficiency", type=float, default=0.85,
+                   help="per-GPU compute rate kept per doubling of TP (fitted on H200: planning/throughput.py)")
     g.add_argument("--top", type=int, default=10, help="layouts to list")
     g.add_argument("--fixed-layout", action="store_true",
                    help="evaluate only the given --tensor-model-parallel-size/--expert-model-parallel-size/"
@@ -81,7 +83,7 @@ def plan(argv=None):
         raise ValueError(f"--top {args.top} must be at least 1")
     cluster = Cluster(gpus_per_node=args.gpus_per_node, num_nodes=args.num_nodes, gpu_memory_gib=args.gpu_memory_gib,
                       intra_node_gbps=args.intra_node_bandwidth_gbps, inter_node_gbps=args.inter_node_bandwidth_gbps,
-                      achievable_tflops=args.achievable_tflops)
+                      achievable_tflops=args.achievable_tflops, tp_efficiency=args.tp_efficiency)
     args.dry_run = True
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size) \
         if args.tokenizer_type != "NullTokenizer" or args.vocab_size is not None else None

@@ -3,7 +3,12 @@
     step = compute + exposed communication + overhead
     compute   = model FLOPs of this GPU's tokens (training/flops.py, 3 x forward) x (4/3 with full
                 recompute: one more forward) / achievable FLOP/s (--achievable-tflops, default 40% of
-                the datasheet bf16 dense peak of the GPU)
+                the datasheet bf16 dense peak of the GPU) / tp_efficiency ** log2(TP)
+    tp_efficiency (--tp-efficiency, default 0.85): the per-GPU compute rate kept per doubling of TP
+                beyond the TP collectives counted below: narrower matmuls, work that TP ranks
+                repeat (norms, the router), DTD's gathers. Fitted to the only TP measurements we
+                have, TP 2 against TP 1 on one 4x H200 node (moe-1.3b-16e: 0.77 with one
+                micro-batch per step, 0.87 with four; docs/PLANNER.md); TP 4 and 8 extrapolate.
     a collective's time = its wire bytes (planning/comm.py) / the bandwidth of its group:
                 intra-node bandwidth when the group sits inside one node, else the inter-node
                 bandwidth (per GPU) for ring collectives; an all-to-all splits its traffic
@@ -19,6 +24,7 @@ which degree crosses nodes decide what runs on the slow links.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_ted.parallel.layout import ParallelLayout
@@ -33,6 +39,7 @@ class Cluster:
     intra_node_gbps: float       # GB/s per GPU inside a node (NVLink)
     inter_node_gbps: float       # GB/s per GPU between nodes (its NIC share)
     achievable_tflops: float     # sustained model TFLOP/s per GPU for the matmuls
+    tp_efficiency: float = 0.85  # per-GPU compute rate kept per doubling of TP (see the module doc)
     memory_headroom: float = 0.10  # a layout fits when its predicted peak <= (1 - headroom) x GPU memory
 
     @property
@@ -49,6 +56,8 @@ class Cluster:
                             ("--achievable-tflops", self.achievable_tflops)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 < self.tp_efficiency <= 1:
+            raise ValueError(f"--tp-efficiency must be in (0, 1], got {self.tp_efficiency}")
 
     @property
     def world_size(self) -> int:
@@ -92,7 +101,8 @@ LAYER_OVERHEAD_S = 0.5e-3
 def step_time(model_flops_per_gpu: float, recompute_full: bool, volumes: list[Volume],
               layout: ParallelLayout, cluster: Cluster, layer_micro_batches: int = 0) -> StepTime:
     """layer_micro_batches: transformer layers x micro-batches per step (the overhead term)."""
-    compute = model_flops_per_gpu * (4 / 3 if recompute_full else 1) / (cluster.achievable_tflops * 1e12)
+    rate = cluster.achievable_tflops * 1e12 * cluster.tp_efficiency ** math.log2(layout.tensor_parallel)
+    compute = model_flops_per_gpu * (4 / 3 if recompute_full else 1) / rate
     crit = grad = gather = 0.0
     for v in volumes:
         s = collective_seconds(v, layout, cluster)
