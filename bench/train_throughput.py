@@ -37,6 +37,18 @@ COMMON = ("--moe-router-topk 2 --moe-layer-freq 2 --moe-aux-loss-coeff 0.01 --mo
           "--hidden-dropout 0 --attention-dropout 0 --log-interval 1")
 
 
+def median_iteration(log: str, warmup: int) -> list[float] | None:
+    """[ms/iter, TFLOP/s/GPU, tokens/s, MFU %] medians over the logged iterations after `warmup`
+    (a recompile or straggler step does not skew a median); None when none was logged."""
+    rows = []
+    for line in log.splitlines():
+        m = re.search(r"iteration +(\d+)/.*elapsed time per iteration \(ms\): ([\d.]+).*TFLOP/s/GPU\): ([\d.]+)"
+                      r".*tokens per second: (\d+)(?:.*MFU: ([\d.]+)%)?", line)
+        if m and int(m.group(1)) > warmup:
+            rows.append([float(x) if x else float("nan") for x in m.groups()[1:]])
+    return [statistics.median(c) for c in zip(*rows)] if rows else None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--preset", choices=list(PRESETS), default="tiny")
@@ -57,15 +69,9 @@ def main():
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
         sys.exit(r.returncode)
-    rows = []
-    for line in r.stdout.splitlines():
-        m = re.search(r"iteration +(\d+)/.*elapsed time per iteration \(ms\): ([\d.]+).*TFLOP/s/GPU\): ([\d.]+)"
-                      r".*tokens per second: (\d+)(?:.*MFU: ([\d.]+)%)?", line)
-        if m and int(m.group(1)) > a.warmup:
-            rows.append([float(x) if x else float("nan") for x in m.groups()[1:]])
-    if not rows:
+    med = median_iteration(r.stdout, a.warmup)
+    if med is None:
         sys.exit("no iterations after warm-up were logged")
-    med = [statistics.median(c) for c in zip(*rows)]   # a recompile or straggler step does not skew it
     sp = "--sequence-parallel" in extra and a.tp > 1
     print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} | {med[0]:.1f} ms/iter | "
           f"{med[2]:.0f} tokens/s | {med[1]:.1f} TFLOP/s/GPU | MFU {med[3]:.1f}%")

@@ -135,27 +135,8 @@ def commands(p, cluster) -> str:
            f"RECOMPUTE={k['recompute']}", f"MOE_CAC={int(k['cac'])}", f"DIST_OPT={int(k['dist_opt'])}",
            f"PRECISION={'bf16' if a.bf16 else 'fp16' if a.fp16 else 'fp32'}"]
     sbatch = " ".join(env) + f" sbatch --nodes {cluster.num_nodes} scripts/slurm/pretrain_40b.sbatch"
-    flags = [f"--num-layers {a.num_layers}", f"--hidden-size {a.hidden_size}",
-             f"--num-attention-heads {a.num_attention_heads}", f"--ffn-hidden-size {a.ffn_hidden_size}",
-             f"--seq-length {a.seq_length}", f"--max-position-embeddings {a.max_position_embeddings}"]
-    if a.num_experts is not None:
-        flags += [f"--num-experts {a.num_experts}", f"--moe-layer-freq {a.moe_layer_freq}",
-                  f"--moe-router-topk {a.moe_router_topk}", f"--moe-ffn-hidden-size {a.moe_ffn_hidden_size}"]
-        if a.moe_expert_capacity_factor is not None:
-            flags.append(f"--moe-expert-capacity-factor {a.moe_expert_capacity_factor}")
-    flags += [f"--tensor-model-parallel-size {k['tp']}", f"--expert-model-parallel-size {k['ep']}",
-              f"--micro-batch-size {k['micro_batch']}", f"--global-batch-size {a.global_batch_size}"]
-    if k["recompute"] == "full":
-        flags.append("--recompute-granularity full")
-        if k["cac"]:
-            flags.append("--moe-cac")
-    if k["dist_opt"]:
-        flags.append("--use-distributed-optimizer")
-    if a.bf16 or a.fp16:
-        flags.append("--bf16" if a.bf16 else "--fp16")
-    flags.append(f"--vocab-size {a.vocab_size}" if a.vocab_size else "")
     torchrun = (f"torchrun --nnodes {cluster.num_nodes} --nproc_per_node {cluster.gpus_per_node} "
-                f"pretrain_gpt_moe.py " + " ".join(f for f in flags if f) + " --data-path <prefix> ...")
+                f"pretrain_gpt_moe.py " + " ".join(p.pretrain_flags()) + " --data-path <prefix> ...")
     return f"sbatch:   {sbatch}\ntorchrun: {torchrun}"
 
 

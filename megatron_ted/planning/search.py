@@ -65,6 +65,30 @@ class Plan:
                     dist_opt=bool(a.use_distributed_optimizer))
 
 
+    def pretrain_flags(self) -> list[str]:
+        """pretrain_gpt_moe.py's flags for this model and layout (data flags not included)."""
+        a, k = self.args, self.knobs
+        flags = ["--num-layers", a.num_layers, "--hidden-size", a.hidden_size,
+                 "--num-attention-heads", a.num_attention_heads, "--ffn-hidden-size", a.ffn_hidden_size,
+                 "--seq-length", a.seq_length, "--max-position-embeddings", a.max_position_embeddings]
+        if a.num_experts is not None:
+            flags += ["--num-experts", a.num_experts, "--moe-layer-freq", a.moe_layer_freq,
+                      "--moe-router-topk", a.moe_router_topk, "--moe-ffn-hidden-size", a.moe_ffn_hidden_size]
+            if a.moe_expert_capacity_factor is not None:
+                flags += ["--moe-expert-capacity-factor", a.moe_expert_capacity_factor]
+        flags += ["--tensor-model-parallel-size", k["tp"], "--expert-model-parallel-size", k["ep"],
+                  "--micro-batch-size", k["micro_batch"], "--global-batch-size", a.global_batch_size]
+        if k["recompute"] == "full":
+            flags += ["--recompute-granularity", "full"] + (["--moe-cac"] if k["cac"] else [])
+        if k["dist_opt"]:
+            flags.append("--use-distributed-optimizer")
+        if a.bf16 or a.fp16:
+            flags.append("--bf16" if a.bf16 else "--fp16")
+        if a.vocab_size:
+            flags += ["--vocab-size", a.vocab_size]
+        return [str(f) for f in flags]
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

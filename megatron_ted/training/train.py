@@ -118,6 +118,16 @@ class MegatronLog:
                 self.writer.add_scalar("moe/aux-loss", result.aux_loss, it)
 
 
+def memory_report(iteration: int, rank: int) -> str:
+    """Megatron-LM's report of this CUDA device's allocator after the first logged iteration."""
+    mib = 2**20
+    return (f"[Rank {rank}] (after {iteration} iterations) memory (MB) | "
+            f"allocated: {torch.cuda.memory_allocated() / mib:.1f} | "
+            f"max allocated: {torch.cuda.max_memory_allocated() / mib:.1f} | "
+            f"reserved: {torch.cuda.memory_reserved() / mib:.1f} | "
+            f"max reserved: {torch.cuda.max_memory_reserved() / mib:.1f}")
+
+
 def _micro_batches(iterator, n: int, device, first_key: int | None = None, dp_rank: int = 0,
                    dp_size: int = 1) -> list[dict]:
     """This rank's n micro-batches. With first_key (training), each gets its routing seed: the
@@ -267,6 +277,8 @@ def train(args, tokenizer) -> dict:
         consumed += args.global_batch_size
         if it % args.log_interval == 0:
             log.iteration(it, lr, result, optimizer.loss_scale, groups.stats)
+            if it == iteration + args.log_interval and device.type == "cuda" and groups.dp.rank == 0:
+                print(memory_report(it, rank), flush=True)   # Megatron-LM's line, once, per model-parallel rank
         if valid_iter is not None and it % args.eval_interval == 0:
             loss = evaluate(model, valid_iter, args, groups, device)
             print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
