@@ -72,3 +72,23 @@ def test_compile_layers_flag_trains_like_eager():
     assert len(eager) == len(compiled) == 3
     # fp32, Inductor reorders reductions: the log's 6 significant digits may differ in the last
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_inductor_dropout_replays_under_full_recompute():
+    """Compiled layers draw dropout masks from Inductor's generator, seeded from torch's default
+    generator, which checkpointing restores: the recompute must draw the forward's masks, so full
+    recompute gives the gradients of no recompute exactly. The run without dropout shows that the
+    masks are in play (another loss)."""
+    from parity import single_thread, train_layout
+    from megatron_ted.parallel.groups import ParallelGroups
+
+    def run(dropout, recompute):
+        torch.manual_seed(7)
+        torch._dynamo.reset()
+        return train_layout(ParallelGroups.single(), tiny_config(hidden_dropout=dropout, attention_dropout=dropout),
+                            tiny_moe(), steps=1, recompute=recompute, compile_backend="inductor")
+    plain, full = single_thread(lambda: (run(0.1, None), run(0.1, dict(granularity="full"))))
+    assert plain["losses"] == full["losses"]
+    for n in plain["grads"]:
+        torch.testing.assert_close(full["grads"][n], plain["grads"][n], rtol=0, atol=1e-12)
+    assert abs(single_thread(lambda: run(0.0, None))["losses"][0] - plain["losses"][0]) > 1e-4

@@ -5,7 +5,8 @@ the compiled layers give the eager losses and gradients (tests/test_compile.py, 
 the GPU run was with scatter_rows as index_copy, the index_put_ now there is checked on CPU only).
 An earlier version of moe/permute.py's row scatter, a custom autograd.Function, made torch 2.11's
 dynamo return wrong gradients (right loss) through any compiled MoE layer; torch 2.13 does not.
-Dropout masks come from Inductor's generator, so a compiled run's masks differ from eager ones.
+Dropout masks come from Inductor's generator, so a compiled run's masks differ from eager ones;
+full recompute replays them exactly (tests/test_compile.py).
 
 Speed (docs/PERFORMANCE.md): on 1-2 GPUs it fuses the ~90 small router/permutation/elementwise
 kernels of layer A (-13 to -18%); at EP 4 on 4x H200 layer A and the end-to-end step were unchanged
