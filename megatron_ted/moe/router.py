@@ -199,7 +199,10 @@ def capacity_mask(probs_TE: torch.Tensor, map_TE: torch.Tensor, capacity: int,
 
 def load_balancing_loss(scores_TE: torch.Tensor, map_TE: torch.Tensor, topk: int,
                         coeff: float) -> torch.Tensor:
-    """coeff * E * sum_e f_e * P_e on pre-drop assignments (megatron-core normalisation)."""
+    """coeff * E * sum_e f_e * P_e on pre-drop assignments (megatron-core normalisation); at
+    coefficient 0 nothing is computed (hot path)."""
+    if coeff == 0:
+        return scores_TE.new_zeros(())
     T, E = scores_TE.shape
     counts_E = map_TE.sum(dim=0).to(scores_TE.dtype)
     return (scores_TE.sum(dim=0) * counts_E).sum() * (E * coeff / (topk * max(T, 1) ** 2))
