@@ -14,6 +14,7 @@ Prints one line: ms per iteration, model TFLOP/s per GPU, peak memory.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -50,6 +51,7 @@ def main():
     p.add_argument("--capacity-factor", type=float, default=None)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1, help="timed rounds of --iters; the median round is reported")
     p.add_argument("--compile", choices=["none", "router", "layer"], default="none",
                    help="torch.compile the router module or the whole layer (--compile-layers in training)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of rank 0 to this file")
@@ -89,13 +91,16 @@ def main():
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / args.iters
+    rounds = []
+    for _ in range(args.repeat):   # the median round: a straggler round (a recompile, a hiccup) does not skew it
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - t0) / args.iters)
+    dt = statistics.median(rounds)
     if args.profile and dist.get_rank() == 0:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -112,13 +117,15 @@ def main():
     dp = world // args.tp
     flops = layer_flops(s["hidden"], s["ffn"], s["experts"], s["topk"], s["tokens"], args.seq) * dp / world
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    t = torch.tensor([dt], device=device)
+    t = torch.tensor([dt, min(rounds), max(rounds)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} sp={sp} "
-              f"cf={args.capacity_factor} compile={args.compile} | {t.item() * 1e3:.2f} ms/iter | {flops / t.item() / 1e12:.1f} TFLOP/s/GPU "
-              f"| peak {peak:.2f} GiB | {name}", flush=True)
+              f"cf={args.capacity_factor} compile={args.compile} | {t[0].item() * 1e3:.2f} ms/iter | "
+              f"{flops / t[0].item() / 1e12:.1f} TFLOP/s/GPU | peak {peak:.2f} GiB | {name}"
+              + (f" | rounds {args.repeat}: {t[1].item() * 1e3:.2f}..{t[2].item() * 1e3:.2f} ms" if args.repeat > 1 else ""),
+              flush=True)
     dist.destroy_process_group()
 
 
