@@ -552,7 +552,8 @@ class _OptimStateReader(Mapping):
     when it is looked up (the step without the moments, say), so a rank holds at most one
     parameter's master and moments besides its own optimizer state, never its whole unpartitioned
     local state (12 bytes per local parameter: 79 GB per GPU for the 40B run at TP 1 EP 16). The
-    last entry is cached: a parameter split over several optimizer tiles is read once."""
+    partitioned optimizer reads only its elements (`_OptimEntry.read_flat`); a whole tensor, once
+    read, stays with the last entry, which is kept."""
 
     def __init__(self, reader: "_Reader", index: dict, places: dict[str, tuple[torch.Tensor, list]]):
         self.reader, self.index, self.places = reader, index, places
@@ -581,32 +582,32 @@ class _OptimEntry(Mapping):
         self._read: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, k: str) -> torch.Tensor:
-        if k not in self.keys_:
-            raise KeyError(k)
+        """The whole local-shard tensor of state `k` (read once, then kept)."""
         if k not in self._read:
-            okey, (p, region) = f"optim/{self.name}/{k}", self.states.places[self.name]
-            dtype = getattr(torch, self.states.index[okey]["dtype"].split(".")[-1])
             if k == "step":
-                buf = torch.empty((), dtype=dtype)
-                self.states.reader.read_into(okey, buf, [])
+                self._read[k] = self._read_boxes(k, [[]]).reshape(())
             else:
-                buf = torch.empty(p.shape, dtype=dtype, device=p.device)
-                self.states.reader.read_into(okey, buf, region)
-            self._read[k] = buf
+                p = self.states.places[self.name][0]
+                self._read[k] = self.read_flat(k, 0, p.numel()).view(p.shape)
         return self._read[k]
 
     def read_flat(self, k: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the flattened local shard of state `k`, reading only those: the
         partitioned optimizer asks for its part, so a rank reads 1/DP of a dense parameter's state."""
-        if k not in self.keys_:
-            raise KeyError(k)
         if k in self._read or k == "step":
             return self[k].reshape(-1)[lo:hi]
+        return self._read_boxes(k, flat_range_boxes(tuple(self.states.places[self.name][0].shape), lo, hi))
+
+    def _read_boxes(self, k: str, boxes: list[list[tuple[int, int]]]) -> torch.Tensor:
+        """The boxes (in local-shard coordinates) of state `k`, read and concatenated flat."""
+        if k not in self.keys_:
+            raise KeyError(k)
         okey, (p, region) = f"optim/{self.name}/{k}", self.states.places[self.name]
         dtype = getattr(torch, self.states.index[okey]["dtype"].split(".")[-1])
+        device = torch.device("cpu") if k == "step" else p.device
         pieces = []
-        for box in flat_range_boxes(tuple(p.shape), lo, hi):
-            buf = torch.empty([b - a for a, b in box], dtype=dtype, device=p.device)
+        for box in boxes:
+            buf = torch.empty([b - a for a, b in box], dtype=dtype, device=device)
             self.states.reader.read_into(okey, buf, [(r0 + a, r0 + b) for (a, b), (r0, _) in zip(box, region)])
             pieces.append(buf.reshape(-1))
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

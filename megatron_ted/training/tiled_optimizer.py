@@ -254,8 +254,12 @@ class TiledAdamW:
         if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
             coeff *= self.clip_grad / (norm + 1e-6)
         self.step_count += 1
+        # the fused kernel reads the step count from a device tensor: one per step, not per tile
+        fused_step = None
+        if self.shards and (self.fused if self.fused is not None else _fused_adamw_on(self.shards[0].grad.device)):
+            fused_step = torch.tensor(float(self.step_count), dtype=torch.float32, device=self.shards[0].grad.device)
         for shard in self.shards:
-            self._update(shard, coeff, lr)
+            self._update(shard, coeff, lr, fused_step)
         if self.distributed:
             for shard in self.shards:
                 self._gather(shard)
@@ -277,7 +281,8 @@ class TiledAdamW:
             rows = out.view(group.size, n)                                  # [rank, chunk]
             comm.all_gather_into([rows[r, t0:t1] for r in range(group.size)], shard.param[t0:t1], group)
 
-    def _update(self, shard: _Shard, coeff: float, lr: float) -> None:
+    def _update(self, shard: _Shard, coeff: float, lr: float, fused_step: torch.Tensor | None) -> None:
+        """fused_step: the step count on the device for torch's fused kernel (None: op by op)."""
         n = shard.hi - shard.lo
         tile = self.tile_size or n
         decay = 1 - lr * self.weight_decay
@@ -287,8 +292,8 @@ class TiledAdamW:
             grad = shard.grad[t0:t1]        # already fp32: the buffer accumulates in fp32
             if coeff != 1.0:
                 grad.mul_(coeff)            # unscale (fp16) and clip, in place
-            if self.fused if self.fused is not None else _fused_adamw_on(grad.device):
-                self._fused_update(shard, starts, t0, t1, lr)
+            if fused_step is not None:
+                self._fused_update(shard, starts, t0, t1, lr, fused_step)
             else:
                 if self.weight_decay != 0:
                     for a, b in _within(shard.decay_runs, starts, t0, t1):
@@ -298,7 +303,8 @@ class TiledAdamW:
             if shard.separate_master:
                 shard.param[t0:t1].copy_(shard.master[t0:t1])
 
-    def _fused_update(self, shard: _Shard, starts: list[int], t0: int, t1: int, lr: float) -> None:
+    def _fused_update(self, shard: _Shard, starts: list[int], t0: int, t1: int, lr: float,
+                      step: torch.Tensor) -> None:
         """The same update in one pass over the tile (torch's fused AdamW kernel: reads master, grad
         and moments once, writes them once, where the op-by-op form makes ~9 passes; equal to it
         bit for bit on CPU in fp32 and fp64). One call for the tile's weight-decayed runs, one for
@@ -309,7 +315,6 @@ class TiledAdamW:
             if at < a:
                 plain.append((at, a))
             at = b
-        step = torch.tensor(float(self.step_count), dtype=torch.float32, device=shard.grad.device)
         for runs, wd in ((decayed, self.weight_decay), (plain, 0.0)):
             if runs:
                 torch._fused_adamw_([shard.master[a:b] for a, b in runs], [shard.grad[a:b] for a, b in runs],

@@ -247,6 +247,7 @@ def train(args, tokenizer) -> dict:
                     f"[ t {elapsed:.2f}s ]")
 
     profiler = StepProfiler(args, rank, device)
+    memory_reported = False      # after the first logged iteration (a resume may start off the interval)
     history = []
     last_saved = None
     it = iteration
@@ -277,8 +278,9 @@ def train(args, tokenizer) -> dict:
         consumed += args.global_batch_size
         if it % args.log_interval == 0:
             log.iteration(it, lr, result, optimizer.loss_scale, groups.stats)
-            if it == iteration + args.log_interval and device.type == "cuda" and groups.dp.rank == 0:
+            if not memory_reported and device.type == "cuda" and groups.dp.rank == 0:
                 print(memory_report(it, rank), flush=True)   # Megatron-LM's line, once, per model-parallel rank
+            memory_reported = True
         if valid_iter is not None and it % args.eval_interval == 0:
             loss = evaluate(model, valid_iter, args, groups, device)
             print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
