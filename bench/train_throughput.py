@@ -3,6 +3,7 @@
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 1 --ep 4
     python bench/train_throughput.py --preset tiny --nproc 4 --tp 2 --ep 2          # CPU smoke test
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 2 --ep 2 --sequence-parallel
+    python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --ep 4 --data-path corpus_text_document
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --ep 4 --global-batch-size 64 \
         --profile --use-pytorch-profiler --profile-step-start 8 --profile-step-end 10 --profile-dir prof
 
@@ -33,7 +34,7 @@ PRESETS = {
     "tiny": "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 --seq-length 64 "
             "--micro-batch-size 2 --vocab-size 1000",
 }
-COMMON = ("--moe-router-topk 2 --moe-layer-freq 2 --moe-aux-loss-coeff 0.01 --mock-data --lr 1e-4 "
+COMMON = ("--moe-router-topk 2 --moe-layer-freq 2 --moe-aux-loss-coeff 0.01 --lr 1e-4 "
           "--hidden-dropout 0 --attention-dropout 0 --log-interval 1")
 
 
@@ -62,6 +63,11 @@ def main():
             os.path.join(ROOT, "pretrain_gpt_moe.py"), *PRESETS[a.preset].split(), *COMMON.split(),
             "--tensor-model-parallel-size", str(a.tp), "--expert-model-parallel-size", str(a.ep),
             "--train-iters", str(a.iters), *extra]
+    if "--data-path" not in extra:
+        # megatron-core's mock sequences (1, 2, 3, ... per document) route unlike text: a few
+        # experts take most tokens after some steps. --data-path PREFIX (with --tokenizer-type
+        # NullTokenizer, the preset's --vocab-size) times the same model on a real corpus.
+        argv.append("--mock-data")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
     table = [l for l in r.stdout.splitlines() if not l.startswith(" iteration")][:20]
@@ -72,6 +78,8 @@ def main():
     med = median_iteration(r.stdout, a.warmup)
     if med is None:
         sys.exit("no iterations after warm-up were logged")
+    logged = [l for l in r.stdout.splitlines() if l.startswith(" iteration")]
+    print(logged[-1].strip())   # the last step's loss and per-layer expert load (min/max tokens)
     sp = "--sequence-parallel" in extra and a.tp > 1
     print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} | {med[0]:.1f} ms/iter | "
           f"{med[2]:.0f} tokens/s | {med[1]:.1f} TFLOP/s/GPU | MFU {med[3]:.1f}%")

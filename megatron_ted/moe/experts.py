@@ -13,6 +13,7 @@ from torch import nn
 from megatron_ted.model.mlp import activation
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
+from megatron_ted.tensor_parallel import wgrad_fusion
 
 
 class GroupedExperts(nn.Module):
@@ -31,16 +32,47 @@ class GroupedExperts(nn.Module):
                             expert=True, init="output")
 
     def forward(self, x_NH: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        # SwiGLU: [E_l, H, 2, F] flattened is [gate | up] per row; activation() splits the halves
-        w1 = self.fc1.flatten(2) if self.swiglu else self.fc1                  # [E_l, H, F or 2F]
-        if _use_grouped_mm(x_NH):
-            offs = torch.tensor(tokens_per_expert, device=x_NH.device).cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x_NH, w1, offs=offs)
-            return torch._grouped_mm(activation(h, self.swiglu), self.fc2, offs=offs)
-        outs = []
-        for e, x in enumerate(torch.split(x_NH, tokens_per_expert)):
-            outs.append(activation(x @ w1[e], self.swiglu) @ self.fc2[e])
-        return torch.cat(outs) if outs else x_NH.new_zeros(0, self.fc2.shape[-1])
+        grouped = _use_grouped_mm(x_NH)
+        offs = torch.tensor(tokens_per_expert, device=x_NH.device).cumsum(0).to(torch.int32) if grouped else None
+        # SwiGLU: fc1 [E_l, H, 2, F] is used as [E_l, H, 2F], [gate | up] per row; activation() splits them
+        h = _expert_matmul(x_NH, self.fc1, tokens_per_expert, offs)
+        return _expert_matmul(activation(h, self.swiglu), self.fc2, tokens_per_expert, offs)
+
+
+def _expert_matmul(x_NK: torch.Tensor, w: torch.Tensor, splits: list[int], offs) -> torch.Tensor:
+    """Rows of expert e times w[e]: one torch._grouped_mm (offs given) or a loop over experts."""
+    if wgrad_fusion.fuses(w) and torch.is_grad_enabled() and w.requires_grad:
+        return _ExpertMatmulFusedWgrad.apply(x_NK, w, splits, offs)
+    return _matmul(x_NK, w.flatten(2), splits, offs)
+
+
+def _matmul(x_NK, w_EKM, splits, offs):
+    if offs is not None:
+        return torch._grouped_mm(x_NK, w_EKM, offs=offs)
+    outs = [x @ w_EKM[e] for e, x in enumerate(torch.split(x_NK, splits))]
+    return torch.cat(outs) if outs else x_NK.new_zeros(0, w_EKM.shape[-1])
+
+
+class _ExpertMatmulFusedWgrad(torch.autograd.Function):
+    """_matmul with each expert's weight gradient added into w.main_grad[e] (wgrad_fusion.py):
+    one GEMM per local expert with fp32 accumulation, on the host's split sizes."""
+
+    @staticmethod
+    def forward(ctx, x_NK, w, splits, offs):
+        ctx.save_for_backward(x_NK, w)
+        ctx.param = w         # the Parameter itself: under checkpointing the saved one is a recomputed alias
+        ctx.splits, ctx.offs = splits, offs
+        return _matmul(x_NK, w.flatten(2), splits, offs)
+
+    @staticmethod
+    def backward(ctx, dy_NM):
+        x_NK, w = ctx.saved_tensors
+        w_EKM, main_grad = w.flatten(2), ctx.param.main_grad.flatten(2)
+        dx = _matmul(dy_NM, w_EKM.transpose(1, 2), ctx.splits, ctx.offs)
+        for e, (x, dy) in enumerate(zip(torch.split(x_NK, ctx.splits), torch.split(dy_NM, ctx.splits))):
+            if x.shape[0]:
+                wgrad_fusion.accumulate(main_grad[e], x.t(), dy)
+        return dx, wgrad_fusion.placeholder(ctx.param), None, None
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:

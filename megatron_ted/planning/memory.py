@@ -55,7 +55,11 @@ Transients on top of the saved activations (the high-water mark of one micro-bat
                               permutation reads: w*h*(T*k/t_d + 2*T*k/t_d + T*k) (t_d = t under
                               DTD else 1; the last term is the TP all-gather of the routed rows)
                               -- reported as "communication buffers", not as activations
-  layer backward              two gradients of the widest activation of a layer
+  layer backward              the layer's largest weight gradient (or the placeholder a fused
+                              layer hands autograd, tensor_parallel/wgrad_fusion.py) and one
+                              gradient of its widest activation; below the layer only the
+                              gradient entering the stack, w*T*h, and with tied embeddings the
+                              output layer's weight gradient, w*V/t*h, are left of the loss
 Optimizer-step spike (training/tiled_optimizer.py): one fp32 temporary of a tile, 4*min(tile,
 largest owned bucket range); without tiling 4 x the largest owned bucket range. Gradient buckets
 are views of the main grads: no extra memory.
@@ -254,8 +258,14 @@ def activation_memory(wl: Workload, tp: int, ep: int = 1) -> ActivationEstimate:
         layers = [b - 4 * T * c.num_attention_heads // tp for b in layers]
     backward = [w * p + w * _widest_activation(wl, tp, e)
                 for p, e in zip(_largest_layer_parameter(wl, tp, ep), kinds)]
-    outside = 2 * w * T * h + 4 * T * v + (T * h if c.hidden_dropout > 0 else 0)
+    dropout_mask = T * h if c.hidden_dropout > 0 else 0
+    outside = 2 * w * T * h + 4 * T * v + dropout_mask
     parts = {"outside layers": outside}
+    # Once backward is inside the layers, the loss's and final norm's saved tensors are freed; what
+    # stays is the gradient entering the stack and, with tied embeddings, the output layer's
+    # weight gradient (held until the embedding's backward adds its part, at the very end).
+    tied = 0 if c.untie_embeddings_and_output_weights else w * v * h
+    below = w * T * h + dropout_mask + tied
     # the loss: fp32 gradient of the log-probabilities and of the logits (TP: softmax - one-hot too)
     loss_transient = (8 if tp == 1 else 12) * T * v
     if wl.recompute == "full":
@@ -267,11 +277,11 @@ def activation_memory(wl: Workload, tp: int, ep: int = 1) -> ActivationEstimate:
         parts["CAC kept collective outputs"] = sum(per_chunk) - parts["checkpointed chunk inputs"]
         # the recomputed first layer's input is the chunk input itself (not counted twice)
         # (backward then walks down the chunk, freeing the layers above as it goes)
-        phases = [outside + sum(per_chunk[:j + 1]) - w * T * h + sum(layers[ch.start:i + 1]) + backward[i]
+        phases = [below + sum(per_chunk[:j + 1]) - w * T * h + sum(layers[ch.start:i + 1]) + backward[i]
                   for j, ch in enumerate(chunks) for i in ch]
     else:
         parts["transformer layers"] = sum(layers)
-        phases = [outside + sum(layers[:i + 1]) + backward[i] for i in range(len(layers))]
+        phases = [below + sum(layers[:i + 1]) + backward[i] for i in range(len(layers))]
     saved = sum(parts.values())
     peak = max([saved + loss_transient] + phases)
     return ActivationEstimate(saved=saved, peak=peak, comm_buffers=moe_comm_buffer_bytes(wl, tp), parts=parts)

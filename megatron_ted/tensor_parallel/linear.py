@@ -13,12 +13,12 @@ S/TP tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
+from megatron_ted.tensor_parallel import wgrad_fusion
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -49,7 +49,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.flatten() if self.bias is not None else None
         x = mappings.gather_partial(x, self.tp, dim=1) if self.sequence_parallel else mappings.copy_to(x, self.tp)
-        return F.linear(x, self.weight.flatten(0, 1), bias)
+        return wgrad_fusion.linear(x, self.weight, bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -66,6 +66,6 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = False   # output [B, S/TP, H]: reduce-scatter along the sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = wgrad_fusion.linear(x, self.weight, None)
         y = mappings.reduce_scatter(y, self.tp, dim=1) if self.sequence_parallel else mappings.reduce_from(y, self.tp)
         return y + self.bias if self.bias is not None else y

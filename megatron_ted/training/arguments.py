@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--no-overlap-grad-reduce", action="store_true")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="write bf16 weight gradients and add them into the fp32 main gradients in a "
+                        "hook, instead of accumulating in the weight-gradient GEMMs (tensor_parallel/wgrad_fusion.py)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="partition fp32 master weights and Adam moments: dense over DP, experts over expert-DP (ZeRO-1)")
     g.add_argument("--optimizer-tile-size", type=int, default=2**24,

@@ -97,7 +97,8 @@ class GradBuffer:
 
 class GradientSync:
     def __init__(self, model: nn.Module, dp: Group, expert_dp: Group, bucket_elements: int = 40_000_000,
-                 overlap: bool = True, reduce_scatter: bool = False, tp: Group | None = None):
+                 overlap: bool = True, reduce_scatter: bool = False, tp: Group | None = None,
+                 gradient_accumulation_fusion: bool = True):
         self.overlap, self.reduce_scatter = overlap, reduce_scatter
         self.tp = tp
         self.sync_now = True  # False on all but the last micro-batch of a step
@@ -120,6 +121,8 @@ class GradientSync:
                 method(p)
         for p in params:
             p.register_post_accumulate_grad_hook(hook)
+            # layers that can (tensor_parallel/wgrad_fusion.py) add weight gradients into main_grad
+            p.fuse_wgrad_accumulation = gradient_accumulation_fusion
         # read at finish(), so apply_sequence_parallel may run before or after this constructor
         self._params = params
 
@@ -154,7 +157,10 @@ class GradientSync:
         self.buffers.append(buffer)
 
     def _on_grad(self, p: nn.Parameter):
-        p.main_grad.add_(p.grad)
+        if getattr(p, "grad_added_to_main_grad", False):
+            p.grad_added_to_main_grad = False          # the layer already added it; p.grad is a placeholder
+        else:
+            p.main_grad.add_(p.grad)
         p.grad = None
         if self.sync_now and self.overlap:
             bucket = self.bucket_of[p]

@@ -192,7 +192,8 @@ def train(args, tokenizer) -> dict:
     # --use-distributed-optimizer: gradients reduce-scattered, optimizer state partitioned (ZeRO-1)
     sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce,
                         reduce_scatter=args.use_distributed_optimizer,
-                        tp=groups.tp if getattr(args, "sequence_parallel", False) else None)
+                        tp=groups.tp if getattr(args, "sequence_parallel", False) else None,
+                        gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion)
     scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
     optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
