@@ -1,10 +1,11 @@
 """Each transformer layer's forward through `torch.compile` (TorchInductor): --compile-layers.
 
-Correctness: on CPU (aot_eager, Inductor) and on CUDA + NCCL (Inductor, fp64, 4x H200, torch 2.11)
-the compiled layers give the eager losses and gradients (tests/test_compile.py, tests/test_gpu.py;
-the GPU run was with scatter_rows as index_copy, the index_put_ now there is checked on CPU only).
+Correctness: on CPU (aot_eager, Inductor) and on CUDA + NCCL (Inductor, fp64, 4x and 2x H200, torch
+2.11) the compiled layers give the eager losses and gradients (tests/test_compile.py, tests/test_gpu.py).
 An earlier version of moe/permute.py's row scatter, a custom autograd.Function, made torch 2.11's
-dynamo return wrong gradients (right loss) through any compiled MoE layer; torch 2.13 does not.
+dynamo return wrong gradients (right loss) through any compiled MoE layer; torch 2.13 does not. So
+inside compiled layers the permutation keeps the GPU-tested gather/index_put_ pair, and the weight
+GEMMs the plain ops (tensor_parallel/wgrad_fusion.py: the hook adds those gradients).
 Dropout masks come from Inductor's generator, so a compiled run's masks differ from eager ones;
 full recompute replays them exactly (tests/test_compile.py).
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from megatron_ted.moe import cac
-from megatron_ted.moe.permute import gather_rows, scatter_rows
+from megatron_ted.moe.permute import gather_rows, inverse_permutation, scatter_rows
 from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 
@@ -98,7 +98,8 @@ class TokenDispatcher:
         weight_TK = probs_TE.gather(1, slot_TK)
         order = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
         perm_N = order[:sum(input_splits)]
-        x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N)
+        inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent
+        x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N, inv_N)
         x_RH = self._all_to_all(x_NH, output_splits, input_splits)       # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
@@ -109,7 +110,7 @@ class TokenDispatcher:
 
         # 7. back, un-permute, weight: each token sums its K slots
         y_NH = self._all_to_all(y_RH, input_splits, output_splits)
-        y_TKH = scatter_rows(y_NH, perm_N, T * K).view(T, K, -1)
+        y_TKH = scatter_rows(y_NH, perm_N, T * K, inv_N).view(T, K, -1)
         y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
         if drop:                                                                 # 8. restore all tokens
             y_TH = cac.gather(y_TH, tp, self.kept)
@@ -122,11 +123,12 @@ class TokenDispatcher:
         return cac.all_to_all(x, self.ep, output_splits, input_splits, self.kept)
 
     def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts):
-        idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])
-        x_sorted = mappings.copy_to(gather_rows(x_RH, idx), self.tp)
+        idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])          # a full permutation
+        inv = inverse_permutation(idx)
+        x_sorted = mappings.copy_to(gather_rows(x_RH, idx, inv), self.tp)
         y_sorted = experts(x_sorted, [sum(col) for col in zip(*recv_counts)])
         y_sorted = cac.reduce_from(y_sorted, self.tp, self.kept)
-        return scatter_rows(y_sorted, idx, y_sorted.shape[0])
+        return scatter_rows(y_sorted, idx, y_sorted.shape[0], inv)
 
     def _experts_dtd(self, x_RH, counts_TPL, rows_T, tokens_per_expert, experts):
         tp = self.tp

@@ -1,0 +1,83 @@
+"""moe/permute.py: full permutations go through gathers in both directions (no index_put_, no
+zero-fill + index_copy_), with the same numbers as the general scatter/gather pair."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_ted.model.builder import MoEConfig, build_gpt
+from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.moe import permute
+from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.groups import ParallelGroups
+
+SCATTERS = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
+            torch.ops.aten.index_copy_.default, torch.ops.aten.index_copy.default}
+
+
+class _CountScatters(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.scatters = self.gathers = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.scatters += func in SCATTERS
+        self.gathers += func is torch.ops.aten.index_select.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_permutation_with_inverse_equals_the_general_pair():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(7, generator=g)
+    inv = permute.inverse_permutation(idx)
+    assert torch.equal(idx[inv], torch.arange(7)) and torch.equal(inv[idx], torch.arange(7))
+    x = torch.randn(7, 3, dtype=torch.float64, generator=g)
+    dy = torch.randn(7, 3, dtype=torch.float64, generator=g)
+    for op in (lambda t, i: permute.gather_rows(t, idx, i), lambda t, i: permute.scatter_rows(t, idx, 7, i)):
+        out = {}
+        for inverse in (None, inv):
+            xr = x.clone().requires_grad_()
+            with _CountScatters() as count:
+                y = op(xr, inverse)
+                y.backward(dy)
+            out[inverse is None] = (y.detach(), xr.grad, count.scatters)
+        assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+        assert out[True][2] == 1 and out[False][2] == 0      # one scatter (forward or backward) vs none
+
+
+def _model(capacity):
+    cfg = GPTConfig(vocab_size=64, hidden_size=16, num_layers=2, num_attention_heads=2, ffn_hidden_size=32,
+                    max_position_embeddings=8)
+    router = RouterConfig(num_experts=4, topk=2, capacity_factor=capacity, min_capacity=1)
+    return build_gpt(cfg, MoEConfig(router, ffn_hidden_size=24, layer_freq=1), ParallelGroups.single(), 3).double()
+
+
+def _run(capacity, general):
+    model = _model(capacity)
+    tokens = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
+    saved = permute._permutes
+    if general:
+        permute._permutes = lambda inverse: False
+    try:
+        with _CountScatters() as count:
+            out = model(tokens, torch.arange(8).expand(4, 8), tokens)
+            (out.loss.sum() + out.aux_loss).backward()
+    finally:
+        permute._permutes = saved
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, count
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_moe_layers_permute_by_gathers_when_dropless(capacity):
+    """Dropless: each MoE layer's dispatch and its local-expert reorder are full permutations, so
+    forward and backward scatter nothing; with a capacity that drops, the dispatch is partial
+    and keeps the index_put_/index_copy_ pair. Losses and gradients equal the general pair exactly."""
+    loss, grads, count = _run(capacity, general=False)
+    ref_loss, ref_grads, ref_count = _run(capacity, general=True)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    # the general path: per MoE layer 2 scatters forward (combine, expert reorder) + 2 backward
+    assert ref_count.scatters == 2 * 4
+    if capacity is None:
+        assert count.scatters == 0
+    else:
+        assert count.scatters == 2 * 2                      # the partial dispatch's pair per layer
