@@ -1,6 +1,7 @@
 """The benchmark scripts run and report what they claim (CPU; their GPU figures are in docs/PERFORMANCE.md)."""
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -8,8 +9,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
 
 
+def _launch(argv, timeout=300):
+    """Runs a bench in its own process group; on timeout the whole group (torchrun's workers too,
+    which subprocess.run's kill would leave spinning) is killed."""
+    p = subprocess.Popen([sys.executable, *argv], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
 def _run(*argv, timeout=300):
-    r = subprocess.run([sys.executable, *argv], env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    r = _launch(argv, timeout)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -23,6 +38,27 @@ def test_train_throughput_reports_medians_that_agree_with_the_batch():
     assert m, out[-1000:]
     ms, tokens = float(m.group(1)), float(m.group(2))
     assert ms > 0 and abs(tokens / (256 / (ms / 1e3)) - 1) < 0.25
+
+
+def test_train_throughput_times_a_corpus_instead_of_mock_data(tmp_path):
+    """--data-path replaces the mock data: a real .bin/.idx trains, and a missing prefix fails
+    (with --mock-data still on, it would have been ignored)."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        doc = torch.randint(0, 1000, (int(torch.randint(20, 200, (1,), generator=g)),), generator=g)
+        builder.add_document(doc, [doc.numel()])
+    builder.finalize(prefix + ".idx")
+    argv = ["bench/train_throughput.py", "--preset", "tiny", "--iters", "3", "--warmup", "1", "--split", "90,10,0"]
+    out = _run(*argv, "--data-path", prefix)
+    assert re.search(r"train_throughput preset=tiny .*\| [\d.]+ ms/iter", out), out[-1000:]
+    missing = str(tmp_path / "missing_text_document")
+    r = _launch(argv + ["--data-path", missing])
+    assert r.returncode != 0 and "missing_text_document" in r.stderr, r.stderr[-1000:]
 
 
 def test_ted_scale_plans_tp_over_the_node_against_tp_1():

@@ -90,6 +90,23 @@ def check_split(split: str) -> None:
         raise ValueError(f"--split {split}: expected train,valid,test weights such as 969,30,1")
 
 
+def check_splits_have_tokens(prefixes: Sequence[str], config, GPTDataset, split: str) -> None:
+    """Every split with a weight must get tokens from every dataset: megatron-core builds an empty
+    one by adding epochs until its tokens reach the samples asked for, which never ends (a silent
+    hang with small data). Its own document ranges (`config.split_matrix`, rounded as it does)."""
+    for prefix in prefixes:
+        low_level = GPTDataset.build_low_level_dataset(prefix, config)
+        n = GPTDataset.numel_low_level_dataset(low_level)
+        for name, bounds in zip(("train", "valid", "test"), config.split_matrix):
+            if bounds is None:
+                continue
+            beg, end = (int(round(b * float(n))) for b in bounds)
+            if end <= beg or int(low_level.sequence_lengths[beg:end].sum()) == 0:
+                raise ValueError(
+                    f"--split {split}: the {name} split of {prefix} gets no tokens (documents "
+                    f"[{beg}, {end}) of {n}); use more data or give {name} weight 0 in --split")
+
+
 def default_cache_path(prefixes: Sequence[str]) -> str:
     """`<dir of first prefix>/index-cache` if writable, else a directory under the system temp dir."""
     data_dir = os.path.dirname(os.path.abspath(prefixes[0]))
@@ -214,6 +231,8 @@ def build_train_valid_test_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # causal masking is the model's job; saves [s, s] per sample
     )
+    if not mock:
+        check_splits_have_tokens(prefixes, config, GPTDataset, split)
     builder = Builder(
         MockGPTDataset if mock else GPTDataset,
         [int(n) for n in num_samples],
