@@ -201,7 +201,7 @@ def test_blend_of_two_prefixes(data, tmp_path):
 
 def test_a_split_without_tokens_is_refused_not_hung(tmp_path):
     """megatron-core builds an empty split by adding epochs until its tokens reach the samples
-    asked for: with 10 documents, --split 969,30,1 leaves valid and test none, and it never
+    asked for: with 10 sequences, --split 969,30,1 leaves valid and test none, and it never
     returned. Now a one-line error; a split that has documents (or weight 0) builds."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     prefix = str(tmp_path / "small_text_document")
@@ -210,7 +210,7 @@ def test_a_split_without_tokens_is_refused_not_hung(tmp_path):
         builder.add_document(torch.arange(1, 30), [29])
     builder.finalize(prefix + ".idx")
     tok = build_tokenizer("NullTokenizer", vocab_size=100)
-    with pytest.raises(ValueError, match=r"--split 969,30,1: the valid split of .* gets no tokens \(documents \[10, 10\) of 10\)"):
+    with pytest.raises(ValueError, match=r"--split 969,30,1: the valid split of .* gets no tokens \(sequences \[10, 10\) of 10\)"):
         build_train_valid_test_datasets([prefix], "969,30,1", 16, 7, tok, (4, 1, 1))
     train, valid, test = build_train_valid_test_datasets([prefix], "8,2,0", 16, 7, tok, (4, 1, 0))
     assert len(train) >= 4 and len(valid) >= 1 and test is None

@@ -93,7 +93,7 @@ def check_split(split: str) -> None:
 def check_splits_have_tokens(prefixes: Sequence[str], config, GPTDataset, split: str) -> None:
     """Every split with a weight must get tokens from every dataset: megatron-core builds an empty
     one by adding epochs until its tokens reach the samples asked for, which never ends (a silent
-    hang with small data). Its own document ranges (`config.split_matrix`, rounded as it does)."""
+    hang with small data). Its own ranges of sequences (`config.split_matrix`, rounded as it does)."""
     for prefix in prefixes:
         low_level = GPTDataset.build_low_level_dataset(prefix, config)
         n = GPTDataset.numel_low_level_dataset(low_level)
@@ -103,7 +103,7 @@ def check_splits_have_tokens(prefixes: Sequence[str], config, GPTDataset, split:
             beg, end = (int(round(b * float(n))) for b in bounds)
             if end <= beg or int(low_level.sequence_lengths[beg:end].sum()) == 0:
                 raise ValueError(
-                    f"--split {split}: the {name} split of {prefix} gets no tokens (documents "
+                    f"--split {split}: the {name} split of {prefix} gets no tokens (sequences "
                     f"[{beg}, {end}) of {n}); use more data or give {name} weight 0 in --split")
 
 

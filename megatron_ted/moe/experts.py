@@ -41,7 +41,7 @@ class GroupedExperts(nn.Module):
 
 def _expert_matmul(x_NK: torch.Tensor, w: torch.Tensor, splits: list[int], offs) -> torch.Tensor:
     """Rows of expert e times w[e]: one torch._grouped_mm (offs given) or a loop over experts."""
-    if wgrad_fusion.fuses(w) and torch.is_grad_enabled() and w.requires_grad:
+    if wgrad_fusion.fuses(w):
         return _ExpertMatmulFusedWgrad.apply(x_NK, w, splits, offs)
     return _matmul(x_NK, w.flatten(2), splits, offs)
 
@@ -68,7 +68,7 @@ class _ExpertMatmulFusedWgrad(torch.autograd.Function):
     def backward(ctx, dy_NM):
         x_NK, w = ctx.saved_tensors
         w_EKM, main_grad = w.flatten(2), ctx.param.main_grad.flatten(2)
-        dx = _matmul(dy_NM, w_EKM.transpose(1, 2), ctx.splits, ctx.offs)
+        dx = _matmul(dy_NM, w_EKM.transpose(1, 2), ctx.splits, ctx.offs) if ctx.needs_input_grad[0] else None
         for e, (x, dy) in enumerate(zip(torch.split(x_NK, ctx.splits), torch.split(dy_NM, ctx.splits))):
             if x.shape[0]:
                 wgrad_fusion.accumulate(main_grad[e], x.t(), dy)

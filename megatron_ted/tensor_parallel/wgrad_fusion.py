@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 
 def fuses(weight: torch.Tensor) -> bool:
-    """Whether `weight`'s gradient goes straight into its main gradient."""
+    """Whether `weight`'s gradient (if this forward records one) goes straight into its main gradient."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return False
     main_grad = getattr(weight, "main_grad", None)
     if main_grad is None or not getattr(weight, "fuse_wgrad_accumulation", False):
         return False
@@ -58,7 +60,7 @@ class LinearFusedWgrad(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         w = weight.flatten(0, -2)                                      # [out, in]
-        dx = dy @ w
+        dx = dy @ w if ctx.needs_input_grad[0] else None
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         accumulate(ctx.param.main_grad.view(w.shape), dy2.t(), x2)
         return dx, placeholder(ctx.param), (dy2.sum(0) if ctx.has_bias else None)
@@ -66,6 +68,6 @@ class LinearFusedWgrad(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, weight.flatten(0, -2), bias), with the fused weight gradient where it is on."""
-    if fuses(weight) and torch.is_grad_enabled() and weight.requires_grad:
+    if fuses(weight):
         return LinearFusedWgrad.apply(x, weight, bias)
     return F.linear(x, weight.flatten(0, -2), bias)
