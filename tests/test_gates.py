@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_ted.moe import gates
-from megatron_ted.moe.router import RouterConfig, TopKRouter
+from megatron_ted.moe.router import RouterConfig, TopKRouter, load_balancing_loss, topk_softmax
 from megatron_ted.moe.routers import HashRouter, RouteInputs, Router, _mix, update_expert_bias
 from megatron_ted.parallel.comm import Group
 from megatron_ted.training.arguments import parse_args
@@ -310,6 +310,51 @@ def test_expert_bias_is_an_untrained_fp32_parameter():
 SEQS = [[ln(3), 0], [0, 0], [0, ln(3)], [0, ln(4)]]
 
 
+# ---- --moe-router-force-load-balancing: random logits, straight-through gradient ----------------
+
+def _collapsed_router(T=4096, H=16, E=8, **cfg):
+    """Every token's logits favour experts 0 and 1 by 20 (a collapsed router), whatever x is."""
+    torch.manual_seed(0)
+    x = torch.randn(T, H, dtype=torch.float64).abs() + 1.0        # positive inputs
+    router = Router(H, RouterConfig(num_experts=E, topk=2, seed=SEED, **cfg)).double()
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[:2] = 20.0 / H                             # logit_e = 20 * mean(x) >= 20 for e < 2
+    return router, x
+
+
+def test_forced_balancing_spreads_a_collapsed_router():
+    router, x = _collapsed_router()
+    T, E, K = 4096, 8, 2
+    collapsed = router(x, RouteInputs(seed=0)).tokens_per_expert_E
+    assert collapsed.tolist() == [T, T] + [0] * (E - 2)               # the set-up really is collapsed
+    router.config.force_load_balancing = True
+    loads = router(x, RouteInputs(seed=0)).tokens_per_expert_E
+    # uniform top-2 of 8: each expert is in a token's pair with p = 1/4, so its load is Binomial(T, 1/4):
+    # mean 1024, std 27.7; [880, 1170] is more than 5 std either side
+    assert loads.sum().item() == T * K
+    assert loads.min().item() >= 880 and loads.max().item() <= 1170, loads.tolist()
+
+
+def test_forced_balancing_draws_per_micro_batch_and_passes_the_gradient_through():
+    router, x = _collapsed_router(T=64, force_load_balancing=True, aux_loss_coeff=0.01)
+    a = router(x, RouteInputs(seed=5))
+    b = router(x, RouteInputs(seed=5))
+    c = router(x, RouteInputs(seed=6))
+    # the same micro-batch key draws the same logits (every TP rank routes alike); another key others
+    assert torch.equal(a.logits_TE, b.logits_TE) and not torch.equal(a.logits_TE, c.logits_TE)
+    R = a.logits_TE.detach()
+    assert abs(R.mean().item()) < 0.2 and abs(R.std().item() - 1.0) < 0.2   # N(0, 1), not the router's >= 20
+    w = torch.randn(R.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ((a.probs_TE * w).sum() + a.aux_loss).backward()
+    # straight through: d/dW = (dL/dR)^T x, with dL/dR from TopKRouter's rule applied to R by hand
+    R_ = R.clone().requires_grad_()
+    scores, probs, routed = topk_softmax(R_, 2)
+    ((probs * w).sum() + load_balancing_loss(scores, routed, 2, 0.01)).backward()
+    torch.testing.assert_close(router.weight.grad, R_.grad.t() @ x, rtol=1e-12, atol=1e-12)
+    assert router.weight.grad.abs().sum() > 0
+
+
 def test_load_balancing_types():
     x = torch.eye(4, dtype=torch.float64).view(2, 2, 4)                  # [B=2, S=2, H=4]
 
@@ -343,6 +388,7 @@ def test_load_balancing_types():
     (dict(input_jitter_eps=1.5), "--moe-input-jitter-eps"),
     (dict(bias_update_rate=-1.0), "--moe-router-bias-update-rate"),
     (dict(router_type="expert_choice", drop_policy="random"), "--moe-token-drop-policy"),
+    (dict(router_type="hash", topk=1, force_load_balancing=True), "--moe-router-force-load-balancing"),
 ])
 def test_gate_validation_names_the_flag(kwargs, flag):
     kwargs = dict(dict(num_experts=4, topk=2), **kwargs)
@@ -356,6 +402,8 @@ def test_gate_validation_names_the_flag(kwargs, flag):
     (["--moe-router-type", "base", "--moe-router-topk", "1", "--num-experts", "3"], "--num-experts 3"),
     (["--moe-router-load-balancing-type", "x"], "--moe-router-load-balancing-type"),
     (["--moe-input-jitter-eps", "0"], "--moe-input-jitter-eps"),
+    (["--moe-router-type", "hash", "--moe-router-topk", "1", "--moe-router-force-load-balancing"],
+     "--moe-router-force-load-balancing"),
 ])
 def test_cli_gate_errors(argv, flag):
     base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",

@@ -4,9 +4,10 @@ loss of a 3-step AdamW curve and every parameter's full gradient (tests/parity.p
 Why each gate may be compared with the single-process reference: the router runs on the full,
 TP-replicated tokens of one micro-batch, and the micro-batches (2 sequences of 8 tokens) are the
 same in every layout (see test_moe_parallel.py). Deterministic gates (hash, BASE, expert choice,
-Sinkhorn) depend only on the micro-batch; the random ones (jitter, GShard's second expert, RTS)
-draw from a generator keyed by the micro-batch's index in the global batch (parity.micro_batches
-and training/train.py give the same key to the same samples in every layout); the expert bias is
+Sinkhorn) depend only on the micro-batch; the random ones (jitter, GShard's second expert, RTS,
+the forced balancing's random logits) draw from a generator keyed by the micro-batch's index in
+the global batch (parity.micro_batches and training/train.py give the same key to the same
+samples in every layout); the expert bias is
 updated from the loads of the whole global batch, summed over DP. The sequence-wise aux loss is
 per sequence. The global aux loss is not layout invariant by design (its loads are summed over
 the DP group's micro-batches of one micro-step), so it is compared between layouts of the same DP
@@ -33,6 +34,7 @@ GATES = {
     "sinkhorn": dict(topk=2, router_type="sinkhorn"),
     "expert_bias": dict(topk=2, enable_expert_bias=True, bias_update_rate=0.05),
     "seq_aux": dict(topk=2, aux_loss_coeff=0.01, load_balancing_type="seq_aux_loss"),
+    "forced_balance": dict(topk=2, aux_loss_coeff=0.01, force_load_balancing=True),
 }
 GLOBAL_AUX = dict(topk=2, aux_loss_coeff=0.01, load_balancing_type="global_aux_loss")
 

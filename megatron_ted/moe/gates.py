@@ -15,6 +15,8 @@ all ranks of a TP group, which route the same replicated tokens, make the same d
   expert_choice        each expert takes its top-C tokens (Zhou et al., arXiv 2202.09368)
   sinkhorn_log_scaling Sinkhorn-Knopp balancing of the token-expert matrix (Clark et al.,
                        arXiv 2202.01169, S-BASE; megatron-core's "sinkhorn" router)
+  random_logits        N(0, 1) logits with a straight-through gradient: balanced routing for
+                       benchmarks (megatron-core's --moe-router-force-load-balancing)
 """
 from __future__ import annotations
 
@@ -53,6 +55,24 @@ def multiplicative_jitter(x: torch.Tensor, eps: float, generator: torch.Generato
         u = torch.rand((x.shape[0], s * size) + tuple(x.shape[2:]), generator=generator, device=x.device,
                        dtype=x.dtype).narrow(1, rank * s, s)
     return x * (1.0 - eps + 2.0 * eps * u)
+
+
+class _RandomLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, generator):
+        return torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device, dtype=logits_TE.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def random_logits(logits_TE: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Logits drawn from N(0, 1) in place of the router's, the gradient passed straight through to
+    the router's (so its weight still trains and the step does the same work). Every token then
+    picks its experts uniformly at random: the load a trained, balanced router gives, which a
+    throughput benchmark of the first steps does not see (routers collapse early in training)."""
+    return _RandomLogits.apply(logits_TE, generator)
 
 
 def hash_experts(vocab_size: int, num_experts: int, seed: int) -> torch.Tensor:

@@ -83,6 +83,7 @@ class RouterConfig:
     bias_update_rate: float = 1e-3
     seed: int = 0                             # this layer's seed for random draws and the hash map
     vocab_size: int | None = None             # hash routing: the (padded) vocabulary
+    force_load_balancing: bool = False        # benchmarks: random logits, balanced load (gates.random_logits)
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -139,6 +140,9 @@ class RouterConfig:
         if self.enable_expert_bias and kind not in ("topk", "gshard"):
             raise ValueError(f"--moe-router-enable-expert-bias works with --moe-router-type topk or gshard, "
                              f"not {kind}")
+        if self.force_load_balancing and kind == "hash":
+            raise ValueError("--moe-router-force-load-balancing replaces the router logits; "
+                             "--moe-router-type hash has none")
         if kind == "expert_choice" and self.drop_policy == "random":
             raise ValueError("--moe-router-type expert_choice has every expert pick its top tokens; "
                              "--moe-token-drop-policy random does not apply")

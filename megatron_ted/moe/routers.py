@@ -35,8 +35,10 @@ Beside the gate (each a flag):
                                    summed over the data-parallel group's micro-batches of the same
                                    micro-step, Qiu et al., arXiv 2501.11873; megatron-core also
                                    averages over gradient-accumulation steps, we do not), none.
+  --moe-router-force-load-balancing  benchmarks only: random N(0, 1) logits (straight-through
+                                   gradient), every gate but hash; megatron-core's flag.
 
-Random draws (jitter, GShard's second expert, RTS) come from a generator seeded with
+Random draws (jitter, GShard's second expert, RTS, forced balancing) come from a generator seeded with
 (this layer's seed, the micro-batch's key). The key is `RouteInputs.seed`: the training step
 gives each micro-batch of the global batch its own key, the same in every layout, so random gates
 stay layout invariant; without one the router counts its calls. Every TP rank routes the same
@@ -144,6 +146,8 @@ class Router(TopKRouter):
         if sp is not None:   # [B, S/TP, E] of this rank -> [B, S, E]: the gate sees every token
             logits_TE = mappings.gather(logits_TE.view(x.shape[0], x.shape[1], E), sp, dim=1).reshape(-1, E)
             seq_length = x.shape[1] * sp.size
+        if cfg.force_load_balancing:   # same draws on every TP rank (the generator is keyed per micro-batch)
+            logits_TE = gates.random_logits(logits_TE, generator())
         T = logits_TE.shape[0]
         scores_TE = torch.softmax(logits_TE, dim=-1)
         zeros_TE = torch.zeros_like(logits_TE, dtype=torch.bool)

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aux-loss-free balancing: a per-expert selection bias updated from the load")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3,
                    help="step of the expert-bias update per iteration")
+    g.add_argument("--moe-router-force-load-balancing", action="store_true",
+                   help="benchmarks only: route on random logits (straight-through gradient), so every expert "
+                        "gets ~T*k/E tokens, as a trained balanced router would; megatron-core's flag")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
@@ -319,7 +322,8 @@ def router_config(args, num_experts: int) -> RouterConfig:
         load_balancing_type=getattr(args, "moe_router_load_balancing_type", "aux_loss"),
         input_jitter_eps=getattr(args, "moe_input_jitter_eps", None),
         enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
-        bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3))
+        bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3),
+        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False))
 
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
