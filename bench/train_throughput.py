@@ -4,9 +4,12 @@
     python bench/train_throughput.py --preset tiny --nproc 4 --tp 2 --ep 2          # CPU smoke test
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --tp 2 --ep 2 --sequence-parallel
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --ep 4 --data-path corpus_text_document
+    python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --ep 4 --moe-router-force-load-balancing
     python bench/train_throughput.py --preset moe-1.3b-16e --nproc 4 --ep 4 --global-batch-size 64 \
         --profile --use-pytorch-profiler --profile-step-start 8 --profile-step-end 10 --profile-dir prof
 
+--moe-router-force-load-balancing routes on random logits: the load of a balanced router, which
+the first steps of a real run do not have (routers collapse early in training, docs/PERFORMANCE.md).
 Launches torchrun, prints the layout table, and one result line: median over the logged iterations
 after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).
 Presets:

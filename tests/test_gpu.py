@@ -1,4 +1,6 @@
 """GPU checks (skipped without CUDA): the same model code on CUDA and NCCL matches the CPU reference."""
+import warnings
+
 import pytest
 import torch
 
@@ -7,7 +9,9 @@ from multiproc import run_distributed
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
@@ -75,6 +79,38 @@ def test_bf16_grouped_gemm_close_to_fp32():
     ref_loss, _ = _grads(ParallelGroups.single(), torch.device("cuda"), torch.float32)
     loss, _ = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16)
     assert abs(loss - ref_loss) < 0.05 * abs(ref_loss)
+
+
+def _host_syncs(fn) -> list[str]:
+    """Where fn() made synchronising CUDA calls (device -> host copies, stream waits): file:line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+
+
+def test_dropless_moe_layer_synchronises_the_host_once():
+    """A dropless layer needs the split sizes on the host once per forward (moe/dispatcher.py: one
+    .tolist() for every size); the grouped GEMM's offsets and the backward must not wait again."""
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, RouterConfig(num_experts=4, topk=2), Group.single("tp"), Group.single("ep"))
+    with torch.no_grad():
+        for p in (layer.experts.fc1, layer.experts.fc2):
+            p.normal_(0, 0.02)
+    layer = layer.to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)[0].sum().backward()                        # warm-up: lazy initialisations may synchronise
+    out = []
+    syncs = _host_syncs(lambda: out.append(layer(x)))
+    assert len(syncs) == 1 and "dispatcher.py" in syncs[0], syncs
+    y, stats = out[0]
+    assert stats.tokens_per_expert.sum().item() == 256 * 2
+    assert _host_syncs(lambda: y.float().pow(2).sum().backward()) == []
+    assert x.grad is not None and layer.experts.fc1.grad.abs().sum() > 0
 
 
 # The multi-GPU checks use 4 GPUs where there are 4, else 2 (a lease of 2 GPUs runs the same checks

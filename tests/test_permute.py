@@ -1,5 +1,6 @@
 """moe/permute.py: full permutations go through gathers in both directions (no index_put_, no
-zero-fill + index_copy_), with the same numbers as the general scatter/gather pair."""
+zero-fill + index_copy_), with the same numbers as the general scatter/gather pair; and the
+dispatcher's send order, built before the host sync when the router fixes the experts per token."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -7,7 +8,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe import permute
+from megatron_ted.moe.dispatcher import TokenDispatcher
+from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.groups import ParallelGroups
 
 SCATTERS = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
@@ -81,3 +85,51 @@ def test_moe_layers_permute_by_gathers_when_dropless(capacity):
         assert count.scatters == 0
     else:
         assert count.scatters == 2 * 2                      # the partial dispatch's pair per layer
+
+
+class _LateSendOrder(TokenDispatcher):
+    def __call__(self, *args):
+        return super().__call__(*args[:4], None)
+
+
+def _layer(**router):
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, RouterConfig(num_experts=4, **router), Group.single("tp"), Group.single("ep")).double()
+    with torch.no_grad():
+        for p in (layer.experts.fc1, layer.experts.fc2):
+            p.normal_(0, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("router, per_token", [
+    (dict(topk=2), 2), (dict(topk=1, router_type="sinkhorn"), 1),
+    (dict(topk=2, capacity_factor=0.5, min_capacity=1), None),      # drops: 0..2 experts per token
+    (dict(topk=2, router_type="gshard"), None),                     # the second expert is sampled
+    (dict(topk=2, router_type="expert_choice"), None)])             # 0..E experts per token
+def test_send_order_queued_before_the_host_sync_equals_the_late_one(router, per_token):
+    """Routers say when every token keeps exactly K experts; the dispatcher then builds the send
+    order before it waits for the split sizes. Same numbers as building it after."""
+    x = torch.randn(2, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for early in (True, False):
+        layer = _layer(**router)
+        assert layer.router(x).experts_per_token == per_token
+        if not early:   # the late path: as if the router had not said
+            layer.dispatcher.__class__ = _LateSendOrder
+        xr = x.clone().requires_grad_()
+        y, _ = layer(xr)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), xr.grad, [p.grad for p in layer.parameters() if p.grad is not None]))
+    (y0, g0, p0), (y1, g1, p1) = results
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and len(p0) == len(p1) == 3
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_a_router_that_misstates_experts_per_token_is_an_error():
+    layer = _layer(topk=2)
+    x_TH = torch.randn(4, 16, dtype=torch.float64)
+    map_TE = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="promised 2 experts"):      # token 2 keeps only one
+        layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, 2)
+    y = layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, None)
+    assert y.shape == x_TH.shape

@@ -14,6 +14,10 @@ and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP
   7. a2a back, un-permute and weight by the routing probabilities
   8. gather   all-gather over TP restores the full token set for the next block
 
+The host waits for the GPU once per call, for the split sizes of step 3. When every token keeps
+exactly K experts (dropless top-k: RoutingResult.experts_per_token) the permutation of step 2
+needs no host size and is queued before that wait, behind the counts' exchange.
+
 Without DTD every TP rank sends all T tokens through the all-to-all (TP identical copies), the
 experts' input enters with `copy_to` and their output is all-reduced over TP.
 
@@ -63,7 +67,11 @@ class TokenDispatcher:
         self.sequence_parallel = False   # set by model/sequence_parallel.py: tokens arrive as this rank's shard
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
 
-    def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts) -> torch.Tensor:
+    def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts,
+                 experts_per_token: int | None = None) -> torch.Tensor:
+        """experts_per_token: every token has exactly this many kept assignments (dropless top-k;
+        RoutingResult.experts_per_token), so the send order needs no host size and is queued on the
+        device before the host waits for the split sizes."""
         ep, tp, L = self.ep, self.tp, self.num_local_experts
         T_full = x_TH.shape[0]
         sharded = tp.size > 1 and (self.dtd or self.sequence_parallel)         # rows are this rank's 1/TP
@@ -84,6 +92,9 @@ class TokenDispatcher:
         if sharded:
             counts_TPL = cac.gather_counts(recv_counts_PL.unsqueeze(0).contiguous(), tp, self.kept)
             sizes += [counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]
+        # with a known K the send order goes on the device behind the counts' exchange, so the host
+        # launches it while the exchange runs rather than after it has waited for the sizes
+        early = self._send_order(x_TH, probs_TE, map_TE, experts_per_token) if experts_per_token else None
         host = torch.cat(sizes).tolist()
         input_splits = host[:ep.size]
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
@@ -91,15 +102,11 @@ class TokenDispatcher:
         K = max(1, host[ep.size * (L + 1)])
         tp_sizes = host[ep.size * (L + 1) + 1:]     # sharded: rows per TP rank, then per local expert
 
-        # 3. permute and all-to-all over EP. Each token's K slots (its kept experts first) are rows
-        #    t * K + j; the kept rows sorted by expert (stable: then by token) are the send buffer.
-        slot_TK = torch.sort(map_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
-        kept_TK = map_TE.gather(1, slot_TK)
-        weight_TK = probs_TE.gather(1, slot_TK)
-        order = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
-        perm_N = order[:sum(input_splits)]
-        inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent
-        x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N, inv_N)
+        # 3. permute (above, or here when tokens use different numbers of experts) and all-to-all
+        if early is not None and (K, sum(input_splits)) != (experts_per_token, T * experts_per_token):
+            raise RuntimeError(f"the router promised {experts_per_token} experts for each of {T} tokens, but "
+                               f"{sum(input_splits)} assignments are kept, at most {K} per token")
+        perm_N, inv_N, weight_TK, x_NH = early or self._send_order(x_TH, probs_TE, map_TE, K, sum(input_splits))
         x_RH = self._all_to_all(x_NH, output_splits, input_splits)       # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
@@ -116,6 +123,22 @@ class TokenDispatcher:
             y_TH = cac.gather(y_TH, tp, self.kept)
         assert y_TH.shape[0] == T_full
         return y_TH
+
+    @staticmethod
+    def _send_order(x_TH, probs_TE, map_TE, K: int, N: int | None = None):
+        """The send buffer: each token's K slots (its kept experts first) are rows t * K + j; the N
+        kept rows sorted by expert (stable: then by token) are sent, N = T * K when all are kept.
+        Returns (perm_N, its inverse when it is a full permutation, weight_TK, x_NH)."""
+        T, E = map_TE.shape
+        slot_TK = torch.sort(map_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
+        kept_TK = map_TE.gather(1, slot_TK)
+        weight_TK = probs_TE.gather(1, slot_TK)
+        perm_N = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
+        if N is not None and N < T * K:
+            perm_N = perm_N[:N]
+        inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent
+        x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N, inv_N)
+        return perm_N, inv_N, weight_TK, x_NH
 
     def _all_to_all(self, x, output_splits, input_splits):
         """The EP exchange (autograd: backward swaps the splits), kept for the recompute under CAC;

@@ -7,6 +7,8 @@ sum over TP: the caller reduces it (all-reduce, or reduce-scatter under DTD).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -32,8 +34,7 @@ class GroupedExperts(nn.Module):
                             expert=True, init="output")
 
     def forward(self, x_NH: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
-        grouped = _use_grouped_mm(x_NH)
-        offs = torch.tensor(tokens_per_expert, device=x_NH.device).cumsum(0).to(torch.int32) if grouped else None
+        offs = _group_offsets(tokens_per_expert, x_NH.device) if _use_grouped_mm(x_NH) else None
         # SwiGLU: fc1 [E_l, H, 2, F] is used as [E_l, H, 2F], [gate | up] per row; activation() splits them
         h = _expert_matmul(x_NH, self.fc1, tokens_per_expert, offs)
         return _expert_matmul(activation(h, self.swiglu), self.fc2, tokens_per_expert, offs)
@@ -73,6 +74,16 @@ class _ExpertMatmulFusedWgrad(torch.autograd.Function):
             if x.shape[0]:
                 wgrad_fusion.accumulate(main_grad[e], x.t(), dy)
         return dx, wgrad_fusion.placeholder(ctx.param), None, None
+
+
+def _group_offsets(tokens_per_expert: list[int], device) -> torch.Tensor:
+    """torch._grouped_mm's offs: each expert's end row, int32, on the device. Summed on the host and
+    copied from pinned memory without blocking: torch.tensor(list, device="cuda") waits for the
+    GPU to drain (a second host synchronisation per MoE layer after the split sizes')."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(tokens_per_expert, device=device).cumsum(0).to(torch.int32)
+    ends = torch.tensor(list(itertools.accumulate(tokens_per_expert)), dtype=torch.int32, pin_memory=True)
+    return ends.to(device, non_blocking=True)
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:

@@ -49,7 +49,7 @@ class MoELayer(nn.Module):
             tp, (B, s, _) = self.dispatcher.tp, x_BSH.shape
             probs_TE = mappings.split(probs_TE.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1)
             map_TE = map_TE.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1)
-        y_TH = self.dispatcher(x_TH, probs_TE, map_TE, self.experts)
+        y_TH = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token)
         out = MoEOutput(aux_loss=routing.aux_loss + routing.z_loss,
                         tokens_per_expert=routing.tokens_per_expert_E.detach(),
                         num_dropped=routing.num_dropped.detach(),

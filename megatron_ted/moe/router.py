@@ -159,6 +159,7 @@ class RoutingResult:
     logits_TE: torch.Tensor | None    # float32 router logits (None: hash routing has none)
     capacity: int | None              # tokens per expert, None when dropless
     num_assignments: int | None = None  # (token, expert) assignments asked for before drops
+    experts_per_token: int | None = None  # every token keeps exactly this many experts (dropless), else None
 
 
 def topk_softmax(logits_TE: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor,
@@ -286,4 +287,5 @@ class TopKRouter(nn.Module):
             logits_TE=logits_TE,
             capacity=capacity,
             num_assignments=T * cfg.topk,
+            experts_per_token=cfg.topk if map_TE is routed_TE else None,
         )

@@ -211,6 +211,9 @@ class Router(TopKRouter):
             logits_TE=logits_TE,
             capacity=capacity,
             num_assignments=num_assignments,
+            # dropless top-k, Sinkhorn, BASE: each token exactly K (GShard's second expert and
+            # capacity drops vary it; expert choice gives a token 0..E experts)
+            experts_per_token=K if map_TE is requested_TE and kind != "expert_choice" else None,
         )
 
     def _aux_loss(self, scores_TE, requested_TE, seq_length):
@@ -267,7 +270,8 @@ class HashRouter(nn.Module):
         zero = probs_TE.new_zeros(())
         return RoutingResult(probs_TE=probs_TE, routing_map_TE=map_TE, tokens_per_expert_E=tokens_per_expert_E,
                              aux_loss=zero, z_loss=zero, num_dropped=requested_TE.sum() - tokens_per_expert_E.sum(),
-                             logits_TE=None, capacity=capacity, num_assignments=T)
+                             logits_TE=None, capacity=capacity, num_assignments=T,
+                             experts_per_token=1 if map_TE is requested_TE else None)
 
 
 def build_router(hidden_size: int, config: RouterConfig, dp: Group | None = None) -> nn.Module:
