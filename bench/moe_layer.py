@@ -9,7 +9,10 @@ GPU; B hidden 4096, 32 heads, expert FFN 16384, 16 experts, top-2, 2048 tokens p
 "Tokens per GPU" is the micro-batch of each data-parallel rank (TP peers share it; with
 --sequence-parallel each TP rank holds its 1/TP of the sequence between the TP matmuls, and the
 MoE dispatch starts from that shard instead of DTD's drop).
-Prints one line: ms per iteration, model TFLOP/s per GPU, peak memory.
+Prints one line: ms per iteration, model TFLOP/s per GPU, peak memory. The gradients are set to None
+before each iteration (--accumulate-grads: added into .grad instead, an extra pass over every
+weight gradient that training does not make: there gradient-accumulation fusion adds them inside
+the weight-gradient GEMMs).
 """
 from __future__ import annotations
 
@@ -54,6 +57,10 @@ def main():
     p.add_argument("--repeat", type=int, default=1, help="timed rounds of --iters; the median round is reported")
     p.add_argument("--compile", choices=["none", "router", "layer"], default="none",
                    help="torch.compile the router module or the whole layer (--compile-layers in training)")
+    p.add_argument("--accumulate-grads", action="store_true",
+                   help="add each iteration's gradients into .grad (session 1-5 figures); default: set to None "
+                        "first, as a training step's first micro-batch (later ones add inside the weight-gradient "
+                        "GEMMs with gradient-accumulation fusion, not in a separate pass)")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of rank 0 to this file")
     args = p.parse_args()
     s = SHAPES[args.shape]
@@ -83,6 +90,9 @@ def main():
     grad = torch.randn_like(x)
 
     def step():
+        if not args.accumulate_grads:   # each iteration a fresh step's first micro-batch: nothing to add to
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
         out, _ = layer(x)
         out.backward(grad)
 
