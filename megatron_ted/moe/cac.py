@@ -173,7 +173,7 @@ def all_to_all(x: torch.Tensor, ep: Group, output_splits, input_splits, kept: Ke
 
 def split_matrix(input_splits: list[int], ep: Group, kept: KeptCollectives | None, device) -> list[list[int]]:
     """S[i][j] = rows EP rank i sends to EP rank j, all-gathered over EP ("counts"); kept under CAC."""
-    mine = torch.tensor([input_splits], dtype=torch.int64, device=device)
+    mine = comm.host_ints([input_splits], device)
     collective = lambda: comm.all_gather(mine, ep, dim=0, kind="counts")  # noqa: E731
     return (collective() if kept is None or ep.size == 1 else kept.run("counts/ep_matrix", collective)).tolist()
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from megatron_ted.model.mlp import activation
+from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 from megatron_ted.tensor_parallel import wgrad_fusion
@@ -77,13 +78,9 @@ class _ExpertMatmulFusedWgrad(torch.autograd.Function):
 
 
 def _group_offsets(tokens_per_expert: list[int], device) -> torch.Tensor:
-    """torch._grouped_mm's offs: each expert's end row, int32, on the device. Summed on the host and
-    copied from pinned memory without blocking: torch.tensor(list, device="cuda") waits for the
-    GPU to drain (a second host synchronisation per MoE layer after the split sizes')."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(tokens_per_expert, device=device).cumsum(0).to(torch.int32)
-    ends = torch.tensor(list(itertools.accumulate(tokens_per_expert)), dtype=torch.int32, pin_memory=True)
-    return ends.to(device, non_blocking=True)
+    """torch._grouped_mm's offs: each expert's end row, int32, summed on the host (the sizes are
+    there already) and copied without waiting for the GPU."""
+    return comm.host_ints(list(itertools.accumulate(tokens_per_expert)), device, torch.int32)
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:

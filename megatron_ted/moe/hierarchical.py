@@ -29,6 +29,7 @@ lies within one node, or that has one member per node, gains nothing: it uses th
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +94,15 @@ def create_groups(layout: ParallelLayout, rank: int, node_size: int, stats: Comm
 
 
 def _rows_in_order(sizes: list[int], order: list[int], device) -> torch.Tensor:
-    """Rows laid out as blocks of `sizes`; the row index that lists blocks in `order`."""
-    sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
-    starts = torch.cumsum(sizes_t, 0) - sizes_t
-    o = torch.tensor(order, dtype=torch.int64, device=device)
-    counts, first = sizes_t[o], starts[o]
-    total = int(counts.sum())
-    new_starts = torch.cumsum(counts, 0) - counts
-    return (torch.repeat_interleave(first, counts, output_size=total) + torch.arange(total, device=device)
-            - torch.repeat_interleave(new_starts, counts, output_size=total))
+    """Rows laid out as blocks of `sizes`; the row index that lists blocks in `order`. The block
+    arithmetic is on the host (the sizes are there), so building it never waits for the GPU."""
+    starts = [0, *itertools.accumulate(sizes)][:-1]
+    counts, first = [sizes[b] for b in order], [starts[b] for b in order]
+    new_starts = [0, *itertools.accumulate(counts)][:-1]
+    total = sum(counts)
+    counts_t, first_t, new_t = comm.host_ints([counts, first, new_starts], device)
+    return (torch.repeat_interleave(first_t - new_t, counts_t, output_size=total)
+            + torch.arange(total, device=device))
 
 
 def _exchange(x: torch.Tensor, hg: HierarchicalGroups, r: int, S: list[list[int]]) -> torch.Tensor:

@@ -94,6 +94,17 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def host_ints(values: list[int], device, dtype=torch.int64) -> torch.Tensor:
+    """Split sizes or offsets known on the host, as a device tensor, without waiting for the
+    device: torch.tensor(list, device="cuda") copies from pageable memory and first waits for the
+    GPU to drain; a pinned buffer copied non-blocking does not (the caching host allocator keeps
+    it until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 # ---- raw collectives: counted, no autograd ---------------------------------------------------
 
 @_eager
