@@ -40,6 +40,19 @@ def test_train_throughput_reports_medians_that_agree_with_the_batch():
     assert ms > 0 and abs(tokens / (256 / (ms / 1e3)) - 1) < 0.25
 
 
+def test_train_throughput_with_forced_load_balancing():
+    """--moe-router-force-load-balancing passes through to training, says so, and every MoE layer's
+    load is even (random routing: each expert ~1/4 of the assignments, never the 0/x of a collapse)."""
+    out = _run("bench/train_throughput.py", "--preset", "tiny", "--nproc", "2", "--ep", "2", "--iters", "4",
+               "--warmup", "1", "--moe-router-force-load-balancing")
+    assert "WARNING: --moe-router-force-load-balancing routes every token to random experts" in out
+    loads = re.search(r"expert load min/max: ([\d/ ]+) \|", out)
+    assert loads, out[-1000:]
+    pairs = [tuple(map(int, p.split("/"))) for p in loads.group(1).split()]
+    assert len(pairs) == 1                                   # tiny: 2 layers, MoE every other
+    assert all(0 < lo and hi <= 2 * lo for lo, hi in pairs), pairs
+
+
 def test_train_throughput_times_a_corpus_instead_of_mock_data(tmp_path):
     """--data-path replaces the mock data: a real .bin/.idx trains, and a missing prefix fails
     (with --mock-data still on, it would have been ignored)."""

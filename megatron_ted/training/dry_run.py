@@ -91,6 +91,8 @@ def _model_lines(args, precision: str) -> list[str]:
         lines.append(f"MoE: {args.num_experts} experts, top-{args.moe_router_topk}, in {n_moe} of "
                      f"{args.num_layers} layers (every {args.moe_layer_freq}), expert FFN {args.moe_ffn_hidden_size}, "
                      f"{routing}, aux loss {args.moe_aux_loss_coeff:g}, duplicate token dropping {dtd}")
+        if getattr(args, "moe_router_force_load_balancing", False):
+            lines.append("  routing forced to random experts (--moe-router-force-load-balancing: a benchmark setting)")
     if getattr(args, "sequence_parallel", False):
         lines.append(f"sequence parallel: activations between the TP matmuls on {args.seq_length} / "
                      f"{args.tensor_model_parallel_size} positions per TP rank")

@@ -188,6 +188,9 @@ def train(args, tokenizer) -> dict:
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
+    if getattr(args, "moe_router_force_load_balancing", False):
+        print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
+                    "(a benchmark of balanced load); the model does not learn its routing")
 
     # --use-distributed-optimizer: gradients reduce-scattered, optimizer state partitioned (ZeRO-1)
     sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce,
