@@ -87,3 +87,35 @@ def test_ted_scale_plans_tp_over_the_node_against_tp_1():
         assert (tp > 1) == ("TED" in row), row
         assert re.search(rf"--tensor-model-parallel-size {tp} ", row), row
         assert ("no fit" in row) == row.startswith("gpt3-6.7b"), row
+
+
+def test_kernel_table_charges_each_kernel_to_its_launching_op_and_autograd_node():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from kernel_table import attribute, idle_gaps
+    dims = {"Input Dims": [[8, 4], [4, 4]]}
+    events = [
+        # forward: aten::linear (id 3) holds aten::addmm (id 4), which launches the GEMM
+        {"cat": "cpu_op", "name": "aten::linear", "tid": 1, "ts": 0, "dur": 50, "args": {"External id": 3}},
+        {"cat": "cpu_op", "name": "aten::addmm", "tid": 1, "ts": 10, "dur": 30, "args": {"External id": 4, **dims}},
+        # backward thread: MulBackward0 holds aten::mul (id 5), two launches; an op outside any node (id 6)
+        {"cat": "cpu_op", "name": "autograd::engine::evaluate_function: MulBackward0", "tid": 2, "ts": 100,
+         "dur": 100, "args": {"External id": 9}},
+        {"cat": "cpu_op", "name": "aten::mul", "tid": 2, "ts": 110, "dur": 40, "args": {"External id": 5}},
+        {"cat": "cpu_op", "name": "aten::add_", "tid": 2, "ts": 250, "dur": 10, "args": {"External id": 6}},
+        {"cat": "kernel", "name": "gemm", "ts": 20, "dur": 7, "args": {"External id": 4}},
+        {"cat": "kernel", "name": "elementwise", "ts": 120, "dur": 3, "args": {"External id": 5}},
+        {"cat": "kernel", "name": "elementwise", "ts": 130, "dur": 2, "args": {"External id": 5}},
+        {"cat": "kernel", "name": "elementwise", "ts": 255, "dur": 4, "args": {"External id": 6}},
+        {"cat": "kernel", "name": "nccl", "ts": 300, "dur": 1, "args": {}},
+    ]
+    by_site, calls, by_kernel, total, site_of = attribute(events)
+    assert total == 17
+    assert by_site['forward / aten::addmm [[8,4],[4,4]]'] == 7
+    assert by_site['MulBackward0 / aten::mul ""'] == 5 and calls['MulBackward0 / aten::mul ""'] == 2
+    assert by_site['forward / aten::add_ ""'] == 4       # after the node's span ends: not charged to it
+    assert by_site["(no launching op)"] == 1
+    assert by_kernel == {"gemm": 7, "elementwise": 9, "nccl": 1}
+    # kernels busy [20,27) [120,123) [130,132) [255,259) [300,301): idle 93 + 7 + 123 + 41 inside the span
+    span, idle, gaps = idle_gaps(events, site_of, min_gap_us=20)
+    assert (span, idle) == (281, 264)
+    assert gaps == {'MulBackward0 / aten::mul ""': 93, 'forward / aten::add_ ""': 123, "(no launching op)": 41}

@@ -34,7 +34,7 @@ class StepProfiler:
         if self.torch_profiler:
             from torch.profiler import ProfilerActivity, profile
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-            self._prof = profile(activities=activities, record_shapes=False)
+            self._prof = profile(activities=activities, record_shapes=True)
             self._prof.__enter__()
         elif self.cuda:
             torch.cuda.cudart().cudaProfilerStart()

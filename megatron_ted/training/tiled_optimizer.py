@@ -23,7 +23,8 @@ A step:
      overflow decision (inf/nan norm: skip the step) agrees everywhere by construction.
   2. the owned ranges walked in tiles of at most `tile_size` elements: unscale and clip the
      tile's gradient (in place), decoupled weight decay, the Adam moments, the update of the fp32
-     master (these three in one pass: torch's fused AdamW kernel on CUDA and CPU, no temporary),
+     master (these four in one pass for fp32 gradients: torch's fused AdamW kernel on CUDA and
+     CPU, the clipping as its grad_scale, no temporary),
      the write of the low-precision parameter. The op-by-op form (other devices, `fused=False`)
      has one temporary (Adam's denominator) of a tile: the extra memory of the step is at most
      one tile, not the partition.
@@ -250,16 +251,20 @@ class TiledAdamW:
             self.loss_scaler.update(overflow)
         if overflow:
             return False, float("nan")
-        coeff = 1.0 / self.loss_scale
+        # unscale and clip: the gradient is divided by `divisor` (a division, as torch's fused
+        # kernel applies its grad_scale, so both paths give the same bits in fp32)
+        divisor = self.loss_scale
         if self.clip_grad and self.clip_grad > 0 and norm > self.clip_grad:
-            coeff *= self.clip_grad / (norm + 1e-6)
+            divisor *= (norm + 1e-6) / self.clip_grad
         self.step_count += 1
-        # the fused kernel reads the step count from a device tensor: one per step, not per tile
-        fused_step = None
+        # the fused kernel reads the step count (and the divisor, as grad_scale) from the device:
+        # one copy per step, not per tile; the divisor goes into its single pass over the gradient
+        fused = None
         if self.shards and (self.fused if self.fused is not None else _fused_adamw_on(self.shards[0].grad.device)):
-            fused_step = torch.tensor(float(self.step_count), dtype=torch.float32, device=self.shards[0].grad.device)
+            fused = torch.tensor([float(self.step_count), divisor], dtype=torch.float32,
+                                 device=self.shards[0].grad.device)
         for shard in self.shards:
-            self._update(shard, coeff, lr, fused_step)
+            self._update(shard, divisor, lr, fused)
         if self.distributed:
             for shard in self.shards:
                 self._gather(shard)
@@ -281,19 +286,21 @@ class TiledAdamW:
             rows = out.view(group.size, n)                                  # [rank, chunk]
             comm.all_gather_into([rows[r, t0:t1] for r in range(group.size)], shard.param[t0:t1], group)
 
-    def _update(self, shard: _Shard, coeff: float, lr: float, fused_step: torch.Tensor | None) -> None:
-        """fused_step: the step count on the device for torch's fused kernel (None: op by op)."""
+    def _update(self, shard: _Shard, divisor: float, lr: float, fused: torch.Tensor | None) -> None:
+        """fused: [step count, divisor] on the device for torch's fused kernel (None: op by op)."""
         n = shard.hi - shard.lo
         tile = self.tile_size or n
         decay = 1 - lr * self.weight_decay
         starts = [a for a, _ in shard.decay_runs]
+        # the fused kernel reads grad_scale as fp32: fp64 gradients (exact tests) are divided apart
+        in_kernel = fused is not None and divisor != 1.0 and shard.grad.dtype == torch.float32
         for t0 in range(0, n, tile):
             t1 = min(n, t0 + tile)
             grad = shard.grad[t0:t1]        # already fp32: the buffer accumulates in fp32
-            if coeff != 1.0:
-                grad.mul_(coeff)            # unscale (fp16) and clip, in place
-            if fused_step is not None:
-                self._fused_update(shard, starts, t0, t1, lr, fused_step)
+            if divisor != 1.0 and not in_kernel:
+                grad.div_(divisor)          # unscale (fp16) and clip, in place
+            if fused is not None:
+                self._fused_update(shard, starts, t0, t1, lr, fused[0], fused[1] if in_kernel else None)
             else:
                 if self.weight_decay != 0:
                     for a, b in _within(shard.decay_runs, starts, t0, t1):
@@ -304,11 +311,12 @@ class TiledAdamW:
                 shard.param[t0:t1].copy_(shard.master[t0:t1])
 
     def _fused_update(self, shard: _Shard, starts: list[int], t0: int, t1: int, lr: float,
-                      step: torch.Tensor) -> None:
+                      step: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
         """The same update in one pass over the tile (torch's fused AdamW kernel: reads master, grad
-        and moments once, writes them once, where the op-by-op form makes ~9 passes; equal to it
-        bit for bit on CPU in fp32 and fp64). One call for the tile's weight-decayed runs, one for
-        the rest."""
+        and moments once, writes them once, where the op-by-op form makes ~9 passes, ~10 with the
+        clipping; equal to it up to the last bits, which its vector lanes round differently). One
+        call for the tile's weight-decayed runs, one for the rest. grad_scale: the gradient is
+        divided by it first (and stored so)."""
         decayed = list(_within(shard.decay_runs, starts, t0, t1)) if self.weight_decay != 0 else []
         plain, at = [], t0
         for a, b in decayed + [(t1, t1)]:
@@ -320,7 +328,8 @@ class TiledAdamW:
                 torch._fused_adamw_([shard.master[a:b] for a, b in runs], [shard.grad[a:b] for a, b in runs],
                                     [shard.exp_avg[a:b] for a, b in runs], [shard.exp_avg_sq[a:b] for a, b in runs],
                                     [], [step] * len(runs), lr=lr, beta1=self.betas[0], beta2=self.betas[1],
-                                    weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False)
+                                    weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
+                                    grad_scale=grad_scale)
 
     # ---- sizes ---------------------------------------------------------------------------------
 
