@@ -4,7 +4,8 @@ One process launch per world size runs every check and returns the local tensors
 communication; the tests below compare them with references computed here in one process:
 
   - ColumnParallelLinear (fused 1 and 3), RowParallelLinear: F.linear on the full weight;
-  - VocabParallelEmbedding: F.embedding; vocab_parallel_cross_entropy: F.cross_entropy;
+  - VocabParallelEmbedding: F.embedding; vocab_parallel_cross_entropy: F.cross_entropy (also at
+    TP 1 in one process, in fp64 and bf16/fp16, and with no one-hot or full-size cast in its ops);
   - the autograd mappings: forward and backward built by hand from rank-dependent inputs;
   - CommStats: calls and bytes of each collective, forward and backward;
   - shard / unshard round trip at TP x EP layouts.
@@ -17,6 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from megatron_ted.parallel import comm, mappings
 from megatron_ted.parallel.comm import CommStats, Group
@@ -60,6 +63,30 @@ def _full_tensors():
 
 def _tp_slice(n: int, size: int, rank: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
+
+
+class _RecordOutputs(TorchDispatchMode):
+    """(op, dtype, shape) of every tensor each aten op returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.outputs += [(str(func), t.dtype, tuple(t.shape))
+                         for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _full_size(outputs, shape) -> list:
+    """The recorded outputs with at least as many elements as a tensor of `shape` (the logits)."""
+    n = torch.Size(shape).numel()
+    return [o for o in outputs if torch.Size(o[2]).numel() >= n]
+
+
+def _integer(outputs) -> list:
+    return [o for o in outputs if not (o[1].is_floating_point or o[1].is_complex)]
 
 
 # ---- the worker: one TP group, every building block ---------------------------------------------
@@ -109,8 +136,10 @@ def _layers(tp: Group) -> dict:
     logits = full["ce.logits"][..., _tp_slice(VOCAB, P, r)].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(logits, torch.tensor(LABELS), tp, vocab_start=r * VOCAB // P)
     fwd = _stats_of(tp)
-    (loss * full["ce.dy"]).sum().backward()
-    out["ce"] = dict(loss=loss.detach(), grad=logits.grad, fwd=fwd, bwd=_stats_of(tp))
+    with _RecordOutputs() as ops:
+        (loss * full["ce.dy"]).sum().backward()
+    out["ce"] = dict(loss=loss.detach(), grad=logits.grad, fwd=fwd, bwd=_stats_of(tp),
+                     bwd_full=_full_size(ops.outputs, logits.shape))
     return out
 
 
@@ -281,6 +310,76 @@ def test_vocab_parallel_cross_entropy(ranks):
         # forward: all-reduce of the max, of the label logit and of the sum of exps: 3 x [2, 3] fp64
         assert got["fwd"] == {"all_reduce/tp": (3, 3 * 6 * 8)}
         assert got["bwd"] == {}
+        # backward builds no [tokens, V/TP] integer tensor (a one-hot of the labels)
+        assert got["bwd_full"] and not _integer(got["bwd_full"]), got["bwd_full"]
+
+
+# ---- the cross entropy at TP 1, in one process -------------------------------------------------
+
+def _ce(fn, logits, labels, dy):
+    """fn's per-token loss and the gradient of sum(loss * dy) with respect to the logits."""
+    x = logits.clone().requires_grad_()
+    loss = fn(x, labels)
+    (loss * dy).sum().backward()
+    return loss.detach(), x.grad
+
+
+def _torch_ce(x, labels):
+    return F.cross_entropy(x.float().flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+
+
+def _tp1_ce(x, labels):
+    return vocab_parallel_cross_entropy(x, labels, Group.single("tp"))
+
+
+def _ce_inputs(dtype, vocab=37):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, vocab, generator=g, dtype=D) * 3
+    logits[1] += 1000.0                                  # large logits: the max shift keeps exp finite
+    labels = torch.randint(0, vocab, (3, 4), generator=g)
+    labels[0, :2] = torch.tensor([0, vocab - 1])         # the vocab edges
+    labels[2, 2:] = torch.tensor([vocab - 1, 0])
+    return logits.to(dtype), labels, torch.randn(3, 4, generator=g, dtype=D)
+
+
+def test_cross_entropy_at_tp1_is_torch_cross_entropy():
+    logits, labels, dy = _ce_inputs(D)
+    loss, grad = _ce(_tp1_ce, logits, labels, dy)
+    ref_loss, ref_grad = _ce(lambda x, y: F.cross_entropy(x.flatten(0, 1), y.flatten(), reduction="none")
+                             .view(y.shape), logits, labels, dy)
+    assert loss.dtype == grad.dtype == D
+    close(loss, ref_loss)
+    close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_at_tp1_half_precision(dtype):
+    """bf16/fp16 logits: the loss in fp32, the gradient in the logits' dtype, both as F.cross_entropy
+    on the fp32 upcast gives them."""
+    logits, labels, dy = _ce_inputs(dtype)
+    dy = dy.float()
+    loss, grad = _ce(_tp1_ce, logits, labels, dy)
+    ref_loss, ref_grad = _ce(_torch_ce, logits, labels, dy)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad)           # dtype's own tolerance: a rounding apart at most
+
+
+def test_cross_entropy_builds_no_one_hot_and_no_full_size_cast():
+    """The ops of forward and backward at TP 1 on bf16 logits: no [tokens, V] integer tensor (a
+    one-hot of the labels) and no separate full-size cast (aten._to_copy): the upcast happens in
+    the subtraction of the max, the downcast of the gradient in its multiply."""
+    logits, labels, dy = _ce_inputs(torch.bfloat16)
+    x = logits.clone().requires_grad_()
+    with _RecordOutputs() as fwd:
+        loss = _tp1_ce(x, labels)
+    with _RecordOutputs() as bwd:
+        (loss * dy.float()).sum().backward()
+    for ops in (fwd.outputs, bwd.outputs):
+        full = _full_size(ops, logits.shape)
+        assert full and not _integer(full), full
+        assert not [o for o in full if o[0].startswith("aten._to_copy")], full
+    assert x.grad.dtype == torch.bfloat16
 
 
 # ---- mappings, against hand-built expectations -----------------------------------------------

@@ -266,8 +266,9 @@ def activation_memory(wl: Workload, tp: int, ep: int = 1) -> ActivationEstimate:
     # weight gradient (held until the embedding's backward adds its part, at the very end).
     tied = 0 if c.untie_embeddings_and_output_weights else w * v * h
     below = w * T * h + dropout_mask + tied
-    # the loss: fp32 gradient of the log-probabilities and of the logits (TP: softmax - one-hot too)
-    loss_transient = (8 if tp == 1 else 12) * T * v
+    # the loss (tensor_parallel/vocab.py): beside its saved fp32 softmax, the logits in the model's
+    # dtype while it is built, and their gradient (written in that dtype) in backward
+    loss_transient = w * T * v
     if wl.recompute == "full":
         n = wl.recompute_num_layers
         kept = _cac_kept_bytes(wl, tp) if ep > 1 else 0

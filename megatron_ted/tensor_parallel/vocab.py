@@ -1,7 +1,9 @@
 """Vocab-parallel embedding and cross entropy: the vocabulary is sliced over TP.
 
 Rank r owns token ids [r * V/TP, (r+1) * V/TP). Neither the embedding nor the loss ever builds the
-full [tokens, V] logits on one rank.
+full [tokens, V] logits on one rank. The loss is one autograd Function at every TP size (at TP 1
+it replaces F.cross_entropy): it reads the bf16 logits once, keeps one fp32 [tokens, V/TP] buffer
+(the softmax) and builds no one-hot in backward.
 """
 from __future__ import annotations
 
@@ -40,48 +42,62 @@ class VocabParallelEmbedding(nn.Module):
         return mappings.reduce_from(out, self.tp)
 
 
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     """The loss is computed in fp32 (fp64 stays fp64, for exact tests)."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token -log softmax(logits)[label] with logits sliced over the last dim."""
+    """Per-token -log softmax(logits)[label] with logits sliced over the last dim (any TP size: the
+    all-reduces are no-ops for a group of one).
+
+    Memory traffic: the logits are read once in their own dtype (the max is exact in bf16) and the
+    upcast happens inside the subtraction (type promotion: bf16 - fp32 -> fp32, one kernel on the
+    GPU); exp and the normalisation run in place on that one fp32 buffer, which is the softmax saved
+    for backward. Backward reuses it in place: -1 at each row's label (T elements, no one-hot), then
+    one multiply that writes the gradient in the logits' dtype. So a second backward through the
+    same graph (retain_graph) raises autograd's "modified by an inplace operation" error.
+    """
 
     @staticmethod
     def forward(ctx, logits, labels, tp: Group, vocab_start: int):
-        logits = _upcast(logits)
-        logits_max = logits.max(dim=-1).values
+        logits_max = logits.amax(dim=-1).to(_loss_dtype(logits.dtype))
         comm.all_reduce(logits_max, tp, op=dist.ReduceOp.MAX)
-        shifted = logits - logits_max.unsqueeze(-1)
+        shifted = torch.sub(logits, logits_max.unsqueeze(-1))      # promotes to the loss dtype
 
         local = labels - vocab_start
-        outside = (local < 0) | (local >= logits.shape[-1])
-        local = local.masked_fill(outside, 0)
-        predicted = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        inside = (local >= 0) & (local < logits.shape[-1])
+        local = local.masked_fill(~inside, 0)
+        predicted = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~inside, 0.0)
         comm.all_reduce(predicted, tp)
 
-        exp = shifted.exp()
+        exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         comm.all_reduce(sum_exp, tp)
         loss = sum_exp.log() - predicted
 
         softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local, outside)
+        ctx.save_for_backward(softmax, local, inside)
+        ctx.logits_dtype = logits.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, outside = ctx.saved_tensors
-        grad = softmax
-        onehot = F.one_hot(local, grad.shape[-1]).to(grad.dtype) * (~outside).unsqueeze(-1).to(grad.dtype)
-        grad = (grad - onehot) * grad_loss.unsqueeze(-1)
-        return grad, None, None, None
+        softmax, local, inside = ctx.saved_tensors
+        # d loss / d logits = softmax - onehot(label) on the rank that owns the label; rows whose
+        # label is elsewhere add 0 at column 0
+        grad = softmax.scatter_add_(-1, local.unsqueeze(-1), inside.unsqueeze(-1).to(softmax.dtype).neg())
+        grad_loss = grad_loss.unsqueeze(-1)
+        if ctx.logits_dtype == grad.dtype:
+            return grad.mul_(grad_loss), None, None, None
+        # multiply and cast to bf16/fp16 in one kernel (CUDA casts to the out= dtype in the kernel)
+        out = torch.empty_like(grad, dtype=ctx.logits_dtype)
+        return torch.mul(grad, grad_loss, out=out), None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: Group,
                                  vocab_start: int = 0) -> torch.Tensor:
-    """logits [..., V/TP] (this rank's vocab slice), labels [...] -> per-token loss [...] in fp32."""
-    if tp.size == 1:
-        return F.cross_entropy(_upcast(logits).flatten(0, -2), labels.flatten(), reduction="none").view(labels.shape)
+    """logits [..., V/TP] (this rank's vocab slice), labels [...] -> per-token loss [...] in fp32
+    (fp64 for fp64 logits). At TP 1 this is F.cross_entropy(reduction="none"), without its fp32
+    copy of the logits and with a lighter backward."""
     return _VocabParallelCrossEntropy.apply(logits, labels, tp, vocab_start)
