@@ -13,6 +13,8 @@ from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.layout import ParallelLayout
+from parity import run_forked
 
 SCATTERS = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
             torch.ops.aten.index_copy_.default, torch.ops.aten.index_copy.default}
@@ -48,15 +50,50 @@ def test_permutation_with_inverse_equals_the_general_pair():
         assert out[True][2] == 1 and out[False][2] == 0      # one scatter (forward or backward) vs none
 
 
-def _model(capacity):
+def test_repeated_rows_are_gathered_without_building_the_repeated_tensor():
+    """The dispatcher's send buffer: each token's row repeated K times, then permuted. With the
+    inverse the repeat is never materialised (one [T*K, H] tensor in forward: the output); values
+    and gradients equal the expand-copy + general gather."""
+    T, K, H = 5, 3, 4
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randperm(T * K, generator=g)
+    inv = permute.inverse_permutation(idx)
+    x = torch.randn(T, H, dtype=torch.float64, generator=g)
+    dy = torch.randn(T * K, H, dtype=torch.float64, generator=g)
+
+    class _Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and func is not torch.ops.aten.view.default:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    out = {}
+    for inverse in (None, inv):
+        xr = x.clone().requires_grad_()
+        with _Outputs() as fwd:
+            y = permute.gather_repeated_rows(xr, K, idx, inverse)
+        y.backward(dy)
+        out[inverse is None] = (y.detach(), xr.grad, fwd.shapes.count((T * K, H)))
+    assert torch.equal(out[True][0], x.repeat_interleave(K, 0)[idx])
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert out[False][2] == 1 and out[True][2] == 2     # the output only vs the repeat copy too
+
+
+def _model(capacity, groups=None):
     cfg = GPTConfig(vocab_size=64, hidden_size=16, num_layers=2, num_attention_heads=2, ffn_hidden_size=32,
                     max_position_embeddings=8)
     router = RouterConfig(num_experts=4, topk=2, capacity_factor=capacity, min_capacity=1)
-    return build_gpt(cfg, MoEConfig(router, ffn_hidden_size=24, layer_freq=1), ParallelGroups.single(), 3).double()
+    return build_gpt(cfg, MoEConfig(router, ffn_hidden_size=24, layer_freq=1), groups or ParallelGroups.single(),
+                     3).double()
 
 
-def _run(capacity, general):
-    model = _model(capacity)
+def _run(capacity, general, groups=None):
+    model = _model(capacity, groups)
     tokens = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(1))
     saved = permute._permutes
     if general:
@@ -85,6 +122,23 @@ def test_moe_layers_permute_by_gathers_when_dropless(capacity):
         assert count.scatters == 0
     else:
         assert count.scatters == 2 * 2                      # the partial dispatch's pair per layer
+
+
+def _dtd_rank(rank, world):
+    groups = ParallelGroups.create(ParallelLayout(world, world, 1))         # TP 2, EP 1: DTD
+    loss, grads, count = _run(None, False, groups)
+    ref_loss, ref_grads, ref_count = _run(None, True, groups)
+    return dict(equal=torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
+                scatters=count.scatters, ref_scatters=ref_count.scatters)
+
+
+def test_dtd_expert_reorder_permutes_by_gathers_when_no_rank_pads():
+    """TP 2 x EP 1, dropless: every TP rank holds as many rows (its half of the tokens, K each), so
+    DTD's gathered buffer has no padding and its expert reorder is a full permutation: no scatter
+    forward or backward, and the same numbers as the general pair."""
+    for r in run_forked(_dtd_rank, 2):
+        assert r["equal"]
+        assert r["ref_scatters"] == 2 * 4 and r["scatters"] == 0       # per MoE layer: combine + reorder, x2
 
 
 class _LateSendOrder(TokenDispatcher):

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from megatron_ted.moe import cac
-from megatron_ted.moe.permute import gather_rows, inverse_permutation, scatter_rows
+from megatron_ted.moe.permute import gather_repeated_rows, gather_rows, inverse_permutation, scatter_rows
 from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 
@@ -137,7 +137,7 @@ class TokenDispatcher:
         if N is not None and N < T * K:
             perm_N = perm_N[:N]
         inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent
-        x_NH = gather_rows(x_TH.unsqueeze(1).expand(T, K, x_TH.shape[1]).reshape(T * K, -1), perm_N, inv_N)
+        x_NH = gather_repeated_rows(x_TH, K, perm_N, inv_N)
         return perm_N, inv_N, weight_TK, x_NH
 
     def _all_to_all(self, x, output_splits, input_splits):
@@ -162,7 +162,10 @@ class TokenDispatcher:
         # rows of TP rank t sit at t * M + (their index in t's buffer)
         padded_of = torch.cat([t * M + torch.arange(n, device=x_RH.device) for t, n in enumerate(rows_T)])
         idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1), sum(rows_T))]
-        y_sorted = experts(gather_rows(x_all, idx), tokens_per_expert)
-        y_all = scatter_rows(y_sorted, idx, x_all.shape[0])
+        # no padding (every TP rank got as many rows: always so at EP 1 when dropless): idx is a
+        # full permutation and both directions are gathers
+        inv = inverse_permutation(idx) if sum(rows_T) == x_all.shape[0] else None
+        y_sorted = experts(gather_rows(x_all, idx, inv), tokens_per_expert)
+        y_all = scatter_rows(y_sorted, idx, x_all.shape[0], inv)
         y_pad = cac.reduce_scatter(y_all, tp, self.kept)                          # [M, H], summed over TP
         return y_pad[: x_RH.shape[0]]

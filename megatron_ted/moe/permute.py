@@ -42,6 +42,24 @@ class _PermuteRows(torch.autograd.Function):
         return g.index_select(0, inverse), None, None
 
 
+class _PermuteRepeatedRows(torch.autograd.Function):
+    """x repeated K times per row ([T, H] -> [T * K, H], row t * K + j = x[t]), then permuted by the
+    full permutation idx: one gather of x by idx // K, no [T * K, H] copy. Backward: the gradient
+    back in slot order (a gather by the inverse), summed over each row's K slots."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inverse, repeat):
+        ctx.save_for_backward(inverse)
+        ctx.repeat = repeat
+        return x.index_select(0, torch.div(idx, repeat, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        g_slots = g.index_select(0, inverse)
+        return g_slots.view(-1, ctx.repeat, *g.shape[1:]).sum(1), None, None, None
+
+
 def inverse_permutation(idx: torch.Tensor) -> torch.Tensor:
     """inv with inv[idx[i]] = i, for a full permutation idx."""
     return torch.empty_like(idx).scatter_(0, idx, torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype))
@@ -56,6 +74,17 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None
     if _permutes(inverse):
         return _PermuteRows.apply(x, idx, inverse)
     return _GatherRows.apply(x, idx)
+
+
+def gather_repeated_rows(x: torch.Tensor, repeat: int, idx: torch.Tensor,
+                         inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """x_rep[idx] for x_rep = each row of x repeated `repeat` times (row t * repeat + j = x[t]) and
+    unique idx. `inverse`: idx is a full permutation of x_rep's rows and this its inverse; then
+    x_rep is never built."""
+    if _permutes(inverse):
+        return _PermuteRepeatedRows.apply(x, idx, inverse, repeat)
+    rep = x.unsqueeze(1).expand(x.shape[0], repeat, *x.shape[1:]).reshape(x.shape[0] * repeat, *x.shape[1:])
+    return gather_rows(rep, idx, inverse)
 
 
 def scatter_rows(y: torch.Tensor, idx: torch.Tensor, num_rows: int,

@@ -66,6 +66,8 @@ class RowParallelLinear(nn.Module):
         self.sequence_parallel = False   # output [B, S/TP, H]: reduce-scatter along the sequence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:           # nothing to sum: the bias rides in the GEMM's epilogue
+            return wgrad_fusion.linear(x, self.weight, self.bias)
         y = wgrad_fusion.linear(x, self.weight, None)
         y = mappings.reduce_scatter(y, self.tp, dim=1) if self.sequence_parallel else mappings.reduce_from(y, self.tp)
         return y + self.bias if self.bias is not None else y
