@@ -81,7 +81,7 @@ def test_eval_and_tensorboard(tmp_path):
     argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--num-experts", "2",
             "--mock-data", "--vocab-size", "100", "--train-iters", "4", "--eval-interval", "2", "--eval-iters", "1",
-            "--tensorboard-dir", str(tmp_path / "tb"), "--fp16"]
+            "--tensorboard-dir", str(tmp_path / "tb"), "--fp16", "--manual-gc", "--manual-gc-interval", "3"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(re.findall(r"validation loss at iteration [24] \| lm loss value: [0-9.E+-]+", r.stdout)) == 2
@@ -113,6 +113,32 @@ def test_model_gradient_sync_and_optimizer_are_freed_when_dropped():
     refs = build_and_step()
     gc.collect()
     assert [r() is None for r in refs] == [True] * len(refs)
+
+
+def test_manual_gc_collects_on_the_interval_and_around_evaluation(monkeypatch):
+    import gc
+    from megatron_ted.training.manual_gc import ManualGC
+    calls = []
+    monkeypatch.setattr(gc, "disable", lambda: calls.append("disable"))
+    monkeypatch.setattr(gc, "enable", lambda: calls.append("enable"))
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append("collect") or 0)
+    collector = ManualGC(True, interval=2)
+    assert calls == ["disable", "collect"]
+    for it in range(1, 6):
+        calls.append(it)
+        collector.after_step(it)
+    collector.around_evaluation()
+    collector.close()
+    assert calls == ["disable", "collect", 1, 2, "collect", 3, 4, "collect", 5, "collect", "enable"]
+    calls.clear()
+    quiet = [ManualGC(True, interval=0, around_eval=False), ManualGC(False, interval=2)]
+    calls.clear()
+    for collector in quiet:
+        collector.after_step(2)
+        collector.around_evaluation()
+    assert calls == []                  # interval 0 never collects in training; off touches nothing
+    with pytest.raises(ValueError, match="--manual-gc-interval"):
+        ManualGC(True, interval=-1)
 
 
 def test_profile_records_the_requested_iterations_on_the_requested_ranks(tmp_path):

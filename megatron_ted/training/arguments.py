@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                    help="full: checkpoint whole layers; selective: recompute only the attention core")
     g.add_argument("--recompute-method", choices=["uniform"], default=None, help="full only; default uniform")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn off Python's threshold garbage collector and collect at the same step on every "
+                        "rank (training/manual_gc.py): a collection on one rank stalls every collective it is in")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: collect every this many steps (0: not during training)")
+    g.add_argument("--no-manual-gc-eval", action="store_false", dest="manual_gc_eval",
+                   help="with --manual-gc: do not collect before and after each evaluation")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile (Inductor) each transformer layer: fuses the router, permutation and "
                         "elementwise kernels (model/compile.py); first steps pay the compile time")

@@ -29,6 +29,7 @@ from megatron_ted.training.flops import flops_per_token, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.manual_gc import ManualGC
 from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
@@ -251,6 +252,7 @@ def train(args, tokenizer) -> dict:
                     f"[ t {elapsed:.2f}s ]")
 
     profiler = StepProfiler(args, rank, device)
+    collector = ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
     memory_reported = False      # after the first logged iteration (a resume may start off the interval)
     history = []
     last_saved = None
@@ -275,6 +277,7 @@ def train(args, tokenizer) -> dict:
         if table:
             log.last += time.time() - start  # the export is not the iteration's time
             print(f" > rank {rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
+        collector.after_step(it)
         if not applied:
             log.skipped += 1
             result.grad_norm = None
@@ -286,7 +289,9 @@ def train(args, tokenizer) -> dict:
                 print(memory_report(it, rank), flush=True)   # Megatron-LM's line, once, per model-parallel rank
             memory_reported = True
         if valid_iter is not None and it % args.eval_interval == 0:
+            collector.around_evaluation()
             loss = evaluate(model, valid_iter, args, groups, device)
+            collector.around_evaluation()
             print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                         f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")
         if args.save and args.save_interval and it % args.save_interval == 0:
@@ -299,6 +304,7 @@ def train(args, tokenizer) -> dict:
         save(it)
     if writer is not None:
         writer.close()
+    collector.close()
     dist.barrier()
     dist.destroy_process_group()
     return {"losses": history, "iteration": it}
