@@ -124,21 +124,38 @@ def test_moe_layers_permute_by_gathers_when_dropless(capacity):
         assert count.scatters == 2 * 2                      # the partial dispatch's pair per layer
 
 
-def _dtd_rank(rank, world):
-    groups = ParallelGroups.create(ParallelLayout(world, world, 1))         # TP 2, EP 1: DTD
-    loss, grads, count = _run(None, False, groups)
-    ref_loss, ref_grads, ref_count = _run(None, True, groups)
-    return dict(equal=torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads),
-                scatters=count.scatters, ref_scatters=ref_count.scatters)
+def _dtd_rank(rank, world, tp, ep):
+    groups = ParallelGroups.create(ParallelLayout(world, tp, ep))
+    pads, dtd = [], TokenDispatcher._experts_dtd
+
+    def spy(self, x_RH, counts_TPL, rows_T, *rest):        # rows the TP group padded, per call
+        pads.append(max(rows_T) * len(rows_T) - sum(rows_T))
+        return dtd(self, x_RH, counts_TPL, rows_T, *rest)
+
+    TokenDispatcher._experts_dtd = spy
+    try:
+        loss, grads, count = _run(None, False, groups)
+        pads_fast = list(pads)
+        ref_loss, ref_grads, ref_count = _run(None, True, groups)
+    finally:
+        TokenDispatcher._experts_dtd = dtd
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=0)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-12, atol=1e-15)
+    return dict(pads=pads_fast, scatters=count.scatters, ref_scatters=ref_count.scatters)
 
 
-def test_dtd_expert_reorder_permutes_by_gathers_when_no_rank_pads():
-    """TP 2 x EP 1, dropless: every TP rank holds as many rows (its half of the tokens, K each), so
-    DTD's gathered buffer has no padding and its expert reorder is a full permutation: no scatter
-    forward or backward, and the same numbers as the general pair."""
-    for r in run_forked(_dtd_rank, 2):
-        assert r["equal"]
+@pytest.mark.parametrize("world,tp,ep", [(2, 2, 1), (4, 2, 2)])
+def test_dtd_expert_reorder_permutes_by_gathers(world, tp, ep):
+    """DTD, dropless. At EP 1 every TP rank holds as many rows (its half of the tokens, K each): the
+    gathered buffer has no padding. At EP 2 the TP ranks receive different row counts and pad; the
+    zero pad rows go through the last local expert, so the reorder is still a full permutation.
+    Either way no scatter forward or backward, and the numbers of the general pair."""
+    results = run_forked(_dtd_rank, world, tp, ep)
+    for r in results:
         assert r["ref_scatters"] == 2 * 4 and r["scatters"] == 0       # per MoE layer: combine + reorder, x2
+    padded = sum(p for r in results for p in r["pads"])
+    assert (padded == 0) if ep == 1 else (padded > 0)        # EP 2 does exercise the padding
 
 
 class _LateSendOrder(TokenDispatcher):

@@ -162,9 +162,17 @@ class TokenDispatcher:
         # rows of TP rank t sit at t * M + (their index in t's buffer)
         padded_of = torch.cat([t * M + torch.arange(n, device=x_RH.device) for t, n in enumerate(rows_T)])
         idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1), sum(rows_T))]
-        # no padding (every TP rank got as many rows: always so at EP 1 when dropless): idx is a
-        # full permutation and both directions are gathers
-        inv = inverse_permutation(idx) if sum(rows_T) == x_all.shape[0] else None
+        inv = None
+        if sum(rows_T) == x_all.shape[0]:        # no rank padded (always so at EP 1 when dropless)
+            inv = inverse_permutation(idx)
+        elif getattr(experts, "zero_rows_stay_zero", False):
+            # the zero pad rows go last, to the last local expert: a full permutation, and rows
+            # that enter as zeros leave as zeros and add nothing to any weight gradient
+            pad_rows = torch.cat([t * M + torch.arange(n, M, device=x_RH.device) for t, n in enumerate(rows_T)])
+            idx = torch.cat([idx, pad_rows])
+            tokens_per_expert = tokens_per_expert[:-1] + [tokens_per_expert[-1] + pad_rows.shape[0]]
+            inv = inverse_permutation(idx)
+        # with the inverse both directions are gathers; else a gather and a scatter into zeros
         y_sorted = experts(gather_rows(x_all, idx, inv), tokens_per_expert)
         y_all = scatter_rows(y_sorted, idx, x_all.shape[0], inv)
         y_pad = cac.reduce_scatter(y_all, tp, self.kept)                          # [M, H], summed over TP

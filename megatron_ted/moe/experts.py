@@ -20,6 +20,10 @@ from megatron_ted.tensor_parallel import wgrad_fusion
 
 
 class GroupedExperts(nn.Module):
+    # no bias, and GeLU(0) = SiLU(0) * 0 = 0: a zero input row gives a zero output row and adds
+    # nothing to the weight gradients, so DTD may pass its padding rows through (moe/dispatcher.py)
+    zero_rows_stay_zero = True
+
     def __init__(self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int, tp: Group,
                  swiglu: bool = False):
         super().__init__()
