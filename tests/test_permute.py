@@ -14,6 +14,7 @@ from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
+from op_record import RecordOps
 from parity import run_forked
 
 SCATTERS = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
@@ -61,24 +62,14 @@ def test_repeated_rows_are_gathered_without_building_the_repeated_tensor():
     x = torch.randn(T, H, dtype=torch.float64, generator=g)
     dy = torch.randn(T * K, H, dtype=torch.float64, generator=g)
 
-    class _Outputs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and func is not torch.ops.aten.view.default:
-                self.shapes.append(tuple(out.shape))
-            return out
-
     out = {}
     for inverse in (None, inv):
         xr = x.clone().requires_grad_()
-        with _Outputs() as fwd:
+        with RecordOps() as fwd:
             y = permute.gather_repeated_rows(xr, K, idx, inverse)
         y.backward(dy)
-        out[inverse is None] = (y.detach(), xr.grad, fwd.shapes.count((T * K, H)))
+        made = [o for o in fwd.outputs if o.func is not torch.ops.aten.view.default]
+        out[inverse is None] = (y.detach(), xr.grad, [o.shape for o in made].count((T * K, H)))
     assert torch.equal(out[True][0], x.repeat_interleave(K, 0)[idx])
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     assert out[False][2] == 1 and out[True][2] == 2     # the output only vs the repeat copy too

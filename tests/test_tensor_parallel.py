@@ -18,8 +18,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from megatron_ted.parallel import comm, mappings
 from megatron_ted.parallel.comm import CommStats, Group
@@ -28,6 +26,7 @@ from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import ParamSpec, shard, unshard
 from megatron_ted.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                           vocab_parallel_cross_entropy)
+from op_record import RecordOps
 from parity import run_forked
 
 D = torch.float64
@@ -65,28 +64,14 @@ def _tp_slice(n: int, size: int, rank: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
-class _RecordOutputs(TorchDispatchMode):
-    """(op, dtype, shape) of every tensor each aten op returns while the mode is on."""
-
-    def __init__(self):
-        super().__init__()
-        self.outputs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.outputs += [(str(func), t.dtype, tuple(t.shape))
-                         for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
-
-
 def _full_size(outputs, shape) -> list:
     """The recorded outputs with at least as many elements as a tensor of `shape` (the logits)."""
     n = torch.Size(shape).numel()
-    return [o for o in outputs if torch.Size(o[2]).numel() >= n]
+    return [o for o in outputs if torch.Size(o.shape).numel() >= n]
 
 
 def _integer(outputs) -> list:
-    return [o for o in outputs if not (o[1].is_floating_point or o[1].is_complex)]
+    return [o for o in outputs if not (o.dtype.is_floating_point or o.dtype.is_complex)]
 
 
 # ---- the worker: one TP group, every building block ---------------------------------------------
@@ -136,10 +121,10 @@ def _layers(tp: Group) -> dict:
     logits = full["ce.logits"][..., _tp_slice(VOCAB, P, r)].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(logits, torch.tensor(LABELS), tp, vocab_start=r * VOCAB // P)
     fwd = _stats_of(tp)
-    with _RecordOutputs() as ops:
+    with RecordOps() as ops:
         (loss * full["ce.dy"]).sum().backward()
     out["ce"] = dict(loss=loss.detach(), grad=logits.grad, fwd=fwd, bwd=_stats_of(tp),
-                     bwd_full=_full_size(ops.outputs, logits.shape))
+                     bwd_full=[o._replace(func=str(o.func)) for o in _full_size(ops.outputs, logits.shape)])
     return out
 
 
@@ -371,14 +356,14 @@ def test_cross_entropy_builds_no_one_hot_and_no_full_size_cast():
     the subtraction of the max, the downcast of the gradient in its multiply."""
     logits, labels, dy = _ce_inputs(torch.bfloat16)
     x = logits.clone().requires_grad_()
-    with _RecordOutputs() as fwd:
+    with RecordOps() as fwd:
         loss = _tp1_ce(x, labels)
-    with _RecordOutputs() as bwd:
+    with RecordOps() as bwd:
         (loss * dy.float()).sum().backward()
     for ops in (fwd.outputs, bwd.outputs):
         full = _full_size(ops, logits.shape)
         assert full and not _integer(full), full
-        assert not [o for o in full if o[0].startswith("aten._to_copy")], full
+        assert not [o for o in full if o.func is torch.ops.aten._to_copy.default], full
     assert x.grad.dtype == torch.bfloat16
 
 

@@ -31,6 +31,7 @@ from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAda
 from megatron_ted.training.step import forward_backward
 from megatron_ted.training.arguments import parse_args
 from megatron_ted.training.tiled_optimizer import DEFAULT_TILE_SIZE, TiledAdamW
+from op_record import RecordOps
 from parity import assert_same_state, global_batches, micro_batches, run_forked, tiny_config, tiny_moe
 
 STEPS, LR, WD, CLIP, TILE, GB, MICRO = 10, 1e-2, 0.1, 0.05, 37, 8, 2
@@ -441,29 +442,18 @@ def test_fp32_clipping_goes_into_the_fused_kernel(one_thread):
     """fp32 gradients: the clip coefficient reaches torch's fused kernel as its grad_scale, with no
     separate pass over the gradient, and divides as the op-by-op path does: both leave the same
     clipped gradient (bit for bit), whose norm is the clip threshold."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class GradPasses(TorchDispatchMode):      # standalone in-place scalings
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mul_.Scalar, torch.ops.aten.div_.Scalar, torch.ops.aten.mul_.Tensor,
-                        torch.ops.aten.div_.Tensor):
-                self.count += 1
-            return func(*args, **(kwargs or {}))
-
     g = ParallelGroups.single()
     res = {}
     for kind in ("dist", "dist-opbyop"):
         model, sync, opt = build(g, kind, torch.float32)
         backward(model, sync, opt, g, BATCHES[0])
-        with GradPasses() as mode:
+        with RecordOps() as ops:
             _, norm = opt.step(LR)
         assert norm > 10 * CLIP, "clipping must be active"
         assert opt.grad_norm().item() == pytest.approx(CLIP, rel=1e-5)    # the kernel stores the clipped grad
-        res[kind] = (mode.count, [s.grad.clone() for s in opt.shards])
+        scalings = ops.count({torch.ops.aten.mul_.Scalar, torch.ops.aten.div_.Scalar, torch.ops.aten.mul_.Tensor,
+                              torch.ops.aten.div_.Tensor})       # standalone in-place scalings
+        res[kind] = (scalings, [s.grad.clone() for s in opt.shards])
     assert res["dist"][0] == 0 and res["dist-opbyop"][0] > 0      # the counter sees the op-by-op scaling
     assert all(torch.equal(a, b) for a, b in zip(res["dist"][1], res["dist-opbyop"][1]))
 
