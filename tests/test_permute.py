@@ -107,10 +107,12 @@ def test_moe_layers_permute_by_gathers_when_dropless(capacity):
     ref_loss, ref_grads, ref_count = _run(capacity, general=True)
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
-    # the general path: per MoE layer 2 scatters forward (combine, expert reorder) + 2 backward
-    assert ref_count.scatters == 2 * 4
+    # the general path, per MoE layer: the combine's scatter forward, the send gather's backward
+    # (at EP 1 the rows reach the experts in local-expert order: no reorder)
+    assert ref_count.scatters == 2 * 2
     if capacity is None:
         assert count.scatters == 0
+        assert count.gathers == 2 * 4                       # send and combine, forward and backward
     else:
         assert count.scatters == 2 * 2                      # the partial dispatch's pair per layer
 
@@ -136,17 +138,18 @@ def _dtd_rank(rank, world, tp, ep):
     return dict(pads=pads_fast, scatters=count.scatters, ref_scatters=ref_count.scatters)
 
 
-@pytest.mark.parametrize("world,tp,ep", [(2, 2, 1), (4, 2, 2)])
-def test_dtd_expert_reorder_permutes_by_gathers(world, tp, ep):
-    """DTD, dropless. At EP 1 every TP rank holds as many rows (its half of the tokens, K each): the
-    gathered buffer has no padding. At EP 2 the TP ranks receive different row counts and pad; the
-    zero pad rows go through the last local expert, so the reorder is still a full permutation.
-    Either way no scatter forward or backward, and the numbers of the general pair."""
+@pytest.mark.parametrize("world,tp,ep", [(2, 1, 2), (2, 2, 1), (4, 2, 2)])
+def test_expert_reorder_permutes_by_gathers_in_every_layout(world, tp, ep):
+    """Dropless. EP 2: the rows from each source rank are reordered by local expert, a full
+    permutation. DTD (TP 2): at EP 1 every TP rank holds as many rows (its half of the tokens, K
+    each), so the gathered buffer has no padding; at EP 2 the TP ranks receive different row counts
+    and pad, and the zero pad rows go through the last local expert, so the reorder is still a
+    full permutation. Every way: no scatter forward or backward, and the numbers of the general pair."""
     results = run_forked(_dtd_rank, world, tp, ep)
-    for r in results:
-        assert r["ref_scatters"] == 2 * 4 and r["scatters"] == 0       # per MoE layer: combine + reorder, x2
+    for r in results:   # the general pair per MoE layer: combine, reorder (x2), send gather's backward
+        assert r["ref_scatters"] == 2 * 4 and r["scatters"] == 0
     padded = sum(p for r in results for p in r["pads"])
-    assert (padded == 0) if ep == 1 else (padded > 0)        # EP 2 does exercise the padding
+    assert (padded > 0) if (tp, ep) == (2, 2) else (padded == 0)    # TP 2 x EP 2 does exercise the padding
 
 
 class _LateSendOrder(TokenDispatcher):

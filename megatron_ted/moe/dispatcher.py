@@ -146,6 +146,9 @@ class TokenDispatcher:
         return cac.all_to_all(x, self.ep, output_splits, input_splits, self.kept)
 
     def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts):
+        if len(recv_counts) == 1:       # one source (EP 1): the rows are in local-expert order already
+            y_sorted = experts(mappings.copy_to(x_RH, self.tp), recv_counts[0])
+            return cac.reduce_from(y_sorted, self.tp, self.kept)
         idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])          # a full permutation
         inv = inverse_permutation(idx)
         x_sorted = mappings.copy_to(gather_rows(x_RH, idx, inv), self.tp)
