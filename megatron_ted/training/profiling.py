@@ -3,7 +3,8 @@
 Megatron-LM's flags and meaning. With --use-pytorch-profiler, torch.profiler records CPU and (on
 CUDA) device activity; each profiled rank writes a Chrome/TensorBoard trace and a text table of
 the ops by device time (CPU time on CPU) to --profile-dir (default: --tensorboard-dir, else
-./profile). Without it, the range is marked for Nsight Systems with cudaProfilerStart/Stop:
+./profile). The trace records each op's input shapes: bench/kernel_table.py charges the kernels to
+them. Without it, the range is marked for Nsight Systems with cudaProfilerStart/Stop:
 `nsys profile --capture-range=cudaProfilerApi torchrun ... --profile`.
 
 The step's phases carry record_function ranges ("forward-backward", "optimizer-step"), so the

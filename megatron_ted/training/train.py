@@ -28,8 +28,8 @@ from megatron_ted.training.dry_run import check_run_inputs, dry_run
 from megatron_ted.training.flops import flops_per_token, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
-from megatron_ted.training.optimizer import DynamicLossScaler
 from megatron_ted.training.manual_gc import ManualGC
+from megatron_ted.training.optimizer import DynamicLossScaler
 from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
