@@ -3,7 +3,6 @@ zero-fill + index_copy_), with the same numbers as the general scatter/gather pa
 dispatcher's send order, built before the host sync when the router fixes the experts per token."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
@@ -19,17 +18,7 @@ from parity import run_forked
 
 SCATTERS = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
             torch.ops.aten.index_copy_.default, torch.ops.aten.index_copy.default}
-
-
-class _CountScatters(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.scatters = self.gathers = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.scatters += func in SCATTERS
-        self.gathers += func is torch.ops.aten.index_select.default
-        return func(*args, **(kwargs or {}))
+GATHERS = {torch.ops.aten.index_select.default}
 
 
 def test_permutation_with_inverse_equals_the_general_pair():
@@ -43,10 +32,10 @@ def test_permutation_with_inverse_equals_the_general_pair():
         out = {}
         for inverse in (None, inv):
             xr = x.clone().requires_grad_()
-            with _CountScatters() as count:
+            with RecordOps() as ops:
                 y = op(xr, inverse)
                 y.backward(dy)
-            out[inverse is None] = (y.detach(), xr.grad, count.scatters)
+            out[inverse is None] = (y.detach(), xr.grad, ops.count(SCATTERS))
         assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
         assert out[True][2] == 1 and out[False][2] == 0      # one scatter (forward or backward) vs none
 
@@ -90,12 +79,12 @@ def _run(capacity, general, groups=None):
     if general:
         permute._permutes = lambda inverse: False
     try:
-        with _CountScatters() as count:
+        with RecordOps() as ops:
             out = model(tokens, torch.arange(8).expand(4, 8), tokens)
             (out.loss.sum() + out.aux_loss).backward()
     finally:
         permute._permutes = saved
-    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, count
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}, ops
 
 
 @pytest.mark.parametrize("capacity", [None, 0.5])
@@ -103,18 +92,18 @@ def test_moe_layers_permute_by_gathers_when_dropless(capacity):
     """Dropless: each MoE layer's dispatch and its local-expert reorder are full permutations, so
     forward and backward scatter nothing; with a capacity that drops, the dispatch is partial
     and keeps the index_put_/index_copy_ pair. Losses and gradients equal the general pair exactly."""
-    loss, grads, count = _run(capacity, general=False)
-    ref_loss, ref_grads, ref_count = _run(capacity, general=True)
+    loss, grads, ops = _run(capacity, general=False)
+    ref_loss, ref_grads, ref_ops = _run(capacity, general=True)
     assert torch.equal(loss, ref_loss)
     assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
     # the general path, per MoE layer: the combine's scatter forward, the send gather's backward
     # (at EP 1 the rows reach the experts in local-expert order: no reorder)
-    assert ref_count.scatters == 2 * 2
+    assert ref_ops.count(SCATTERS) == 2 * 2
     if capacity is None:
-        assert count.scatters == 0
-        assert count.gathers == 2 * 4                       # send and combine, forward and backward
+        assert ops.count(SCATTERS) == 0
+        assert ops.count(GATHERS) == 2 * 4                       # send and combine, forward and backward
     else:
-        assert count.scatters == 2 * 2                      # the partial dispatch's pair per layer
+        assert ops.count(SCATTERS) == 2 * 2                      # the partial dispatch's pair per layer
 
 
 def _dtd_rank(rank, world, tp, ep):
@@ -127,15 +116,15 @@ def _dtd_rank(rank, world, tp, ep):
 
     TokenDispatcher._experts_dtd = spy
     try:
-        loss, grads, count = _run(None, False, groups)
+        loss, grads, ops = _run(None, False, groups)
         pads_fast = list(pads)
-        ref_loss, ref_grads, ref_count = _run(None, True, groups)
+        ref_loss, ref_grads, ref_ops = _run(None, True, groups)
     finally:
         TokenDispatcher._experts_dtd = dtd
     torch.testing.assert_close(loss, ref_loss, rtol=1e-13, atol=0)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-12, atol=1e-15)
-    return dict(pads=pads_fast, scatters=count.scatters, ref_scatters=ref_count.scatters)
+    return dict(pads=pads_fast, scatters=ops.count(SCATTERS), ref_scatters=ref_ops.count(SCATTERS))
 
 
 @pytest.mark.parametrize("world,tp,ep", [(2, 1, 2), (2, 2, 1), (4, 2, 2)])
