@@ -3,6 +3,8 @@
     torchrun --nproc_per_node 4 bench/moe_layer.py --shape A --tp 1 --ep 4
     torchrun --nproc_per_node 4 bench/moe_layer.py --shape B --tp 2 --ep 2 --no-dtd
     torchrun --nproc_per_node 4 bench/moe_layer.py --shape A --tp 2 --ep 2 --sequence-parallel
+    torchrun --nproc_per_node 2 bench/moe_layer.py --shape A --ep 2 --moe-shared-expert-intermediate-size 8192 \
+        --moe-shared-expert-overlap
 
 Shapes (DESIGN.md §4): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
 GPU; B hidden 4096, 32 heads, expert FFN 16384, 16 experts, top-2, 2048 tokens per GPU.
@@ -29,6 +31,7 @@ from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
+from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.flops import attention_flops_per_token, mlp_flops_per_token
@@ -37,9 +40,11 @@ SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4
           "B": dict(hidden=4096, heads=32, ffn=16384, experts=16, topk=2, tokens=2048)}
 
 
-def layer_flops(hidden, ffn, experts, topk, tokens, seq):
+def layer_flops(hidden, ffn, experts, topk, tokens, seq, shared_ffn=None):
     """Training FLOPs of one attention + MoE-MLP layer (training/flops.py's model)."""
     per_token = attention_flops_per_token(hidden, seq) + mlp_flops_per_token(hidden, ffn, topk=topk, num_experts=experts)
+    if shared_ffn:
+        per_token += mlp_flops_per_token(hidden, shared_ffn)
     return 3.0 * per_token * tokens
 
 
@@ -52,6 +57,10 @@ def main():
     p.add_argument("--no-dtd", action="store_true")
     p.add_argument("--sequence-parallel", action="store_true", help="Megatron sequence parallelism over TP")
     p.add_argument("--capacity-factor", type=float, default=None)
+    p.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="shared experts of this FFN size beside the routed ones (counted in the FLOPs)")
+    p.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="run them while the dispatch all-to-all is in flight")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=1, help="timed rounds of --iters; the median round is reported")
@@ -72,7 +81,10 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
 
     router = RouterConfig(num_experts=s["experts"], topk=s["topk"], capacity_factor=args.capacity_factor)
-    moe = MoELayer(s["hidden"], s["ffn"], router, groups.tp, groups.ep, duplicate_token_dropping=not args.no_dtd)
+    shared_ffn = args.moe_shared_expert_intermediate_size
+    shared = SharedExperts(s["hidden"], shared_ffn, groups.tp, bias=False) if shared_ffn else None
+    moe = MoELayer(s["hidden"], s["ffn"], router, groups.tp, groups.ep, duplicate_token_dropping=not args.no_dtd,
+                   shared_experts=shared, overlap_shared_experts=args.moe_shared_expert_overlap)
     layer = TransformerLayer(s["hidden"], s["heads"], moe, groups.tp, bias=False)
     init_parameters(layer, 1, 0.02, 2, groups.tp, groups.ep)
     if args.sequence_parallel:
@@ -125,14 +137,15 @@ def main():
         for _ in range(5):
             step()
     dp = world // args.tp
-    flops = layer_flops(s["hidden"], s["ffn"], s["experts"], s["topk"], s["tokens"], args.seq) * dp / world
+    flops = layer_flops(s["hidden"], s["ffn"], s["experts"], s["topk"], s["tokens"], args.seq, shared_ffn) * dp / world
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     t = torch.tensor([dt, min(rounds), max(rounds)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} sp={sp} "
-              f"cf={args.capacity_factor} compile={args.compile} | {t[0].item() * 1e3:.2f} ms/iter | "
+              f"cf={args.capacity_factor} compile={args.compile} shared={shared_ffn or 0}"
+              f"{'+overlap' if shared_ffn and args.moe_shared_expert_overlap else ''} | {t[0].item() * 1e3:.2f} ms/iter | "
               f"{flops / t[0].item() / 1e12:.1f} TFLOP/s/GPU | peak {peak:.2f} GiB | {name}"
               + (f" | rounds {args.repeat}: {t[1].item() * 1e3:.2f}..{t[2].item() * 1e3:.2f} ms" if args.repeat > 1 else ""),
               flush=True)

@@ -195,10 +195,12 @@ def test_bad_dry_run_is_one_line(capsys, extra, flag):
 @pytest.mark.parametrize("variant", [
     dict(mlp_type="residual", experts_per_layer=(2, 4), enable_expert_bias=True, topk=1),
     dict(router_type="hash", topk=1, vocab_size=128),
+    dict(mlp_type="residual", topk=1, shared_expert_size=24, shared_expert_gate=True),
 ])
 @pytest.mark.parametrize("tp,ep", [(1, 1), (2, 2)])
 def test_parameter_shapes_of_moe_variants_equal_the_built_model(variant, tp, ep):
-    """Residual and pyramid MoE, expert bias and hash routing: every name and shard shape."""
+    """Residual and pyramid MoE, expert bias, hash routing, gated shared experts: every name and
+    shard shape."""
     from parity import tiny_config, tiny_moe
     from megatron_ted.model.builder import build_gpt
     from megatron_ted.model.param_count import parameter_shapes

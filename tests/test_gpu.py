@@ -146,13 +146,17 @@ VARIANTS = {
     "sinkhorn": (dict(topk=2, router_type="sinkhorn"), None, (2, 2), (1, 2)),
     "residual": (dict(topk=1), dict(mlp_type="residual"), (2, 2), (2, 1)),
     "hierarchical": (dict(topk=2), dict(a2a_algorithm="hierarchical", a2a_node_size=2), (1, 4), None),
+    # the shared experts run on the compute stream while NCCL moves the rows (a race would show)
+    "shared-experts-overlapped": (dict(topk=2), dict(shared_expert_size=96, shared_expert_gate=True,
+                                                     shared_expert_overlap=True), (2, 2), (1, 2)),
 }
 
 
 @needs_two
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_nccl_gates_and_variants_match_reference(name):
-    """Gates, residual MoE and the hierarchical all-to-all on CUDA + NCCL equal a one-GPU reference.
+    """Gates, residual MoE, overlapped shared experts and the hierarchical all-to-all on CUDA + NCCL
+    equal a one-GPU reference.
 
     The reference runs on CUDA too: the random gates draw on the device (CUDA and CPU generators
     give different streams) and near-tied routing scores may break differently on another device."""

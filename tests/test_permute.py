@@ -190,5 +190,5 @@ def test_a_router_that_misstates_experts_per_token_is_an_error():
     map_TE = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
     with pytest.raises(RuntimeError, match="promised 2 experts"):      # token 2 keeps only one
         layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, 2)
-    y = layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, None)
+    y, _ = layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, None)
     assert y.shape == x_TH.shape

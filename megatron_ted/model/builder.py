@@ -11,6 +11,7 @@ from megatron_ted.moe.hierarchical import A2A_ALGORITHMS, HierarchicalTokenDispa
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
+from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups
 
 
@@ -25,6 +26,9 @@ class MoEConfig:
     mlp_type: str = "standard"               # "residual": dense MLP + MoE mixed by a learned coefficient
     a2a_algorithm: str = "flat"              # "hierarchical": HetuMoE's node-aggregated EP exchange
     a2a_node_size: int | None = None         # ranks per node for "hierarchical" (None: the whole world)
+    shared_expert_size: int | None = None    # shared experts' FFN size (None: none)
+    shared_expert_gate: bool = False         # their sigmoid gate
+    shared_expert_overlap: bool = False      # run them while the dispatch all-to-all is in flight
 
     def __post_init__(self):
         if self.mlp_type not in MLP_TYPES:
@@ -81,6 +85,11 @@ def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, 
             if hierarchy is not None:
                 dispatcher = HierarchicalTokenDispatcher(counts[layer_index], groups.ep, groups.tp,
                                                          moe.duplicate_token_dropping, hierarchy)
+            if moe.shared_expert_size:
+                kwargs.update(shared_experts=SharedExperts(config.hidden_size, moe.shared_expert_size, groups.tp,
+                                                           config.swiglu, config.add_bias_linear,
+                                                           moe.shared_expert_gate),
+                              overlap_shared_experts=moe.shared_expert_overlap)
             return block(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
                          config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, dispatcher=dispatcher, **kwargs)
     model = GPTModel(config, groups.tp, build_moe)

@@ -116,6 +116,10 @@ def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[Pa
             fc1 = (e, h, 2, fe) if c.swiglu else (e, h, fe)
             out.append(ParamShape(f"{p}.mlp.experts.fc1", fc1, tp_dim=len(fc1) - 1, expert=True))
             out.append(ParamShape(f"{p}.mlp.experts.fc2", (e, fe, h), tp_dim=1, expert=True))
+            if moe.shared_expert_size:
+                if moe.shared_expert_gate:
+                    out.append(ParamShape(f"{p}.mlp.shared_experts.gate_weight", (1, h)))
+                out += _dense_mlp(f"{p}.mlp.shared_experts", h, moe.shared_expert_size, g, bias)
             if moe.mlp_type == "residual":
                 out += _dense_mlp(f"{p}.mlp.dense", h, fe, g, bias)
         else:

@@ -58,6 +58,8 @@ def chunk_order_index(counts_SL: torch.Tensor, total: int | None = None) -> torc
 
 
 class TokenDispatcher:
+    overlaps_all_to_all = True   # the flat exchange can run beside `overlap` (the hierarchical one cannot)
+
     def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True):
         if num_experts % ep.size:
             raise ValueError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep.size}")
@@ -68,10 +70,16 @@ class TokenDispatcher:
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
 
     def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts,
-                 experts_per_token: int | None = None) -> torch.Tensor:
-        """experts_per_token: every token has exactly this many kept assignments (dropless top-k;
+                 experts_per_token: int | None = None, overlap=None):
+        """Returns (y_TH, overlap() or None).
+
+        experts_per_token: every token has exactly this many kept assignments (dropless top-k;
         RoutingResult.experts_per_token), so the send order needs no host size and is queued on the
-        device before the host waits for the split sizes."""
+        device before the host waits for the split sizes.
+        overlap: work of no arguments that does not read the routed rows (the shared experts), run
+        while the step-3 all-to-all is in flight, and its backward while the gradient's is (see
+        mappings.all_to_all_overlapped); after the exchange under CAC, the hierarchical exchange or
+        torch.compile."""
         ep, tp, L = self.ep, self.tp, self.num_local_experts
         T_full = x_TH.shape[0]
         sharded = tp.size > 1 and (self.dtd or self.sequence_parallel)         # rows are this rank's 1/TP
@@ -107,7 +115,11 @@ class TokenDispatcher:
             raise RuntimeError(f"the router promised {experts_per_token} experts for each of {T} tokens, but "
                                f"{sum(input_splits)} assignments are kept, at most {K} per token")
         perm_N, inv_N, weight_TK, x_NH = early or self._send_order(x_TH, probs_TE, map_TE, K, sum(input_splits))
-        x_RH = self._all_to_all(x_NH, output_splits, input_splits)       # R rows: [src rank][local expert]
+        if overlap is not None and self.kept is None and self.overlaps_all_to_all:
+            x_RH, side = mappings.all_to_all_overlapped(x_NH, ep, output_splits, input_splits, overlap)
+        else:
+            x_RH = self._all_to_all(x_NH, output_splits, input_splits)   # R rows: [src rank][local expert]
+            side = overlap() if overlap is not None else None
 
         # 4. + 5. + 6.
         if sharded:
@@ -122,7 +134,7 @@ class TokenDispatcher:
         if drop:                                                                 # 8. restore all tokens
             y_TH = cac.gather(y_TH, tp, self.kept)
         assert y_TH.shape[0] == T_full
-        return y_TH
+        return y_TH, side
 
     @staticmethod
     def _send_order(x_TH, probs_TE, map_TE, K: int, N: int | None = None):

@@ -175,6 +175,8 @@ def hierarchical_all_to_all(x: torch.Tensor, ep: Group, hg: HierarchicalGroups |
 class HierarchicalTokenDispatcher(TokenDispatcher):
     """The TED dispatcher (DTD included) with the hierarchical EP exchange."""
 
+    overlaps_all_to_all = False   # three dependent exchanges; shared experts run after them
+
     def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool,
                  hierarchy: HierarchicalGroups):
         super().__init__(num_experts, ep, tp, duplicate_token_dropping)

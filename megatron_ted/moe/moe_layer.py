@@ -8,6 +8,10 @@ With --sequence-parallel the block gets this TP rank's sequence shard [B, S/TP, 
 still decides on the full token set (it all-gathers its logits, moe/routers.py) and the block keeps
 the combine weights and routing map of its shard's tokens for the dispatcher, which then skips
 DTD's drop and final gather (moe/dispatcher.py).
+
+With shared experts (moe/shared_experts.py) their output is added to the routed experts'; with
+`overlap_shared_experts` (--moe-shared-expert-overlap) the dispatcher runs them, forward and
+backward, while its all-to-all is in flight.
 """
 from __future__ import annotations
 
@@ -35,11 +39,14 @@ class MoEOutput:
 class MoELayer(nn.Module):
     def __init__(self, hidden_size: int, ffn_hidden_size: int, router_config: RouterConfig,
                  tp: Group, ep: Group, swiglu: bool = False, duplicate_token_dropping: bool = True,
-                 dp: Group | None = None, dispatcher: TokenDispatcher | None = None):
+                 dp: Group | None = None, dispatcher: TokenDispatcher | None = None,
+                 shared_experts: nn.Module | None = None, overlap_shared_experts: bool = False):
         super().__init__()
         self.router = build_router(hidden_size, router_config, dp)      # dp: global_aux_loss only
         self.dispatcher = dispatcher or TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size, tp, swiglu)
+        self.shared_experts = shared_experts
+        self.overlap_shared_experts = overlap_shared_experts and shared_experts is not None
 
     def forward(self, x_BSH: torch.Tensor, route: RouteInputs | None = None) -> tuple[torch.Tensor, MoEOutput]:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
@@ -49,9 +56,13 @@ class MoELayer(nn.Module):
             tp, (B, s, _) = self.dispatcher.tp, x_BSH.shape
             probs_TE = mappings.split(probs_TE.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1)
             map_TE = map_TE.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1)
-        y_TH = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token)
+        shared = (lambda: self.shared_experts(x_BSH)) if self.overlap_shared_experts else None
+        y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token, shared)
+        y_BSH = y_TH.view_as(x_BSH)
+        if self.shared_experts is not None:
+            y_BSH = y_BSH + (y_shared if shared is not None else self.shared_experts(x_BSH))
         out = MoEOutput(aux_loss=routing.aux_loss + routing.z_loss,
                         tokens_per_expert=routing.tokens_per_expert_E.detach(),
                         num_dropped=routing.num_dropped.detach(),
                         num_assignments=routing.num_assignments)
-        return y_TH.view_as(x_BSH).to(x_BSH.dtype), out
+        return y_BSH.to(x_BSH.dtype), out

@@ -25,9 +25,9 @@ class ResidualMoE(MoELayer):
     """MoELayer (router, dispatcher, experts) plus `dense` (an MLP) and `coefficient` (W_c, b_c)."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, router_config, tp, ep, swiglu: bool = False,
-                 duplicate_token_dropping: bool = True, dp=None, dispatcher=None, bias: bool = True):
+                 duplicate_token_dropping: bool = True, dp=None, dispatcher=None, bias: bool = True, **shared):
         super().__init__(hidden_size, ffn_hidden_size, router_config, tp, ep, swiglu, duplicate_token_dropping,
-                         dp=dp, dispatcher=dispatcher)
+                         dp=dp, dispatcher=dispatcher, **shared)
         self.dense = MLP(hidden_size, ffn_hidden_size, tp, swiglu, bias)
         self.coefficient_weight = set_spec(nn.Parameter(torch.empty(2, hidden_size)), init="normal")
         self.coefficient_bias = set_spec(nn.Parameter(torch.empty(2)), init="zeros")

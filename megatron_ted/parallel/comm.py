@@ -188,17 +188,28 @@ def all_to_all(t: torch.Tensor, group: Group, output_splits: list[int] | None = 
 
     Equal splits when both are None. `kind` as in all_gather.
     """
+    out, work = all_to_all_start(t, group, output_splits, input_splits, kind)
+    if work is not None:
+        work.wait()
+    return out
+
+
+@_eager
+def all_to_all_start(t: torch.Tensor, group: Group, output_splits: list[int] | None = None,
+                     input_splits: list[int] | None = None, kind: str = "all_to_all"):
+    """`all_to_all` launched without waiting: (out, work). `out` holds the rows only after
+    work.wait() (work is None for a group of one, where out is t)."""
     if group.size == 1:
-        return t
+        return t, None
     group.stats.record(kind, group.name, nbytes(t))
     t = t.contiguous()
     if output_splits is None:
         out = torch.empty_like(t)
     else:
         out = t.new_empty((sum(output_splits),) + tuple(t.shape[1:]))
-    dist.all_to_all_single(out, t, output_split_sizes=output_splits, input_split_sizes=input_splits,
-                           group=group.pg)
-    return out
+    work = dist.all_to_all_single(out, t, output_split_sizes=output_splits, input_split_sizes=input_splits,
+                                  group=group.pg, async_op=True)
+    return out, work
 
 
 @_eager

@@ -12,6 +12,8 @@ group and so are their gradients. Names say what the forward does:
   reduce_scatter(x, dim)  fwd reduce-scatter  bwd all-gather (partial expert output to own share; with
                       --sequence-parallel, a row-parallel output to this rank's sequence shard, dim 1)
   all_to_all(x, ...)  fwd all-to-all        bwd all-to-all with the splits swapped
+  all_to_all_overlapped(x, ..., overlap)  the same exchange with independent work (the shared
+                      experts) run while the rows are in flight, forward and backward
 
 Every communication, forward or backward, is counted in the group's CommStats.
 """
@@ -105,6 +107,53 @@ class _AllToAll(torch.autograd.Function):
         return comm.all_to_all(g, ctx.group, ctx.input_splits, ctx.output_splits), None, None, None
 
 
+class _InFlight:
+    """The exchange between _AllToAllStart and _AllToAllWait: its splits, its work handle and, in
+    backward, the buffer the gradient's exchange fills."""
+
+    def __init__(self, group: Group, output_splits, input_splits):
+        self.group, self.output_splits, self.input_splits = group, output_splits, input_splits
+        self.work = None
+        self.grad_in = None
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
+class _AllToAllStart(torch.autograd.Function):
+    """Forward: launch the exchange; the output holds the rows only after _AllToAllWait.
+    Backward: wait for the gradient's exchange that _AllToAllWait's backward launched."""
+
+    @staticmethod
+    def forward(ctx, x, flight):
+        out, flight.work = comm.all_to_all_start(x, flight.group, flight.output_splits, flight.input_splits)
+        ctx.flight = flight
+        return out
+
+    @staticmethod
+    def backward(ctx, g_rows):   # g_rows: what _AllToAllWait's backward passed through
+        f = ctx.flight
+        f.wait()
+        g_in, f.grad_in = f.grad_in, None
+        return g_in, None
+
+
+class _AllToAllWait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, flight):
+        flight.wait()
+        ctx.flight = flight
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        f = ctx.flight
+        f.grad_in, f.work = comm.all_to_all_start(g, f.group, f.input_splits, f.output_splits)
+        return g, None
+
+
 def copy_to(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group.size == 1 else _CopyTo.apply(x, group)
 
@@ -132,3 +181,20 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
 def all_to_all(x: torch.Tensor, group: Group, output_splits: list[int] | None = None,
                input_splits: list[int] | None = None) -> torch.Tensor:
     return x if group.size == 1 else _AllToAll.apply(x, group, output_splits, input_splits)
+
+
+def all_to_all_overlapped(x: torch.Tensor, group: Group, output_splits: list[int] | None, input_splits: list[int] | None,
+                          overlap):
+    """(all_to_all(x, ...), overlap()), where `overlap` (no arguments; work that does not read the
+    exchanged rows) runs while they are in flight: the exchange is launched, overlap() runs, then
+    the caller's stream waits for the rows. Backward mirrors it without any scheduling of ours:
+    autograd runs ready nodes latest-created first, so it reaches the wait's backward (which
+    launches the gradient's exchange) before the backward of overlap()'s nodes, created between the
+    two, and those before the start's backward, which waits. Under torch.compile, or with one rank,
+    the two run one after the other."""
+    if group.size == 1 or torch.compiler.is_compiling():
+        return all_to_all(x, group, output_splits, input_splits), overlap()
+    flight = _InFlight(group, output_splits, input_splits)
+    rows = _AllToAllStart.apply(x, flight)
+    side = overlap()
+    return _AllToAllWait.apply(rows, flight), side

@@ -16,14 +16,13 @@ import argparse
 import copy
 from dataclasses import dataclass
 
-from megatron_ted.model.builder import moe_layer_indices
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import Volume, step_comm
 from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_from_args
 from megatron_ted.planning.throughput import Cluster, StepTime, step_time
 from megatron_ted.training.arguments import padded_vocab_size, validate
-from megatron_ted.training.flops import flops_per_token
+from megatron_ted.training.flops import flops_per_token_of_args
 
 _COMMON = dict(seq_length=2048, max_position_embeddings=2048, vocab_size=50256, num_experts=[16], moe_layer_freq=2,
                moe_router_topk=1, moe_expert_capacity_factor=1.0, global_batch_size=2048, fp16=True)
@@ -100,12 +99,7 @@ def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
     counts = count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
     mem = peak_memory(wl, layout, counts)
     volumes = step_comm(wl, layout, args.num_micro_batches, counts)
-    moe = wl.moe
-    n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
-    fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
-                          args.padded_vocab_size, n_moe, args.moe_ffn_hidden_size if moe else None,
-                          args.moe_router_topk if moe else 0,
-                          sum(moe.num_experts_per_layer) / n_moe if moe else 0, args.swiglu)
+    fpt = flops_per_token_of_args(args)
     tokens = args.global_batch_size * args.seq_length
     t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
                   args.num_layers * args.num_micro_batches)

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mlp-type", default="standard",
                    help="standard: the MoE block alone; residual: a dense MLP plus the MoE mixed by a learned "
                         "coefficient (Residual MoE)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="shared experts: a dense MLP of this FFN size beside the routed experts of every MoE layer "
+                        "(DeepSeekMoE; the sum of the sizes for several shared experts)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="scale the shared experts' output by sigmoid(x w), a learned [1, H] gate (Qwen2-MoE)")
+    g.add_argument("--moe-shared-expert-overlap", action="store_true",
+                   help="run the shared experts while the dispatch all-to-all is in flight, forward and backward")
     g.add_argument("--moe-layer-freq", type=int, default=2, help="every N-th layer is MoE (the paper: 2)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
@@ -249,6 +256,14 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
             need(args.moe_router_type != "base" or tokens % e == 0,
                  f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
                  f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
+        shared = args.moe_shared_expert_intermediate_size
+        need(shared is None or (shared > 0 and shared % tp == 0),
+             f"--moe-shared-expert-intermediate-size {shared} must be positive and divisible by "
+             f"--tensor-model-parallel-size {tp}")
+        need(shared is not None or not (args.moe_shared_expert_gate or args.moe_shared_expert_overlap),
+             "--moe-shared-expert-gate and --moe-shared-expert-overlap need --moe-shared-expert-intermediate-size")
+        need(not (args.moe_shared_expert_overlap and args.moe_a2a_algorithm == "hierarchical"),
+             "--moe-shared-expert-overlap overlaps the flat all-to-all; drop it with --moe-a2a-algorithm hierarchical")
         need(args.moe_a2a_algorithm in ("flat", "hierarchical"),
              f"--moe-a2a-algorithm must be flat or hierarchical, got {args.moe_a2a_algorithm!r}")
         if args.moe_a2a_algorithm == "hierarchical":
@@ -265,6 +280,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.expert_model_parallel_size == 1,
              "--expert-model-parallel-size > 1 needs --num-experts")
         need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
+        need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")

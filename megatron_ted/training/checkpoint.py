@@ -65,7 +65,7 @@ OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")
 MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size",
                "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "position_embedding_type",
                "normalization", "swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights",
-               "mlp_type")
+               "mlp_type", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
 # Model-config fields compared at load (GPTConfig): those that change parameter shapes or meaning.
 CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
                  "position_embedding_type", "normalization", "swiglu", "add_bias_linear",

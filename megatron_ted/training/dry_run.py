@@ -108,17 +108,13 @@ def _layout_lines(layout: ParallelLayout, gpus_per_node: int | None) -> list[str
 
 
 def _batch_lines(args) -> list[str]:
-    from megatron_ted.model.builder import moe_layer_indices
-    from megatron_ted.training.flops import flops_per_token
-    layout, moe = args.layout, args.num_experts is not None
+    from megatron_ted.training.flops import flops_per_token_of_args
+    layout = args.layout
     tokens = args.global_batch_size * args.seq_length
     recompute = (f"{args.recompute_granularity}/{args.recompute_method or '-'}"
                  f" ({args.recompute_num_layers} layer{'s' * (args.recompute_num_layers > 1)} per checkpoint)"
                  if args.recompute_granularity else "off")
-    n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
-    fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
-                          args.padded_vocab_size, n_moe, args.moe_ffn_hidden_size if moe else None,
-                          args.moe_router_topk if moe else 0, args.num_experts or 0, args.swiglu)
+    fpt = flops_per_token_of_args(args)
     return [f"batch: micro-batch {args.micro_batch_size} x DP {layout.data_parallel} x "
             f"{args.num_micro_batches} micro-batches = global batch {args.global_batch_size} "
             f"({tokens:,} tokens per iteration), {args.train_iters} iterations",

@@ -6,11 +6,14 @@ Counted per token, forward, matmuls only (multiply-add = 2 FLOPs):
   dense MLP   2 * 2 H F (SwiGLU: 2 * 3 H F)
   MoE MLP     top-k experts: k * 2 * 2 H F_moe (SwiGLU: k * 2 * 3 H F_moe), router 2 H E
               (E: the mean over MoE layers for a pyramid); Residual MoE adds a dense MLP of F_moe
-              and the 2-way coefficient 2 * 2 H
+              and the 2-way coefficient 2 * 2 H; shared experts add a dense MLP of their size
+              F_shared and, with their gate, 2 H
   logits      2 H V
 Training = 3 x forward (backward is twice the forward). Recomputation is not counted (model FLOPs).
 """
 from __future__ import annotations
+
+from megatron_ted.training.arguments import num_experts_per_layer
 
 
 def attention_flops_per_token(hidden: int, seq_length: int) -> float:
@@ -27,15 +30,30 @@ def mlp_flops_per_token(hidden: int, ffn: int, swiglu: bool = False, topk: int |
 
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
                     moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
-                    swiglu: bool = False, residual: bool = False) -> float:
+                    swiglu: bool = False, residual: bool = False, shared_ffn: int | None = None,
+                    shared_gate: bool = False) -> float:
     moe_mlp = mlp_flops_per_token(hidden, moe_ffn or ffn, swiglu, topk, num_experts)
     if residual:  # Residual MoE: its dense MLP and the 2-way mixing coefficient
         moe_mlp += mlp_flops_per_token(hidden, moe_ffn or ffn, swiglu) + 2 * 2 * hidden
+    if shared_ffn:
+        moe_mlp += mlp_flops_per_token(hidden, shared_ffn, swiglu) + (2 * hidden if shared_gate else 0)
     forward = (num_layers * attention_flops_per_token(hidden, seq_length)
                + (num_layers - moe_layers) * mlp_flops_per_token(hidden, ffn, swiglu)
                + moe_layers * moe_mlp
                + 2 * hidden * vocab)
     return 3.0 * forward
+
+
+def flops_per_token_of_args(args) -> float:
+    """flops_per_token for validated training flags (the model pretrain_gpt_moe.py builds)."""
+    moe = args.num_experts is not None
+    counts = num_experts_per_layer(args) if moe else []
+    return flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
+                           args.padded_vocab_size, len(counts), args.moe_ffn_hidden_size if moe else None,
+                           args.moe_router_topk if moe else 0, sum(counts) / len(counts) if moe else 0,
+                           args.swiglu, residual=moe and args.mlp_type == "residual",
+                           shared_ffn=args.moe_shared_expert_intermediate_size if moe else None,
+                           shared_gate=moe and args.moe_shared_expert_gate)
 
 
 # Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.

@@ -25,7 +25,7 @@ from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
-from megatron_ted.training.flops import flops_per_token, peak_tflops
+from megatron_ted.training.flops import flops_per_token_of_args, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training.manual_gc import ManualGC
@@ -58,7 +58,10 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
                         duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
                         num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"),
                         a2a_algorithm=getattr(args, "moe_a2a_algorithm", "flat"),
-                        a2a_node_size=getattr(args, "moe_a2a_node_size", None))
+                        a2a_node_size=getattr(args, "moe_a2a_node_size", None),
+                        shared_expert_size=getattr(args, "moe_shared_expert_intermediate_size", None),
+                        shared_expert_gate=getattr(args, "moe_shared_expert_gate", False),
+                        shared_expert_overlap=getattr(args, "moe_shared_expert_overlap", False))
     return config, moe
 
 
@@ -233,10 +236,7 @@ def train(args, tokenizer) -> dict:
 
     n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
     tokens_per_step = args.global_batch_size * args.seq_length
-    fpt = flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size, vocab,
-                          n_moe, args.moe_ffn_hidden_size if moe else None, args.moe_router_topk if moe else 0,
-                          sum(moe.num_experts_per_layer) / n_moe if moe else 0, args.swiglu,
-                          residual=moe is not None and moe.mlp_type == "residual")
+    fpt = flops_per_token_of_args(args)
     writer = None
     if args.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
