@@ -16,6 +16,7 @@ from megatron_ted.parallel.layout import ParallelLayout
 from op_record import RecordOps
 from parity import run_forked
 
+SORTS = {torch.ops.aten.sort.default, torch.ops.aten.sort.stable}
 SCATTERS = {torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default,
             torch.ops.aten.index_copy_.default, torch.ops.aten.index_copy.default}
 GATHERS = {torch.ops.aten.index_select.default}
@@ -168,20 +169,25 @@ def test_routers_say_when_every_token_keeps_exactly_k_experts(router, per_token)
 @pytest.mark.parametrize("router", [dict(topk=2), dict(topk=1, router_type="sinkhorn")])
 def test_send_order_queued_before_the_host_sync_equals_the_late_one(router):
     """With K fixed by the router the dispatcher builds the send order before it waits for the
-    split sizes. Same numbers as building it after (the path of routers that do not fix K)."""
+    split sizes, from the router's own top-k indices and weights. Same numbers as building it
+    after from the [T, E] map and weights (the path of routers that do not fix K), without that
+    path's per-token sort of the map."""
     x = torch.randn(2, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    results = []
+    results, map_sorts = [], []
     for early in (True, False):
         layer = _layer(**router)
         if not early:   # the late path: as if the router had not said
             layer.dispatcher.__class__ = _LateSendOrder
         xr = x.clone().requires_grad_()
-        y, _ = layer(xr)
+        with RecordOps() as ops:
+            y, _ = layer(xr)
+        map_sorts.append(sum(o.func in SORTS and o.dtype == torch.uint8 for o in ops.outputs))
         y.pow(2).sum().backward()
         results.append((y.detach(), xr.grad, [p.grad for p in layer.parameters() if p.grad is not None]))
     (y0, g0, p0), (y1, g1, p1) = results
     assert torch.equal(y0, y1) and torch.equal(g0, g1) and len(p0) == len(p1) == 3
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert map_sorts == [0, 1]
 
 
 def test_a_router_that_misstates_experts_per_token_is_an_error():

@@ -70,7 +70,7 @@ class TokenDispatcher:
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
 
     def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts,
-                 experts_per_token: int | None = None, overlap=None):
+                 experts_per_token: int | None = None, overlap=None, topk_TK=None):
         """Returns (y_TH, overlap() or None).
 
         experts_per_token: every token has exactly this many kept assignments (dropless top-k;
@@ -79,7 +79,10 @@ class TokenDispatcher:
         overlap: work of no arguments that does not read the routed rows (the shared experts), run
         while the step-3 all-to-all is in flight, and its backward while the gradient's is (see
         mappings.all_to_all_overlapped); after the exchange under CAC, the hierarchical exchange or
-        torch.compile."""
+        torch.compile.
+        topk_TK: (idx_TK, weights_TK), each token's experts and combine weights when every token
+        keeps exactly K (RoutingResult.topk_idx_TK, topk_weights_TK): the send order is sorted
+        from them directly instead of recovered from the [T, E] map and weights."""
         ep, tp, L = self.ep, self.tp, self.num_local_experts
         T_full = x_TH.shape[0]
         sharded = tp.size > 1 and (self.dtd or self.sequence_parallel)         # rows are this rank's 1/TP
@@ -88,6 +91,9 @@ class TokenDispatcher:
             x_TH = mappings.split(x_TH, tp, dim=0)
             probs_TE = mappings.split(probs_TE, tp, dim=0)
             map_TE = map_TE.view(tp.size, -1, map_TE.shape[1])[tp.rank]
+            if topk_TK is not None:
+                topk_TK = (topk_TK[0].view(tp.size, -1, topk_TK[0].shape[1])[tp.rank],
+                           mappings.split(topk_TK[1], tp, dim=0))
 
         # 2. split sizes: this rank's assignments per expert, exchanged over EP (and with DTD the
         #    received counts of every TP rank, gathered over TP); one host synchronisation brings
@@ -102,7 +108,8 @@ class TokenDispatcher:
             sizes += [counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]
         # with a known K the send order goes on the device behind the counts' exchange, so the host
         # launches it while the exchange runs rather than after it has waited for the sizes
-        early = self._send_order(x_TH, probs_TE, map_TE, experts_per_token) if experts_per_token else None
+        early = self._send_order(x_TH, probs_TE, map_TE, experts_per_token, topk_TK=topk_TK) \
+            if experts_per_token else None
         host = torch.cat(sizes).tolist()
         input_splits = host[:ep.size]
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
@@ -137,15 +144,21 @@ class TokenDispatcher:
         return y_TH, side
 
     @staticmethod
-    def _send_order(x_TH, probs_TE, map_TE, K: int, N: int | None = None):
+    def _send_order(x_TH, probs_TE, map_TE, K: int, N: int | None = None, topk_TK=None):
         """The send buffer: each token's K slots (its kept experts first) are rows t * K + j; the N
         kept rows sorted by expert (stable: then by token) are sent, N = T * K when all are kept.
+        With topk_TK (every token keeps its K) the slots are the router's own order; the rows sent
+        are the same, since a token meets each expert at most once.
         Returns (perm_N, its inverse when it is a full permutation, weight_TK, x_NH)."""
         T, E = map_TE.shape
-        slot_TK = torch.sort(map_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
-        kept_TK = map_TE.gather(1, slot_TK)
-        weight_TK = probs_TE.gather(1, slot_TK)
-        perm_N = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
+        if topk_TK is not None:
+            slot_TK, weight_TK = topk_TK
+            perm_N = torch.sort(slot_TK.flatten(), stable=True).indices
+        else:
+            slot_TK = torch.sort(map_TE.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :K]
+            kept_TK = map_TE.gather(1, slot_TK)
+            weight_TK = probs_TE.gather(1, slot_TK)
+            perm_N = torch.sort(torch.where(kept_TK, slot_TK, E).flatten(), stable=True).indices
         if N is not None and N < T * K:
             perm_N = perm_N[:N]
         inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent

@@ -52,12 +52,18 @@ class MoELayer(nn.Module):
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
         routing = self.router(x_BSH, route)
         probs_TE, map_TE = routing.probs_TE, routing.routing_map_TE
+        topk = (routing.topk_idx_TK, routing.topk_weights_TK) if routing.topk_idx_TK is not None else None
         if self.dispatcher.sequence_parallel:   # full-T routing -> the rows of this rank's sequence shard
             tp, (B, s, _) = self.dispatcher.tp, x_BSH.shape
             probs_TE = mappings.split(probs_TE.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1)
             map_TE = map_TE.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1)
+            if topk is not None:
+                idx_TK, weights_TK = topk
+                topk = (idx_TK.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1),
+                        mappings.split(weights_TK.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1))
         shared = (lambda: self.shared_experts(x_BSH)) if self.overlap_shared_experts else None
-        y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token, shared)
+        y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token, shared,
+                                         topk)
         y_BSH = y_TH.view_as(x_BSH)
         if self.shared_experts is not None:
             y_BSH = y_BSH + (y_shared if shared is not None else self.shared_experts(x_BSH))

@@ -160,6 +160,10 @@ class RoutingResult:
     capacity: int | None              # tokens per expert, None when dropless
     num_assignments: int | None = None  # (token, expert) assignments asked for before drops
     experts_per_token: int | None = None  # every token keeps exactly this many experts (dropless), else None
+    # with experts_per_token: each token's experts [T, K] (int64) and their combine weights [T, K]
+    # (probs_TE's non-zeros, same graph), so the dispatcher need not recover them from the map
+    topk_idx_TK: torch.Tensor | None = None
+    topk_weights_TK: torch.Tensor | None = None
 
 
 def topk_softmax(logits_TE: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor,

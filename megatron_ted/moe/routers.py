@@ -201,6 +201,9 @@ class Router(TopKRouter):
         if self.expert_bias is not None and self.training:
             self.local_tokens_per_expert += requested_TE.sum(dim=0)
         tokens_per_expert_E = map_TE.sum(dim=0)
+        # dropless top-k, Sinkhorn, BASE: each token exactly K (GShard's second expert and
+        # capacity drops vary it; expert choice gives a token 0..E experts)
+        exact = map_TE is requested_TE and kind != "expert_choice"
         return RoutingResult(
             probs_TE=probs_TE,
             routing_map_TE=map_TE,
@@ -211,9 +214,9 @@ class Router(TopKRouter):
             logits_TE=logits_TE,
             capacity=capacity,
             num_assignments=num_assignments,
-            # dropless top-k, Sinkhorn, BASE: each token exactly K (GShard's second expert and
-            # capacity drops vary it; expert choice gives a token 0..E experts)
-            experts_per_token=K if map_TE is requested_TE and kind != "expert_choice" else None,
+            experts_per_token=idx_TK.shape[1] if exact else None,
+            topk_idx_TK=idx_TK if exact else None,
+            topk_weights_TK=weights_TK if exact else None,
         )
 
     def _aux_loss(self, scores_TE, requested_TE, seq_length):
@@ -268,10 +271,13 @@ class HashRouter(nn.Module):
                 probs_TE = probs_TE * map_TE
         tokens_per_expert_E = map_TE.sum(dim=0)
         zero = probs_TE.new_zeros(())
+        exact = map_TE is requested_TE
         return RoutingResult(probs_TE=probs_TE, routing_map_TE=map_TE, tokens_per_expert_E=tokens_per_expert_E,
                              aux_loss=zero, z_loss=zero, num_dropped=requested_TE.sum() - tokens_per_expert_E.sum(),
                              logits_TE=None, capacity=capacity, num_assignments=T,
-                             experts_per_token=1 if map_TE is requested_TE else None)
+                             experts_per_token=1 if exact else None,
+                             topk_idx_TK=self.expert_of_token[ids_T].unsqueeze(1) if exact else None,
+                             topk_weights_TK=probs_TE.new_ones(T, 1) if exact else None)
 
 
 def build_router(hidden_size: int, config: RouterConfig, dp: Group | None = None) -> nn.Module:
