@@ -45,6 +45,8 @@ CASES = [  # name, flags, TP, EP
     ("1.3b-16e full", MOE_1_3B + " --recompute-granularity full --use-distributed-optimizer", 1, None),
     ("1.3b-16e full+cac", MOE_1_3B + " --recompute-granularity full --moe-cac --use-distributed-optimizer", 1, None),
     ("1.3b-16e tp2", MOE_1_3B + " --use-distributed-optimizer", 2, None),
+    ("1.3b-16e shared", MOE_1_3B + " --use-distributed-optimizer --moe-shared-expert-intermediate-size 4096 "
+                          "--moe-shared-expert-gate --moe-shared-expert-overlap", 1, None),
     ("layer-B", LAYER_B, 1, None),
     ("layer-B tp2", LAYER_B, 2, None),
 ]

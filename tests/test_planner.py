@@ -31,10 +31,11 @@ PLAN = os.path.join(ROOT, "tools", "plan_ted.py")
 B, S, V, H = 2, 32, 256, 32
 
 
-def tiny(moe=True, swiglu=False, layers=4, freq=2):
+def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False):
     config = GPTConfig(vocab_size=V, hidden_size=H, num_layers=layers, num_attention_heads=4, ffn_hidden_size=4 * H,
                        max_position_embeddings=S, swiglu=swiglu)
-    moe_config = MoEConfig(RouterConfig(num_experts=4, topk=2), ffn_hidden_size=3 * H, layer_freq=freq) if moe else None
+    moe_config = MoEConfig(RouterConfig(num_experts=4, topk=2), ffn_hidden_size=3 * H, layer_freq=freq,
+                           shared_expert_size=shared, shared_expert_gate=gate) if moe else None
     return config, moe_config
 
 
@@ -76,7 +77,8 @@ def measure(config, moe, groups, recompute=None, n=1, cac=False):
 SAVED_TOL, PEAK_TOL, PARALLEL_SAVED_TOL, PARALLEL_PEAK_TOL = 0.06, 0.12, 0.20, 0.30
 CASES = {"dense": (dict(moe=False), None, 1), "moe": (dict(), None, 1), "moe-swiglu": (dict(swiglu=True), None, 1),
          "moe-full": (dict(), "full", 1), "moe-full-chunk2": (dict(), "full", 2),
-         "moe-selective": (dict(), "selective", 1)}
+         "moe-selective": (dict(), "selective", 1), "moe-shared-experts": (dict(shared=2 * H), None, 1),
+         "moe-gated-shared-experts": (dict(shared=2 * H, gate=True), None, 1)}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -188,8 +188,9 @@ def _moe_mlp_bytes(wl: Workload, tp: int, num_experts: int) -> int:
     out += (4 * T * h if w < 4 else 0) + 16 * T * num_experts + 48 * T * k
     if wl.moe.mlp_type == "residual":
         out += _dense_mlp_bytes(wl, tp, fe) + w * T * h
-    if wl.moe.shared_expert_size:   # the shared experts' MLP, and the sum with the routed output
-        out += _dense_mlp_bytes(wl, tp, wl.moe.shared_expert_size) + w * T * h
+    if wl.moe.shared_expert_size:   # the shared experts' MLP; the gate's product keeps its [T, H] and [T, 1]
+        out += _dense_mlp_bytes(wl, tp, wl.moe.shared_expert_size)
+        out += w * T * (h + 1) if wl.moe.shared_expert_gate else 0
     return out
 
 
