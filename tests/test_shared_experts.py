@@ -3,8 +3,9 @@ overlap with the dispatch all-to-all (--moe-shared-expert-overlap).
 
 - the block by hand: y = MoE(x) + sigmoid(x w_g) * (GeLU(x W1^T + b1) W2^T + b2), float64;
 - layout invariance against one process (float64, 3-step curves and every full gradient,
-  tests/parity.py) at (TP, EP) = (1, 2), (2, 1), (2, 2), (1, 4), with sequence parallelism and
-  under activation checkpointing with CAC (where the dispatcher does not overlap);
+  tests/parity.py) at (TP, EP) = (1, 2), (2, 1), (2, 2), (1, 4), with sequence parallelism, with
+  Residual MoE, and where the dispatcher does not overlap: under activation checkpointing with
+  CAC and with the layers traced by dynamo (aot_eager);
 - the overlap moves no extra bytes (the same all-to-alls, counted) and gives the same numbers;
 - the schedule: the shared experts' forward runs between the launch of the dispatch all-to-all
   and the wait for its rows, and their backward between the launch and the wait of the
@@ -35,7 +36,8 @@ RESIDUAL = dict(OVERLAP, mlp_type="residual", topk=1)     # Residual MoE with sh
 
 JOBS = {
     2: [job(1, 2, moe_kw=OVERLAP, steps=STEPS), job(1, 2, moe_kw=GATED, steps=STEPS),
-        job(2, 1, moe_kw=OVERLAP, steps=STEPS)],
+        job(2, 1, moe_kw=OVERLAP, steps=STEPS),
+        job(1, 2, moe_kw=OVERLAP, steps=STEPS, compile_backend="aot_eager")],   # traced: run after the exchange
     4: [job(2, 2, moe_kw=OVERLAP, steps=STEPS), job(1, 4, moe_kw=OVERLAP, steps=STEPS),
         job(2, 2, moe_kw=OVERLAP, steps=STEPS, sequence_parallel=True),
         job(1, 2, moe_kw=OVERLAP, steps=STEPS, recompute=CAC), job(2, 2, moe_kw=RESIDUAL, steps=STEPS)],
@@ -87,10 +89,10 @@ def test_matches_the_reference_in_every_layout(runs, refs):
             for rank, per_rank in enumerate(runs[world]):
                 what = (f"TP {j['tp']} EP {j['ep']} DP {world // j['tp']} sp={j['sequence_parallel']} "
                         f"cac={j['recompute'] is not None} overlap={j['moe_kw'].get('shared_expert_overlap')} "
-                        f"residual={residual}")
+                        f"residual={residual} compiled={j['compile_backend'] is not None}")
                 assert_matches(per_rank[jj], refs["residual" if residual else "gated"], f"{what} rank {rank}")
                 checked.add(what)
-    assert len(checked) == 8, checked
+    assert len(checked) == 9, checked
     plain = single_thread(lambda: reference_job(job(moe_kw={}, steps=STEPS)))
     assert abs(plain["losses"][0] - refs["gated"]["losses"][0]) > 1e-6      # the shared experts change the model
     for ref in refs.values():

@@ -62,8 +62,8 @@ class MoELayer(nn.Module):
                 topk = (idx_TK.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1),
                         mappings.split(weights_TK.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1))
         shared = (lambda: self.shared_experts(x_BSH)) if self.overlap_shared_experts else None
-        y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token, shared,
-                                         topk)
+        y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token,
+                                         overlap=shared, topk_TK=topk)
         y_BSH = y_TH.view_as(x_BSH)
         if self.shared_experts is not None:
             y_BSH = y_BSH + (y_shared if shared is not None else self.shared_experts(x_BSH))
