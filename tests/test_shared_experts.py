@@ -7,9 +7,9 @@ overlap with the dispatch all-to-all (--moe-shared-expert-overlap).
   Residual MoE, and where the dispatcher does not overlap: under activation checkpointing with
   CAC and with the layers traced by dynamo (aot_eager);
 - the overlap moves no extra bytes (the same all-to-alls, counted) and gives the same numbers;
-- the schedule: the shared experts' forward runs between the launch of the dispatch all-to-all
-  and the wait for its rows, and their backward between the launch and the wait of the
-  gradient's exchange; without the overlap both run outside it.
+- the schedule: the shared experts' fc1 runs between the launch of the dispatch all-to-all and
+  the wait for its rows, fc2 inside the combine's, and the backward of each inside the launch and
+  wait of its mirror exchange; without the overlap all of them run outside the exchanges.
 """
 from __future__ import annotations
 
@@ -111,8 +111,7 @@ def test_the_overlap_moves_the_same_rows(runs):
 
 def _schedule_rank(rank, world, overlap):
     """One MoE layer at EP 2 with shared experts; the order of: the row all-to-alls' launches, the
-    waits of the overlapped exchange, the shared experts' forward, the gradient reaching their fc1
-    output."""
+    waits of the overlapped exchanges, the shared experts' fc1 and fc2 in forward and backward."""
     groups = ParallelGroups.create(ParallelLayout(world, 1, world))
     events = []
     start, wait = comm.all_to_all_start, mappings._InFlight.wait
@@ -130,11 +129,14 @@ def _schedule_rank(rank, world, overlap):
     layer = MoELayer(16, 32, RouterConfig(num_experts=4, topk=2), groups.tp, groups.ep, shared_experts=shared,
                      overlap_shared_experts=overlap).double()
     init_parameters(layer, 3, 0.1, 2, groups.tp, groups.ep)
-    def on_fc1(module, inputs, h):
-        events.append("shared forward")
-        h.register_hook(lambda g: events.append("shared backward"))
+    def hooks(name):   # a hook on a layer's output runs when autograd starts that layer's backward
+        def on_forward(module, inputs, out):
+            events.append(f"{name} forward")
+            out.register_hook(lambda g: events.append(f"{name} backward"))
+        return on_forward
 
-    shared.fc1.register_forward_hook(on_fc1)
+    shared.fc1.register_forward_hook(hooks("fc1"))
+    shared.fc2.register_forward_hook(hooks("fc2"))
     x = torch.randn(2, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     comm.all_to_all_start, mappings._InFlight.wait = spy_start, spy_wait
     try:
@@ -146,15 +148,17 @@ def _schedule_rank(rank, world, overlap):
 
 
 def test_shared_experts_run_while_the_rows_are_in_flight():
+    """Launches: dispatch, combine (forward); the combine's mirror, the dispatch's mirror
+    (backward). Overlapped, fc1 runs inside the dispatch's launch and wait, fc2 inside the
+    combine's, and their backward inside the mirrors' in reverse. Without the overlap the shared
+    experts run after both exchanges, and their backward (created last) before both mirrors."""
     over = run_forked(_schedule_rank, 2, True)
     plain = run_forked(_schedule_rank, 2, False)
     for o, p in zip(over, plain):
-        # launches: dispatch, combine (forward); combine's mirror, dispatch's mirror (backward);
-        # only the dispatch exchange is overlapped, so _InFlight waits twice (forward, backward)
-        assert o["events"] == ["launch", "shared forward", "wait", "launch",
-                               "launch", "launch", "shared backward", "wait"], o["events"]
-        assert p["events"] == ["launch", "launch", "shared forward", "shared backward", "launch", "launch"], \
-            p["events"]
+        assert o["events"] == ["launch", "fc1 forward", "wait", "launch", "fc2 forward", "wait",
+                               "launch", "fc2 backward", "wait", "launch", "fc1 backward", "wait"], o["events"]
+        assert p["events"] == ["launch", "launch", "fc1 forward", "fc2 forward",
+                               "fc2 backward", "fc1 backward", "launch", "launch"], p["events"]
         torch.testing.assert_close(o["y"], p["y"], rtol=1e-13, atol=0)
         torch.testing.assert_close(o["grad"], p["grad"], rtol=1e-12, atol=1e-15)
 

@@ -76,10 +76,11 @@ class TokenDispatcher:
         experts_per_token: every token has exactly this many kept assignments (dropless top-k;
         RoutingResult.experts_per_token), so the send order needs no host size and is queued on the
         device before the host waits for the split sizes.
-        overlap: work of no arguments that does not read the routed rows (the shared experts), run
-        while the step-3 all-to-all is in flight, and its backward while the gradient's is (see
-        mappings.all_to_all_overlapped); after the exchange under CAC, the hierarchical exchange or
-        torch.compile.
+        overlap: work that does not read the routed rows, as an iterator of two steps
+        (SharedExperts.stages): the first runs while the tokens are sent (step 3), the second,
+        which yields the result, while they come back (step 7), and the backward of each while
+        the mirror exchange of its gradients is in flight (mappings.all_to_all_overlapped). Under
+        CAC, with the hierarchical exchange or under torch.compile each runs after its exchange.
         topk_TK: (idx_TK, weights_TK), each token's experts and combine weights when every token
         keeps exactly K (RoutingResult.topk_idx_TK, topk_weights_TK): the send order is sorted
         from them directly instead of recovered from the [T, E] map and weights."""
@@ -122,11 +123,8 @@ class TokenDispatcher:
             raise RuntimeError(f"the router promised {experts_per_token} experts for each of {T} tokens, but "
                                f"{sum(input_splits)} assignments are kept, at most {K} per token")
         perm_N, inv_N, weight_TK, x_NH = early or self._send_order(x_TH, probs_TE, map_TE, K, sum(input_splits))
-        if overlap is not None and self.kept is None and self.overlaps_all_to_all:
-            x_RH, side = mappings.all_to_all_overlapped(x_NH, ep, output_splits, input_splits, overlap)
-        else:
-            x_RH = self._all_to_all(x_NH, output_splits, input_splits)   # R rows: [src rank][local expert]
-            side = overlap() if overlap is not None else None
+        step = (lambda: next(overlap)) if overlap is not None else None
+        x_RH, _ = self._exchange(x_NH, output_splits, input_splits, step)   # R rows: [src rank][local expert]
 
         # 4. + 5. + 6.
         if sharded:
@@ -135,7 +133,7 @@ class TokenDispatcher:
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
 
         # 7. back, un-permute, weight: each token sums its K slots
-        y_NH = self._all_to_all(y_RH, input_splits, output_splits)
+        y_NH, side = self._exchange(y_RH, input_splits, output_splits, step)
         y_TKH = scatter_rows(y_NH, perm_N, T * K, inv_N).view(T, K, -1)
         y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
         if drop:                                                                 # 8. restore all tokens
@@ -164,6 +162,15 @@ class TokenDispatcher:
         inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent
         x_NH = gather_repeated_rows(x_TH, K, perm_N, inv_N)
         return perm_N, inv_N, weight_TK, x_NH
+
+    def _exchange(self, x, output_splits, input_splits, step):
+        """_all_to_all, with `step` (None, or a step of the overlapped work) run while the rows are
+        in flight where the exchange allows it, else after it. Returns (rows, step's result)."""
+        if step is None:
+            return self._all_to_all(x, output_splits, input_splits), None
+        if self.kept is None and self.overlaps_all_to_all:
+            return mappings.all_to_all_overlapped(x, self.ep, output_splits, input_splits, step)
+        return self._all_to_all(x, output_splits, input_splits), step()
 
     def _all_to_all(self, x, output_splits, input_splits):
         """The EP exchange (autograd: backward swaps the splits), kept for the recompute under CAC;

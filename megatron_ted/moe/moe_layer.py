@@ -11,7 +11,7 @@ DTD's drop and final gather (moe/dispatcher.py).
 
 With shared experts (moe/shared_experts.py) their output is added to the routed experts'; with
 `overlap_shared_experts` (--moe-shared-expert-overlap) the dispatcher runs them, forward and
-backward, while its all-to-all is in flight.
+backward, while its all-to-alls are in flight (fc1 beside the dispatch, fc2 beside the combine).
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class MoELayer(nn.Module):
                 idx_TK, weights_TK = topk
                 topk = (idx_TK.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1),
                         mappings.split(weights_TK.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1))
-        shared = (lambda: self.shared_experts(x_BSH)) if self.overlap_shared_experts else None
+        shared = self.shared_experts.stages(x_BSH) if self.overlap_shared_experts else None
         y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token,
                                          overlap=shared, topk_TK=topk)
         y_BSH = y_TH.view_as(x_BSH)

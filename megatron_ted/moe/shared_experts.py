@@ -7,8 +7,10 @@ beside its routed experts,
 
 Several shared experts are one MLP of their summed FFN size, as in megatron-core. The MLP is
 tensor-parallel like the model's dense MLPs (column/row-parallel over TP, reduced over DP), not
-expert-parallel. It reads none of the routed rows, so the MoE layer can run it while the dispatch
-all-to-all is in flight (--moe-shared-expert-overlap, moe/dispatcher.py).
+expert-parallel. It reads none of the routed rows, so the MoE layer can run it while the
+dispatcher's all-to-alls are in flight (--moe-shared-expert-overlap, moe/dispatcher.py): `stages`
+splits the forward in two, fc1 and the activation beside the exchange that sends the tokens, fc2
+(with its TP reduction) and the gate beside the one that brings them back.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ted.model.mlp import MLP
+from megatron_ted.model.mlp import MLP, activation
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 
@@ -28,7 +30,15 @@ class SharedExperts(MLP):
         self.gate_weight = set_spec(nn.Parameter(torch.empty(1, hidden_size)), init="normal") if gate else None
 
     def forward(self, x: torch.Tensor, route=None) -> torch.Tensor:
-        y = super().forward(x)
+        steps = self.stages(x)
+        next(steps)
+        return next(steps)
+
+    def stages(self, x: torch.Tensor):
+        """The forward in two steps: the first yields None, the second the output."""
+        h = activation(self.fc1(x), self.swiglu)
+        yield None
+        y = self.fc2(h)
         if self.gate_weight is not None:
             y = y * torch.sigmoid(F.linear(x, self.gate_weight))
-        return y
+        yield y
