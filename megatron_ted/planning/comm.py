@@ -87,6 +87,8 @@ def micro_batch_comm(wl: Workload, layout: ParallelLayout) -> list[Volume]:
         if e is None:
             tally.add("all_reduce", "tp", T * h * w, runs + 1)   # dense MLP
             continue
+        dense_beside = (wl.moe.mlp_type == "residual") + bool(wl.moe.shared_expert_size)
+        tally.add("all_reduce", "tp", T * h * w, (runs + 1) * dense_beside)   # Residual MoE's MLP, shared experts
         k = wl.moe.router.topk
         dtd = wl.dtd(t)
         n_rows = T * k // t if dtd else T * k
