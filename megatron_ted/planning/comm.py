@@ -18,7 +18,9 @@ as many on average):
                         backward all-gather of the dropped share (T/t). Without DTD: all-reduce
                         of the expert input's gradient and of the expert output (T*k rows each).
   every layer, TP > 1   attention: all-reduce forward (row-parallel output) and backward (the
-                        column-parallel input's gradient), T*h*w each; a dense MLP the same.
+                        column-parallel input's gradient), T*h*w each; a dense MLP the same, and
+                        so does the dense MLP beside a MoE layer's experts (Residual MoE's, the
+                        shared experts).
   model, TP > 1         embedding all-reduce forward, output layer all-reduce backward (T*h*w),
                         vocab-parallel cross entropy 3 all-reduces of T fp32 values.
   full recompute        every checkpointed layer's forward collectives once more (--moe-cac: not
