@@ -1,5 +1,5 @@
 """Shared experts (--moe-shared-expert-intermediate-size, --moe-shared-expert-gate) and their
-overlap with the dispatch all-to-all (--moe-shared-expert-overlap).
+overlap with the dispatcher's all-to-alls (--moe-shared-expert-overlap).
 
 - the block by hand: y = MoE(x) + sigmoid(x w_g) * (GeLU(x W1^T + b1) W2^T + b2), float64;
 - layout invariance against one process (float64, 3-step curves and every full gradient,
