@@ -257,3 +257,17 @@ def assert_matches(result: dict, ref: dict, what: str, loss_tol=1e-12, grad_rtol
         assert result["grads"][name].shape == g.shape, f"{what}: grad {name} shape"
         torch.testing.assert_close(result["grads"][name], g, rtol=grad_rtol, atol=grad_atol,
                                    msg=lambda m, name=name: f"{what}: grad {name}: {m}")
+
+
+def save_model_of_flags(argv: list[str], path: str):
+    """Build the one-process model of pretrain_gpt_moe.py flags (NullTokenizer: --vocab-size, plus
+    its end-of-document token) and save it as a checkpoint at iteration 1. Returns (model, args)."""
+    from megatron_ted.training.arguments import padded_vocab_size, parse_args
+    from megatron_ted.training.checkpoint import save_checkpoint
+    from megatron_ted.training.train import model_configs
+    args = parse_args(argv, world_size=1)
+    args.padded_vocab_size = padded_vocab_size(args.vocab_size + 1, args.make_vocab_size_divisible_by, 1)
+    config, moe = model_configs(args, args.padded_vocab_size)
+    model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
+    save_checkpoint(path, 1, model, None, ParallelGroups.single(), vars(args))
+    return model, args

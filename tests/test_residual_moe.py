@@ -20,10 +20,9 @@ from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.arguments import padded_vocab_size, parse_args
-from megatron_ted.training.checkpoint import save_checkpoint
-from megatron_ted.training.train import model_configs
-from parity import assert_matches, job, reference_job, run_forked, run_jobs, single_thread, tiny_config, tiny_moe
+from megatron_ted.training.arguments import parse_args
+from parity import (assert_matches, job, reference_job, run_forked, run_jobs, save_model_of_flags, single_thread,
+                    tiny_config, tiny_moe)
 
 STEPS = 3
 RES = dict(topk=1, mlp_type="residual")
@@ -139,11 +138,7 @@ def test_flag_forms():
 def test_pyramid_residual_checkpoint_generates(tmp_path):
     argv = BASE + ["--num-experts", "2", "4", "--mlp-type", "residual", "--moe-router-topk", "1",
                    "--hidden-dropout", "0", "--attention-dropout", "0"]
-    args = parse_args(argv, world_size=1)
-    args.padded_vocab_size = padded_vocab_size(201, args.make_vocab_size_divisible_by, 1)
-    config, moe = model_configs(args, args.padded_vocab_size)
-    model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
-    save_checkpoint(str(tmp_path), 1, model, None, ParallelGroups.single(), vars(args))
+    save_model_of_flags(argv, str(tmp_path))
     loaded, tokenizer, saved = load_for_inference(str(tmp_path))
     assert saved["num_experts"] == [2, 4] and saved["mlp_type"] == "residual"
     assert dict(loaded.named_parameters())["layers.2.mlp.experts.fc1"].shape[0] == 4

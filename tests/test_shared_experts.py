@@ -26,7 +26,7 @@ from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.arguments import parse_args
 from megatron_ted.training.flops import flops_per_token, mlp_flops_per_token
-from parity import assert_matches, job, reference_job, run_forked, run_jobs, single_thread
+from parity import assert_matches, job, reference_job, run_forked, run_jobs, save_model_of_flags, single_thread
 
 STEPS = 3
 GATED = dict(shared_expert_size=24, shared_expert_gate=True)
@@ -196,17 +196,9 @@ def test_checkpoint_records_the_shared_experts(tmp_path):
     """A checkpoint with gated shared experts loads for inference with the same weights; a run with
     another shared size refuses it."""
     from megatron_ted.inference import load_for_inference
-    from megatron_ted.model.builder import build_gpt
-    from megatron_ted.training.arguments import padded_vocab_size
-    from megatron_ted.training.checkpoint import save_checkpoint
-    from megatron_ted.training.train import model_configs
     argv = BASE + ["--num-experts", "4", "--moe-shared-expert-intermediate-size", "48", "--moe-shared-expert-gate",
                    "--moe-shared-expert-overlap"]
-    args = parse_args(argv, world_size=1)
-    args.padded_vocab_size = padded_vocab_size(201, args.make_vocab_size_divisible_by, 1)
-    config, moe = model_configs(args, args.padded_vocab_size)
-    model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
-    save_checkpoint(str(tmp_path), 1, model, None, ParallelGroups.single(), vars(args))
+    model, args = save_model_of_flags(argv, str(tmp_path))
     loaded, _, saved = load_for_inference(str(tmp_path))
     assert saved["moe_shared_expert_intermediate_size"] == 48 and saved["moe_shared_expert_gate"]
     got = dict(loaded.named_parameters())
