@@ -70,7 +70,9 @@ def main():
                    help="add each iteration's gradients into .grad (session 1-5 figures); default: set to None "
                         "first, as a training step's first micro-batch (later ones add inside the weight-gradient "
                         "GEMMs with gradient-accumulation fusion, not in a separate pass)")
-    p.add_argument("--profile", default=None, help="write a torch.profiler table of rank 0 to this file")
+    p.add_argument("--profile", default=None,
+                   help="write a torch.profiler table of rank 0 to this file, and its Chrome trace to FILE.json "
+                        "(for bench/kernel_table.py: GPU time by launching op, idle gaps)")
     args = p.parse_args()
     s = SHAPES[args.shape]
 
@@ -125,12 +127,14 @@ def main():
     dt = statistics.median(rounds)
     if args.profile and dist.get_rank() == 0:
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                     record_shapes=True) as prof:
             for _ in range(5):
                 step()
             if cuda:
                 torch.cuda.synchronize()
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        prof.export_chrome_trace(args.profile + ".json")
         with open(args.profile, "w") as f:
             f.write(prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=60))
     elif args.profile:
