@@ -89,12 +89,9 @@ class TokenDispatcher:
         sharded = tp.size > 1 and (self.dtd or self.sequence_parallel)         # rows are this rank's 1/TP
         drop = sharded and not self.sequence_parallel
         if drop:                                                                 # 1. drop
-            x_TH = mappings.split(x_TH, tp, dim=0)
-            probs_TE = mappings.split(probs_TE, tp, dim=0)
-            map_TE = map_TE.view(tp.size, -1, map_TE.shape[1])[tp.rank]
+            x_TH, probs_TE, map_TE = (mappings.split(t, tp, dim=0) for t in (x_TH, probs_TE, map_TE))
             if topk_TK is not None:
-                topk_TK = (topk_TK[0].view(tp.size, -1, topk_TK[0].shape[1])[tp.rank],
-                           mappings.split(topk_TK[1], tp, dim=0))
+                topk_TK = tuple(mappings.split(t, tp, dim=0) for t in topk_TK)
 
         # 2. split sizes: this rank's assignments per expert, exchanged over EP (and with DTD the
         #    received counts of every TP rank, gathered over TP); one host synchronisation brings

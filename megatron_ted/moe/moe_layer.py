@@ -55,12 +55,12 @@ class MoELayer(nn.Module):
         topk = (routing.topk_idx_TK, routing.topk_weights_TK) if routing.topk_idx_TK is not None else None
         if self.dispatcher.sequence_parallel:   # full-T routing -> the rows of this rank's sequence shard
             tp, (B, s, _) = self.dispatcher.tp, x_BSH.shape
-            probs_TE = mappings.split(probs_TE.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1)
-            map_TE = map_TE.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1)
+
+            def shard(t):   # [B * S, ...] -> this rank's [B * S/TP, ...]; the weights' backward all-gathers
+                return mappings.split(t.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1)
+            probs_TE, map_TE = shard(probs_TE), shard(map_TE)
             if topk is not None:
-                idx_TK, weights_TK = topk
-                topk = (idx_TK.view(B, s * tp.size, -1).narrow(1, tp.rank * s, s).reshape(B * s, -1),
-                        mappings.split(weights_TK.view(B, s * tp.size, -1), tp, dim=1).reshape(B * s, -1))
+                topk = tuple(shard(t) for t in topk)
         shared = self.shared_experts.stages(x_BSH) if self.overlap_shared_experts else None
         y_TH, y_shared = self.dispatcher(x_TH, probs_TE, map_TE, self.experts, routing.experts_per_token,
                                          overlap=shared, topk_TK=topk)

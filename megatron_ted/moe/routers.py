@@ -260,7 +260,8 @@ class HashRouter(nn.Module):
         if T != tokens:
             raise ValueError(f"hash routing: {T} token ids for {tokens} tokens")
         dtype = torch.promote_types(x.dtype, torch.float32)
-        map_TE = F.one_hot(self.expert_of_token[ids_T], cfg.num_experts).bool()
+        expert_T = self.expert_of_token[ids_T]
+        map_TE = F.one_hot(expert_T, cfg.num_experts).bool()
         probs_TE = map_TE.to(dtype)
         requested_TE, capacity = map_TE, None
         if cfg.capacity_factor is not None:
@@ -276,7 +277,7 @@ class HashRouter(nn.Module):
                              aux_loss=zero, z_loss=zero, num_dropped=requested_TE.sum() - tokens_per_expert_E.sum(),
                              logits_TE=None, capacity=capacity, num_assignments=T,
                              experts_per_token=1 if exact else None,
-                             topk_idx_TK=self.expert_of_token[ids_T].unsqueeze(1) if exact else None,
+                             topk_idx_TK=expert_T.unsqueeze(1) if exact else None,
                              topk_weights_TK=probs_TE.new_ones(T, 1) if exact else None)
 
 
