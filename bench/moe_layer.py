@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ted.model.compile import compile_layer
+from megatron_ted.model.cuda_graphs import capture_layer_fronts
 from megatron_ted.model.init import init_parameters
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.model.transformer import TransformerLayer
@@ -66,6 +67,9 @@ def main():
     p.add_argument("--repeat", type=int, default=1, help="timed rounds of --iters; the median round is reported")
     p.add_argument("--compile", choices=["none", "router", "layer"], default="none",
                    help="torch.compile the router module or the whole layer (--compile-layers in training)")
+    p.add_argument("--cuda-graph-scope", nargs="*", choices=["attn", "moe_router"], default=[],
+                   help="capture the layer's front in CUDA graphs, as --cuda-graph-impl local in training "
+                        "(model/cuda_graphs.py); none given: eager")
     p.add_argument("--accumulate-grads", action="store_true",
                    help="add each iteration's gradients into .grad (session 1-5 figures); default: set to None "
                         "first, as a training step's first micro-batch (later ones add inside the weight-gradient "
@@ -100,6 +104,11 @@ def main():
     elif args.compile == "layer":
         compile_layer(layer)     # as --compile-layers does in training (model/compile.py)
     batch = s["tokens"] // args.seq
+    if args.cuda_graph_scope:
+        if args.accumulate_grads:   # a graph's weight gradient is a static buffer: training hands it on at once
+            raise SystemExit("--cuda-graph-scope times gradients set to None per iteration; drop --accumulate-grads")
+        capture_layer_fronts([layer], batch, args.seq, dtype, args.cuda_graph_scope,
+                             sequence_parallel_size=args.tp if sp else 1)
     x = torch.randn(batch, args.seq // args.tp if sp else args.seq, s["hidden"], device=device, dtype=dtype, generator=None, requires_grad=True)
     grad = torch.randn_like(x)
 
@@ -148,7 +157,7 @@ def main():
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} sp={sp} "
-              f"cf={args.capacity_factor} compile={args.compile} shared={shared_ffn or 0}"
+              f"cf={args.capacity_factor} compile={args.compile} graphs={'+'.join(args.cuda_graph_scope) or 'none'} shared={shared_ffn or 0}"
               f"{'+overlap' if shared_ffn and args.moe_shared_expert_overlap else ''} | {t[0].item() * 1e3:.2f} ms/iter | "
               f"{flops / t[0].item() / 1e12:.1f} TFLOP/s/GPU | peak {peak:.2f} GiB | {name}"
               + (f" | rounds {args.repeat}: {t[1].item() * 1e3:.2f}..{t[2].item() * 1e3:.2f} ms" if args.repeat > 1 else ""),

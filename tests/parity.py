@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.compile import compile_layers
+from megatron_ted.model.cuda_graphs import capture_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
@@ -69,12 +70,14 @@ def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int, step: int
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
                  dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, sequence_parallel=False,
-                 recompute: dict | None = None, compile_backend: str | None = None):
+                 recompute: dict | None = None, compile_backend: str | None = None, cuda_graph_scope=None):
     """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}.
 
     Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
     norm per step) and "moe_steps" (StepResult.moe per step); "moe" is the last step's.
     sequence_parallel: --sequence-parallel; recompute: RecomputeConfig fields (None: off).
+    cuda_graph_scope: capture the layers' fronts (model/cuda_graphs.py) through `eager_graphs`, the
+    CPU stand-in for torch.cuda.make_graphed_callables; "graph_replays" counts each layer's replays.
     """
     model = build_gpt(config, moe, groups, seed).to(dtype)
     if sequence_parallel:
@@ -86,6 +89,9 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
     sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500,
                         tp=groups.tp if sequence_parallel else None)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=lr, weight_decay=0.1, clip_grad=clip_grad)
+    if cuda_graph_scope is not None:
+        capture_layer_fronts(model.layers, micro, SEQ, dtype, cuda_graph_scope,
+                             sequence_parallel_size=groups.tp.size if sequence_parallel else 1, make_graphed=eager_graphs)
     losses, grads, stats = [], None, None
     aux_losses, grad_norms, moe_steps = [], [], []
     for step, batch in enumerate(global_batches(steps, global_batch)):
@@ -104,7 +110,20 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
         grad_norms.append(norm)
         moe_steps.append(result.moe)
     return {"losses": losses, "grads": grads, "stats": stats, "moe": result.moe,
-            "aux_losses": aux_losses, "grad_norms": grad_norms, "moe_steps": moe_steps}
+            "aux_losses": aux_losses, "grad_norms": grad_norms, "moe_steps": moe_steps,
+            "graph_replays": [layer.graphed_front.replays if layer.graphed_front else 0 for layer in model.layers]}
+
+
+def eager_graphs(callables, sample_args, num_warmup_iters=3):
+    """CPU stand-in for torch.cuda.make_graphed_callables: its warm-up (forward, then the gradients
+    of every output that requires one with respect to every input and parameter, unused ones an
+    error as there) and the callables back, un-captured."""
+    for fn, args in zip(callables, sample_args):
+        for _ in range(num_warmup_iters):
+            outs = [o for o in fn(*args) if o.requires_grad]
+            inputs = [a for a in args if a.requires_grad] + [p for p in fn.parameters() if p.requires_grad]
+            torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+    return callables
 
 
 def run_layout(rank, world, layouts, config_kw, moe_kw, steps):
@@ -165,11 +184,12 @@ def run_forked(fn, world_size: int, *args):
 
 
 def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=8, local_grads=False,
-        sequence_parallel=False, recompute=None, compile_backend=None) -> dict:
+        sequence_parallel=False, recompute=None, compile_backend=None, cuda_graph_scope=None) -> dict:
     """One training run to do in a layout: (tp, ep) of the world it runs in, model and batch shape.
 
     recompute: RecomputeConfig fields (activation checkpointing, CAC), or None.
     compile_backend: compile the layers with this torch.compile backend (model/compile.py), or None.
+    cuda_graph_scope: capture the layers' fronts with the CPU stand-in (`train_layout`), or None.
 
     local_grads: also return this rank's gradient contribution before the data-parallel reduction
     (see `local_grads`), under the key "local_grads".
@@ -178,7 +198,7 @@ def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=
     return dict(tp=tp, ep=ep, config_kw=dict(config_kw or {}), moe_kw=None if moe_kw is None else dict(moe_kw),
                 steps=steps, micro=micro, global_batch=global_batch, local_grads=local_grads,
                 sequence_parallel=sequence_parallel, recompute=None if recompute is None else dict(recompute),
-                compile_backend=compile_backend)
+                compile_backend=compile_backend, cuda_graph_scope=cuda_graph_scope)
 
 
 def run_job(groups: ParallelGroups, j: dict) -> dict:
@@ -186,7 +206,7 @@ def run_job(groups: ParallelGroups, j: dict) -> dict:
     out = train_layout(groups, tiny_config(**j["config_kw"]), moe, steps=j["steps"],
                        global_batch=j["global_batch"], micro=j["micro"],
                        sequence_parallel=j.get("sequence_parallel", False), recompute=j.get("recompute"),
-                       compile_backend=j.get("compile_backend"))
+                       compile_backend=j.get("compile_backend"), cuda_graph_scope=j.get("cuda_graph_scope"))
     if j["local_grads"]:
         moe = tiny_moe(**j["moe_kw"]) if j["moe_kw"] is not None else None
         out["local_grads"] = local_grads(groups, tiny_config(**j["config_kw"]), moe,

@@ -8,6 +8,7 @@ from multiproc import run_distributed
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.compile import compile_layers
+from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
@@ -41,7 +42,8 @@ def _batch(n, device):
                 position_ids=torch.arange(SEQ).expand(n, SEQ).to(device))
 
 
-def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None, moe=None, compiled=False):
+def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None, moe=None, compiled=False,
+           graphs=None):
     """One step on the same global batch in any layout. Micro-batches are the same `micro`
     sequences in every layout and carry their global index as routing seed, so batch-level gates
     (capacity, BASE, expert choice, Sinkhorn) and random ones see the same inputs everywhere."""
@@ -49,6 +51,8 @@ def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None
     if compiled:
         compile_layers(model)
     sync = GradientSync(model, groups.dp, groups.expert_dp)
+    if graphs:   # after GradientSync, as in training: the graphed weights' gradients take the hook's path
+        capture_layer_fronts(model.layers, micro, SEQ, dtype, graphs)
     batch = _batch(global_batch, device)
     per = global_batch // groups.dp.size
     first = groups.dp.rank * per
@@ -57,12 +61,16 @@ def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None
     res = forward_backward(model, mbs, groups, sync)
     grads = {n: unshard(p.main_grad, spec_of(p), groups.tp, groups.ep).double().cpu()
              for n, p in model.named_parameters() if p.requires_grad}
+    if graphs:   # every layer replayed its graphs for each micro-batch
+        assert [layer.graphed_front.replays for layer in model.layers] == [len(mbs)] * len(model.layers)
+        release_layer_fronts(model.layers)     # before the worker destroys the process group
     return res.lm_loss, grads
 
 
-def _nccl_worker(rank, world, tp, ep, dtd, router=None, moe=None, compiled=False):
+def _nccl_worker(rank, world, tp, ep, dtd, router=None, moe=None, compiled=False, graphs=None):
     groups = ParallelGroups.create(ParallelLayout(world, tp, ep))
-    return _grads(groups, torch.device("cuda", rank), torch.float64, dtd, router=router, moe=moe, compiled=compiled)
+    return _grads(groups, torch.device("cuda", rank), torch.float64, dtd, router=router, moe=moe, compiled=compiled,
+                  graphs=graphs)
 
 
 def test_cuda_fp64_matches_cpu_reference():
@@ -182,3 +190,23 @@ def test_bf16_compiled_close_to_eager():
     eager_loss, eager = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16)
     loss, got = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16, compiled=True)
     assert abs(loss - eager_loss) < 0.01 * abs(eager_loss)
+
+
+@needs_two
+@pytest.mark.parametrize("tp,ep,scope", [(1, WORLD, ("attn", "moe_router")), (2, WORLD // 2, ("attn", "moe_router")),
+                                         (WORLD, 1, ("attn",))])
+def test_nccl_cuda_graphed_fronts_match_reference(tp, ep, scope):
+    """Layer fronts replayed from CUDA graphs (model/cuda_graphs.py; with TP > 1 the graphs hold
+    NCCL all-reduces) over 2-4 micro-batches per rank equal the CPU reference (fp64): a weight gradient left
+    to the fused main-gradient path, or a static buffer read after its next replay, would not."""
+    ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cpu"), torch.float64)
+    _assert_all_match(run_distributed(_nccl_worker, WORLD, tp, ep, True, None, None, False, scope, backend="nccl"),
+                      ref_loss, ref)
+
+
+def test_bf16_cuda_graphed_fronts_close_to_eager():
+    eager_loss, eager = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16)
+    loss, got = _grads(ParallelGroups.single(), torch.device("cuda"), torch.bfloat16, graphs=("attn", "moe_router"))
+    assert abs(loss - eager_loss) < 1e-3 * abs(eager_loss)
+    for n in eager:
+        torch.testing.assert_close(got[n], eager[n], rtol=2e-2, atol=1e-4)

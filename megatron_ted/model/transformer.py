@@ -4,6 +4,10 @@ The MLP slot holds a dense `MLP` or a `MoELayer` (or a residual MoE), called as 
 MoE layer returns (output, MoEOutput) so its auxiliary losses and routing statistics travel back
 as return values. `route` (token ids, routing seed) is what a MoE router may need; a dense MLP
 ignores it.
+
+`attention_block` is the layer's front, the part with the same shapes every micro-batch; with
+--cuda-graph-impl local it (and a MoE layer's router) is replayed from a CUDA graph
+(`graphed_front`, model/cuda_graphs.py) in training.
 """
 from __future__ import annotations
 
@@ -24,10 +28,20 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = build_norm(norm, hidden_size, eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(hidden_dropout)
+        self.graphed_front = None   # model/cuda_graphs.py: GraphedFront (a plain object, not a submodule)
+
+    def attention_block(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x + attn(norm(x)), and the MLP's input: its post-attention norm."""
+        x = x + self.dropout(self.attention(self.input_norm(x), rotary))
+        return x, self.post_attention_norm(x)
 
     def forward(self, x: torch.Tensor, rotary=None, route=None):
-        x = x + self.dropout(self.attention(self.input_norm(x), rotary))
-        out = self.mlp(self.post_attention_norm(x), route)
+        routing = None
+        if self.graphed_front is not None and self.training and torch.is_grad_enabled():
+            x, h, routing = self.graphed_front(x, rotary)
+        else:
+            x, h = self.attention_block(x, rotary)
+        out = self.mlp(h, route) if routing is None else self.mlp(h, route, routing)
         moe_out = None
         if isinstance(out, tuple):
             out, moe_out = out

@@ -22,7 +22,7 @@ from torch import nn
 
 from megatron_ted.moe.dispatcher import TokenDispatcher
 from megatron_ted.moe.experts import GroupedExperts
-from megatron_ted.moe.router import RouterConfig
+from megatron_ted.moe.router import RouterConfig, RoutingResult
 from megatron_ted.moe.routers import RouteInputs, build_router
 from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
@@ -48,9 +48,12 @@ class MoELayer(nn.Module):
         self.shared_experts = shared_experts
         self.overlap_shared_experts = overlap_shared_experts and shared_experts is not None
 
-    def forward(self, x_BSH: torch.Tensor, route: RouteInputs | None = None) -> tuple[torch.Tensor, MoEOutput]:
+    def forward(self, x_BSH: torch.Tensor, route: RouteInputs | None = None,
+                routing: RoutingResult | None = None) -> tuple[torch.Tensor, MoEOutput]:
+        """routing: this layer's router already ran on x_BSH (a CUDA-graphed front, model/cuda_graphs.py)."""
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
-        routing = self.router(x_BSH, route)
+        if routing is None:
+            routing = self.router(x_BSH, route)
         probs_TE, map_TE = routing.probs_TE, routing.routing_map_TE
         topk = (routing.topk_idx_TK, routing.topk_weights_TK) if routing.topk_idx_TK is not None else None
         if self.dispatcher.sequence_parallel:   # full-T routing -> the rows of this rank's sequence shard

@@ -32,8 +32,8 @@ class ResidualMoE(MoELayer):
         self.coefficient_weight = set_spec(nn.Parameter(torch.empty(2, hidden_size)), init="normal")
         self.coefficient_bias = set_spec(nn.Parameter(torch.empty(2)), init="zeros")
 
-    def forward(self, x_BSH: torch.Tensor, route=None) -> tuple[torch.Tensor, MoEOutput]:
-        y_moe, out = super().forward(x_BSH, route)
+    def forward(self, x_BSH: torch.Tensor, route=None, routing=None) -> tuple[torch.Tensor, MoEOutput]:
+        y_moe, out = super().forward(x_BSH, route, routing)
         y_dense = self.dense(x_BSH)
         dtype = torch.promote_types(x_BSH.dtype, torch.float32)
         c_BS2 = torch.softmax(F.linear(x_BSH.to(dtype), self.coefficient_weight.to(dtype),

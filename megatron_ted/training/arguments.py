@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile (Inductor) each transformer layer: fuses the router, permutation and "
                         "elementwise kernels (model/compile.py); first steps pay the compile time")
+    g.add_argument("--cuda-graph-impl", choices=["none", "local"], default="none",
+                   help="local: capture each layer's static-shape front (--cuda-graph-scope) in CUDA graphs "
+                        "with torch.cuda.make_graphed_callables and replay it in training (model/cuda_graphs.py)")
+    g.add_argument("--cuda-graph-scope", nargs="+", choices=["attn", "moe_router"], default=["attn"],
+                   help="attn: norms, attention and residual; moe_router: also the MoE router (dropless MoE: "
+                        "attn moe_router)")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
+                   help="eager warm-up iterations on the sample inputs before each capture")
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="full/uniform: consecutive layers per checkpointed chunk (default 1)")
 
@@ -317,6 +325,14 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(not args.moe_cac or full, "--moe-cac needs --recompute-granularity full (only a recomputed MoE layer "
                                    "repeats its all-to-alls)")
     need(not args.moe_cac_tp or args.moe_cac, "--moe-cac-tp needs --moe-cac")
+    if args.cuda_graph_impl == "local":
+        from megatron_ted.model.cuda_graphs import graph_blocker
+        routers = [router_config(args, n) for n in num_experts_per_layer(args)] if args.num_experts else []
+        why = graph_blocker(args.cuda_graph_scope, recompute=args.recompute_granularity is not None,
+                            compiled=args.compile_layers, attention_dropout=args.attention_dropout, tp=tp,
+                            router_configs=routers)
+        need(why is None, why)
+        need(args.cuda_graph_warmup_steps >= 1, "--cuda-graph-warmup-steps must be at least 1")
     return args
 
 

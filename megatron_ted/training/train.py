@@ -17,6 +17,7 @@ from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.compile import compile_layers
+from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
@@ -210,6 +211,12 @@ def train(args, tokenizer) -> dict:
                 f", tiles of {args.optimizer_tile_size or 'the whole partition'} elements; state on rank 0: "
                 f"{4 * state.get('dense', 0) / 2**20:.1f} MiB dense, {4 * state.get('expert', 0) / 2**20:.1f} MiB expert")
     iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
+    if args.cuda_graph_impl == "local":   # after the optimizer and the load: the graphs keep the weights' addresses
+        sp = groups.tp.size if getattr(args, "sequence_parallel", False) else 1
+        rotary_dim = args.hidden_size // args.num_attention_heads if args.position_embedding_type == "rope" else None
+        n = capture_layer_fronts(model.layers, args.micro_batch_size, args.seq_length, dtype, args.cuda_graph_scope,
+                                 rotary_dim, sp, args.cuda_graph_warmup_steps)
+        print_rank0(f" > CUDA graphs: the fronts ({' + '.join(args.cuda_graph_scope)}) of {n} layers captured")
 
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
         args.data_path, args.split, args.seq_length, args.seed, tokenizer,
@@ -305,6 +312,7 @@ def train(args, tokenizer) -> dict:
     if writer is not None:
         writer.close()
     collector.close()
+    release_layer_fronts(model.layers)
     dist.barrier()
     dist.destroy_process_group()
     return {"losses": history, "iteration": it}
