@@ -63,3 +63,27 @@ def test_torchrun_tp2_ep2_trains_and_reports_expert_load():
     loads = re.findall(r"expert load min/max: (\d+)/(\d+)", r.stdout)
     # 8 samples x 32 tokens x top-2 over 2 DP ranks = 256 assignments per rank and MoE layer, 4 experts
     assert loads and all(int(lo) <= 64 <= int(hi) for lo, hi in loads)
+
+
+def test_a_corpus_of_another_vocabulary_is_one_line_before_training(tmp_path):
+    """Token ids >= the tokenizer's vocabulary (a corpus made with another tokenizer) would index
+    past the embedding mid-run; they stop the run at start-up, naming the file and the flags."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    prefix = str(tmp_path / "other_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for d in range(20):
+        builder.add_document(torch.arange(1, 40) + 5 * d, [39])   # ids up to 39 + 95 = 134
+    builder.finalize(prefix + ".idx")
+    argv = [a for a in TINY if a != "--mock-data"][:-2] + ["--data-path", prefix, "--train-iters", "1"]
+    r = run_entry(argv + ["--vocab-size", "100"])
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "token id 134" in lines[0] and prefix in lines[0] and "--vocab-size" in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    # the same corpus with a vocabulary that holds its ids passes the check (NullTokenizer: 200 + EOD)
+    from megatron_ted.data.gpt_data import check_token_ids
+    check_token_ids([prefix], 135)
+    with pytest.raises(ValueError, match="token id 134"):
+        check_token_ids([prefix], 134)

@@ -79,6 +79,30 @@ def check_prefixes_exist(prefixes: Sequence[str]) -> None:
             )
 
 
+def check_token_ids(prefixes: Sequence[str], vocab_size: int, sample_tokens: int = 1 << 24) -> None:
+    """The first `sample_tokens` ids of each corpus must be ids of the tokenizer (< vocab_size).
+
+    A corpus made with another tokenizer is then one line before training, not an out-of-range
+    embedding index mid-run (a device-side assert on GPU, or a silently wrong loss where the ids
+    fall into the padded vocabulary). The first 16M tokens are a 32-64 MB read: any corpus of
+    another vocabulary shows it there."""
+    import numpy as np
+    with warnings.catch_warnings():  # megatron.core warns at import that apex / TE are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    for prefix in prefixes:
+        dtype = np.dtype(IndexedDataset(prefix).index.dtype)
+        n = min(sample_tokens, os.path.getsize(prefix + ".bin") // dtype.itemsize)
+        if n == 0:
+            continue
+        top = int(np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n,)).max())
+        if top >= vocab_size:
+            raise ValueError(
+                f"--data-path {prefix}: token id {top} (in its first {n:,} tokens) is outside the tokenizer's "
+                f"vocabulary of {vocab_size}: the corpus was made with another tokenizer; give that one "
+                "(--tokenizer-model, or --vocab-size for NullTokenizer) or re-run tools/preprocess_data.py")
+
+
 def check_split(split: str) -> None:
     """`--split` is up to three comma-separated non-negative numbers, not all zero ("969,30,1")."""
     parts = [p.strip() for p in str(split).replace("/", ",").split(",")]

@@ -169,14 +169,17 @@ def _peak_lines(peak: PeakMemory) -> list[str]:
     return lines
 
 
-def check_run_inputs(args) -> None:
+def check_run_inputs(args, vocab_size: int | None = None) -> None:
     """The data files and split that the run reads once its process group is up, checked before any
-    (dry run or not). Flags are checked in arguments.validate."""
+    (dry run or not); with the tokenizer's vocab_size, also the corpora's token ids. Flags are
+    checked in arguments.validate."""
     if args.data_path and not args.mock_data:
-        from megatron_ted.data.gpt_data import check_prefixes_exist, check_split, parse_data_path
+        from megatron_ted.data.gpt_data import check_prefixes_exist, check_split, check_token_ids, parse_data_path
         prefixes, _ = parse_data_path(args.data_path)
         check_prefixes_exist(prefixes)
         check_split(args.split)
+        if vocab_size is not None:
+            check_token_ids(prefixes, vocab_size)
 
 
 def dry_run(args) -> int:

@@ -362,7 +362,7 @@ def main(argv=None) -> int:
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
         _check_checkpoint_flags(args)
-        check_run_inputs(args)  # a missing data prefix is one line here, not a traceback later
+        check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
     except ValueError as e:
