@@ -7,7 +7,7 @@ import torch
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe import permute
-from megatron_ted.moe.dispatcher import TokenDispatcher
+from megatron_ted.moe.dispatcher import TokenDispatcher, chunk_order_index, chunk_order_index_bounded
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import Group
@@ -200,3 +200,63 @@ def test_a_router_that_misstates_experts_per_token_is_an_error():
         layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, 2)
     y, _ = layer.dispatcher(x_TH, map_TE.double() / 2, map_TE, layer.experts, None)
     assert y.shape == x_TH.shape
+
+
+def _by_hand(counts_SL):
+    """Rows arrive as chunks (source s, local expert l) in (s, l) order; the index that lists them
+    in (l, s) order, built with Python loops."""
+    starts, at = {}, 0
+    for s_, row in enumerate(counts_SL.tolist()):
+        for l, n in enumerate(row):
+            starts[s_, l], at = at, at + n
+    S, L = counts_SL.shape
+    return [starts[s_, l] + i for l in range(L) for s_ in range(S) for i in range(int(counts_SL[s_, l]))]
+
+
+@pytest.mark.parametrize("S,L", [(2, 4), (4, 1), (3, 2)])
+def test_receive_reorder_on_a_bound_equals_the_one_on_the_exact_count(S, L):
+    """The local-expert reorder queued before the host knows the received row count R: on a
+    bound >= R it is a permutation whose first R entries are the reorder (zero-row chunks
+    included) and whose inverse's first R entries invert them."""
+    g = torch.Generator().manual_seed(S * 10 + L)
+    for trial in range(5):
+        counts = torch.randint(0, 4, (S, L), generator=g)
+        counts[0, 0] = 0 if trial % 2 else counts[0, 0]
+        R = int(counts.sum())
+        want = _by_hand(counts)
+        assert chunk_order_index(counts, R).tolist() == want
+        for bound in (R, R + 7):
+            idx = chunk_order_index_bounded(counts, bound)
+            assert sorted(idx.tolist()) == list(range(bound))
+            assert idx[:R].tolist() == want and idx[R:].tolist() == list(range(R, bound))
+            inv = permute.inverse_permutation(idx)
+            assert torch.equal(idx[:R][inv[:R]], torch.arange(R))
+
+
+INDEX_MATH = {torch.ops.aten.cumsum.default, torch.ops.aten.searchsorted.Tensor,
+              torch.ops.aten.repeat_interleave.Tensor, torch.ops.aten.arange.start_step}
+
+
+def _reorder_rank(rank, world):
+    groups = ParallelGroups.create(ParallelLayout(world, 1, world))
+    _, _, ops = _run(None, False, groups)
+    out = ops.outputs
+    waits = [i for i, o in enumerate(out)      # the split sizes the host waits for (EP 2 x 2 local experts)
+             if o.func is torch.ops.aten.cat.default and o.dtype == torch.int64 and o.shape == (2 + 2 * 2 + 1,)]
+    windows = []
+    for w in waits:   # from the wait to the reorder's gather of the received rows
+        end = next(i for i in range(w + 1, len(out)) if out[i].func in GATHERS and out[i].dtype == torch.float64)
+        windows.append(([str(o.func) for o in out[w + 1:end] if o.func in INDEX_MATH],
+                        [str(o.func) for o in out[:w] if o.func is torch.ops.aten.searchsorted.Tensor]))
+    return windows
+
+
+def test_expert_reorder_is_queued_before_the_host_waits():
+    """EP 2, dropless top-2: the receive side's reorder by local expert is computed before the host
+    waits for the split sizes (on the bound of EP x T x K rows), so between the wait and the
+    gather of the received rows the host launches no index arithmetic (the reorder's numbers:
+    the test above, test_expert_reorder_permutes_by_gathers_in_every_layout and the parity tests)."""
+    for windows in run_forked(_reorder_rank, 2):
+        assert len(windows) == 2                                 # one wait per MoE layer forward
+        for index_math_after, searchsorted_before in windows:
+            assert index_math_after == [] and len(searchsorted_before) >= 1

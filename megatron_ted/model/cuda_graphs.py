@@ -1,13 +1,14 @@
 """CUDA graphs of each layer's static-shape front: --cuda-graph-impl local --cuda-graph-scope attn [moe_router].
 
-Why: at layer A's shape a dropless MoE layer on H200 is host-bound (docs/PERFORMANCE.md: 4.66 ms of
-GPU work per 5.90 ms of wall time); the host launches a few hundred small kernels per layer and
-iteration. A layer's front, the part before the dispatcher's host synchronisation, has the same
-shapes every micro-batch: the input norm, attention, the residual add, the MLP's input norm
-(scope `attn`) and the MoE router (scope `moe_router`: logits, softmax, top-k, the routing map, the
-load-balancing losses). Each front is captured once, forward and backward, with
-`torch.cuda.make_graphed_callables`, and then replayed as one launch each way. The dispatcher,
-the experts and the combine stay eager: their row counts change every step.
+Why: the host launches a few hundred small kernels per layer and iteration. A layer's front,
+the part before the dispatcher's host synchronisation, has the same shapes every micro-batch: the
+input norm, attention, the residual add, the MLP's input norm (scope `attn`) and the MoE router
+(scope `moe_router`: logits, softmax, top-k, the routing map, the load-balancing losses). Each
+front is captured once, forward and backward, with `torch.cuda.make_graphed_callables`, and then
+replayed as one launch each way. The dispatcher, the experts and the combine stay eager: their
+row counts change every step. Where it pays (docs/PERFORMANCE.md, 2x H200): with TP > 1, whose
+front holds the attention's all-reduces and one rank's late host stalls its pair in each (layer A
+at TP 2: -10%); at TP 1 the host is ahead before the synchronisation anyway (no change).
 
 This is megatron-core's `--cuda-graph-impl transformer_engine --cuda-graph-scope attn moe_router`
 on torch's make_graphed_callables instead of transformer-engine's.
@@ -25,9 +26,9 @@ What a user should know:
   Such a gradient is the graph's static buffer, overwritten by the next backward, so `.grad` must
   be consumed before it (GradientSync does, at once); autograd's own accumulation into `.grad`
   over micro-batches without GradientSync would be wrong.
-- Each layer keeps its front's inputs, outputs and their gradients as static buffers
-  (about 5 x [micro-batch, sequence, hidden] per layer) and its saved activations in the graphs'
-  shared memory pool.
+- Each layer keeps its front's inputs, outputs and their gradients as static buffers, and the
+  graphs' pool holds what the fronts save for backward: measured +0.9 GB of peak for moe-1.3b-16e
+  at TP 2 (24 layers, micro-batch 4), +0.17 GiB for layer A.
 - Refused (`graph_blocker`): activation recompute and --moe-cac (checkpoint replays the front
   eagerly under its own RNG bookkeeping), --compile-layers, attention dropout with TP > 1 (its
   per-call seed is drawn on the host); for `moe_router`, gates that draw random numbers or
@@ -47,7 +48,6 @@ from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig, RoutingResult
 
-IMPLS = ("none", "local")
 SCOPES = ("attn", "moe_router")
 
 

@@ -16,7 +16,9 @@ and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP
 
 The host waits for the GPU once per call, for the split sizes of step 3. When every token keeps
 exactly K experts (dropless top-k: RoutingResult.experts_per_token) the permutation of step 2
-needs no host size and is queued before that wait, behind the counts' exchange.
+needs no host size and is queued before that wait, behind the counts' exchange; so is the
+receive side's reorder by local expert (step 5, without DTD), on a bound of the rows received:
+after the wait the host launches the exchange and the experts with no index arithmetic between.
 
 Without DTD every TP rank sends all T tokens through the all-to-all (TP identical copies), the
 experts' input enters with `copy_to` and their output is all-reduced over TP.
@@ -55,6 +57,23 @@ def chunk_order_index(counts_SL: torch.Tensor, total: int | None = None) -> torc
     new_starts = torch.cumsum(counts, 0) - counts
     within = torch.arange(total, device=flat.device) - torch.repeat_interleave(new_starts, counts, output_size=total)
     return torch.repeat_interleave(chunk_starts, counts, output_size=total) + within
+
+
+def chunk_order_index_bounded(counts_SL: torch.Tensor, bound: int) -> torch.Tensor:
+    """chunk_order_index for a row count R = counts_SL.sum() that only the device knows yet: a
+    permutation of [0, bound) (bound >= R) whose first R entries are chunk_order_index(counts_SL)
+    and whose others map to themselves. So it and its inverse (whose first R entries are the
+    inverse of those) can be queued before the host waits for R, and sliced after it."""
+    S, L = counts_SL.shape
+    flat = counts_SL.flatten()
+    starts = torch.cumsum(flat, 0) - flat
+    order = torch.arange(S * L, device=flat.device).view(S, L).t().flatten()
+    counts, chunk_starts = flat[order], starts[order]
+    ends = torch.cumsum(counts, 0)                                   # in (l, s) order
+    row = torch.arange(bound, device=flat.device)
+    chunk = torch.searchsorted(ends, row, right=True)               # S * L past the last row
+    c = chunk.clamp(max=S * L - 1)
+    return torch.where(chunk < S * L, chunk_starts[c] + row - (ends[c] - counts[c]), row)
 
 
 class TokenDispatcher:
@@ -108,6 +127,14 @@ class TokenDispatcher:
         # launches it while the exchange runs rather than after it has waited for the sizes
         early = self._send_order(x_TH, probs_TE, map_TE, experts_per_token, topk_TK=topk_TK) \
             if experts_per_token else None
+        # and so does the receive side's reorder by local expert (step 5), on the bound of EP x T x K
+        # rows (every rank routes T tokens), so no index arithmetic waits between the host's wait and
+        # the first expert GEMM
+        bound = ep.size * T * (experts_per_token or 0)
+        reorder = None
+        if early is not None and not sharded and ep.size > 1:
+            idx = chunk_order_index_bounded(recv_counts_PL, bound)
+            reorder = (idx, inverse_permutation(idx))
         host = torch.cat(sizes).tolist()
         input_splits = host[:ep.size]
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
@@ -127,7 +154,9 @@ class TokenDispatcher:
         if sharded:
             y_RH = self._experts_dtd(x_RH, counts_TPL, tp_sizes[:tp.size], tp_sizes[tp.size:], experts)
         else:
-            y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts)
+            if reorder is not None and x_RH.shape[0] > bound:      # a source routed more tokens than this rank
+                reorder = None
+            y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts, reorder)
 
         # 7. back, un-permute, weight: each token sums its K slots
         y_NH, side = self._exchange(y_RH, input_splits, output_splits, step)
@@ -174,12 +203,17 @@ class TokenDispatcher:
         moe/hierarchical.py overrides it."""
         return cac.all_to_all(x, self.ep, output_splits, input_splits, self.kept)
 
-    def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts):
+    def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts, reorder=None):
+        """reorder: (chunk_order_index_bounded, its inverse), queued before the host's wait, or None."""
         if len(recv_counts) == 1:       # one source (EP 1): the rows are in local-expert order already
             y_sorted = experts(mappings.copy_to(x_RH, self.tp), recv_counts[0])
             return cac.reduce_from(y_sorted, self.tp, self.kept)
-        idx = chunk_order_index(recv_counts_PL, x_RH.shape[0])          # a full permutation
-        inv = inverse_permutation(idx)
+        R = x_RH.shape[0]
+        if reorder is not None:
+            idx, inv = reorder[0][:R], reorder[1][:R]
+        else:
+            idx = chunk_order_index(recv_counts_PL, R)                  # a full permutation
+            inv = inverse_permutation(idx)
         x_sorted = mappings.copy_to(gather_rows(x_RH, idx, inv), self.tp)
         y_sorted = experts(x_sorted, [sum(col) for col in zip(*recv_counts)])
         y_sorted = cac.reduce_from(y_sorted, self.tp, self.kept)
