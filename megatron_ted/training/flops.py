@@ -28,15 +28,24 @@ def mlp_flops_per_token(hidden: int, ffn: int, swiglu: bool = False, topk: int |
     return dense if topk is None else topk * dense + 2 * hidden * num_experts
 
 
+def moe_mlp_flops_per_token(hidden: int, ffn: int, topk: int, num_experts: float, swiglu: bool = False,
+                            residual: bool = False, shared_ffn: int | None = None, shared_gate: bool = False) -> float:
+    """Forward: one MoE MLP (the top-k experts and the router), with Residual MoE's dense MLP and
+    coefficient and the shared experts (and their gate) where present."""
+    flops = mlp_flops_per_token(hidden, ffn, swiglu, topk, num_experts)
+    if residual:  # Residual MoE: its dense MLP and the 2-way mixing coefficient
+        flops += mlp_flops_per_token(hidden, ffn, swiglu) + 2 * 2 * hidden
+    if shared_ffn:
+        flops += mlp_flops_per_token(hidden, shared_ffn, swiglu) + (2 * hidden if shared_gate else 0)
+    return flops
+
+
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
                     moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
                     swiglu: bool = False, residual: bool = False, shared_ffn: int | None = None,
                     shared_gate: bool = False) -> float:
-    moe_mlp = mlp_flops_per_token(hidden, moe_ffn or ffn, swiglu, topk, num_experts)
-    if residual:  # Residual MoE: its dense MLP and the 2-way mixing coefficient
-        moe_mlp += mlp_flops_per_token(hidden, moe_ffn or ffn, swiglu) + 2 * 2 * hidden
-    if shared_ffn:
-        moe_mlp += mlp_flops_per_token(hidden, shared_ffn, swiglu) + (2 * hidden if shared_gate else 0)
+    moe_mlp = moe_mlp_flops_per_token(hidden, moe_ffn or ffn, topk, num_experts, swiglu, residual, shared_ffn,
+                                      shared_gate)
     forward = (num_layers * attention_flops_per_token(hidden, seq_length)
                + (num_layers - moe_layers) * mlp_flops_per_token(hidden, ffn, swiglu)
                + moe_layers * moe_mlp
