@@ -26,7 +26,9 @@ BOTH = ("attn", "moe_router")
 CASES = [(2, 2, BOTH, False, {}),
          (1, 4, BOTH, False, dict(enable_expert_bias=True)),
          (2, 2, BOTH, True, {}),
-         (2, 1, ("attn",), False, dict(router_type="sinkhorn"))]
+         (2, 1, ("attn",), False, dict(router_type="sinkhorn")),
+         (1, 4, BOTH, False, dict(router_type="expert_choice")),     # routing fields that are None
+         (2, 2, BOTH, False, dict(mlp_type="residual"))]
 
 
 def _job(tp, ep, scope, sp, moe_kw, graphs=True):
