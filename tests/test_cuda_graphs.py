@@ -121,6 +121,8 @@ def test_flags_accept_the_dropless_moe_scope():
     args = parse_args(BASE + ["--cuda-graph-scope", "attn", "moe_router", "--tensor-model-parallel-size", "2",
                               "--attention-dropout", "0"], world_size=2)
     assert args.cuda_graph_impl == "local" and args.cuda_graph_scope == ["attn", "moe_router"]
+    newer = parse_args(BASE + ["--cuda-graph-modules", "attn", "moe_router"], world_size=1)   # megatron-core's later name
+    assert newer.cuda_graph_scope == ["attn", "moe_router"]
     # the gates that draw on the host are refused by name; plain top-k and expert choice pass
     assert router_graph_blocker(RouterConfig(num_experts=4, topk=2)) is None
     assert router_graph_blocker(RouterConfig(num_experts=4, topk=2, router_type="expert_choice")) is None

@@ -144,9 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph-impl", choices=["none", "local"], default="none",
                    help="local: capture each layer's static-shape front (--cuda-graph-scope) in CUDA graphs "
                         "with torch.cuda.make_graphed_callables and replay it in training (model/cuda_graphs.py)")
-    g.add_argument("--cuda-graph-scope", nargs="+", choices=["attn", "moe_router"], default=["attn"],
+    g.add_argument("--cuda-graph-scope", "--cuda-graph-modules", dest="cuda_graph_scope", nargs="+",
+                   choices=["attn", "moe_router"], default=["attn"],
                    help="attn: norms, attention and residual; moe_router: also the MoE router (dropless MoE: "
-                        "attn moe_router)")
+                        "attn moe_router); --cuda-graph-modules is newer megatron-core's name")
     g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
                    help="eager warm-up iterations on the sample inputs before each capture")
     g.add_argument("--recompute-num-layers", type=int, default=None,
