@@ -237,26 +237,30 @@ INDEX_MATH = {torch.ops.aten.cumsum.default, torch.ops.aten.searchsorted.Tensor,
               torch.ops.aten.repeat_interleave.Tensor, torch.ops.aten.arange.start_step}
 
 
-def _reorder_rank(rank, world):
-    groups = ParallelGroups.create(ParallelLayout(world, 1, world))
+def _reorder_rank(rank, world, tp, ep):
+    groups = ParallelGroups.create(ParallelLayout(world, tp, ep))
     _, _, ops = _run(None, False, groups)
     out = ops.outputs
-    waits = [i for i, o in enumerate(out)      # the split sizes the host waits for (EP 2 x 2 local experts)
-             if o.func is torch.ops.aten.cat.default and o.dtype == torch.int64 and o.shape == (2 + 2 * 2 + 1,)]
+    L = 4 // ep                                # the split sizes the host waits for: sends per EP rank,
+    n_sizes = ep + ep * L + 1 + (tp + L if tp > 1 else 0)   # receives per (rank, expert), K, and DTD's
+    waits = [i for i, o in enumerate(out)
+             if o.func is torch.ops.aten.cat.default and o.dtype == torch.int64 and o.shape == (n_sizes,)]
     windows = []
     for w in waits:   # from the wait to the reorder's gather of the received rows
         end = next(i for i in range(w + 1, len(out)) if out[i].func in GATHERS and out[i].dtype == torch.float64)
         windows.append(([str(o.func) for o in out[w + 1:end] if o.func in INDEX_MATH],
-                        [str(o.func) for o in out[:w] if o.func is torch.ops.aten.searchsorted.Tensor]))
+                        [str(o.func) for o in out[:w] if o.func in INDEX_MATH]))
     return windows
 
 
-def test_expert_reorder_is_queued_before_the_host_waits():
-    """EP 2, dropless top-2: the receive side's reorder by local expert is computed before the host
-    waits for the split sizes (on the bound of EP x T x K rows), so between the wait and the
-    gather of the received rows the host launches no index arithmetic (the reorder's numbers:
-    the test above, test_expert_reorder_permutes_by_gathers_in_every_layout and the parity tests)."""
-    for windows in run_forked(_reorder_rank, 2):
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1)])
+def test_expert_reorder_is_queued_before_the_host_waits(tp, ep):
+    """Dropless top-2: the experts' reorder by local expert is computed before the host waits for
+    the split sizes (EP 2: on the bound of EP x T x K received rows; DTD at TP 2 x EP 1: on the
+    exact TP x T x K gathered rows), so between the wait and the gather of the rows the host
+    launches no index arithmetic (the reorder's numbers: the test above,
+    test_expert_reorder_permutes_by_gathers_in_every_layout and the parity tests)."""
+    for windows in run_forked(_reorder_rank, 2, tp, ep):
         assert len(windows) == 2                                 # one wait per MoE layer forward
-        for index_math_after, searchsorted_before in windows:
-            assert index_math_after == [] and len(searchsorted_before) >= 1
+        for index_math_after, index_math_before in windows:
+            assert index_math_after == [] and "aten.cumsum.default" in index_math_before

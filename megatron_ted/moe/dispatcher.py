@@ -17,8 +17,9 @@ and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP
 The host waits for the GPU once per call, for the split sizes of step 3. When every token keeps
 exactly K experts (dropless top-k: RoutingResult.experts_per_token) the permutation of step 2
 needs no host size and is queued before that wait, behind the counts' exchange; so is the
-receive side's reorder by local expert (step 5, without DTD), on a bound of the rows received:
-after the wait the host launches the exchange and the experts with no index arithmetic between.
+experts' reorder by local expert (step 5; without DTD on a bound of the rows received, with DTD
+at EP 1 on their exact count): after the wait the host launches the exchange and the experts
+with no index arithmetic between.
 
 Without DTD every TP rank sends all T tokens through the all-to-all (TP identical copies), the
 experts' input enters with `copy_to` and their output is all-reduced over TP.
@@ -127,13 +128,16 @@ class TokenDispatcher:
         # launches it while the exchange runs rather than after it has waited for the sizes
         early = self._send_order(x_TH, probs_TE, map_TE, experts_per_token, topk_TK=topk_TK) \
             if experts_per_token else None
-        # and so does the receive side's reorder by local expert (step 5), on the bound of EP x T x K
-        # rows (every rank routes T tokens), so no index arithmetic waits between the host's wait and
-        # the first expert GEMM
-        bound = ep.size * T * (experts_per_token or 0)
+        # and so does the experts' reorder by local expert (step 5), so no index arithmetic waits
+        # between the host's wait and the first expert GEMM: without DTD on the bound of EP x T x K
+        # received rows (every rank routes T tokens); with DTD at EP 1 every TP rank keeps its own
+        # T x K rows, so the gathered buffer holds exactly TP x T x K, unpadded
         reorder = None
         if early is not None and not sharded and ep.size > 1:
-            idx = chunk_order_index_bounded(recv_counts_PL, bound)
+            idx = chunk_order_index_bounded(recv_counts_PL, ep.size * T * experts_per_token)
+            reorder = (idx, inverse_permutation(idx))
+        elif early is not None and sharded and ep.size == 1:
+            idx = chunk_order_index(counts_TPL.flatten(0, 1), tp.size * T * experts_per_token)
             reorder = (idx, inverse_permutation(idx))
         host = torch.cat(sizes).tolist()
         input_splits = host[:ep.size]
@@ -152,10 +156,8 @@ class TokenDispatcher:
 
         # 4. + 5. + 6.
         if sharded:
-            y_RH = self._experts_dtd(x_RH, counts_TPL, tp_sizes[:tp.size], tp_sizes[tp.size:], experts)
+            y_RH = self._experts_dtd(x_RH, counts_TPL, tp_sizes[:tp.size], tp_sizes[tp.size:], experts, reorder)
         else:
-            if reorder is not None and x_RH.shape[0] > bound:      # a source routed more tokens than this rank
-                reorder = None
             y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts, reorder)
 
         # 7. back, un-permute, weight: each token sums its K slots
@@ -209,7 +211,7 @@ class TokenDispatcher:
             y_sorted = experts(mappings.copy_to(x_RH, self.tp), recv_counts[0])
             return cac.reduce_from(y_sorted, self.tp, self.kept)
         R = x_RH.shape[0]
-        if reorder is not None:
+        if reorder is not None and R <= reorder[0].shape[0]:     # (else a source routed more tokens than this rank)
             idx, inv = reorder[0][:R], reorder[1][:R]
         else:
             idx = chunk_order_index(recv_counts_PL, R)                  # a full permutation
@@ -219,25 +221,30 @@ class TokenDispatcher:
         y_sorted = cac.reduce_from(y_sorted, self.tp, self.kept)
         return scatter_rows(y_sorted, idx, y_sorted.shape[0], inv)
 
-    def _experts_dtd(self, x_RH, counts_TPL, rows_T, tokens_per_expert, experts):
+    def _experts_dtd(self, x_RH, counts_TPL, rows_T, tokens_per_expert, experts, reorder=None):
+        """reorder: (the reorder of the unpadded gathered rows, its inverse), queued before the
+        host's wait (EP 1, every token K experts), or None."""
         tp = self.tp
         M = max(rows_T)
         pad = M - x_RH.shape[0]
         x_pad = torch.cat([x_RH, x_RH.new_zeros(pad, x_RH.shape[1])]) if pad else x_RH
         x_all = cac.gather_partial(x_pad, tp, self.kept)                          # [TP * M, H]
-        # rows of TP rank t sit at t * M + (their index in t's buffer)
-        padded_of = torch.cat([t * M + torch.arange(n, device=x_RH.device) for t, n in enumerate(rows_T)])
-        idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1), sum(rows_T))]
-        inv = None
-        if sum(rows_T) == x_all.shape[0]:        # no rank padded (always so at EP 1 when dropless)
-            inv = inverse_permutation(idx)
-        elif getattr(experts, "zero_rows_stay_zero", False):
-            # the zero pad rows go last, to the last local expert: a full permutation, and rows
-            # that enter as zeros leave as zeros and add nothing to any weight gradient
-            pad_rows = torch.cat([t * M + torch.arange(n, M, device=x_RH.device) for t, n in enumerate(rows_T)])
-            idx = torch.cat([idx, pad_rows])
-            tokens_per_expert = tokens_per_expert[:-1] + [tokens_per_expert[-1] + pad_rows.shape[0]]
-            inv = inverse_permutation(idx)
+        if reorder is not None and sum(rows_T) == x_all.shape[0] == reorder[0].shape[0]:
+            idx, inv = reorder
+        else:
+            # rows of TP rank t sit at t * M + (their index in t's buffer)
+            padded_of = torch.cat([t * M + torch.arange(n, device=x_RH.device) for t, n in enumerate(rows_T)])
+            idx = padded_of[chunk_order_index(counts_TPL.flatten(0, 1), sum(rows_T))]
+            inv = None
+            if sum(rows_T) == x_all.shape[0]:        # no rank padded (always so at EP 1 when dropless)
+                inv = inverse_permutation(idx)
+            elif getattr(experts, "zero_rows_stay_zero", False):
+                # the zero pad rows go last, to the last local expert: a full permutation, and rows
+                # that enter as zeros leave as zeros and add nothing to any weight gradient
+                pad_rows = torch.cat([t * M + torch.arange(n, M, device=x_RH.device) for t, n in enumerate(rows_T)])
+                idx = torch.cat([idx, pad_rows])
+                tokens_per_expert = tokens_per_expert[:-1] + [tokens_per_expert[-1] + pad_rows.shape[0]]
+                inv = inverse_permutation(idx)
         # with the inverse both directions are gathers; else a gather and a scatter into zeros
         y_sorted = experts(gather_rows(x_all, idx, inv), tokens_per_expert)
         y_all = scatter_rows(y_sorted, idx, x_all.shape[0], inv)
