@@ -45,33 +45,22 @@ from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 
 
-def chunk_order_index(counts_SL: torch.Tensor, total: int | None = None) -> torch.Tensor:
+def chunk_order_index(counts_SL: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Rows laid out as chunks (s, l) in row-major order, chunk (s, l) holding counts_SL[s, l] rows;
     returns the row index that reorders them to (l, s) order (grouped by local expert l).
-    `total` (the row count, when the caller knows it) saves a host synchronisation."""
+
+    rows: the index's length, at least the row count R = counts_SL.sum(); entries past R map to
+    themselves, so the index is a permutation of [0, rows) whose first R entries (and its inverse's)
+    are the reorder: it can be queued before the host knows R, and sliced after. None: exactly R,
+    read on the host (a synchronisation)."""
     S, L = counts_SL.shape
     flat = counts_SL.flatten()
     starts = torch.cumsum(flat, 0) - flat
     order = torch.arange(S * L, device=flat.device).view(S, L).t().flatten()
     counts, chunk_starts = flat[order], starts[order]
-    total = int(counts.sum()) if total is None else total
-    new_starts = torch.cumsum(counts, 0) - counts
-    within = torch.arange(total, device=flat.device) - torch.repeat_interleave(new_starts, counts, output_size=total)
-    return torch.repeat_interleave(chunk_starts, counts, output_size=total) + within
-
-
-def chunk_order_index_bounded(counts_SL: torch.Tensor, bound: int) -> torch.Tensor:
-    """chunk_order_index for a row count R = counts_SL.sum() that only the device knows yet: a
-    permutation of [0, bound) (bound >= R) whose first R entries are chunk_order_index(counts_SL)
-    and whose others map to themselves. So it and its inverse (whose first R entries are the
-    inverse of those) can be queued before the host waits for R, and sliced after it."""
-    S, L = counts_SL.shape
-    flat = counts_SL.flatten()
-    starts = torch.cumsum(flat, 0) - flat
-    order = torch.arange(S * L, device=flat.device).view(S, L).t().flatten()
-    counts, chunk_starts = flat[order], starts[order]
+    rows = int(flat.sum()) if rows is None else rows
     ends = torch.cumsum(counts, 0)                                   # in (l, s) order
-    row = torch.arange(bound, device=flat.device)
+    row = torch.arange(rows, device=flat.device)
     chunk = torch.searchsorted(ends, row, right=True)               # S * L past the last row
     c = chunk.clamp(max=S * L - 1)
     return torch.where(chunk < S * L, chunk_starts[c] + row - (ends[c] - counts[c]), row)
@@ -132,13 +121,12 @@ class TokenDispatcher:
         # between the host's wait and the first expert GEMM: without DTD on the bound of EP x T x K
         # received rows (every rank routes T tokens); with DTD at EP 1 every TP rank keeps its own
         # T x K rows, so the gathered buffer holds exactly TP x T x K, unpadded
-        reorder = None
+        idx = None
         if early is not None and not sharded and ep.size > 1:
-            idx = chunk_order_index_bounded(recv_counts_PL, ep.size * T * experts_per_token)
-            reorder = (idx, inverse_permutation(idx))
+            idx = chunk_order_index(recv_counts_PL, ep.size * T * experts_per_token)
         elif early is not None and sharded and ep.size == 1:
             idx = chunk_order_index(counts_TPL.flatten(0, 1), tp.size * T * experts_per_token)
-            reorder = (idx, inverse_permutation(idx))
+        reorder = (idx, inverse_permutation(idx)) if idx is not None else None
         host = torch.cat(sizes).tolist()
         input_splits = host[:ep.size]
         recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
@@ -206,7 +194,8 @@ class TokenDispatcher:
         return cac.all_to_all(x, self.ep, output_splits, input_splits, self.kept)
 
     def _experts_replicated(self, x_RH, recv_counts_PL, experts, recv_counts, reorder=None):
-        """reorder: (chunk_order_index_bounded, its inverse), queued before the host's wait, or None."""
+        """reorder: (chunk_order_index on a bound of the rows, its inverse), queued before the host's
+        wait, or None."""
         if len(recv_counts) == 1:       # one source (EP 1): the rows are in local-expert order already
             y_sorted = experts(mappings.copy_to(x_RH, self.tp), recv_counts[0])
             return cac.reduce_from(y_sorted, self.tp, self.kept)
