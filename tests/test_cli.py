@@ -87,3 +87,60 @@ def test_a_corpus_of_another_vocabulary_is_one_line_before_training(tmp_path):
     check_token_ids([prefix], 135)
     with pytest.raises(ValueError, match="token id 134"):
         check_token_ids([prefix], 134)
+
+
+def test_ids_past_the_start_up_check_stop_the_run_at_their_batch(tmp_path):
+    """An id outside the vocabulary beyond what the start-up check reads stops the run at the batch
+    that holds it: one line naming the iteration, the micro-batch and the rank, exit code 2, before
+    the batch reaches the model (at TP 1 the loss would not notice a label in the padded vocabulary)."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    prefix = str(tmp_path / "late_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for d in range(20):                         # ids 1..60, and 150 in the last document only
+        doc = torch.arange(1, 40) + d % 3 * 10
+        builder.add_document(torch.cat([doc, torch.tensor([150])]) if d == 19 else doc, [40 if d == 19 else 39])
+    builder.finalize(prefix + ".idx")
+    argv = [a for a in TINY if a != "--mock-data"][:-2] + [
+        "--data-path", prefix, "--vocab-size", "100", "--split", "1,0,0", "--global-batch-size", "2", "--train-iters", "60",
+        "--log-interval", "1", "--eval-iters", "0"]
+    # the start-up check reads the first 40 ids here (16M in a run), so only the batch check can see it
+    code = ("import sys; from megatron_ted.data import gpt_data; gpt_data.check_token_ids.__defaults__ = (40,); "
+            "from megatron_ted.training.train import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, WORLD_SIZE="1", PYTHONPATH=ROOT)
+    # first with the default split 969,30,1, which leaves 20 sequences' test split empty (sequences
+    # [round(19.98), 20)): found once the process group is up, on every rank alike, still one line
+    split = argv.index("--split")
+    r = subprocess.run([sys.executable, "-c", code, *argv[:split], *argv[split + 2:]], env=env,
+                       capture_output=True, text=True, timeout=120)
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --split 969,30,1: the test split")
+    r = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120)
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert re.match(r"error: iteration (\d+), micro-batch 1 of 1, rank 0: (tokens|labels) id 150 is outside "
+                    r"the tokenizer's vocabulary of 101", lines[0]), lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert re.search(r"iteration +1/ +60", r.stdout)         # it trained until the batch with the id came
+    # over 2 data-parallel ranks only the rank that read the id raises; the launcher stops the other,
+    # which waits in a collective, rather than leaving it hung
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    script = tmp_path / "entry.py"
+    script.write_text(code.replace("; ", "\n"))
+    argv[argv.index("--global-batch-size") + 1] = "4"
+    r = subprocess.run([*launcher, str(script), *argv], env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode != 0
+    assert len(re.findall(r"error: iteration \d+, micro-batch 1 of 1, rank [01]: (?:tokens|labels) id 150 ", r.stderr)) == 1
+
+
+def test_batch_check_takes_in_range_ids_and_names_the_bad_one():
+    from megatron_ted.data.gpt_data import TokenIdError, check_batch_token_ids
+    import torch
+    batch = {"tokens": torch.tensor([[0, 5, 9]]), "labels": torch.tensor([[5, 9, 9]])}
+    check_batch_token_ids(batch, 10, "here")
+    with pytest.raises(TokenIdError, match="here: labels id 10 "):
+        check_batch_token_ids(dict(batch, labels=torch.tensor([[5, 9, 10]])), 10, "here")
+    with pytest.raises(TokenIdError, match="here: tokens id -1 "):
+        check_batch_token_ids(dict(batch, tokens=torch.tensor([[0, -1, 9]])), 10, "here")

@@ -79,6 +79,15 @@ def check_prefixes_exist(prefixes: Sequence[str]) -> None:
             )
 
 
+class DataError(ValueError):
+    """Bad data that the run finds once its process group is up (a split without tokens): every
+    rank finds it alike, so the entry point reports it once, as one line."""
+
+
+class TokenIdError(ValueError):
+    """A batch holds an id outside the tokenizer's vocabulary: raised by the rank that read it."""
+
+
 def check_token_ids(prefixes: Sequence[str], vocab_size: int, sample_tokens: int = 1 << 24) -> None:
     """The first `sample_tokens` ids of each corpus must be ids of the tokenizer (< vocab_size).
 
@@ -101,6 +110,26 @@ def check_token_ids(prefixes: Sequence[str], vocab_size: int, sample_tokens: int
                 f"--data-path {prefix}: token id {top} (in its first {n:,} tokens) is outside the tokenizer's "
                 f"vocabulary of {vocab_size}: the corpus was made with another tokenizer; give that one "
                 "(--tokenizer-model, or --vocab-size for NullTokenizer) or re-run tools/preprocess_data.py")
+
+
+
+
+def check_batch_token_ids(batch: dict, vocab_size: int, where: str) -> None:
+    """Every token and label of a batch still on the host is an id of the tokenizer. check_token_ids
+    reads the first 16M ids of each corpus at start-up; this covers the rest as it is read: a min and
+    a max over the micro-batch on the host, before the copy to the device (no device work, no wait).
+    Out of range, an id would index past the embedding (a device-side assert) or, where it falls
+    into the padded vocabulary, give a silently wrong loss."""
+    for key in ("tokens", "labels"):
+        t = batch[key]
+        if t.device.type != "cpu":
+            continue
+        lo, hi = (int(v) for v in t.aminmax())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise TokenIdError(f"{where}: {key} id {bad} is outside the tokenizer's vocabulary of {vocab_size}: "
+                               "the corpus holds ids of another tokenizer past the ids checked at start-up "
+                               "(--data-path, --tokenizer-model / --vocab-size)")
 
 
 def check_split(split: str) -> None:
@@ -126,7 +155,7 @@ def check_splits_have_tokens(prefixes: Sequence[str], config, GPTDataset, split:
                 continue
             beg, end = (int(round(b * float(n))) for b in bounds)
             if end <= beg or int(low_level.sequence_lengths[beg:end].sum()) == 0:
-                raise ValueError(
+                raise DataError(
                     f"--split {split}: the {name} split of {prefix} gets no tokens (sequences "
                     f"[{beg}, {end}) of {n}); use more data or give {name} weight 0 in --split")
 

@@ -12,7 +12,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_ted.data.gpt_data import build_train_valid_test_datasets, train_valid_test_num_samples
+from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_valid_test_datasets,
+                                         check_batch_token_ids, train_valid_test_num_samples)
 from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
@@ -134,25 +135,30 @@ def memory_report(iteration: int, rank: int) -> str:
 
 
 def _micro_batches(iterator, n: int, device, first_key: int | None = None, dp_rank: int = 0,
-                   dp_size: int = 1) -> list[dict]:
+                   dp_size: int = 1, vocab_size: int | None = None, where: str = "") -> list[dict]:
     """This rank's n micro-batches. With first_key (training), each gets its routing seed: the
     sampler gives micro-step i of DP rank d the (i * dp_size + d)-th micro-batch of the global
-    batch, so first_key + i * dp_size + d names the same samples in every layout."""
+    batch, so first_key + i * dp_size + d names the same samples in every layout. With vocab_size,
+    each one's ids are checked on the host first (check_batch_token_ids)."""
     out = []
     for i in range(n):
-        mb = {k: v.to(device) for k, v in next(iterator).items()}
+        mb = next(iterator)
+        if vocab_size is not None:
+            check_batch_token_ids(mb, vocab_size, f"{where}, micro-batch {i + 1} of {n}, rank {dist.get_rank()}")
+        mb = {k: v.to(device) for k, v in mb.items()}
         if first_key is not None:
             mb["routing_seed"] = first_key + i * dp_size + dp_rank
         out.append(mb)
     return out
 
 
-def evaluate(model, loader_iter, args, groups, device) -> float:
+def evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "") -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for _ in range(args.eval_iters):
-            mbs = _micro_batches(loader_iter, args.num_micro_batches, device)
+        for i in range(args.eval_iters):
+            mbs = _micro_batches(loader_iter, args.num_micro_batches, device, vocab_size=vocab_size,
+                                 where=f"{where}, evaluation batch {i + 1}")
             for mb in mbs:
                 out = model(mb["tokens"], mb["position_ids"], mb["labels"])
                 total += float((out.loss * mb["loss_mask"]).sum())
@@ -273,7 +279,8 @@ def train(args, tokenizer) -> dict:
         sync.zero_grad()
         groups.stats.reset()
         first_key = (it - 1) * args.num_micro_batches * groups.dp.size
-        mbs = _micro_batches(train_iter, args.num_micro_batches, device, first_key, groups.dp.rank, groups.dp.size)
+        mbs = _micro_batches(train_iter, args.num_micro_batches, device, first_key, groups.dp.rank, groups.dp.size,
+                             tokenizer.vocab_size, f"iteration {it}")
         profiler.before(it)
         with torch.profiler.record_function("forward-backward"):
             result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
@@ -297,7 +304,7 @@ def train(args, tokenizer) -> dict:
             memory_reported = True
         if valid_iter is not None and it % args.eval_interval == 0:
             collector.around_evaluation()
-            loss = evaluate(model, valid_iter, args, groups, device)
+            loss = evaluate(model, valid_iter, args, groups, device, tokenizer.vocab_size, f"iteration {it}")
             collector.around_evaluation()
             print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                         f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")
@@ -371,10 +378,13 @@ def main(argv=None) -> int:
         return 2
     try:
         train(args, tokenizer)
-    except CheckpointError as e:  # every rank raises the same one (the ranks agree on checkpoint errors)
+    except (CheckpointError, DataError) as e:  # every rank raises the same one (the ranks agree on these)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
             dist.destroy_process_group()
+        return 2
+    except TokenIdError as e:  # only the rank that read the batch: it exits, and the launcher stops the rest
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
