@@ -112,8 +112,6 @@ def check_token_ids(prefixes: Sequence[str], vocab_size: int, sample_tokens: int
                 "(--tokenizer-model, or --vocab-size for NullTokenizer) or re-run tools/preprocess_data.py")
 
 
-
-
 def check_batch_token_ids(batch: dict, vocab_size: int, where: str) -> None:
     """Every token and label of a batch still on the host is an id of the tokenizer. check_token_ids
     reads the first 16M ids of each corpus at start-up; this covers the rest as it is read: a min and
