@@ -98,13 +98,13 @@ def test_ids_past_the_start_up_check_stop_the_run_at_their_batch(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     prefix = str(tmp_path / "late_text_document")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for d in range(20):                         # ids 1..60, and 150 in the last document only
+    for d in range(20):                         # ids 1..59, and 150 in the last document only
         doc = torch.arange(1, 40) + d % 3 * 10
         builder.add_document(torch.cat([doc, torch.tensor([150])]) if d == 19 else doc, [40 if d == 19 else 39])
     builder.finalize(prefix + ".idx")
     argv = [a for a in TINY if a != "--mock-data"][:-2] + [
-        "--data-path", prefix, "--vocab-size", "100", "--split", "1,0,0", "--global-batch-size", "2", "--train-iters", "60",
-        "--log-interval", "1", "--eval-iters", "0"]
+        "--data-path", prefix, "--vocab-size", "100", "--split", "1,0,0", "--global-batch-size", "2",
+        "--train-iters", "60", "--log-interval", "1", "--eval-iters", "0"]
     # the start-up check reads the first 40 ids here (16M in a run), so only the batch check can see it
     code = ("import sys; from megatron_ted.data import gpt_data; gpt_data.check_token_ids.__defaults__ = (40,); "
             "from megatron_ted.training.train import main; sys.exit(main(sys.argv[1:]))")
@@ -132,7 +132,8 @@ def test_ids_past_the_start_up_check_stop_the_run_at_their_batch(tmp_path):
     r = subprocess.run([*launcher, str(script), *argv], env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
                        text=True, timeout=180)
     assert r.returncode != 0
-    assert len(re.findall(r"error: iteration \d+, micro-batch 1 of 1, rank [01]: (?:tokens|labels) id 150 ", r.stderr)) == 1
+    errors = re.findall(r"error: iteration \d+, micro-batch 1 of 1, rank [01]: (?:tokens|labels) id 150 ", r.stderr)
+    assert len(errors) == 1, r.stderr[-3000:]
 
 
 def test_batch_check_takes_in_range_ids_and_names_the_bad_one():
