@@ -90,7 +90,7 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
                         tp=groups.tp if sequence_parallel else None)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=lr, weight_decay=0.1, clip_grad=clip_grad)
     if cuda_graph_scope is not None:
-        capture_layer_fronts(model.layers, micro, SEQ, dtype, cuda_graph_scope,
+        capture_layer_fronts(model.layers, micro, SEQ, dtype, cuda_graph_scope, rotary=model.rotary,
                              sequence_parallel_size=groups.tp.size if sequence_parallel else 1, make_graphed=eager_graphs)
     losses, grads, stats = [], None, None
     aux_losses, grad_norms, moe_steps = [], [], []

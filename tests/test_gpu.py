@@ -52,7 +52,7 @@ def _grads(groups, device, dtype, dtd=True, global_batch=8, micro=2, router=None
         compile_layers(model)
     sync = GradientSync(model, groups.dp, groups.expert_dp)
     if graphs:   # after GradientSync, as in training: the graphed weights' gradients take the hook's path
-        capture_layer_fronts(model.layers, micro, SEQ, dtype, graphs)
+        capture_layer_fronts(model.layers, micro, SEQ, dtype, graphs, rotary=model.rotary)
     batch = _batch(global_batch, device)
     per = global_batch // groups.dp.size
     first = groups.dp.rank * per

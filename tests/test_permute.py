@@ -245,11 +245,12 @@ def _reorder_rank(rank, world, tp, ep):
     n_sizes = ep + ep * L + 1 + (tp + L if tp > 1 else 0)   # receives per (rank, expert), K, and DTD's
     waits = [i for i, o in enumerate(out)
              if o.func is torch.ops.aten.cat.default and o.dtype == torch.int64 and o.shape == (n_sizes,)]
-    windows = []
-    for w in waits:   # from the wait to the reorder's gather of the received rows
-        end = next(i for i in range(w + 1, len(out)) if out[i].func in GATHERS and out[i].dtype == torch.float64)
+    windows, end = [], 0
+    for w in waits:   # this layer's ops before its wait, and from the wait to the gather of the received rows
+        start, end = end, next(i for i in range(w + 1, len(out))
+                               if out[i].func in GATHERS and out[i].dtype == torch.float64)
         windows.append(([str(o.func) for o in out[w + 1:end] if o.func in INDEX_MATH],
-                        [str(o.func) for o in out[:w] if o.func in INDEX_MATH]))
+                        [str(o.func) for o in out[start:w] if o.func in INDEX_MATH]))
     return windows
 
 

@@ -119,10 +119,7 @@ def check_batch_token_ids(batch: dict, vocab_size: int, where: str) -> None:
     Out of range, an id would index past the embedding (a device-side assert) or, where it falls
     into the padded vocabulary, give a silently wrong loss."""
     for key in ("tokens", "labels"):
-        t = batch[key]
-        if t.device.type != "cpu":
-            continue
-        lo, hi = (int(v) for v in t.aminmax())
+        lo, hi = (int(v) for v in batch[key].aminmax())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise TokenIdError(f"{where}: {key} id {bad} is outside the tokenizer's vocabulary of {vocab_size}: "

@@ -102,7 +102,7 @@ class LayerFront(nn.Module):
         self.routing_static: dict = {}            # the others (ints, None): the same every call
 
     def forward(self, x: torch.Tensor, *rotary: torch.Tensor):
-        return self.run(x, *rotary)
+        return self.run(x, *rotary)    # make_graphed_callables replaces forward; `run` stays the eager path
 
     def run(self, x: torch.Tensor, *rotary: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(x + attn(norm(x)), its post-attention norm[, the routing tensors]): tensors only."""
@@ -130,14 +130,14 @@ class GraphedFront:
     runs it eagerly otherwise. Returns (x, h, RoutingResult or None). Not an nn.Module, so the
     layer does not register it (its parameters are the layer's own)."""
 
-    def __init__(self, front: LayerFront, graphed, x_sample: torch.Tensor):
+    def __init__(self, front: LayerFront, graphed, samples: tuple[torch.Tensor, ...]):
         self.front, self.graphed = front, graphed
-        self.shape, self.dtype = x_sample.shape, x_sample.dtype
+        self.shapes, self.dtype = tuple(t.shape for t in samples), samples[0].dtype   # x[, cos, sin]
         self.replays = 0          # counted, so tests and logs can tell a replay from an eager call
 
     def __call__(self, x: torch.Tensor, rotary=None):
         rotary = tuple(rotary) if rotary is not None else ()
-        if x.shape == self.shape and x.dtype == self.dtype:
+        if tuple(t.shape for t in (x, *rotary)) == self.shapes and x.dtype == self.dtype:
             outputs = self.graphed(x, *rotary)
             self.replays += 1
         else:
@@ -146,12 +146,12 @@ class GraphedFront:
 
 
 def capture_layer_fronts(layers, micro_batch_size: int, seq_length: int, dtype: torch.dtype, scopes=("attn",),
-                         rotary_dim: int | None = None, sequence_parallel_size: int = 1, warmup_iters: int = 3,
+                         rotary: nn.Module | None = None, sequence_parallel_size: int = 1, warmup_iters: int = 3,
                          make_graphed=None) -> int:
     """Capture every layer's front and install it as `layer.graphed_front`; returns the number of
     layers captured. The input of a front is [micro-batch, seq / SP size, hidden] in `dtype` and,
-    with rotary embeddings (rotary_dim: the head dim), cos and sin [micro-batch, 1, seq, rotary_dim]
-    in float32.
+    with the model's rotary embedding (`rotary`: GPTModel.rotary, None without RoPE), its cos and
+    sin tables for the micro-batch's positions.
 
     `make_graphed` is torch.cuda.make_graphed_callables; a test may pass a stand-in to check the
     plumbing on CPU."""
@@ -176,9 +176,9 @@ def capture_layer_fronts(layers, micro_batch_size: int, seq_length: int, dtype: 
     def sample():
         x = torch.randn(micro_batch_size, seq_length // sequence_parallel_size, hidden, device=device, dtype=dtype,
                         requires_grad=True)
-        rotary = () if rotary_dim is None else tuple(
-            torch.randn(micro_batch_size, 1, seq_length, rotary_dim, device=device) for _ in range(2))
-        return (x,) + rotary
+        if rotary is None:
+            return (x,)
+        return (x,) + tuple(rotary(torch.arange(seq_length, device=device).expand(micro_batch_size, -1)))
 
     # the probe, the warm-up and the capture must leave no trace: the RNG streams and the buffers
     # (the expert bias's load counts) are restored
@@ -197,7 +197,7 @@ def capture_layer_fronts(layers, micro_batch_size: int, seq_length: int, dtype: 
         for b, saved in buffers:
             b.copy_(saved)
     for layer, front, g, args in zip(layers, fronts, graphed, samples):
-        layer.graphed_front = GraphedFront(front, g, args[0])
+        layer.graphed_front = GraphedFront(front, g, args)
     return len(layers)
 
 

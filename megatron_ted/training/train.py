@@ -219,9 +219,9 @@ def train(args, tokenizer) -> dict:
     iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
     if args.cuda_graph_impl == "local":   # after the optimizer and the load: the graphs keep the weights' addresses
         sp = groups.tp.size if getattr(args, "sequence_parallel", False) else 1
-        rotary_dim = args.hidden_size // args.num_attention_heads if args.position_embedding_type == "rope" else None
         n = capture_layer_fronts(model.layers, args.micro_batch_size, args.seq_length, dtype, args.cuda_graph_scope,
-                                 rotary_dim, sp, args.cuda_graph_warmup_steps)
+                                 rotary=model.rotary, sequence_parallel_size=sp,
+                                 warmup_iters=args.cuda_graph_warmup_steps)
         print_rank0(f" > CUDA graphs: the fronts ({' + '.join(args.cuda_graph_scope)}) of {n} layers captured")
 
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
