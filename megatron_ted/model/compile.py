@@ -9,9 +9,10 @@ GEMMs the plain ops (tensor_parallel/wgrad_fusion.py: the hook adds those gradie
 Dropout masks come from Inductor's generator, so a compiled run's masks differ from eager ones;
 full recompute replays them exactly (tests/test_compile.py).
 
-Speed (docs/PERFORMANCE.md): on 1-2 GPUs it fuses the ~90 small router/permutation/elementwise
-kernels of layer A (-13 to -18%); at EP 4 on 4x H200 layer A and the end-to-end step were unchanged
-and TP 2 layers slower (graph breaks at every TP collective). Off by default for that reason.
+Speed (docs/PERFORMANCE.md): it fuses the small router/permutation/elementwise kernels, but since
+the eager MoE path lost its extra host synchronisations it no longer pays: layers at EP 2 and 4 run
+as fast or faster eager, and TP 2 layers run slower compiled (graph breaks at every TP collective).
+Off by default for that reason.
 
 Why per layer (as torchtitan compiles per block): the layers are the repeated unit, so one traced
 graph serves every layer of the same kind (parameters are graph inputs, not guarded constants),

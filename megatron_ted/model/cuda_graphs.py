@@ -6,9 +6,9 @@ input norm, attention, the residual add, the MLP's input norm (scope `attn`) and
 (scope `moe_router`: logits, softmax, top-k, the routing map, the load-balancing losses). Each
 front is captured once, forward and backward, with `torch.cuda.make_graphed_callables`, and then
 replayed as one launch each way. The dispatcher, the experts and the combine stay eager: their
-row counts change every step. Where it pays (docs/PERFORMANCE.md, 2x H200): with TP > 1, whose
-front holds the attention's all-reduces and one rank's late host stalls its pair in each (layer A
-at TP 2: -10%); at TP 1 the host is ahead before the synchronisation anyway (no change).
+row counts change every step. Where it pays (docs/PERFORMANCE.md): with TP > 1, whose front
+holds the attention's all-reduces and one rank's late host stalls its pair in each; at TP 1 the
+host is ahead before the synchronisation anyway, so the graphs change nothing there.
 
 This is megatron-core's `--cuda-graph-impl transformer_engine --cuda-graph-scope attn moe_router`
 on torch's make_graphed_callables instead of transformer-engine's.
@@ -27,8 +27,8 @@ What a user should know:
   be consumed before it (GradientSync does, at once); autograd's own accumulation into `.grad`
   over micro-batches without GradientSync would be wrong.
 - Each layer keeps its front's inputs, outputs and their gradients as static buffers, and the
-  graphs' pool holds what the fronts save for backward: measured +0.9 GB of peak for moe-1.3b-16e
-  at TP 2 (24 layers, micro-batch 4), +0.17 GiB for layer A.
+  graphs' pool holds what the fronts save for backward: a higher peak than eager (measured in
+  docs/PERFORMANCE.md).
 - Refused (`graph_blocker`): activation recompute and --moe-cac (checkpoint replays the front
   eagerly under its own RNG bookkeeping), --compile-layers, attention dropout with TP > 1 (its
   per-call seed is drawn on the host); for `moe_router`, gates that draw random numbers or
