@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 bench/moe_layer.py --shape A --ep 2 --moe-shared-expert-intermediate-size 8192 \
         --moe-shared-expert-overlap
 
-Shapes (DESIGN.md §4): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
+Shapes (docs/PERFORMANCE.md, reference points): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
 GPU; B hidden 4096, 32 heads, expert FFN 16384, 16 experts, top-2, 2048 tokens per GPU.
 "Tokens per GPU" is the micro-batch of each data-parallel rank (TP peers share it; with
 --sequence-parallel each TP rank holds its 1/TP of the sequence between the TP matmuls, and the

@@ -10,7 +10,7 @@ Modes, one result line each (forward + backward of the stack, no optimizer):
   cac      full + --moe-cac (the MoE all-to-all outputs kept for the recompute)
   cac-tp   full + --moe-cac --moe-cac-tp (TP > 1 only: the MoE block's TP collectives kept too)
 
-Shapes (DESIGN.md §4): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
+Shapes (docs/PERFORMANCE.md, reference points): A hidden 2048, 16 heads, expert FFN 8192, 8 experts, top-2, 4096 tokens per
 GPU (= micro-batch of each data-parallel rank; TP peers share it), sequence 2048; the dense
 layers' FFN is the expert FFN. `tiny` runs in seconds on CPU. MoE every `--moe-layer-freq`-th
 layer (the paper: every other layer). Each line: ms per iteration (slowest rank), peak memory

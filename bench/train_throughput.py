@@ -14,7 +14,7 @@ Launches torchrun, prints the layout table, and one result line: median over the
 after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).
 Presets:
   moe-1.3b-16e  GPT-3 1.3B base (24 x 2048, 16 heads), 16 experts every other layer, top-2,
-                seq 2048, micro-batch 4 (megatron-core's reference point in DESIGN.md §4)
+                seq 2048, micro-batch 4 (megatron-core's reference point in docs/PERFORMANCE.md)
   moe-6.7b-16e  GPT-3 6.7B shape (32 x 4096, 32 heads), 16 experts every other layer, seq 2048
   tiny          a CPU-sized model
 """

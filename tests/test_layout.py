@@ -27,7 +27,7 @@ def valid_layouts(worlds=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32)):
                     yield ParallelLayout(world, tp, ep, order)
 
 
-# ---- (a) the DESIGN.md example -----------------------------------------------------------------
+# ---- (a) the docs/DESIGN.md example ------------------------------------------------------------
 
 def test_design_example_16_ranks_tp2_ep4():
     lay = ParallelLayout(16, tensor_parallel=2, expert_parallel=4)

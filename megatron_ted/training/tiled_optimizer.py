@@ -1,6 +1,6 @@
 """Tiled AdamW on the flat gradient buffers, optionally partitioned ZeRO-1 style (the distributed optimizer).
 
-DeepSpeed-TED's memory optimization (DESIGN.md §1 "Tiled optimizer step"). The optimizer works on
+DeepSpeed-TED's memory optimization (docs/DESIGN.md, "The tiled, partitioned optimizer"). The optimizer works on
 `GradientSync`'s flat buffers, one per reduction group (dense over DP, experts over expert-DP), each
 cut into buckets (grad_sync.py). The model's parameters are re-pointed into a flat parameter buffer
 with the same layout, so a range of the gradient buffer, of the parameter buffer and of the
