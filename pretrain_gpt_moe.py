@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 4 pretrain_gpt_moe.py --tensor-model-parallel-size 2 \
         --expert-model-parallel-size 2 --num-experts 4 --mock-data --vocab-size 1024
 
-See README.md for the flags and scripts/ for launchers.
+See docs/TRAINING.md for the flags and docs/LAUNCH.md for the launchers in scripts/.
 """
 import sys
 
