@@ -1,4 +1,4 @@
-"""TopKRouter on hand-written logits; every expected value is derived by hand in the comments.
+"""The production router (moe/router.py, gate topk) on hand-written logits; every expected value is derived by hand in the comments.
 
 Known logits: x = I_T (hidden = T) and weight = L^T, so logits = x @ weight^T = L. Logits are
 written as logs of chosen ratios so the softmax is a simple fraction: softmax(ln[a, b, c]) =
@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from megatron_ted.moe.router import RouterConfig, TopKRouter, compute_capacity
+from megatron_ted.moe.router import Router, RouterConfig
+from megatron_ted.moe.router_capacity import compute_capacity
 
 ln = math.log
 
@@ -17,7 +18,7 @@ ln = math.log
 def route(logits, **cfg):
     L = torch.tensor(logits, dtype=torch.float32)
     T, E = L.shape
-    router = TopKRouter(T, RouterConfig(num_experts=E, **cfg))
+    router = Router(T, RouterConfig(num_experts=E, **cfg))
     with torch.no_grad():
         router.weight.copy_(L.t())
     return router, router(torch.eye(T))
@@ -212,7 +213,7 @@ def test_combine_weights_carry_router_gradient_for_top1():
 
 
 def test_float32_whatever_the_input_dtype():
-    router = TopKRouter(8, RouterConfig(num_experts=4, topk=2), seed=0)
+    router = Router(8, RouterConfig(num_experts=4, topk=2), seed=0)
     r = router(torch.randn(5, 8, dtype=torch.bfloat16))
     assert r.probs_TE.dtype == torch.float32 and r.logits_TE.dtype == torch.float32
     assert r.aux_loss.dtype == torch.float32 and r.z_loss.dtype == torch.float32
@@ -221,13 +222,13 @@ def test_float32_whatever_the_input_dtype():
 
 def test_initialization_follows_the_generator():
     cfg = RouterConfig(num_experts=4)
-    a = TopKRouter(16, cfg, seed=7)
-    b = TopKRouter(16, cfg, seed=7)
-    c = TopKRouter(16, cfg, seed=8)
+    a = Router(16, cfg, seed=7)
+    b = Router(16, cfg, seed=7)
+    c = Router(16, cfg, seed=8)
     assert torch.equal(a.weight, b.weight) and not torch.equal(a.weight, c.weight)
     b.reset_parameters(torch.Generator().manual_seed(7))
     assert torch.equal(a.weight, b.weight)
-    big = TopKRouter(4096, RouterConfig(num_experts=16), init_std=0.02, seed=0)
+    big = Router(4096, RouterConfig(num_experts=16), init_std=0.02, seed=0)
     assert abs(big.weight.std().item() - 0.02) < 1e-3
     assert a.weight.dtype == torch.float32 and a.weight.shape == (4, 16)
 
@@ -257,7 +258,7 @@ def test_matches_megatron_core_softmax_router(topk, capacity_factor):
     T, H, E = 37, 16, 8
     cfg = RouterConfig(num_experts=E, topk=topk, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
                        capacity_factor=capacity_factor, min_capacity=0, drop_policy="probs")
-    router = TopKRouter(H, cfg, seed=1)
+    router = Router(H, cfg, seed=1)
     r = router(torch.randn(T, H, generator=torch.Generator().manual_seed(2)))
     logits = r.logits_TE.detach()
     probs, rmap = mu.topk_routing_with_score_function(logits, topk)
@@ -270,3 +271,4 @@ def test_matches_megatron_core_softmax_router(topk, capacity_factor):
     aux = mu.switch_load_balancing_loss_func(scores, amap.sum(0), T, topk, E, 0.01)
     torch.testing.assert_close(r.aux_loss.detach(), aux)
     torch.testing.assert_close(r.z_loss.detach(), mu.z_loss_func(logits, 1e-3))
+
