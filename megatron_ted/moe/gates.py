@@ -9,7 +9,7 @@ ties deterministically (stable sorts: the lower expert index, then the lower tok
 all ranks of a TP group, which route the same replicated tokens, make the same decisions.
 
 Gates:
-  topk           top-k softmax: Switch Transformer with k = 1 (Fedus et al., arXiv 2101.03961),
+  topk           top-k (softmax or sigmoid scores, optionally group-limited): Switch Transformer with k = 1 (Fedus et al., arXiv 2101.03961),
                  GShard's top-2 without sampling, general k. Weights (megatron-core's
                  `topk_routing_with_score_function`, score function softmax, no pre-softmax): K > 1
                  the softmax over the K chosen logits; K = 1 the raw softmax probability of the
@@ -33,6 +33,8 @@ Gates:
 Rules:
   topk_select          top-k on (scores + expert bias): the bias steers selection only
                        (aux-loss-free balancing, Wang et al., arXiv 2408.15664; DeepSeek-V3)
+  group_limited_select top-k within the best groups of experts (DeepSeek-V2/V3 device/node-limited
+                       routing; megatron-core `group_limited_topk`)
   gshard_keep_second   GShard's random dispatch of the second expert
   multiplicative_jitter  x * U(1 - eps, 1 + eps) (Switch Transformer)
   hash_experts         fixed token-id -> expert table ("Random Hash")
@@ -78,14 +80,29 @@ class GateChoice:
 
 
 def _topk(g: GateInputs) -> GateChoice:
-    K = g.config.topk
-    if g.expert_bias_E is None:
-        idx_TK = topk_select(g.logits_TE, K)
+    """Top-k on the selection key (`_selection_key`), or group-limited; weights by the score function."""
+    cfg, K = g.config, g.config.topk
+    key_TE = _selection_key(g)
+    if cfg.num_groups is None:
+        idx_TK = topk_select(key_TE, K)
     else:
-        idx_TK = topk_select(g.scores_TE, K, g.expert_bias_E)
-    if K == 1:
+        idx_TK = group_limited_select(key_TE, K, cfg.num_groups, cfg.group_topk)
+    if cfg.score_function == "sigmoid":   # the chosen scores, renormalised over the K (megatron-core)
+        s_TK = g.scores_TE.gather(1, idx_TK)
+        return GateChoice(idx_TK, s_TK / (s_TK.sum(dim=-1, keepdim=True) + 1e-20) if K > 1 else s_TK)
+    if K == 1 or cfg.pre_softmax:         # the raw softmax probabilities of the chosen experts
         return GateChoice(idx_TK, g.scores_TE.gather(1, idx_TK))
     return GateChoice(idx_TK, torch.softmax(g.logits_TE.gather(1, idx_TK), dim=-1))
+
+
+def _selection_key(g: GateInputs) -> torch.Tensor:
+    """What the top-k is taken on (detached): the logits (softmax, no pre-softmax: same order as the
+    scores, as megatron-core); else the scores; plus the expert bias when there is one."""
+    cfg = g.config
+    if g.expert_bias_E is None:
+        plain = cfg.score_function == "softmax" and not cfg.pre_softmax
+        return (g.logits_TE if plain else g.scores_TE).detach()
+    return g.scores_TE.detach() + g.expert_bias_E.to(g.scores_TE.dtype)
 
 
 def _gshard(g: GateInputs) -> GateChoice:
@@ -144,6 +161,22 @@ def topk_select(scores_TE: torch.Tensor, topk: int, bias_E: torch.Tensor | None 
     """[T, K] expert indices: the top-k of scores (+ bias), best first, lower index on ties."""
     key_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E.to(scores_TE.dtype)
     return torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :topk]
+
+
+def group_limited_select(key_TE: torch.Tensor, topk: int, num_groups: int, group_topk: int) -> torch.Tensor:
+    """[T, K] expert indices: the top-k of the experts in each token's `group_topk` best groups.
+
+    The E experts form `num_groups` equal groups of consecutive indices; a group's score is the sum
+    of its top (topk // group_topk) keys (megatron-core `group_limited_topk`; DeepSeek-V3 sums the
+    top 2 of 8 per node with K = 8, g = 4). Ties: the lower group, then the lower expert index."""
+    T, E = key_TE.shape
+    key_TE = key_TE.detach()
+    per_group = torch.sort(key_TE.view(T, num_groups, E // num_groups), dim=-1, descending=True,
+                           stable=True).values[..., :topk // group_topk].sum(dim=-1)           # [T, G]
+    groups_Tg = torch.sort(per_group, dim=-1, descending=True, stable=True).indices[:, :group_topk]
+    kept_TG = torch.zeros_like(per_group, dtype=torch.bool).scatter(1, groups_Tg, True)
+    masked_TE = key_TE.masked_fill(~kept_TG.repeat_interleave(E // num_groups, dim=1), float("-inf"))
+    return topk_select(masked_TE, topk)
 
 
 def gshard_keep_second(weights_T2: torch.Tensor, uniform_T: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,14 @@ Beside the gate (each a flag):
                                    summed over the data-parallel group's micro-batches of the same
                                    micro-step, Qiu et al., arXiv 2501.11873; megatron-core also
                                    averages over gradient-accumulation steps, we do not), none.
+  --moe-router-score-function sigmoid  scores sigmoid(logit) (DeepSeek-V3): top-k on the scores (+ expert
+                                   bias), weights the chosen scores renormalised to sum 1 when K > 1;
+                                   the aux loss's P_e uses the scores normalised per token (megatron-core).
+  --moe-router-pre-softmax         softmax over all E, top-k on it, the chosen probabilities as weights
+                                   (not renormalised).
+  --moe-router-topk-scaling-factor F  combine weights * F (after the gate, before capacity drops).
+  --moe-router-num-groups G --moe-router-group-topk g  group-limited routing (DeepSeek-V2 device-,
+                                   V3 node-limited): see gates.group_limited_select.
   --moe-router-force-load-balancing  benchmarks only: random N(0, 1) logits (straight-through
                                    gradient), every gate but hash; megatron-core's flag.
 
@@ -62,6 +70,7 @@ from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 
 ROUTER_TYPES = tuple(gates.GATES)
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -81,6 +90,11 @@ class RouterConfig:
     seed: int = 0                             # this layer's seed for random draws and the hash map
     vocab_size: int | None = None             # hash routing: the (padded) vocabulary
     force_load_balancing: bool = False        # benchmarks: random logits, balanced load (gates.random_logits)
+    score_function: str = "softmax"           # one of SCORE_FUNCTIONS (sigmoid: DeepSeek-V3)
+    pre_softmax: bool = False                 # softmax over all E, top-k, no renormalisation
+    topk_scaling_factor: float | None = None  # multiplies the combine weights
+    num_groups: int | None = None             # group-limited routing: experts in this many equal groups,
+    group_topk: int | None = None             # the top-k chosen among the experts of the best group_topk
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -143,6 +157,33 @@ class RouterConfig:
         if kind == "expert_choice" and self.drop_policy == "random":
             raise ValueError("--moe-router-type expert_choice has every expert pick its top tokens; "
                              "--moe-token-drop-policy random does not apply")
+        self._check_scores()
+
+    def _check_scores(self):
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"--moe-router-score-function must be one of {', '.join(SCORE_FUNCTIONS)}, "
+                             f"got {self.score_function!r}")
+        if self.pre_softmax and self.score_function != "softmax":
+            raise ValueError("--moe-router-pre-softmax applies to --moe-router-score-function softmax; drop one")
+        if self.topk_scaling_factor is not None and self.topk_scaling_factor <= 0:
+            raise ValueError(f"--moe-router-topk-scaling-factor must be > 0, got {self.topk_scaling_factor}")
+        scored = self.score_function != "softmax" or self.pre_softmax or self.num_groups or self.group_topk
+        if scored and self.router_type not in ("topk", "gshard"):
+            raise ValueError(f"--moe-router-score-function, --moe-router-pre-softmax and group-limited routing work "
+                             f"with --moe-router-type topk or gshard, not {self.router_type}")
+        G, g, E, K = self.num_groups, self.group_topk, self.num_experts, self.topk
+        if (G is None) != (g is None):
+            raise ValueError("--moe-router-num-groups and --moe-router-group-topk go together; pass both or neither")
+        if G is None:
+            return
+        if G < 1 or E % G:
+            raise ValueError(f"--moe-router-num-groups {G} must divide --num-experts {E}")
+        if not 1 <= g <= G:
+            raise ValueError(f"--moe-router-group-topk {g} must be between 1 and --moe-router-num-groups {G}")
+        if g > K or K > g * (E // G):
+            raise ValueError(f"--moe-router-topk {K} must be between --moe-router-group-topk {g} (each kept group "
+                             f"is scored by its top topk/group_topk experts) and the {g * (E // G)} experts of "
+                             f"the kept groups")
 
 
 @dataclass
@@ -254,7 +295,7 @@ class Router(nn.Module):
         seq_length = x.shape[-2] if x.dim() == 3 else None
         if self.weight is not None:
             logits_TE, seq_length = self._logits(x, dtype, generator, seq_length)
-            scores_TE = torch.softmax(logits_TE, dim=-1)
+            scores_TE = torch.sigmoid(logits_TE) if cfg.score_function == "sigmoid" else torch.softmax(logits_TE, -1)
         else:
             expert_T = self._hashed_experts(x, route)
         choice = gates.GATES[cfg.router_type](gates.GateInputs(
@@ -296,9 +337,12 @@ class Router(nn.Module):
         cfg = self.config
         E, K = cfg.num_experts, cfg.topk
         capacity, idx_TK, weights_TK = choice.capacity, choice.idx_TK, choice.weights_TK
+        scale = cfg.topk_scaling_factor   # after the gate: GShard's rule sees the unscaled weights
+        if scale is not None and weights_TK is not None:
+            weights_TK = weights_TK * scale
         if idx_TK is None:   # the gate chose the map itself (expert choice): no drops on top
             requested_TE = map_TE = choice.map_TE
-            probs_TE = scores_TE * map_TE
+            probs_TE = scores_TE * map_TE if scale is None else scores_TE * map_TE * scale
         else:
             T = idx_TK.shape[0]
             requested_TE = torch.zeros(T, E, dtype=torch.bool, device=idx_TK.device).scatter(1, idx_TK, True)
@@ -339,6 +383,8 @@ class Router(nn.Module):
         kind, coeff, K = cfg.load_balancing_type, cfg.aux_loss_coeff, cfg.topk
         if kind == "none" or coeff == 0:
             return scores_TE.new_zeros(())
+        if cfg.score_function == "sigmoid":   # P_e from the scores normalised per token (megatron-core)
+            scores_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
         if kind == "aux_loss":
             return load_balancing_loss(scores_TE, requested_TE, K, coeff)
         if kind == "seq_aux_loss":
