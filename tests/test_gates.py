@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_ted.moe import gates
-from megatron_ted.moe.router import RouterConfig, TopKRouter, load_balancing_loss, topk_softmax
-from megatron_ted.moe.routers import HashRouter, RouteInputs, Router, _mix, update_expert_bias
+from megatron_ted.moe.router import RouteInputs, Router, RouterConfig, _mix, update_expert_bias
+from megatron_ted.moe.router_losses import load_balancing_loss
 from megatron_ted.parallel.comm import Group
 from megatron_ted.training.arguments import parse_args
 
@@ -44,22 +44,6 @@ def draws(key, *shape):
 
 def close(actual, expected):
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), rtol=1e-9, atol=1e-12)
-
-
-# ---- topk: the generic router is TopKRouter when no extra is on --------------------------------
-
-@pytest.mark.parametrize("cfg", [dict(topk=1), dict(topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3),
-                                 dict(topk=2, capacity_factor=0.5, min_capacity=0),
-                                 dict(topk=1, capacity_factor=0.5, min_capacity=0, drop_policy="position")])
-def test_topk_gate_is_the_topk_router(cfg):
-    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(3))
-    plain = TopKRouter(16, RouterConfig(num_experts=4, **cfg), seed=5)
-    gate = Router(16, RouterConfig(num_experts=4, **cfg), seed=5)
-    a, b = plain(x), gate(x)
-    assert torch.equal(a.routing_map_TE, b.routing_map_TE)
-    assert torch.equal(a.probs_TE, b.probs_TE)
-    assert torch.equal(a.aux_loss, b.aux_loss) and torch.equal(a.z_loss, b.z_loss)
-    assert a.num_assignments == b.num_assignments == 24 * cfg["topk"]
 
 
 # ---- GShard: random second expert -------------------------------------------------------------
@@ -144,7 +128,7 @@ def test_rts_is_uniform_over_the_routed_tokens():
 # ---- hash routing -----------------------------------------------------------------------------
 
 def hash_router(vocab=10, experts=3, seed=SEED, **cfg):
-    return HashRouter(RouterConfig(num_experts=experts, topk=1, router_type="hash", vocab_size=vocab, seed=seed, **cfg))
+    return Router(8, RouterConfig(num_experts=experts, topk=1, router_type="hash", vocab_size=vocab, seed=seed, **cfg))
 
 
 def test_hash_routes_by_token_id_with_weight_one():
@@ -347,9 +331,13 @@ def test_forced_balancing_draws_per_micro_batch_and_passes_the_gradient_through(
     assert abs(R.mean().item()) < 0.2 and abs(R.std().item() - 1.0) < 0.2   # N(0, 1), not the router's >= 20
     w = torch.randn(R.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ((a.probs_TE * w).sum() + a.aux_loss).backward()
-    # straight through: d/dW = (dL/dR)^T x, with dL/dR from TopKRouter's rule applied to R by hand
+    # straight through: d/dW = (dL/dR)^T x, with dL/dR from the top-2 softmax rule applied to R by hand:
+    # the 2 largest of each row, weights the softmax over those 2, P_e from the full softmax
     R_ = R.clone().requires_grad_()
-    scores, probs, routed = topk_softmax(R_, 2)
+    idx = torch.sort(R_.detach(), dim=1, descending=True, stable=True).indices[:, :2]
+    probs = torch.zeros_like(R_).scatter(1, idx, torch.softmax(R_.gather(1, idx), dim=1))
+    routed = torch.zeros_like(R_, dtype=torch.bool).scatter(1, idx, True)
+    scores = torch.softmax(R_, dim=1)
     ((probs * w).sum() + load_balancing_loss(scores, routed, 2, 0.01)).backward()
     torch.testing.assert_close(router.weight.grad, R_.grad.t() @ x, rtol=1e-12, atol=1e-12)
     assert router.weight.grad.abs().sum() > 0

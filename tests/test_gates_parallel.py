@@ -35,6 +35,10 @@ GATES = {
     "expert_bias": dict(topk=2, enable_expert_bias=True, bias_update_rate=0.05),
     "seq_aux": dict(topk=2, aux_loss_coeff=0.01, load_balancing_type="seq_aux_loss"),
     "forced_balance": dict(topk=2, aux_loss_coeff=0.01, force_load_balancing=True),
+    # DeepSeek-V3's router: sigmoid scores, 2 groups of 2 experts (the best one kept), the expert
+    # bias, scaled weights, and the aux loss on the per-token-normalised scores
+    "sigmoid+groups+bias": dict(topk=2, score_function="sigmoid", num_groups=2, group_topk=1, enable_expert_bias=True,
+                                bias_update_rate=0.05, topk_scaling_factor=2.5, aux_loss_coeff=0.01),
 }
 GLOBAL_AUX = dict(topk=2, aux_loss_coeff=0.01, load_balancing_type="global_aux_loss")
 

@@ -142,16 +142,13 @@ def test_expert_reorder_permutes_by_gathers_in_every_layout(world, tp, ep):
     assert (padded > 0) if (tp, ep) == (2, 2) else (padded == 0)    # TP 2 x EP 2 does exercise the padding
 
 
-class _LateSendOrder(TokenDispatcher):
-    """As if the router had not said how many experts each token keeps (nor which)."""
-
-    def __call__(self, *args, **kwargs):
-        return super().__call__(*args[:4], None)
-
-
-def _layer(**router):
+def _layer(early_send_order=True, **router):
+    """early_send_order=False: the late path, as if the router had not said how many experts each
+    token keeps (nor which)."""
     torch.manual_seed(0)
-    layer = MoELayer(16, 24, RouterConfig(num_experts=4, **router), Group.single("tp"), Group.single("ep")).double()
+    tp, ep = Group.single("tp"), Group.single("ep")
+    dispatcher = TokenDispatcher(4, ep, tp, early_send_order=early_send_order)
+    layer = MoELayer(16, 24, RouterConfig(num_experts=4, **router), tp, ep, dispatcher=dispatcher).double()
     with torch.no_grad():
         for p in (layer.experts.fc1, layer.experts.fc2):
             p.normal_(0, 0.1)
@@ -177,9 +174,7 @@ def test_send_order_queued_before_the_host_sync_equals_the_late_one(router):
     x = torch.randn(2, 8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     results, map_sorts = [], []
     for early in (True, False):
-        layer = _layer(**router)
-        if not early:   # the late path: as if the router had not said
-            layer.dispatcher.__class__ = _LateSendOrder
+        layer = _layer(early, **router)
         xr = x.clone().requires_grad_()
         with RecordOps() as ops:
             y, _ = layer(xr)

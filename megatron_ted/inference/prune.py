@@ -24,7 +24,6 @@ import os
 import torch
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.moe.routers import HashRouter
 from megatron_ted.parallel.groups import ParallelGroups
 
 
@@ -84,7 +83,7 @@ def expert_usage(model, sequences: torch.Tensor, micro_batch_size: int = 8) -> l
     over `sequences` in inference mode."""
     usage, handles = [], []
     for layer, block in _moe_blocks(model):
-        if isinstance(block.router, HashRouter):
+        if block.router.config.router_type == "hash":
             raise ValueError("--load: the checkpoint uses hash routing; pruning an expert would strand the token "
                              "ids mapped to it, so hash-routed experts cannot be pruned")
         num_experts = block.router.config.num_experts

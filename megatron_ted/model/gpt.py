@@ -19,7 +19,7 @@ from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
 from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
-from megatron_ted.moe.routers import RouteInputs
+from megatron_ted.moe.router import RouteInputs
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -93,7 +93,7 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 routing_seed: int | None = None) -> GPTOutput:
         """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
-        moe/routers.py); the MoE layers also get the token ids (hash routing)."""
+        moe/router.py); the MoE layers also get the token ids (hash routing)."""
         x = self.embedding(tokens)                                     # [B, S, H] ([B, S/TP, H] under SP)
         route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = None

@@ -37,6 +37,8 @@ the recompute (moe/cac.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from megatron_ted.moe import cac
@@ -66,17 +68,76 @@ def chunk_order_index(counts_SL: torch.Tensor, rows: int | None = None) -> torch
     return torch.where(chunk < S * L, chunk_starts[c] + row - (ends[c] - counts[c]), row)
 
 
+@dataclass
+class DeviceCounts:
+    """A dispatch's assignment counts on the device, their exchanges queued (not yet waited for)."""
+    send_PL: torch.Tensor            # this rank's assignments per (destination EP rank, local expert)
+    recv_PL: torch.Tensor            # rows coming per (source EP rank, local expert)
+    most_per_token: torch.Tensor     # [1] the most experts a token of this rank keeps
+    tp_TPL: torch.Tensor | None      # sharded: recv_PL of every rank of the TP group
+
+
+@dataclass
+class SplitSizes:
+    """The same counts on the host: what the dispatch's one synchronisation brings."""
+    input_splits: list[int]                 # rows sent to each EP rank
+    recv_counts: list[list[int]]            # rows received from each EP rank, per local expert
+    experts_per_token: int                  # the most experts a token keeps (at least 1)
+    tp_rows: list[int] | None               # sharded: rows each TP rank received
+    tp_tokens_per_expert: list[int] | None  # sharded: the TP group's rows per local expert
+
+    @property
+    def output_splits(self) -> list[int]:
+        return [sum(c) for c in self.recv_counts]
+
+
+def split_sizes(counts: DeviceCounts) -> SplitSizes:
+    """Every size of the dispatch in one device-to-host copy: the host waits here, once per call."""
+    parts = [counts.send_PL.sum(1), counts.recv_PL.flatten(), counts.most_per_token]
+    if counts.tp_TPL is not None:
+        parts += [counts.tp_TPL.flatten(1).sum(1), counts.tp_TPL.sum((0, 1))]
+    flat = torch.cat(parts).tolist()
+    host, at = [], 0
+    for part in parts:
+        host.append(flat[at: at + part.numel()])
+        at += part.numel()
+    send, recv, most = host[:3]
+    L = counts.recv_PL.shape[1]
+    tp_rows, tp_tokens_per_expert = host[3:] or (None, None)
+    return SplitSizes(send, [recv[i: i + L] for i in range(0, len(recv), L)], max(1, most[0]),
+                      tp_rows, tp_tokens_per_expert)
+
+
+@dataclass
+class SendOrder:
+    """The send buffer of a dispatch and how to undo it (see TokenDispatcher._send_order)."""
+    perm_N: torch.Tensor               # slot (t * K + j) of each sent row
+    inv_N: torch.Tensor | None         # its inverse when every slot is sent
+    weight_TK: torch.Tensor            # each slot's combine weight
+    x_NH: torch.Tensor                 # the rows, sorted by expert
+
+
 class TokenDispatcher:
     overlaps_all_to_all = True   # the flat exchange can run beside `overlap` (the hierarchical one cannot)
 
-    def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True):
+    def __init__(self, num_experts: int, ep: Group, tp: Group, duplicate_token_dropping: bool = True,
+                 early_send_order: bool = True):
+        """early_send_order: when the router fixes each token's K experts, build the send order (and
+        the experts' reorder) before the host waits for the split sizes; False builds them after,
+        from the [T, E] map (the path of routers that do not fix K), e.g. to compare the two."""
         if num_experts % ep.size:
             raise ValueError(f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep.size}")
         self.num_experts, self.ep, self.tp = num_experts, ep, tp
         self.num_local_experts = num_experts // ep.size
         self.dtd = duplicate_token_dropping and tp.size > 1
+        self.early_send_order = early_send_order
         self.sequence_parallel = False   # set by model/sequence_parallel.py: tokens arrive as this rank's shard
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
+
+    @property
+    def sharded(self) -> bool:
+        """The rows routed here are this rank's 1/TP of the tokens (DTD or sequence parallelism)."""
+        return self.tp.size > 1 and (self.dtd or self.sequence_parallel)
 
     def __call__(self, x_TH: torch.Tensor, probs_TE: torch.Tensor, map_TE: torch.Tensor, experts,
                  experts_per_token: int | None = None, overlap=None, topk_TK=None):
@@ -93,69 +154,70 @@ class TokenDispatcher:
         topk_TK: (idx_TK, weights_TK), each token's experts and combine weights when every token
         keeps exactly K (RoutingResult.topk_idx_TK, topk_weights_TK): the send order is sorted
         from them directly instead of recovered from the [T, E] map and weights."""
-        ep, tp, L = self.ep, self.tp, self.num_local_experts
         T_full = x_TH.shape[0]
-        sharded = tp.size > 1 and (self.dtd or self.sequence_parallel)         # rows are this rank's 1/TP
-        drop = sharded and not self.sequence_parallel
+        drop = self.sharded and not self.sequence_parallel
         if drop:                                                                 # 1. drop
-            x_TH, probs_TE, map_TE = (mappings.split(t, tp, dim=0) for t in (x_TH, probs_TE, map_TE))
+            x_TH, probs_TE, map_TE = (mappings.split(t, self.tp, dim=0) for t in (x_TH, probs_TE, map_TE))
             if topk_TK is not None:
-                topk_TK = tuple(mappings.split(t, tp, dim=0) for t in topk_TK)
-
-        # 2. split sizes: this rank's assignments per expert, exchanged over EP (and with DTD the
-        #    received counts of every TP rank, gathered over TP); one host synchronisation brings
-        #    every size (and the most experts any token uses) to the host
-        T, E = map_TE.shape
-        counts_E = map_TE.sum(0)
-        send_counts_PL = counts_E.view(ep.size, L)
-        recv_counts_PL = cac.exchange_counts(send_counts_PL.contiguous(), ep, self.kept)
-        sizes = [send_counts_PL.sum(1), recv_counts_PL.flatten(), map_TE.sum(1).max().view(1)]
-        if sharded:
-            counts_TPL = cac.gather_counts(recv_counts_PL.unsqueeze(0).contiguous(), tp, self.kept)
-            sizes += [counts_TPL.flatten(1).sum(1), counts_TPL.sum((0, 1))]
-        # with a known K the send order goes on the device behind the counts' exchange, so the host
-        # launches it while the exchange runs rather than after it has waited for the sizes
-        early = self._send_order(x_TH, probs_TE, map_TE, experts_per_token, topk_TK=topk_TK) \
-            if experts_per_token else None
-        # and so does the experts' reorder by local expert (step 5), so no index arithmetic waits
-        # between the host's wait and the first expert GEMM: without DTD on the bound of EP x T x K
-        # received rows (every rank routes T tokens); with DTD at EP 1 every TP rank keeps its own
-        # T x K rows, so the gathered buffer holds exactly TP x T x K, unpadded
-        idx = None
-        if early is not None and not sharded and ep.size > 1:
-            idx = chunk_order_index(recv_counts_PL, ep.size * T * experts_per_token)
-        elif early is not None and sharded and ep.size == 1:
-            idx = chunk_order_index(counts_TPL.flatten(0, 1), tp.size * T * experts_per_token)
-        reorder = (idx, inverse_permutation(idx)) if idx is not None else None
-        host = torch.cat(sizes).tolist()
-        input_splits = host[:ep.size]
-        recv_counts = [host[ep.size + i * L: ep.size + (i + 1) * L] for i in range(ep.size)]
-        output_splits = [sum(c) for c in recv_counts]
-        K = max(1, host[ep.size * (L + 1)])
-        tp_sizes = host[ep.size * (L + 1) + 1:]     # sharded: rows per TP rank, then per local expert
-
-        # 3. permute (above, or here when tokens use different numbers of experts) and all-to-all
-        if early is not None and (K, sum(input_splits)) != (experts_per_token, T * experts_per_token):
-            raise RuntimeError(f"the router promised {experts_per_token} experts for each of {T} tokens, but "
-                               f"{sum(input_splits)} assignments are kept, at most {K} per token")
-        perm_N, inv_N, weight_TK, x_NH = early or self._send_order(x_TH, probs_TE, map_TE, K, sum(input_splits))
+                topk_TK = tuple(mappings.split(t, self.tp, dim=0) for t in topk_TK)
+        T = map_TE.shape[0]
+        counts = self._count(map_TE)                                             # 2. sizes, exchanged
+        # with a known K the send order and the experts' reorder go on the device behind the counts'
+        # exchange, so the host launches them while the exchange runs rather than after it has
+        # waited for the sizes, and no index arithmetic waits between that wait and the first GEMM
+        K_fixed = experts_per_token if self.early_send_order else None
+        early = self._send_order(x_TH, probs_TE, map_TE, K_fixed, topk_TK=topk_TK) if K_fixed else None
+        reorder = self._early_reorder(counts, T * K_fixed) if K_fixed else None
+        sizes = split_sizes(counts)                                              # the host waits, once
+        send = early or self._send_order(x_TH, probs_TE, map_TE, sizes.experts_per_token, sum(sizes.input_splits))
+        if early is not None:
+            self._check_promise(K_fixed, T, sizes)
         step = (lambda: next(overlap)) if overlap is not None else None
-        x_RH, _ = self._exchange(x_NH, output_splits, input_splits, step)   # R rows: [src rank][local expert]
-
-        # 4. + 5. + 6.
-        if sharded:
-            y_RH = self._experts_dtd(x_RH, counts_TPL, tp_sizes[:tp.size], tp_sizes[tp.size:], experts, reorder)
+        x_RH, _ = self._exchange(send.x_NH, sizes.output_splits, sizes.input_splits, step)   # 3. a2a
+        if self.sharded:                                                         # 4. + 5. + 6.
+            y_RH = self._experts_dtd(x_RH, counts.tp_TPL, sizes.tp_rows, sizes.tp_tokens_per_expert, experts,
+                                     reorder)
         else:
-            y_RH = self._experts_replicated(x_RH, recv_counts_PL, experts, recv_counts, reorder)
-
-        # 7. back, un-permute, weight: each token sums its K slots
-        y_NH, side = self._exchange(y_RH, input_splits, output_splits, step)
-        y_TKH = scatter_rows(y_NH, perm_N, T * K, inv_N).view(T, K, -1)
-        y_TH = (y_TKH * weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
+            y_RH = self._experts_replicated(x_RH, counts.recv_PL, experts, sizes.recv_counts, reorder)
+        y_NH, side = self._exchange(y_RH, sizes.input_splits, sizes.output_splits, step)   # 7. back
+        y_TH = self._combine(y_NH, send, T, sizes.experts_per_token)
         if drop:                                                                 # 8. restore all tokens
-            y_TH = cac.gather(y_TH, tp, self.kept)
+            y_TH = cac.gather(y_TH, self.tp, self.kept)
         assert y_TH.shape[0] == T_full
         return y_TH, side
+
+    def _count(self, map_TE) -> DeviceCounts:
+        """This rank's assignments per expert, exchanged over EP (and with DTD the received counts
+        of every TP rank, gathered over TP); queued, not waited for."""
+        send_PL = map_TE.sum(0).view(self.ep.size, self.num_local_experts)
+        recv_PL = cac.exchange_counts(send_PL.contiguous(), self.ep, self.kept)
+        tp_TPL = cac.gather_counts(recv_PL.unsqueeze(0).contiguous(), self.tp, self.kept) if self.sharded else None
+        return DeviceCounts(send_PL, recv_PL, map_TE.sum(1).max().view(1), tp_TPL)
+
+    def _early_reorder(self, counts: DeviceCounts, rows_per_rank: int):
+        """The experts' reorder by local expert (step 5) before the sizes reach the host, or None:
+        without DTD on the bound of EP x T x K received rows (every rank routes T tokens); with DTD
+        at EP 1 every TP rank keeps its own T x K rows, so the gathered buffer holds exactly
+        TP x T x K, unpadded. Returns (index, its inverse)."""
+        idx = None
+        if not self.sharded and self.ep.size > 1:
+            idx = chunk_order_index(counts.recv_PL, self.ep.size * rows_per_rank)
+        elif self.sharded and self.ep.size == 1:
+            idx = chunk_order_index(counts.tp_TPL.flatten(0, 1), self.tp.size * rows_per_rank)
+        return (idx, inverse_permutation(idx)) if idx is not None else None
+
+    @staticmethod
+    def _check_promise(K: int, T: int, sizes: SplitSizes):
+        if (sizes.experts_per_token, sum(sizes.input_splits)) != (K, T * K):
+            raise RuntimeError(f"the router promised {K} experts for each of {T} tokens, but "
+                               f"{sum(sizes.input_splits)} assignments are kept, at most "
+                               f"{sizes.experts_per_token} per token")
+
+    @staticmethod
+    def _combine(y_NH, send: SendOrder, T: int, K: int):
+        """Un-permute and weight: each token sums its K slots."""
+        y_TKH = scatter_rows(y_NH, send.perm_N, T * K, send.inv_N).view(T, K, -1)
+        return (y_TKH * send.weight_TK.unsqueeze(-1).to(y_TKH.dtype)).sum(1)
 
     @staticmethod
     def _send_order(x_TH, probs_TE, map_TE, K: int, N: int | None = None, topk_TK=None):
@@ -163,7 +225,7 @@ class TokenDispatcher:
         kept rows sorted by expert (stable: then by token) are sent, N = T * K when all are kept.
         With topk_TK (every token keeps its K) the slots are the router's own order; the rows sent
         are the same, since a token meets each expert at most once.
-        Returns (perm_N, its inverse when it is a full permutation, weight_TK, x_NH)."""
+        Returns the SendOrder (perm_N's inverse only when it is a full permutation)."""
         T, E = map_TE.shape
         if topk_TK is not None:
             slot_TK, weight_TK = topk_TK
@@ -177,7 +239,7 @@ class TokenDispatcher:
             perm_N = perm_N[:N]
         inv_N = inverse_permutation(perm_N) if perm_N.shape[0] == T * K else None   # every slot sent
         x_NH = gather_repeated_rows(x_TH, K, perm_N, inv_N)
-        return perm_N, inv_N, weight_TK, x_NH
+        return SendOrder(perm_N, inv_N, weight_TK, x_NH)
 
     def _exchange(self, x, output_splits, input_splits, step):
         """_all_to_all, with `step` (None, or a step of the overlapped work) run while the rows are

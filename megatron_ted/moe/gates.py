@@ -1,34 +1,182 @@
-"""The gates' routing rules as pure functions on router logits (no parameters, no communication).
+"""The gates of --moe-router-type: each a small strategy in `GATES` (name -> function), and the
+routing rules they use as pure functions (no parameters, no communication).
 
-`moe/routers.py` wires them into the router module; each one here is the algorithm of its paper.
+A gate takes `GateInputs` (the micro-batch's logits and scores) and returns `GateChoice`: each
+token's experts and combine weights, or, for a gate that does not pick per token (expert choice),
+the routing map itself. `moe/router.py` runs the gate between the logits and the capacity drops.
 Shapes: T tokens, E experts, K experts per token, C tokens per expert. Every selection breaks
 ties deterministically (stable sorts: the lower expert index, then the lower token index), so
 all ranks of a TP group, which route the same replicated tokens, make the same decisions.
 
+Gates:
+  topk           top-k (softmax or sigmoid scores, optionally group-limited): Switch Transformer with k = 1 (Fedus et al., arXiv 2101.03961),
+                 GShard's top-2 without sampling, general k. Weights (megatron-core's
+                 `topk_routing_with_score_function`, score function softmax, no pre-softmax): K > 1
+                 the softmax over the K chosen logits; K = 1 the raw softmax probability of the
+                 chosen expert (Switch, DeepSpeed `top1gating`; megatron-core would give the constant
+                 1.0, which cuts the router off from the LM-loss gradient; we do not copy that).
+  gshard         top-2 with GShard's random second expert (Lepikhin et al., arXiv 2006.16668): in
+                 training the second expert of a token is used only when 2 * g2 > u, u ~ U[0, 1).
+  hash           Hash Layers (Roller et al., arXiv 2106.04426): a fixed random token-id -> expert
+                 table drawn from the seed, weight 1, no router parameters; needs the token ids.
+  base           BASE layers (Lewis et al., arXiv 2103.16716): in training every expert gets
+                 exactly T/E tokens of the micro-batch, the assignment maximising the summed
+                 logits; at inference each token goes to its top expert. Weight sigmoid(logit).
+  expert_choice  Expert Choice (Zhou et al., arXiv 2202.09368): expert e takes the C tokens with
+                 the largest softmax scores, C = max(min_capacity, ceil(T * k * cf / E)) capped at
+                 T (k * cf experts per token on average; cf defaults to 1). Weight = the score.
+                 Each expert sees every token of the micro-batch, so it is not causal.
+  sinkhorn       Sinkhorn balancing (Clark et al., arXiv 2202.01169; megatron-core's "sinkhorn"):
+                 in training the top-k is chosen on the Sinkhorn-normalised token-expert matrix;
+                 at inference on the logits. Weight sigmoid(logit) for k = 1, else softmax over the k.
+
+Rules:
   topk_select          top-k on (scores + expert bias): the bias steers selection only
                        (aux-loss-free balancing, Wang et al., arXiv 2408.15664; DeepSeek-V3)
-  gshard_keep_second   GShard's random dispatch of the second expert (Lepikhin et al., arXiv 2006.16668)
-  multiplicative_jitter  x * U(1 - eps, 1 + eps) (Switch Transformer, Fedus et al., arXiv 2101.03961)
-  hash_experts         fixed token-id -> expert table (Hash Layers, Roller et al., arXiv 2106.04426)
-  balanced_assignment  BASE layers' linear assignment, every expert exactly T/E tokens
-                       (Lewis et al., arXiv 2103.16716), solved with Bertsekas' auction algorithm
-  expert_choice        each expert takes its top-C tokens (Zhou et al., arXiv 2202.09368)
-  sinkhorn_log_scaling Sinkhorn-Knopp balancing of the token-expert matrix (Clark et al.,
-                       arXiv 2202.01169, S-BASE; megatron-core's "sinkhorn" router)
+  group_limited_select top-k within the best groups of experts (DeepSeek-V2/V3 device/node-limited
+                       routing; megatron-core `group_limited_topk`)
+  gshard_keep_second   GShard's random dispatch of the second expert
+  multiplicative_jitter  x * U(1 - eps, 1 + eps) (Switch Transformer)
+  hash_experts         fixed token-id -> expert table ("Random Hash")
+  balanced_assignment  BASE layers' linear assignment, every expert exactly T/E tokens, solved
+                       with Bertsekas' auction algorithm
+  expert_choice        each expert takes its top-C tokens
+  sinkhorn_log_scaling Sinkhorn-Knopp balancing of the token-expert matrix
   random_logits        N(0, 1) logits with a straight-through gradient: balanced routing for
                        benchmarks (megatron-core's --moe-router-force-load-balancing)
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
+
+from megatron_ted.moe.router_capacity import compute_capacity
+
+
+@dataclass
+class GateInputs:
+    """What a gate sees of one micro-batch (T tokens, the full set on every TP rank)."""
+    config: Any                          # the layer's RouterConfig
+    logits_TE: torch.Tensor | None       # router logits (None: hash routing has none)
+    scores_TE: torch.Tensor | None       # softmax of the logits
+    dtype: torch.dtype                   # the routing dtype: float32, or float64 for float64 inputs
+    training: bool
+    generator: Callable[[], torch.Generator]   # this micro-batch's seeded generator, made on first use
+    expert_bias_E: torch.Tensor | None = None  # aux-loss-free balancing: steers selection only
+    expert_T: torch.Tensor | None = None       # hash routing: each token's expert from the table
+
+
+@dataclass
+class GateChoice:
+    idx_TK: torch.Tensor | None          # each token's experts, best first (None: map_TE says)
+    weights_TK: torch.Tensor | None      # their combine weights
+    map_TE: torch.Tensor | None = None   # the kept assignments when not all of idx_TK (GShard), or
+    #                                      the whole choice (expert choice: probs = scores * map)
+    capacity: int | None = None          # set by a gate that fixes its own capacity
+    num_assignments: int | None = None   # (token, expert) pairs asked for, when not T * K
+
+
+def _topk(g: GateInputs) -> GateChoice:
+    """Top-k on the selection key (`_selection_key`), or group-limited; weights by the score function."""
+    cfg, K = g.config, g.config.topk
+    key_TE = _selection_key(g)
+    if cfg.num_groups is None:
+        idx_TK = topk_select(key_TE, K)
+    else:
+        idx_TK = group_limited_select(key_TE, K, cfg.num_groups, cfg.group_topk)
+    if cfg.score_function == "sigmoid":   # the chosen scores, renormalised over the K (megatron-core)
+        s_TK = g.scores_TE.gather(1, idx_TK)
+        return GateChoice(idx_TK, s_TK / (s_TK.sum(dim=-1, keepdim=True) + 1e-20) if K > 1 else s_TK)
+    if K == 1 or cfg.pre_softmax:         # the raw softmax probabilities of the chosen experts
+        return GateChoice(idx_TK, g.scores_TE.gather(1, idx_TK))
+    return GateChoice(idx_TK, torch.softmax(g.logits_TE.gather(1, idx_TK), dim=-1))
+
+
+def _selection_key(g: GateInputs) -> torch.Tensor:
+    """What the top-k is taken on (detached): the logits (softmax, no pre-softmax: same order as the
+    scores, as megatron-core); else the scores; plus the expert bias when there is one."""
+    cfg = g.config
+    if g.expert_bias_E is None:
+        plain = cfg.score_function == "softmax" and not cfg.pre_softmax
+        return (g.logits_TE if plain else g.scores_TE).detach()
+    return g.scores_TE.detach() + g.expert_bias_E.to(g.scores_TE.dtype)
+
+
+def _gshard(g: GateInputs) -> GateChoice:
+    choice = _topk(g)
+    if g.training:
+        T = g.logits_TE.shape[0]
+        u_T = torch.rand(T, generator=g.generator(), device=g.logits_TE.device, dtype=g.logits_TE.dtype)
+        keep_T = gshard_keep_second(choice.weights_TK, u_T)
+        chosen_TE = torch.zeros_like(g.logits_TE, dtype=torch.bool).scatter(1, choice.idx_TK, True)
+        choice.map_TE = chosen_TE.scatter(1, choice.idx_TK[:, 1:], keep_T.unsqueeze(1))
+    return choice
+
+
+def _sinkhorn(g: GateInputs) -> GateChoice:
+    logits_TE, K = g.logits_TE, g.config.topk
+    key_TE = logits_TE + sinkhorn_log_scaling(logits_TE).to(logits_TE.dtype) if g.training else logits_TE
+    idx_TK = topk_select(key_TE, K)
+    chosen_TK = logits_TE.gather(1, idx_TK)
+    return GateChoice(idx_TK, torch.sigmoid(chosen_TK) if K == 1 else torch.softmax(chosen_TK, dim=-1))
+
+
+def _base(g: GateInputs) -> GateChoice:
+    logits_TE = g.logits_TE
+    T, E = logits_TE.shape
+    if g.training:
+        if T % E:
+            raise ValueError(f"--moe-router-type base needs the tokens of a micro-batch ({T}) "
+                             f"divisible by --num-experts {E}")
+        idx_TK = balanced_assignment(logits_TE).unsqueeze(1)
+    else:
+        idx_TK = topk_select(logits_TE, 1)
+    return GateChoice(idx_TK, torch.sigmoid(logits_TE.gather(1, idx_TK)))
+
+
+def _expert_choice(g: GateInputs) -> GateChoice:
+    cfg, scores_TE = g.config, g.scores_TE
+    T, E = scores_TE.shape
+    capacity = min(T, compute_capacity(T, E, cfg.topk, cfg.capacity_factor or 1.0, cfg.min_capacity))
+    return GateChoice(None, None, map_TE=expert_choice(scores_TE, capacity), capacity=capacity,
+                      num_assignments=E * capacity)
+
+
+def _hash(g: GateInputs) -> GateChoice:
+    T = g.expert_T.shape[0]
+    return GateChoice(g.expert_T.unsqueeze(1), torch.ones(T, 1, dtype=g.dtype, device=g.expert_T.device))
+
+
+# --moe-router-type NAME -> its gate (this order is the order error messages list them in)
+GATES: dict[str, Callable[[GateInputs], GateChoice]] = {
+    "topk": _topk, "gshard": _gshard, "hash": _hash, "base": _base, "expert_choice": _expert_choice,
+    "sinkhorn": _sinkhorn,
+}
 
 
 def topk_select(scores_TE: torch.Tensor, topk: int, bias_E: torch.Tensor | None = None) -> torch.Tensor:
     """[T, K] expert indices: the top-k of scores (+ bias), best first, lower index on ties."""
     key_TE = scores_TE.detach() if bias_E is None else scores_TE.detach() + bias_E.to(scores_TE.dtype)
     return torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :topk]
+
+
+def group_limited_select(key_TE: torch.Tensor, topk: int, num_groups: int, group_topk: int) -> torch.Tensor:
+    """[T, K] expert indices: the top-k of the experts in each token's `group_topk` best groups.
+
+    The E experts form `num_groups` equal groups of consecutive indices; a group's score is the sum
+    of its top (topk // group_topk) keys (megatron-core `group_limited_topk`; DeepSeek-V3 sums the
+    top 2 of 8 per node with K = 8, g = 4). Ties: the lower group, then the lower expert index."""
+    T, E = key_TE.shape
+    key_TE = key_TE.detach()
+    per_group = torch.sort(key_TE.view(T, num_groups, E // num_groups), dim=-1, descending=True,
+                           stable=True).values[..., :topk // group_topk].sum(dim=-1)           # [T, G]
+    groups_Tg = torch.sort(per_group, dim=-1, descending=True, stable=True).indices[:, :group_topk]
+    kept_TG = torch.zeros_like(per_group, dtype=torch.bool).scatter(1, groups_Tg, True)
+    masked_TE = key_TE.masked_fill(~kept_TG.repeat_interleave(E // num_groups, dim=1), float("-inf"))
+    return topk_select(masked_TE, topk)
 
 
 def gshard_keep_second(weights_T2: torch.Tensor, uniform_T: torch.Tensor) -> torch.Tensor:

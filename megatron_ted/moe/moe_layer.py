@@ -5,7 +5,7 @@ runs on the full token set of the micro-batch (so capacity and drops do not depe
 dispatcher moves tokens to the expert-parallel ranks that hold their experts.
 
 With --sequence-parallel the block gets this TP rank's sequence shard [B, S/TP, H]; the router
-still decides on the full token set (it all-gathers its logits, moe/routers.py) and the block keeps
+still decides on the full token set (it all-gathers its logits, moe/router.py) and the block keeps
 the combine weights and routing map of its shard's tokens for the dispatcher, which then skips
 DTD's drop and final gather (moe/dispatcher.py).
 
@@ -22,8 +22,7 @@ from torch import nn
 
 from megatron_ted.moe.dispatcher import TokenDispatcher
 from megatron_ted.moe.experts import GroupedExperts
-from megatron_ted.moe.router import RouterConfig, RoutingResult
-from megatron_ted.moe.routers import RouteInputs, build_router
+from megatron_ted.moe.router import RouteInputs, Router, RouterConfig, RoutingResult
 from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 
@@ -42,7 +41,7 @@ class MoELayer(nn.Module):
                  dp: Group | None = None, dispatcher: TokenDispatcher | None = None,
                  shared_experts: nn.Module | None = None, overlap_shared_experts: bool = False):
         super().__init__()
-        self.router = build_router(hidden_size, router_config, dp)      # dp: global_aux_loss only
+        self.router = Router(hidden_size, router_config, dp)      # dp: global_aux_loss only
         self.dispatcher = dispatcher or TokenDispatcher(router_config.num_experts, ep, tp, duplicate_token_dropping)
         self.experts = GroupedExperts(self.dispatcher.num_local_experts, hidden_size, ffn_hidden_size, tp, swiglu)
         self.shared_experts = shared_experts

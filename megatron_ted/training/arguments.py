@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-force-load-balancing", action="store_true",
                    help="benchmarks only: route on random logits (straight-through gradient), so every expert "
                         "gets ~T*k/E tokens, as a trained balanced router would; megatron-core's flag")
+    g.add_argument("--moe-router-score-function", default="softmax",
+                   help="softmax or sigmoid (DeepSeek-V3): the scores the top-k is chosen on and weighted by")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before the top-k; the weights are not renormalised")
+    g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None,
+                   help="multiply the combine weights by this factor")
+    g.add_argument("--moe-router-num-groups", type=int, default=None,
+                   help="group-limited routing: the experts split into this many groups")
+    g.add_argument("--moe-router-group-topk", type=int, default=None,
+                   help="group-limited routing: the top-k is chosen among the experts of this many best groups")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
@@ -363,7 +373,12 @@ def router_config(args, num_experts: int) -> RouterConfig:
         input_jitter_eps=getattr(args, "moe_input_jitter_eps", None),
         enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
         bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3),
-        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False))
+        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False),
+        score_function=getattr(args, "moe_router_score_function", "softmax"),
+        pre_softmax=getattr(args, "moe_router_pre_softmax", False),
+        topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
+        num_groups=getattr(args, "moe_router_num_groups", None),
+        group_topk=getattr(args, "moe_router_group_topk", None))
 
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:

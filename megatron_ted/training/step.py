@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_ted.moe.routers import update_expert_bias
+from megatron_ted.moe.router import update_expert_bias
 from megatron_ted.parallel import comm
 from megatron_ted.parallel.groups import ParallelGroups
 
