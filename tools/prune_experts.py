@@ -10,7 +10,9 @@ Routing frequency is measured with the checkpoint's gate on a data sample: a Meg
 prefix (--data-path), a text file (--text-file: JSONL {"text": ...} or plain lines), or random ids
 (--mock-data). Each MoE layer keeps its --keep-experts most used experts (one value for all, or one
 per MoE layer) and the smaller checkpoint is written to --save (same format; the usage and the kept
-indices are recorded in its metadata.json under "extra"). Bad input prints one `error:` line and
+indices are recorded in its metadata.json under "extra"). A --save that already holds a checkpoint
+is refused unless --overwrite: the pruned checkpoint is then written beside it and swapped in at the
+end, so the old or the new one is whole at every moment. Bad input prints one `error:` line and
 exits with 2.
 """
 from __future__ import annotations
