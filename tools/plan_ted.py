@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ted.cli import one_line_errors  # noqa: E402
+from megatron_ted.cli import OneLineErrorParser, one_line_errors  # noqa: E402
 from megatron_ted.data.tokenizer import build_tokenizer  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
 from megatron_ted.planning.search import PRESETS, evaluate, search  # noqa: E402
@@ -66,7 +66,7 @@ def build_planner_parser(preset: str | None, cluster: str | None) -> argparse.Ar
 
 
 def _pre(argv):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--preset", default=None)
     pre.add_argument("--cluster", default=None)
     known, _ = pre.parse_known_args(argv)

@@ -45,8 +45,8 @@ def sample_sequences(tokenizer, seq_length: int, num_samples: int, data_path: st
         return torch.randint(0, tokenizer.vocab_size, (num_samples, seq_length), generator=gen)
     ids: list[int] = []
     if data_path is not None:
-        if not (os.path.isfile(data_path + ".bin") and os.path.isfile(data_path + ".idx")):
-            raise ValueError(f"--data-path {data_path}: {data_path}.bin/.idx not found")
+        from megatron_ted.data.gpt_data import check_prefixes_exist
+        check_prefixes_exist([data_path])   # missing or damaged files: one line naming the file
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         dataset = IndexedDataset(data_path)
