@@ -150,3 +150,17 @@ def test_cli(untrained, tmp_path):
         r = subprocess.run([sys.executable, script, *argv], env=env, capture_output=True, text=True, timeout=120)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def test_cli_bad_prompts_are_one_line(untrained):
+    """An id beyond the vocabulary raised IndexError, text on a NullTokenizer checkpoint said
+    "invalid literal for int()": now one line naming --prompt and what to give."""
+    path, _ = untrained
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "tools", "generate_text.py")
+    for prompt, needle in (("1 2 999", "token id 999 is outside"), ("hello world", "give the prompt as token ids")):
+        r = subprocess.run([sys.executable, script, "--load", path, "--prompt", prompt, "--max-new-tokens", "2"],
+                           env=env, capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert lines[0].startswith("error: --prompt") and needle in lines[0], lines[0]

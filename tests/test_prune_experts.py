@@ -187,3 +187,64 @@ def test_bad_checkpoints(original, tmp_path, capsys):
     # the same through the command line: exit code 2, one line, no traceback
     r = run_tool("--load", original, "--save", str(tmp_path / "o3"), "--keep-experts", "9")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def _hashes(directory) -> dict:
+    import hashlib
+    out = {}
+    for base, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(base, name), "rb") as f:
+                out[os.path.relpath(os.path.join(base, name), directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def test_a_save_directory_holding_a_checkpoint_is_replaced_only_with_overwrite(original, tmp_path):
+    """--save into a directory that holds a checkpoint exited 0 and silently replaced it; now one
+    line and nothing changed, unless --overwrite: then the pruned checkpoint and nothing beside it."""
+    existing = checkpoint(tmp_path / "existing")
+    before = _hashes(existing)
+    r = run_tool("--load", original, "--save", existing, "--keep-experts", "2")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"--save {existing} already holds a checkpoint" in lines[0] and "--overwrite" in lines[0]
+    assert _hashes(existing) == before
+    r = run_tool("--load", original, "--save", existing, "--keep-experts", "2", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert read_metadata(find_checkpoint(existing))["args"]["num_experts"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["existing"]   # no staging directory or old copy left
+    assert sorted(os.listdir(existing)) == ["iter_0000007", "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.parametrize("atomic_swap", [True, False])
+def test_replace_directory_keeps_one_whole_copy(tmp_path, monkeypatch, atomic_swap):
+    """With or without the file system's atomic swap, the new directory ends at the target and the
+    old one is gone; without it, a failed second rename puts the old one back."""
+    from megatron_ted.inference import prune
+    if not atomic_swap:
+        monkeypatch.setattr(prune, "_exchange", lambda a, b: False)
+    target = tmp_path / "ck"
+    target.mkdir()
+    (target / "f").write_text("old")
+    new = prune.staging_dir_for(str(target))
+    with open(os.path.join(new, "f"), "w") as f:
+        f.write("new")
+    prune.replace_directory(new, str(target))
+    assert (target / "f").read_text() == "new" and os.listdir(tmp_path) == ["ck"]
+    if not atomic_swap:
+        new = prune.staging_dir_for(str(target))
+        monkeypatch.setattr(prune.os, "rename", _fail_second(os.rename))
+        with pytest.raises(OSError):
+            prune.replace_directory(new, str(target))
+        assert (target / "f").read_text() == "new"
+
+
+def _fail_second(rename):
+    calls = []
+
+    def wrapped(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise OSError("simulated failure")
+        return rename(a, b)
+    return wrapped

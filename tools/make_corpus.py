@@ -13,7 +13,6 @@ The corpus depends on the Python version (the stdlib differs), not on the machin
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import importlib
@@ -24,6 +23,10 @@ import os
 import pkgutil
 import sys
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ted.cli import OneLineErrorParser  # noqa: E402
 
 # Never imported: side effects on import (browser, stdout, GUI, terminal), huge test suites, or
 # platform-specific modules that only fail or warn.
@@ -168,7 +171,7 @@ def build_corpus(max_docs: int | None = None, min_chars: int = 100):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="JSONL file to write")
     parser.add_argument("--max-docs", type=int, default=None, help="stop after N documents")
     parser.add_argument("--min-chars", type=int, default=100, help="drop shorter documents")

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ted.cli import OneLineErrorParser, one_line_errors  # noqa: E402
 from megatron_ted.data.tokenizer import build_tokenizer  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
 from megatron_ted.planning.search import PRESETS, evaluate, search  # noqa: E402
@@ -36,7 +37,7 @@ CLUSTERS = {
 
 
 def build_planner_parser(preset: str | None, cluster: str | None) -> argparse.ArgumentParser:
-    p = build_parser()
+    p = one_line_errors(build_parser())   # an unknown flag: one line with the closest known one
     p.description = "Plan a TED layout: memory, communication and time per layout"
     g = p.add_argument_group("planner")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a model (flags given win)")
@@ -65,7 +66,7 @@ def build_planner_parser(preset: str | None, cluster: str | None) -> argparse.Ar
 
 
 def _pre(argv):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = OneLineErrorParser(add_help=False)
     pre.add_argument("--preset", default=None)
     pre.add_argument("--cluster", default=None)
     known, _ = pre.parse_known_args(argv)

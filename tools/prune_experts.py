@@ -10,13 +10,16 @@ Routing frequency is measured with the checkpoint's gate on a data sample: a Meg
 prefix (--data-path), a text file (--text-file: JSONL {"text": ...} or plain lines), or random ids
 (--mock-data). Each MoE layer keeps its --keep-experts most used experts (one value for all, or one
 per MoE layer) and the smaller checkpoint is written to --save (same format; the usage and the kept
-indices are recorded in its metadata.json under "extra"). Bad input prints one `error:` line and
+indices are recorded in its metadata.json under "extra"). A --save that already holds a checkpoint
+is refused unless --overwrite: the pruned checkpoint is then written beside it and swapped in at the
+end, so the old or the new one is whole at every moment. Bad input prints one `error:` line and
 exits with 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,7 +30,9 @@ from megatron_ted.cli import OneLineErrorParser  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="a --save directory (its latest checkpoint) or an iter_* directory")
-    p.add_argument("--save", required=True, help="where to write the pruned checkpoint")
+    p.add_argument("--save", required=True, help="where to write the pruned checkpoint (a new directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint already in --save (the old one stays whole until the new one is)")
     p.add_argument("--keep-experts", type=int, nargs="+", required=True,
                    help="experts to keep per MoE layer: one value, or one per MoE layer")
     src = p.add_mutually_exclusive_group()
@@ -48,7 +53,9 @@ def main(argv=None) -> int:
         import torch
 
         from megatron_ted.inference.generate import load_for_inference
-        from megatron_ted.inference.prune import choose_experts, expert_usage, prune_model, sample_sequences
+        from megatron_ted.inference.prune import (check_save_target, choose_experts, expert_usage, holds_checkpoint,
+                                                  prune_model, replace_directory, sample_sequences,
+                                                  staging_dir_for)
         from megatron_ted.training.checkpoint import find_checkpoint, read_metadata, save_checkpoint
         from megatron_ted.parallel.groups import ParallelGroups
 
@@ -60,6 +67,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--load {args.load}: no checkpoint there")
         if os.path.abspath(args.save) in (os.path.abspath(args.load), os.path.abspath(os.path.dirname(source))):
             raise ValueError(f"--save {args.save} is the checkpoint being pruned; write the pruned one elsewhere")
+        check_save_target(args.save, args.overwrite)
         model, tokenizer, saved = load_for_inference(source, args.tokenizer_model)
         if saved.get("num_experts") is None:
             raise ValueError(f"--load {args.load}: a dense checkpoint has no experts to prune")
@@ -81,8 +89,17 @@ def main(argv=None) -> int:
         extra = {"pruned_from": source, "sample_sequences": int(sample.shape[0]), "sample_seq_length": seq_length,
                  "kept_experts": kept,
                  "expert_usage": [{"layer": u["layer"], "counts": u["counts"].tolist()} for u in usage]}
-        out = save_checkpoint(args.save, int(meta["iteration"]), pruned, None, ParallelGroups.single(), new_args,
-                              consumed_samples=int(meta.get("consumed_samples", 0)), rng=False, extra=extra)
+        replace = holds_checkpoint(args.save)     # --overwrite: write beside it, swap at the end
+        target = staging_dir_for(args.save) if replace else args.save
+        try:
+            out = save_checkpoint(target, int(meta["iteration"]), pruned, None, ParallelGroups.single(), new_args,
+                                  consumed_samples=int(meta.get("consumed_samples", 0)), rng=False, extra=extra)
+            if replace:
+                replace_directory(target, args.save)
+                out = os.path.join(args.save, os.path.basename(out))
+        finally:
+            if replace and os.path.isdir(target):
+                shutil.rmtree(target)
         total = sample.numel()
         for u, k in zip(usage, kept):
             share = [f"{int(c) / total:.2f}" for c in u["counts"]]

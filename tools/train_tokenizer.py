@@ -37,7 +37,7 @@ def iter_sentences(path: str, json_keys: list[str]):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--input {path} line {lineno}: invalid JSON ({err.msg})") from None
+                raise ValueError(f"--input {path} line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
             for key in json_keys:
                 if not isinstance(record, dict) or key not in record:
                     raise ValueError(f"--input {path} line {lineno}: no key {key!r} (see --json-keys)")
@@ -54,26 +54,40 @@ def train(input_path: str, output_prefix: str, vocab_size: int, json_keys=("text
     """Train and write `<output_prefix>.model` / `.vocab`; returns the model path."""
     import sentencepiece as spm
 
+    input_errors = []  # SentencePiece turns an exception of the iterator into a RuntimeError with a code location
+
+    def sentences():
+        try:
+            yield from iter_sentences(input_path, list(json_keys))
+        except ValueError as err:
+            input_errors.append(err)
+            raise
+
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_sentences(input_path, list(json_keys)),
-        model_prefix=output_prefix,
-        model_type=model_type,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,          # a small corpus may not support the full vocab: shrink
-        character_coverage=0.9995,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        max_sentence_length=1 << 14,
-        input_sentence_size=input_sentence_size,   # sample at most this many lines...
-        shuffle_input_sentence=True,               # ...uniformly (seeded above)
-        num_threads=num_threads or min(16, os.cpu_count() or 1),
-        minloglevel=0 if verbose else 2,
-        **SPECIALS,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_prefix=output_prefix,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,          # a small corpus may not support the full vocab: shrink
+            character_coverage=0.9995,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=1 << 14,
+            input_sentence_size=input_sentence_size,   # sample at most this many lines...
+            shuffle_input_sentence=True,               # ...uniformly (seeded above)
+            num_threads=num_threads or min(16, os.cpu_count() or 1),
+            minloglevel=0 if verbose else 2,
+            **SPECIALS,
+        )
+    except RuntimeError:
+        if input_errors:
+            raise input_errors[0] from None
+        raise
     return output_prefix + ".model"
 
 

@@ -14,8 +14,12 @@ Megatron-LM gives. What this module adds:
 
 - `--data-path` parsing (Megatron's blend syntax) with one-line `ValueError`s naming the flag.
 - The index cache (document / sample / shuffle indices as .npy, keyed by an MD5 of the config) goes
-  to `data_cache_path`, default `<directory of the first prefix>/index-cache`, or a temporary
-  directory when that is not writable. With several nodes it must be a directory all of them see.
+  to `data_cache_path`, default `<directory of the first prefix>/index-cache` when that directory is
+  the user's and private, else the user's `~/.cache/megatron_ted/index-cache`. megatron-core unpickles
+  these files, so the cache must be the user's own: created 0700, refused when another user owns it
+  or group / others can write it (`prepare_cache_dir`). With several nodes all of them must see it.
+- Damaged `.bin/.idx` files (a wrong header, a truncated file, an empty corpus) are one `ValueError`
+  naming the file when a prefix is checked (`check_index_files`), before megatron-core opens it.
 - Distributed use: the builder is collective when torch.distributed is initialised (every rank of
   the default group must call this function); rank 0 builds and caches the indices, a barrier, then
   the other ranks load them. Without torch.distributed, megatron-core 0.16.1's BlendedDataset
@@ -27,7 +31,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+import stat
+import struct
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -77,6 +82,52 @@ def check_prefixes_exist(prefixes: Sequence[str]) -> None:
                 f"--data-path {prefix}: {' and '.join(prefix + e for e in missing)} not found{hint}; "
                 "make them with tools/preprocess_data.py"
             )
+        check_index_files(prefix)
+
+
+# Megatron's .idx: magic, version (u64), dtype code (u8), sequence count (u64), document count (u64),
+# then int32 lengths and int64 pointers per sequence, int64 document indices (and an int8 mode per
+# sequence in multimodal data). megatron-core asserts on some of this and misreads the rest.
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = struct.Struct("<9sQBQQ")
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}   # megatron-core's DType codes
+
+
+def check_index_files(prefix: str) -> None:
+    """The .idx header, its size against its counts, and the .bin length against the index: a damaged
+    or foreign file is one ValueError naming it and what is wrong, not an error deep in megatron-core."""
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    where = f"--data-path {prefix}"
+    remake = "re-run tools/preprocess_data.py"
+    idx_size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+        if not head.startswith(_IDX_MAGIC) and not _IDX_MAGIC.startswith(head):
+            raise ValueError(f"{where}: {idx} is not a Megatron index (it starts {head[:9]!r}, "
+                             f"not {_IDX_MAGIC!r}); {remake}")
+        if len(head) < _IDX_HEADER.size:
+            raise ValueError(f"{where}: {idx} is truncated ({idx_size} bytes, the header alone is "
+                             f"{_IDX_HEADER.size}); {remake}")
+        _, version, code, n_seq, n_doc = _IDX_HEADER.unpack(head)
+        if version != 1:
+            raise ValueError(f"{where}: {idx} has index version {version}, expected 1; {remake}")
+        if code not in _DTYPE_SIZES:
+            raise ValueError(f"{where}: {idx} names token dtype code {code}, not one of megatron-core's; {remake}")
+        want = _IDX_HEADER.size + 12 * n_seq + 8 * n_doc
+        if idx_size not in (want, want + n_seq):   # + n_seq: the modes of multimodal data
+            what = "is truncated" if idx_size < want else "is longer than its counts say"
+            raise ValueError(f"{where}: {idx} {what} ({idx_size} bytes; its header counts {n_seq} sequences "
+                             f"and {n_doc} document boundaries, {want} bytes); {remake}")
+        if n_seq == 0:
+            raise ValueError(f"{where}: {idx} holds no sequences (an empty corpus); give a corpus with text")
+        f.seek(_IDX_HEADER.size + 4 * (n_seq - 1))
+        last_length = struct.unpack("<i", f.read(4))[0]
+        f.seek(_IDX_HEADER.size + 4 * n_seq + 8 * (n_seq - 1))
+        last_pointer = struct.unpack("<q", f.read(8))[0]
+    need = last_pointer + last_length * _DTYPE_SIZES[code]
+    bin_size = os.path.getsize(bin_)
+    if bin_size < need:
+        raise ValueError(f"{where}: {bin_} is truncated ({bin_size} bytes; its index {idx} needs {need}); {remake}")
 
 
 class DataError(ValueError):
@@ -155,13 +206,44 @@ def check_splits_have_tokens(prefixes: Sequence[str], config, GPTDataset, split:
                     f"[{beg}, {end}) of {n}); use more data or give {name} weight 0 in --split")
 
 
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
 def default_cache_path(prefixes: Sequence[str]) -> str:
-    """`<dir of first prefix>/index-cache` if writable, else a directory under the system temp dir."""
+    """`<dir of first prefix>/index-cache` when that directory is this user's and private to them,
+    else this user's own cache directory (`$XDG_CACHE_HOME` or `~/.cache`, then
+    `megatron_ted/index-cache`). Never a directory another user can write: see `prepare_cache_dir`."""
     data_dir = os.path.dirname(os.path.abspath(prefixes[0]))
-    path = os.path.join(data_dir, "index-cache")
-    if os.access(path if os.path.isdir(path) else data_dir, os.W_OK):
-        return path
-    return os.path.join(tempfile.gettempdir(), "megatron_ted-index-cache")
+    st = os.stat(data_dir)
+    if st.st_uid == os.getuid() and not _writable_by_others(st) and os.access(data_dir, os.W_OK | os.X_OK):
+        return os.path.join(data_dir, "index-cache")
+    user_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(user_cache, "megatron_ted", "index-cache")
+
+
+def prepare_cache_dir(path: str) -> None:
+    """Create the index cache directory with mode 0700, or check an existing one. megatron-core reads
+    its cache with numpy's allow_pickle=True, so a file there runs code when training starts: the
+    directory must be this user's and not writable by group or others, and so must its files."""
+    where = f"--data-cache-path {path}"
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+        entries = [(e.name, e.stat(follow_symlinks=False)) for e in os.scandir(path)]
+    except OSError as err:
+        raise DataError(f"{where}: cannot create or read it ({err.strerror}); give a directory of your own") from None
+    uid = os.getuid()
+    if st.st_uid != uid:
+        raise DataError(f"{where}: owned by user id {st.st_uid}, not by you; the index cache is unpickled "
+                        "when read, so give a directory of your own")
+    if _writable_by_others(st):
+        raise DataError(f"{where}: writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); the index "
+                        f"cache is unpickled when read: chmod go-w {path}, or give a private directory")
+    foreign = [(name, est.st_uid) for name, est in entries if est.st_uid != uid]
+    if foreign:
+        raise DataError(f"{where}: holds {foreign[0][0]}, owned by user id {foreign[0][1]}; the index cache is "
+                        "unpickled when read: remove that file or give another directory")
 
 
 def train_valid_test_num_samples(train_iters: int, eval_interval: int, eval_iters: int,
@@ -264,6 +346,8 @@ def build_train_valid_test_datasets(
         cache = data_cache_path or default_cache_path(prefixes)
     else:
         cache = data_cache_path  # None: mock indices are rebuilt in memory, nothing written
+    if cache is not None:
+        prepare_cache_dir(cache)
 
     Builder, GPTDataset, GPTDatasetConfig, MockGPTDataset = _import_megatron()
     config = GPTDatasetConfig(

@@ -8,7 +8,9 @@ ids, else int32), `--append-eod` adding the tokenizer's EOD to every non-empty d
 documents are kept as documents without sequences, as Megatron-LM does.
 
 Bad input (missing file, bad JSON line, missing key, tokenizer problem) is a one-line
-`error: ...` on stderr and exit status 1 or 2; partial outputs are removed.
+`error: ...` on stderr and exit status 1 or 2. Outputs are written to temporaries next to them and
+renamed into place only when the whole input is converted: a failed run removes its temporaries
+and leaves an existing dataset under the same prefix untouched.
 
 megatron-core is imported only when the first document is written: its import costs seconds, and
 errors in the flags or the first lines are reported before that.
@@ -87,22 +89,47 @@ def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> 
     return f"{output_prefix}_{key}_{level}"
 
 
+def _create_temporary(path: str) -> str:
+    """A new, empty file `<path>.tmp-<pid>-<n>` created by this run (never one that was there)."""
+    for n in range(100):
+        candidate = f"{path}.tmp-{os.getpid()}-{n}"
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot create a temporary file next to {path}")
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Writers:
-    """One IndexedDatasetBuilder per key, opened on first use; `abort` removes partial files."""
+    """One IndexedDatasetBuilder per key, writing temporaries next to the outputs; `finalize` renames
+    them into place at the very end, `abort` removes them: a failed run leaves any existing dataset
+    under the same prefix as it was."""
 
     def __init__(self, output_prefix: str, json_keys: list[str], vocab_size: int):
         self.prefixes = {key: output_prefix_for(output_prefix, key) for key in json_keys}
         self.vocab_size = vocab_size
         self.builders = None
+        self.temporaries: dict[str, str] = {}   # final path -> this run's temporary
 
     def _open(self):
         with warnings.catch_warnings():  # megatron.core warns that apex / TE are absent
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
         dtype = DType.optimal_dtype(self.vocab_size)
-        self.builders = {
-            key: IndexedDatasetBuilder(prefix + ".bin", dtype=dtype) for key, prefix in self.prefixes.items()
-        }
+        for prefix in self.prefixes.values():
+            for path in (prefix + ".bin", prefix + ".idx"):
+                self.temporaries[path] = _create_temporary(path)
+        self.builders = {key: IndexedDatasetBuilder(self.temporaries[prefix + ".bin"], dtype=dtype)
+                         for key, prefix in self.prefixes.items()}
 
     def add(self, doc: dict) -> None:
         if self.builders is None:
@@ -114,16 +141,55 @@ class _Writers:
         if self.builders is None:
             self._open()  # no documents: still write a valid, empty dataset
         for key, builder in self.builders.items():
-            builder.finalize(self.prefixes[key] + ".idx")
+            builder.finalize(self.temporaries[self.prefixes[key] + ".idx"])
+        for tmp in self.temporaries.values():
+            _fsync(tmp)
+        for final, tmp in self.temporaries.items():  # each rename atomic, all of them back to back
+            os.replace(tmp, final)
+        self.temporaries = {}
 
     def abort(self) -> None:
         if self.builders is not None:
             for builder in self.builders.values():
                 builder.data_file.close()
-        for prefix in self.prefixes.values():
-            for path in (prefix + ".bin", prefix + ".idx"):
-                if os.path.exists(path):
-                    os.remove(path)
+        for tmp in self.temporaries.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        self.temporaries = {}
+
+
+def _make_output_dir(output_prefix: str) -> str | None:
+    """Create the output directory; returns the topmost directory this run created (None: it existed).
+    A prefix under a regular file or in a directory we cannot write is an InputError."""
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    created = None
+    probe = out_dir
+    while not os.path.exists(probe):
+        created, probe = probe, os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InputError(f"--output-prefix {output_prefix}: {probe} is a file, not a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--output-prefix {output_prefix}: cannot create {out_dir} ({err.strerror})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(f"--output-prefix {output_prefix}: directory {out_dir} is not writable")
+    return created
+
+
+def _remove_created_dirs(output_prefix: str, created: str | None) -> None:
+    """Remove the (now empty) directories `_make_output_dir` created, deepest first."""
+    if created is None:
+        return
+    path = os.path.dirname(os.path.abspath(output_prefix))
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == created:
+            return
+        path = os.path.dirname(path)
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -198,14 +264,13 @@ def preprocess(args: argparse.Namespace) -> dict:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     except ValueError as err:
         raise InputError(str(err)) from None
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    created = _make_output_dir(args.output_prefix)
 
     init_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_size, list(args.json_keys),
                  args.append_eod, args.input)
     writers = _Writers(args.output_prefix, list(args.json_keys), tokenizer.vocab_size)
     progress = _Progress(args.log_interval)
-    pool = None
+    pool, done = None, False
     try:
         with _open_input(args.input) as fin:
             lines = enumerate(fin, 1)
@@ -225,16 +290,15 @@ def preprocess(args: argparse.Namespace) -> dict:
                 writers.add(doc)
                 progress.update(info)
         writers.finalize()
+        done = True
     except UnicodeDecodeError as err:
-        writers.abort()
         raise InputError(f"--input {args.input}: not UTF-8 text ({err.reason})") from None
     except (OSError, EOFError) as err:  # unreadable / truncated .gz input, full disk, ...
-        writers.abort()
         raise InputError(f"--input {args.input} -> --output-prefix {args.output_prefix}: {err}") from None
-    except BaseException:
-        writers.abort()
-        raise
     finally:
+        if not done:  # remove only what this run made: its temporaries and the directories it created
+            writers.abort()
+            _remove_created_dirs(args.output_prefix, created)
         progress.close()
         if pool is not None:
             pool.terminate()  # all results are consumed on success; on error, stop the workers
@@ -251,7 +315,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; partial outputs removed", file=sys.stderr)
+        print("error: interrupted; this run's temporary files removed", file=sys.stderr)
         return 130
     for key, prefix in prefixes.items():
         print(f"{key}: {prefix}.bin / {prefix}.idx")

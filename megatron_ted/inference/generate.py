@@ -85,6 +85,10 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, vocab_size: 
         raise ValueError(f"--temperature {temperature} must be >= 0 (0: greedy)")
     if top_k < 0:
         raise ValueError(f"--top-k {top_k} must be >= 0 (0: no top-k cut)")
+    bad = [i for i in prompt_ids if not 0 <= int(i) < vocab_size]
+    if bad:
+        raise ValueError(f"--prompt: token id {bad[0]} is outside the tokenizer's vocabulary "
+                         f"(ids 0 to {vocab_size - 1})")
     if not prompt_ids:
         if eod is None:
             raise ValueError("--prompt is empty and the tokenizer has no end-of-document id to start from")
@@ -123,7 +127,11 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
                   top_k: int = 0, seed: int | None = None, stop_at_eod: bool = True) -> str:
     """The generated continuation of `prompt` (without the prompt, without a final end-of-document)."""
     pad = getattr(tokenizer, "pad", -1)
-    prompt_ids = tokenizer.tokenize(prompt) if prompt else []
+    try:
+        prompt_ids = tokenizer.tokenize(prompt) if prompt else []
+    except ValueError:  # NullTokenizer: the text is ids
+        raise ValueError(f"--prompt {prompt[:40]!r}: this checkpoint has no text tokenizer (NullTokenizer); "
+                         "give the prompt as token ids separated by spaces, e.g. --prompt \"12 7 40\"") from None
     ids = generate_ids(model, prompt_ids, max_new_tokens, tokenizer.vocab_size, temperature, top_k, seed,
                        eod=tokenizer.eod, stop_at_eod=stop_at_eod,
                        banned_ids=(pad,) if pad is not None and pad >= 0 else ())

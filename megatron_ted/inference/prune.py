@@ -18,8 +18,12 @@ Hash routing cannot be pruned this way (a dropped expert's token ids would have 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import re
+import shutil
+import tempfile
 
 import torch
 
@@ -40,8 +44,8 @@ def sample_sequences(tokenizer, seq_length: int, num_samples: int, data_path: st
         return torch.randint(0, tokenizer.vocab_size, (num_samples, seq_length), generator=gen)
     ids: list[int] = []
     if data_path is not None:
-        if not (os.path.isfile(data_path + ".bin") and os.path.isfile(data_path + ".idx")):
-            raise ValueError(f"--data-path {data_path}: {data_path}.bin/.idx not found")
+        from megatron_ted.data.gpt_data import check_prefixes_exist
+        check_prefixes_exist([data_path])   # missing or damaged files: one line naming the file
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         dataset = IndexedDataset(data_path)
@@ -158,3 +162,60 @@ def prune_model(model, args: dict, kept: list[list[int]]):
                 raise AssertionError(f"unexpected shape change of {name}")
             p.copy_(source[name])
     return pruned.eval(), new_args
+
+
+# ------------------------------------------------------------------------------- the --save directory
+def holds_checkpoint(path: str) -> bool:
+    """A save directory with a tracker file or an iteration directory in it."""
+    if not os.path.isdir(path):
+        return False
+    return any(name == "latest_checkpointed_iteration.txt" or re.fullmatch(r"iter_\d+", name)
+               for name in os.listdir(path))
+
+
+def check_save_target(save: str, overwrite: bool) -> None:
+    """--save must be a directory (or not exist); one that holds a checkpoint only with --overwrite."""
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ValueError(f"--save {save} is a file, not a directory")
+    if holds_checkpoint(save) and not overwrite:
+        raise ValueError(f"--save {save} already holds a checkpoint; give a new directory, or pass "
+                         "--overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(save))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--save {save}: {parent} is not a writable directory")
+
+
+def staging_dir_for(save: str) -> str:
+    """A new, empty directory next to `save` (same file system: a rename moves it into place)."""
+    parent, name = os.path.split(os.path.abspath(save))
+    return tempfile.mkdtemp(prefix=f".{name}.pruning-", dir=parent)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_directory(new: str, target: str) -> None:
+    """Put the complete directory `new` at `target`, then remove the old `target`. An atomic swap
+    where the file system has one; else rename the old one aside first. Either way the old or the
+    new checkpoint is whole on disk at every moment, and the old one is removed only at the end."""
+    if _exchange(new, target):
+        shutil.rmtree(new)  # now holds the old target
+        return
+    aside = new + ".old"
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside)
+
