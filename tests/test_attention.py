@@ -203,3 +203,17 @@ def test_no_position_embedding_drops_the_learned_table():
     names = {n for n, _ in build_gpt(tiny_config(add_position_embedding=False), None, g, 1).named_parameters()}
     assert "position_embedding.weight" not in names
     assert "position_embedding.weight" in {n for n, _ in build_gpt(tiny_config(), None, g, 1).named_parameters()}
+
+
+def test_flops_count_the_smaller_kv_projections():
+    """Llama-2-70B-like attention (H 8192, 64 heads of 128, 8 K/V groups), seq 4096, per token
+    forward: q and output projections 2 * 2 * H * H, k and v 2 * 2 * H * (8 * 128), scores and
+    values 2 * 2 * S * H."""
+    from megatron_ted.training.flops import flops_per_token_of_args
+    h, s = 8192, 4096
+    args = _parse("--num-attention-heads", "64", "--group-query-attention", "--num-query-groups", "8",
+                  "--seq-length", str(s), "--hidden-size", str(h), "--num-layers", "1", world=1)
+    args.padded_vocab_size = 128
+    attention = 2 * 2 * h * h + 2 * 2 * h * 1024 + 2 * 2 * s * h
+    mlp, logits = 2 * 2 * h * args.ffn_hidden_size, 2 * h * 128
+    assert flops_per_token_of_args(args) == 3 * (attention + mlp + logits)
