@@ -22,8 +22,10 @@ import time
 import pytest
 import torch
 
+from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel import comm
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training import checkpoint as ckpt
@@ -49,8 +51,14 @@ BATCHES = global_batches(N + M, GB)
 
 # ---- the tiny training setup (parity's model and batches, float64) -----------------------------
 
-def make(groups: ParallelGroups, seed=1234, dtype=torch.float64, hidden=16, num_experts=4, fp16_scaler=False):
-    model = build_gpt(tiny_config(hidden_size=hidden), tiny_moe(num_experts=num_experts), groups, seed).to(dtype)
+# grouped-query attention with one K/V group (held by both ranks of TP 2), qkv bias, qk-layernorm
+GQA = dict(attention=AttentionConfig(num_query_groups=1, add_qkv_bias=True, qk_layernorm=True), add_bias_linear=False)
+
+
+def make(groups: ParallelGroups, seed=1234, dtype=torch.float64, hidden=16, num_experts=4, fp16_scaler=False,
+         config_kw=None):
+    model = build_gpt(tiny_config(hidden_size=hidden, **(config_kw or {})), tiny_moe(num_experts=num_experts),
+                      groups, seed).to(dtype)
     sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500)
     opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=LR, weight_decay=0.1, clip_grad=1.0,
                               loss_scaler=DynamicLossScaler(8.0, growth_interval=2) if fp16_scaler else None)
@@ -95,6 +103,12 @@ def _world4(rank, world, root):
     save_checkpoint(os.path.join(root, "ck"), N, model, opt, g, {"hidden_size": 16}, consumed_samples=N * GB)
     out["saved_state"] = full_state(model, opt, g)
 
+    # a GQA model trained one step at TP 2 x EP 2: saved, and its full logits (loaded at TP 1 in the test)
+    model, sync, opt = make(g, config_kw=GQA)
+    train_steps(model, sync, opt, g, BATCHES[:1])
+    save_checkpoint(os.path.join(root, "gqa"), 1, model, None, g)
+    out["gqa_logits"] = comm.all_gather(_logits(model), g.tp, dim=-1)
+
     for tp, ep in LOAD_AT:
         g = ParallelGroups.create(ParallelLayout(world, tp, ep))
         model, sync, opt = make(g, seed=99)      # different weights: the load must overwrite them all
@@ -104,6 +118,12 @@ def _world4(rank, world, root):
                              losses=train_steps(model, sync, opt, g, BATCHES[N:]),
                              final=full_state(model, opt, g))
     return out
+
+
+def _logits(model) -> torch.Tensor:
+    batch = BATCHES[0]
+    with torch.no_grad():
+        return model.eval()(batch["tokens"], batch["position_ids"]).logits.contiguous()
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +152,19 @@ def test_save_at_tp2_ep2_loads_at_every_layout_and_in_one_process(world4):
     loaded = load_checkpoint(os.path.join(root, "ck"), model, opt, g)
     assert (loaded.iteration, loaded.consumed_samples, loaded.args) == (N, N * GB, {"hidden_size": 16})
     assert_same_state(full_state(model, opt, g), saved, "loaded in one process")
+
+
+def test_gqa_model_saved_at_tp2_loads_in_one_process_with_equal_logits(world4):
+    root, r = world4
+    meta = json.load(open(os.path.join(root, "gqa", "iter_0000001", ckpt.METADATA)))
+    # the K/V group both TP ranks hold and the shared qk-norm weight are written once
+    assert len(meta["tensors"]["model/layers.0.attention.kv.weight"]["shards"]) == 1
+    assert len(meta["tensors"]["model/layers.0.attention.q_layernorm.weight"]["shards"]) == 1
+    assert meta["tensors"]["model/layers.0.attention.kv.weight"]["shape"] == [2, 4, 16]
+    g = ParallelGroups.single()
+    model, _, _ = make(g, seed=5, config_kw=GQA)
+    load_checkpoint(os.path.join(root, "gqa"), model, None, g)
+    torch.testing.assert_close(_logits(model), r["gqa_logits"], rtol=1e-12, atol=1e-12)
 
 
 def test_resume_continues_the_same_loss_curve_in_any_layout(world4):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.param_count import count_parameters, parameter_shapes
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import CommStats, Group
@@ -27,6 +28,13 @@ CONFIGS = {
     "moe-every-3rd-rope-rmsnorm-nobias": (dict(position_embedding_type="rope", normalization="RMSNorm",
                                                add_bias_linear=False, num_layers=4), dict(layer_freq=3, ffn=24)),
     "dense": (dict(swiglu=True), None),
+    # grouped-query attention: one K/V group (replicated at TP 2, 4), head dim 8 != 16 / 4, qkv bias, RMS qk norm
+    "moe-gqa1-qwen": (dict(attention=AttentionConfig(num_query_groups=1, kv_channels=8, add_qkv_bias=True,
+                                                     qk_layernorm=True), normalization="RMSNorm",
+                           add_bias_linear=False, position_embedding_type="rope"), dict(layer_freq=2)),
+    "dense-gqa2-layernorm-qknorm-nope": (dict(attention=AttentionConfig(num_query_groups=2, qk_layernorm=True),
+                                              add_position_embedding=False), None),
+    "dense-mha-kv-channels": (dict(attention=AttentionConfig(kv_channels=8)), None),
 }
 
 

@@ -171,7 +171,7 @@ def capture_layer_fronts(layers, micro_batch_size: int, seq_length: int, dtype: 
         for p in front.parameters():
             p.fuse_wgrad_accumulation = False     # the gradient leaves the graph; GradientSync's hook adds it
 
-    hidden = layers[0].attention.qkv.in_features
+    hidden = layers[0].attention.hidden_size
 
     def sample():
         x = torch.randn(micro_batch_size, seq_length // sequence_parallel_size, hidden, device=device, dtype=dtype,

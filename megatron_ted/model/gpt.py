@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.mlp import MLP
 from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
@@ -44,6 +45,8 @@ class GPTConfig:
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = False
     moe_layers: tuple[int, ...] = ()           # indices of the layers whose MLP is a MoE block
+    attention: AttentionConfig = field(default_factory=AttentionConfig)   # GQA, head dim, qkv bias, qk norm
+    add_position_embedding: bool = True        # False (--no-position-embedding): no learned positions
 
 
 @dataclass
@@ -64,8 +67,11 @@ class GPTModel(nn.Module):
         self.embedding = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
         if c.position_embedding_type == "learned":
             self.position_embedding, self.rotary = LearnedPositionEmbedding(c.max_position_embeddings, c.hidden_size), None
+            if not c.add_position_embedding:   # no position information but causality (NoPE)
+                self.position_embedding = None
         elif c.position_embedding_type == "rope":
-            self.position_embedding, self.rotary = None, RotaryEmbedding(c.hidden_size // c.num_attention_heads)
+            head_dim = c.attention.head_dim(c.hidden_size, c.num_attention_heads)
+            self.position_embedding, self.rotary = None, RotaryEmbedding(head_dim)
         else:
             raise ValueError(f"--position-embedding-type {c.position_embedding_type} is not supported; use learned or rope")
         self.embedding_dropout = nn.Dropout(c.hidden_dropout)
@@ -80,7 +86,7 @@ class GPTModel(nn.Module):
                 mlp = MLP(c.hidden_size, c.ffn_hidden_size, tp, c.swiglu, c.add_bias_linear)
             layers.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
                                            c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
-                                           c.add_bias_linear))
+                                           c.add_bias_linear, c.attention))
         self.layers = nn.ModuleList(layers)
         self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon)
         if c.untie_embeddings_and_output_weights:
@@ -99,7 +105,7 @@ class GPTModel(nn.Module):
         rotary = None
         if self.position_embedding is not None:
             x = x + self.position_embedding(self._sequence_shard(position_ids))
-        else:
+        elif self.rotary is not None:
             rotary = self.rotary(position_ids)
         x = self.embedding_dropout(x)
 

@@ -11,8 +11,13 @@ SwiGLU's fused gate/up else 1):
     embedding.weight                    [V, H]          rows over TP
     position_embedding.weight           [P, H]          replicated (learned positions only)
     layers.i.{input,post_attention}_norm.{weight,bias}  [H]   replicated (no bias for RMSNorm)
-    layers.i.attention.qkv.{weight,bias}                [3, H, H], [3, H]   dim 1 over TP
-    layers.i.attention.proj.{weight,bias}               [H, H] dim 1 over TP, [H] replicated
+    layers.i.attention.qkv.{weight,bias}                [3, N D, H], [3, N D]   dim 1 over TP (G = N)
+    layers.i.attention.q.{weight,bias}                  [1, N D, H], [1, N D]   dim 1 over TP (G < N)
+    layers.i.attention.kv.{weight,bias}                 [2, G D, H], [2, G D]   dim 1 over TP, at most G
+                                                        slices (TP > G: TP/G ranks hold each)
+    layers.i.attention.{q,k}_layernorm.{weight,bias}    [D]   every TP rank holds it (--qk-layernorm)
+    layers.i.attention.proj.{weight,bias}               [H, N D] dim 1 over TP, [H] replicated
+      (N heads, G query groups, D head dim; qkv/q/kv biases with bias or --add-qkv-bias)
     dense layers:  layers.i.mlp.fc1.{weight,bias}       [g, F, H], [g, F]   dim 1 over TP
                    layers.i.mlp.fc2.{weight,bias}       [H, F] dim 1 over TP, [H] replicated
     MoE layers:    layers.i.mlp.router.weight           [E, H]          replicated (hash routing: no weight,
@@ -27,6 +32,7 @@ SwiGLU's fused gate/up else 1):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,6 +46,7 @@ class ParamShape:
     shape: tuple[int, ...]      # full logical shape (all TP slices, all experts)
     tp_dim: int | None = None   # dim sliced over TP; None: replicated over TP
     expert: bool = False        # dim 0 indexes experts, split over EP
+    max_slices: int | None = None   # at most this many distinct TP slices; more TP ranks hold copies
 
     @property
     def numel(self) -> int:
@@ -49,6 +56,7 @@ class ParamShape:
         """The shape one rank holds at tensor-parallel size `tp` and expert-parallel size `ep`."""
         shape = list(self.shape)
         if self.tp_dim is not None:
+            tp = min(tp, self.max_slices or tp)
             if shape[self.tp_dim] % tp:
                 raise ValueError(f"{self.name}: dim {self.tp_dim} of {self.shape} is not divisible by "
                                  f"--tensor-model-parallel-size {tp}")
@@ -72,6 +80,23 @@ def _norm(prefix: str, config: GPTConfig) -> list[ParamShape]:
     return out
 
 
+def _attention(prefix: str, config: GPTConfig) -> list[ParamShape]:
+    """The q/k/v projections (fused when every head has its own K/V) and the qk-layernorms."""
+    a, h, n = config.attention, config.hidden_size, config.num_attention_heads
+    d, g = a.head_dim(h, n), a.groups(n)
+    parts = [("qkv", 3, n, None)] if g == n else [("q", 1, n, None), ("kv", 2, g, g)]
+    out = []
+    for name, fused, heads, slices in parts:
+        out.append(ParamShape(f"{prefix}.{name}.weight", (fused, heads * d, h), tp_dim=1, max_slices=slices))
+        if config.add_bias_linear or a.add_qkv_bias:
+            out.append(ParamShape(f"{prefix}.{name}.bias", (fused, heads * d), tp_dim=1, max_slices=slices))
+    if a.qk_layernorm:
+        for which in ("q", "k"):
+            out += [dataclasses.replace(s, tp_dim=0, max_slices=1) for s in
+                    _norm(f"{prefix}.{which}_layernorm", dataclasses.replace(config, hidden_size=d))]
+    return out
+
+
 def _dense_mlp(prefix: str, h: int, f: int, g: int, bias: bool) -> list[ParamShape]:
     out = [ParamShape(f"{prefix}.fc1.weight", (g, f, h), tp_dim=1)]
     if bias:
@@ -88,16 +113,15 @@ def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[Pa
     h, f, v, bias = c.hidden_size, c.ffn_hidden_size, c.vocab_size, c.add_bias_linear
     g = 2 if c.swiglu else 1
     moe_layers = moe_layer_indices(c.num_layers, moe.layer_freq) if moe is not None else ()
+    d = c.attention.head_dim(h, c.num_attention_heads)
     out = [ParamShape("embedding.weight", (v, h), tp_dim=0)]
-    if c.position_embedding_type == "learned":
+    if c.position_embedding_type == "learned" and c.add_position_embedding:
         out.append(ParamShape("position_embedding.weight", (c.max_position_embeddings, h)))
     for i in range(c.num_layers):
         p = f"layers.{i}"
         out += _norm(f"{p}.input_norm", c)
-        out.append(ParamShape(f"{p}.attention.qkv.weight", (3, h, h), tp_dim=1))
-        if bias:
-            out.append(ParamShape(f"{p}.attention.qkv.bias", (3, h), tp_dim=1))
-        out.append(ParamShape(f"{p}.attention.proj.weight", (h, h), tp_dim=1))
+        out += _attention(f"{p}.attention", c)
+        out.append(ParamShape(f"{p}.attention.proj.weight", (h, c.num_attention_heads * d), tp_dim=1))
         if bias:
             out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
         out += _norm(f"{p}.post_attention_norm", c)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_ted.model.attention import SelfAttention
+from megatron_ted.model.attention import AttentionConfig, SelfAttention
 from megatron_ted.model.norms import build_norm
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, tp, norm: str = "LayerNorm",
                  eps: float = 1e-5, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
-                 bias: bool = True):
+                 bias: bool = True, attention: AttentionConfig | None = None):
         super().__init__()
         self.input_norm = build_norm(norm, hidden_size, eps)
-        self.attention = SelfAttention(hidden_size, num_heads, tp, attention_dropout, bias)
+        self.attention = SelfAttention(hidden_size, num_heads, tp, attention_dropout, bias, attention, norm, eps)
         self.post_attention_norm = build_norm(norm, hidden_size, eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(hidden_dropout)

@@ -4,6 +4,8 @@ Convention (as in Megatron): activations between blocks are *replicated* over th
 group and so are their gradients. Names say what the forward does:
 
   copy_to(x)          fwd identity          bwd all-reduce     (enter a column-parallel region)
+  copy_to_replicas(x, replicas)  fwd identity  bwd sum over each set of `replicas` consecutive ranks
+                      (a weight those ranks hold alike: GQA's K/V when TP > query groups)
   reduce_from(x)      fwd all-reduce        bwd identity       (leave a row-parallel region)
   split(x, dim)       fwd keep own chunk    bwd all-gather     (DTD "drop": no communication forward)
   gather(x, dim)      fwd all-gather        bwd keep own chunk (undo a split)
@@ -40,6 +42,21 @@ class _CopyTo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return comm.all_reduce(g.contiguous().clone(), ctx.group), None
+
+
+class _CopyToReplicas(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, replicas):
+        ctx.group, ctx.replicas = group, replicas
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        # one all-reduce over the whole group: each set of replicas fills its own slot, zeros elsewhere
+        slot, group = ctx.group.rank // ctx.replicas, ctx.group
+        buf = g.new_zeros((group.size // ctx.replicas,) + tuple(g.shape))
+        buf[slot] = g
+        return comm.all_reduce(buf, group)[slot], None, None
 
 
 class _ReduceFrom(torch.autograd.Function):
@@ -156,6 +173,14 @@ class _AllToAllWait(torch.autograd.Function):
 
 def copy_to(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group.size == 1 else _CopyTo.apply(x, group)
+
+
+def copy_to_replicas(x: torch.Tensor, group: Group, replicas: int) -> torch.Tensor:
+    if replicas == 1:
+        return x
+    if replicas == group.size:
+        return copy_to(x, group)
+    return _CopyToReplicas.apply(x, group, replicas)
 
 
 def reduce_from(x: torch.Tensor, group: Group) -> torch.Tensor:

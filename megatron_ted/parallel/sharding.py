@@ -5,6 +5,11 @@ Every parameter carries a `ParamSpec` (attribute `param.spec`):
   tp_dim   dim of the full tensor sliced over the tensor-parallel group (None: replicated over TP)
   expert   dim 0 indexes experts; the full tensor holds all experts, this rank the ones of its
            expert-parallel slot (contiguous block `ep_rank * E_local ...`)
+  tp_replicas
+           how many consecutive TP ranks hold the same slice along tp_dim (1: each rank its own). More
+           than one for a tensor smaller than the TP group: GQA's K/V when TP > query groups (TP/groups
+           ranks per group), a norm shared by all heads (--qk-layernorm: every TP rank holds it whole).
+           Its module sums the gradient over the ranks of a slice (mappings.copy_to_replicas).
   init     how the full tensor is drawn: "normal", "output" (std / sqrt(2 * layers)), "zeros", "ones",
            or "fixed" (left as its module built it, e.g. a hash-routing table)
   sequence_parallel
@@ -31,11 +36,12 @@ class ParamSpec:
     expert: bool = False
     init: str = "normal"
     sequence_parallel: bool = False
+    tp_replicas: int = 1
 
 
 def set_spec(param: torch.nn.Parameter, tp_dim: int | None = None, expert: bool = False,
-             init: str = "normal") -> torch.nn.Parameter:
-    param.spec = ParamSpec(tp_dim=tp_dim, expert=expert, init=init)
+             init: str = "normal", tp_replicas: int = 1) -> torch.nn.Parameter:
+    param.spec = ParamSpec(tp_dim=tp_dim, expert=expert, init=init, tp_replicas=tp_replicas)
     return param
 
 
@@ -47,10 +53,16 @@ def is_expert(param: torch.Tensor) -> bool:
     return spec_of(param).expert
 
 
+def first_replica(spec: ParamSpec, tp: Group) -> bool:
+    """Whether this TP rank holds the first copy of its slice: the one that counts it once (gradient
+    norm) and writes it (checkpoints)."""
+    return tp.rank % spec.tp_replicas == 0
+
+
 def full_shape(local_shape, spec: ParamSpec, tp: Group, ep: Group) -> tuple[int, ...]:
     shape = list(local_shape)
     if spec.tp_dim is not None:
-        shape[spec.tp_dim] *= tp.size
+        shape[spec.tp_dim] *= tp.size // spec.tp_replicas
     if spec.expert:
         shape[0] *= ep.size
     return tuple(shape)
@@ -63,8 +75,9 @@ def local_slices(spec: ParamSpec, full: tuple[int, ...], tp: Group, ep: Group) -
         n = full[0] // ep.size
         idx[0] = slice(ep.rank * n, (ep.rank + 1) * n)
     if spec.tp_dim is not None:
-        n = full[spec.tp_dim] // tp.size
-        idx[spec.tp_dim] = slice(tp.rank * n, (tp.rank + 1) * n)
+        n = full[spec.tp_dim] * spec.tp_replicas // tp.size
+        slot = tp.rank // spec.tp_replicas
+        idx[spec.tp_dim] = slice(slot * n, (slot + 1) * n)
     return tuple(idx)
 
 
@@ -78,6 +91,8 @@ def unshard(local: torch.Tensor, spec: ParamSpec, tp: Group, ep: Group) -> torch
     t = local.detach().contiguous()
     if spec.tp_dim is not None:
         t = comm.all_gather(t, tp, dim=spec.tp_dim)
+        if spec.tp_replicas > 1:   # keep the first rank's copy of each slice
+            t = torch.cat(t.chunk(tp.size, dim=spec.tp_dim)[::spec.tp_replicas], dim=spec.tp_dim)
     if spec.expert:
         t = comm.all_gather(t, ep, dim=0)
     return t

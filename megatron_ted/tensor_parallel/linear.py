@@ -34,22 +34,30 @@ class ColumnParallelLinear(nn.Module):
     the full weight is [fused, out, in] and each is sliced over TP on its own, so every rank holds
     matching rows of all of them. The output is [..., fused * out/TP], projection-major.
     The input is replicated over TP; `copy_to` makes its gradient the sum over the TP slices.
+    `tp_replicas` > 1: that many consecutive TP ranks hold the same slice (GQA's K/V when TP > query
+    groups); the weight's gradient is summed over them.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: Group, bias: bool = True,
-                 init: str = "normal", fused: int = 1):
+                 init: str = "normal", fused: int = 1, tp_replicas: int = 1):
         super().__init__()
-        self.tp = tp
+        self.tp, self.tp_replicas = tp, tp_replicas
         self.in_features, self.out_features, self.fused = in_features, out_features, fused
-        out_local = _divide(out_features, tp.size, "output features")
-        self.weight = set_spec(nn.Parameter(torch.empty(fused, out_local, in_features)), tp_dim=1, init=init)
-        self.bias = set_spec(nn.Parameter(torch.empty(fused, out_local)), tp_dim=1, init="zeros") if bias else None
+        out_local = _divide(out_features * tp_replicas, tp.size, "output features")
+        self.weight = set_spec(nn.Parameter(torch.empty(fused, out_local, in_features)), tp_dim=1, init=init,
+                               tp_replicas=tp_replicas)
+        self.bias = set_spec(nn.Parameter(torch.empty(fused, out_local)), tp_dim=1, init="zeros",
+                             tp_replicas=tp_replicas) if bias else None
         self.sequence_parallel = False   # input [B, S/TP, H]: all-gather the sequence first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.flatten() if self.bias is not None else None
+        weight, bias = self.weight, self.bias
+        if self.tp_replicas > 1:   # a non-leaf weight: its gradient takes the unfused path, then the sum
+            weight = mappings.copy_to_replicas(weight, self.tp, self.tp_replicas)
+            bias = mappings.copy_to_replicas(bias, self.tp, self.tp_replicas) if bias is not None else None
+        bias = bias.flatten() if bias is not None else None
         x = mappings.gather_partial(x, self.tp, dim=1) if self.sequence_parallel else mappings.copy_to(x, self.tp)
-        return wgrad_fusion.linear(x, self.weight, bias)
+        return wgrad_fusion.linear(x, weight, bias)
 
 
 class RowParallelLinear(nn.Module):

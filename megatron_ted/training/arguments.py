@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 
+from megatron_ted.model.attention import AttentionConfig, check_attention
 from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
@@ -29,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--layernorm-epsilon", type=float, default=1e-5)
+    g.add_argument("--layernorm-epsilon", "--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1,
+                   help="K/V heads with --group-query-attention (ignored without it, as in Megatron-LM)")
+    g.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden / heads")
+    g.add_argument("--add-qkv-bias", action="store_true", help="q, k, v biases even with --disable-bias-linear")
+    g.add_argument("--qk-layernorm", action="store_true", help="--normalization over each head's q and k")
+    g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
+                   help="no learned absolute position embedding")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -224,10 +233,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.layout = ParallelLayout(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size,
                                  args.rank_order)
     tp, dp = args.tensor_model_parallel_size, args.layout.data_parallel
-    need(args.num_attention_heads % tp == 0,
-         f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
-    need(args.hidden_size % args.num_attention_heads == 0,
-         f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    if not args.group_query_attention:
+        args.num_query_groups = None   # Megatron-LM ignores --num-query-groups without --group-query-attention
+    check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     need(args.ffn_hidden_size % tp == 0,
          f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
@@ -360,6 +368,15 @@ def num_experts_per_layer(args) -> list[int]:
                          f"(--num-layers {args.num_layers}, --moe-layer-freq {args.moe_layer_freq}); "
                          f"give one value or one per MoE layer")
     return list(counts)
+
+
+def attention_config(args) -> AttentionConfig:
+    """The attention flags (getattr: the saved flags of older checkpoints lack them)."""
+    gqa = getattr(args, "group_query_attention", False)
+    return AttentionConfig(num_query_groups=args.num_query_groups if gqa else None,
+                           kv_channels=getattr(args, "kv_channels", None),
+                           add_qkv_bias=getattr(args, "add_qkv_bias", False),
+                           qk_layernorm=getattr(args, "qk_layernorm", False))
 
 
 def router_config(args, num_experts: int) -> RouterConfig:

@@ -54,7 +54,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.parallel.sharding import full_shape, local_slices, spec_of
+from megatron_ted.parallel.sharding import first_replica, full_shape, local_slices, spec_of
 
 FORMAT = "megatron_ted-sharded-v1"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -65,11 +65,13 @@ OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")
 MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size",
                "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "position_embedding_type",
                "normalization", "swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights",
-               "mlp_type", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+               "mlp_type", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+               "num_query_groups", "kv_channels", "add_qkv_bias", "qk_layernorm", "add_position_embedding")
 # Model-config fields compared at load (GPTConfig): those that change parameter shapes or meaning.
 CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
                  "position_embedding_type", "normalization", "swiglu", "add_bias_linear",
-                 "untie_embeddings_and_output_weights", "moe_layers", "num_experts")
+                 "untie_embeddings_and_output_weights", "moe_layers", "num_experts", "attention",
+                 "add_position_embedding")
 
 
 class CheckpointError(ValueError):
@@ -171,7 +173,9 @@ def _writer(index: int, spec, groups: ParallelGroups) -> bool:
     replicas = groups.expert_dp if spec.expert else groups.dp
     if replicas.rank != index % replicas.size:
         return False
-    return spec.tp_dim is not None or groups.tp.rank == index % groups.tp.size
+    if spec.tp_dim is not None:
+        return first_replica(spec, groups.tp)
+    return groups.tp.rank == index % groups.tp.size
 
 
 def _model_config(model, groups: ParallelGroups) -> dict | None:

@@ -2,7 +2,9 @@
 
 Counted per token, forward, matmuls only (multiply-add = 2 FLOPs):
   attention   QKV and output projections 2 * 4 H^2, scores and values 2 * 2 S H (full S x S,
-              not halved for the causal mask, as in Megatron-LM's classic formula)
+              not halved for the causal mask, as in Megatron-LM's classic formula); with N heads of
+              dim D and G query groups: projections 2 * H * (2 N D + 2 G D), scores and values
+              2 * 2 S N D
   dense MLP   2 * 2 H F (SwiGLU: 2 * 3 H F)
   MoE MLP     top-k experts: k * 2 * 2 H F_moe (SwiGLU: k * 2 * 3 H F_moe), router 2 H E
               (E: the mean over MoE layers for a pyramid); Residual MoE adds a dense MLP of F_moe
@@ -13,12 +15,16 @@ Training = 3 x forward (backward is twice the forward). Recomputation is not cou
 """
 from __future__ import annotations
 
-from megatron_ted.training.arguments import num_experts_per_layer
+from megatron_ted.training.arguments import attention_config, num_experts_per_layer
 
 
-def attention_flops_per_token(hidden: int, seq_length: int) -> float:
-    """Forward: QKV and output projections, scores and values over the full S x S."""
-    return 2 * 4 * hidden * hidden + 2 * 2 * seq_length * hidden
+def attention_flops_per_token(hidden: int, seq_length: int, q_dim: int | None = None,
+                              kv_dim: int | None = None) -> float:
+    """Forward: QKV and output projections, scores and values over the full S x S. q_dim: heads x
+    head dim (default H); kv_dim: query groups x head dim (default q_dim)."""
+    q_dim = q_dim or hidden
+    kv_dim = kv_dim or q_dim
+    return 2 * hidden * (2 * q_dim + 2 * kv_dim) + 2 * 2 * seq_length * q_dim
 
 
 def mlp_flops_per_token(hidden: int, ffn: int, swiglu: bool = False, topk: int | None = None,
@@ -43,10 +49,10 @@ def moe_mlp_flops_per_token(hidden: int, ffn: int, topk: int, num_experts: float
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
                     moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
                     swiglu: bool = False, residual: bool = False, shared_ffn: int | None = None,
-                    shared_gate: bool = False) -> float:
+                    shared_gate: bool = False, q_dim: int | None = None, kv_dim: int | None = None) -> float:
     moe_mlp = moe_mlp_flops_per_token(hidden, moe_ffn or ffn, topk, num_experts, swiglu, residual, shared_ffn,
                                       shared_gate)
-    forward = (num_layers * attention_flops_per_token(hidden, seq_length)
+    forward = (num_layers * attention_flops_per_token(hidden, seq_length, q_dim, kv_dim)
                + (num_layers - moe_layers) * mlp_flops_per_token(hidden, ffn, swiglu)
                + moe_layers * moe_mlp
                + 2 * hidden * vocab)
@@ -57,12 +63,15 @@ def flops_per_token_of_args(args) -> float:
     """flops_per_token for validated training flags (the model pretrain_gpt_moe.py builds)."""
     moe = args.num_experts is not None
     counts = num_experts_per_layer(args) if moe else []
+    attention = attention_config(args)
+    d = attention.head_dim(args.hidden_size, args.num_attention_heads)
     return flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
                            args.padded_vocab_size, len(counts), args.moe_ffn_hidden_size if moe else None,
                            args.moe_router_topk if moe else 0, sum(counts) / len(counts) if moe else 0,
                            args.swiglu, residual=moe and args.mlp_type == "residual",
                            shared_ffn=args.moe_shared_expert_intermediate_size if moe else None,
-                           shared_gate=moe and args.moe_shared_expert_gate)
+                           shared_gate=moe and args.moe_shared_expert_gate, q_dim=args.num_attention_heads * d,
+                           kv_dim=attention.groups(args.num_attention_heads) * d)
 
 
 # Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.

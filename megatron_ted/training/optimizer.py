@@ -13,7 +13,7 @@ from torch import nn
 
 from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import Group
-from megatron_ted.parallel.sharding import spec_of
+from megatron_ted.parallel.sharding import first_replica, spec_of
 
 
 def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group) -> torch.Tensor:
@@ -24,6 +24,8 @@ def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group) -> torch.
     sq = torch.zeros(4, dtype=dtype, device=device)   # at least fp32; fp64 gradients stay fp64
     for p in params:
         spec = spec_of(p)
+        if spec.tp_dim is not None and not first_replica(spec, tp):   # a slice other TP ranks hold too
+            continue
         slot = (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)
         sq[slot] += p.main_grad.to(dtype).pow(2).sum()
     sliced = sq[[0, 2]].clone()

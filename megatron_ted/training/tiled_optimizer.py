@@ -52,7 +52,7 @@ from torch import nn
 
 from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import Group
-from megatron_ted.parallel.sharding import spec_of
+from megatron_ted.parallel.sharding import first_replica, spec_of
 from megatron_ted.training.grad_sync import Bucket, GradBuffer, GradientSync
 from megatron_ted.training.optimizer import DynamicLossScaler
 
@@ -209,8 +209,8 @@ class TiledAdamW:
                 if p.dim() > 1:
                     decay.append((a - lo, b - lo))
             a, b = max(n_lo, off), min(n_hi, off + p.numel())
-            if a < b:
-                spec = spec_of(p)
+            spec = spec_of(p)
+            if a < b and (spec.tp_dim is None or first_replica(spec, self.tp)):   # a shared slice counts once
                 norm.append((a, b, (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)))
         shard.decay_runs = [(a, b) for a, b in _merge(decay)]
         shard.norm_runs = _merge(norm)
