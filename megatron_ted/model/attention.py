@@ -107,7 +107,7 @@ class SelfAttention(nn.Module):
             b, s = qkv.shape[:2]
             qkv = qkv.view(b, s, 3, self.local_heads, self.head_dim)
             # unbind, not qkv[:, :, i]: its backward is one stack; three selects' backward zero-fills
-            # and sums three full-size buffers (~3% of a GPU step at moe-1.3b-16e)
+            # and sums three full-size buffers (its cost on a GPU step: docs/PERFORMANCE.md)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each [B, heads, S, D]
             return q, k, v
         q = self.q(x)                            # [B, S, local heads * D]
