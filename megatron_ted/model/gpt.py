@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from megatron_ted.model.mla import MLAConfig, MultiLatentAttention
 from megatron_ted.model.mlp import MLP
 from megatron_ted.model.norms import build_norm
-from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
+from megatron_ted.model.positions import LearnedPositionEmbedding, RopeConfig, RotaryEmbedding
 from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.routers import RouteInputs
@@ -44,6 +45,8 @@ class GPTConfig:
     init_method_std: float = 0.02
     untie_embeddings_and_output_weights: bool = False
     moe_layers: tuple[int, ...] = ()           # indices of the layers whose MLP is a MoE block
+    rope: RopeConfig = field(default_factory=RopeConfig)   # RoPE options (position_embedding_type rope)
+    mla: MLAConfig | None = None               # multi-latent attention (DeepSeek) instead of SelfAttention
 
 
 @dataclass
@@ -65,9 +68,12 @@ class GPTModel(nn.Module):
         if c.position_embedding_type == "learned":
             self.position_embedding, self.rotary = LearnedPositionEmbedding(c.max_position_embeddings, c.hidden_size), None
         elif c.position_embedding_type == "rope":
-            self.position_embedding, self.rotary = None, RotaryEmbedding(c.hidden_size // c.num_attention_heads)
+            rotary_dim = c.mla.qk_pos_emb_head_dim if c.mla is not None else c.hidden_size // c.num_attention_heads
+            self.position_embedding, self.rotary = None, RotaryEmbedding(rotary_dim, c.rope)
         else:
             raise ValueError(f"--position-embedding-type {c.position_embedding_type} is not supported; use learned or rope")
+        if c.mla is not None and self.rotary is None:
+            raise ValueError("--multi-latent-attention needs --position-embedding-type rope")
         self.embedding_dropout = nn.Dropout(c.hidden_dropout)
 
         layers = []
@@ -78,9 +84,13 @@ class GPTModel(nn.Module):
                 mlp = build_moe(i)
             else:
                 mlp = MLP(c.hidden_size, c.ffn_hidden_size, tp, c.swiglu, c.add_bias_linear)
+            attention = None
+            if c.mla is not None:
+                attention = MultiLatentAttention(c.hidden_size, c.num_attention_heads, c.mla, tp, c.attention_dropout,
+                                                 c.add_bias_linear, c.layernorm_epsilon, c.rope.softmax_scale_factor())
             layers.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
                                            c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
-                                           c.add_bias_linear))
+                                           c.add_bias_linear, attention))
         self.layers = nn.ModuleList(layers)
         self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon)
         if c.untie_embeddings_and_output_weights:
