@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.mla import MLAConfig
 from megatron_ted.model.param_count import count_parameters, parameter_shapes
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import CommStats, Group
@@ -27,6 +28,12 @@ CONFIGS = {
     "moe-every-3rd-rope-rmsnorm-nobias": (dict(position_embedding_type="rope", normalization="RMSNorm",
                                                add_bias_linear=False, num_layers=4), dict(layer_freq=3, ffn=24)),
     "dense": (dict(swiglu=True), None),
+    "mla-q-latent-moe": (dict(position_embedding_type="rope", normalization="RMSNorm", hidden_size=32,
+                              mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2, v_head_dim=6,
+                                            q_lora_rank=12)), dict(layer_freq=2)),
+    "mla-plain-q-dense-nobias": (dict(position_embedding_type="rope", add_bias_linear=False,
+                                      mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2,
+                                                    v_head_dim=6)), None),
 }
 
 

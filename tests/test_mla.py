@@ -105,3 +105,28 @@ def test_bad_mla_flags_are_one_line(argv, world, flag):
     with pytest.raises(ValueError, match=flag) as err:
         parse_args(argv, world_size=world)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_flops_formula_counts_the_module(q_lora_rank):
+    """torch's FLOP counter over one forward (matmuls and SDPA's full S x S) = the analytic count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from megatron_ted.training.flops import mla_flops_per_token
+    mla = MLAConfig(KV_RANK, NOPE, ROPE, V, q_lora_rank)
+    module = MultiLatentAttention(HIDDEN, HEADS, mla, ParallelGroups.single().tp, bias=False)
+    x, positions = torch.randn(2, SEQ, HIDDEN), torch.arange(SEQ).expand(2, SEQ)
+    rotary = RotaryEmbedding(ROPE)(positions)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x, rotary)
+    assert counter.get_total_flops() == mla_flops_per_token(HIDDEN, SEQ, HEADS, mla) * 2 * SEQ
+
+
+def test_training_flops_of_flags_count_mla():
+    """The FLOPs of a run's flags (MFU logging, dry run) swap the classic attention for MLA's."""
+    from megatron_ted.training.flops import attention_flops_per_token, flops_per_token_of_args, mla_flops_per_token
+    plain = parse_args(BASE[:-3], world_size=1)
+    args = parse_args(BASE + ["--q-lora-rank", "16"], world_size=1)
+    plain.padded_vocab_size = args.padded_vocab_size = 128   # set by the trainer from the tokenizer
+    mla = MLAConfig(8, 128, 64, 128, 16)   # Megatron's head-dim defaults
+    per_layer = mla_flops_per_token(32, args.seq_length, 4, mla) - attention_flops_per_token(32, args.seq_length)
+    assert flops_per_token_of_args(args) - flops_per_token_of_args(plain) == pytest.approx(3 * per_layer)

@@ -110,22 +110,23 @@ class MultiLatentAttention(nn.Module):
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         b, s = q.shape[:2]                                           # S whole (gathered under SP)
-        q = q.view(b, s, self.local_heads, m.q_head_dim).transpose(1, 2)         # [B, heads, S, dn + dr]
-        q_nope, q_pe = q.split([m.qk_head_dim, m.qk_pos_emb_head_dim], dim=-1)
+        # q, k are assembled in [B, S, heads, D] memory, so SDPA's output comes back in that layout
+        # and o_proj's input is a view of it (no copy)
+        q_nope, q_pe = q.view(b, s, self.local_heads, m.q_head_dim).split([m.qk_head_dim, m.qk_pos_emb_head_dim], -1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_pos_emb_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
-        kv = kv.view(b, s, self.local_heads, m.qk_head_dim + m.v_head_dim).transpose(1, 2)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, s, self.local_heads, m.qk_head_dim + m.v_head_dim)
         k_nope, v = kv.split([m.qk_head_dim, m.v_head_dim], dim=-1)
         # k_pe is replicated: this rank's heads add only their share of its gradient
         if self.kv_b_proj.sequence_parallel:
             k_pe = mappings.gather_partial(k_pe, self.tp, dim=1)
         else:
             k_pe = mappings.copy_to(k_pe, self.tp)
-        k_pe = k_pe.unsqueeze(1)                                     # [B, 1, S, dr]
+        q_pe, k_pe = q_pe.transpose(1, 2), k_pe.unsqueeze(1)         # [B, heads, S, dr], [B, 1, S, dr]
         if rotary is not None:
             q_pe, k_pe = apply_rotary(q_pe, *rotary), apply_rotary(k_pe, *rotary)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe.expand(-1, self.local_heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe.transpose(1, 2)], dim=-1).transpose(1, 2)    # [B, heads, S, dn + dr]
+        k = torch.cat([k_nope, k_pe.transpose(1, 2).expand(-1, -1, self.local_heads, -1)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)                                        # [B, heads, S, dv]
         if self.recompute_core and self.training and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, use_reentrant=False)   # RNG restored: same dropout
         else:

@@ -13,6 +13,11 @@ SwiGLU's fused gate/up else 1):
     layers.i.{input,post_attention}_norm.{weight,bias}  [H]   replicated (no bias for RMSNorm)
     layers.i.attention.qkv.{weight,bias}                [3, H, H], [3, H]   dim 1 over TP
     layers.i.attention.proj.{weight,bias}               [H, H] dim 1 over TP, [H] replicated
+    multi-latent attention instead (n heads, dims of MLAConfig): layers.i.attention.
+        q_proj.weight [1, n (dn + dr), H] or q_a_proj.weight [rq, H], q_a_layernorm.weight [rq],
+        q_b_proj.weight [1, n (dn + dr), rq]; kv_a_proj_with_mqa.weight [rkv + dr, H],
+        kv_a_layernorm.weight [rkv], kv_b_proj.weight [1, n (dn + dv), rkv]   (q/kv_b dim 1 over TP,
+        the rest replicated); o_proj.{weight,bias} [H, n dv] dim 1 over TP, [H] replicated
     dense layers:  layers.i.mlp.fc1.{weight,bias}       [g, F, H], [g, F]   dim 1 over TP
                    layers.i.mlp.fc2.{weight,bias}       [H, F] dim 1 over TP, [H] replicated
     MoE layers:    layers.i.mlp.router.weight           [E, H]          replicated (hash routing: no weight,
@@ -82,6 +87,24 @@ def _dense_mlp(prefix: str, h: int, f: int, g: int, bias: bool) -> list[ParamSha
     return out
 
 
+def _mla(prefix: str, config: GPTConfig) -> list[ParamShape]:
+    """Multi-latent attention (model/mla.py): replicated down-projections and norms, head-sliced rest."""
+    m, h, n = config.mla, config.hidden_size, config.num_attention_heads
+    if m.q_lora_rank is None:
+        out = [ParamShape(f"{prefix}.q_proj.weight", (1, n * m.q_head_dim, h), tp_dim=1)]
+    else:
+        out = [ParamShape(f"{prefix}.q_a_proj.weight", (m.q_lora_rank, h)),
+               ParamShape(f"{prefix}.q_a_layernorm.weight", (m.q_lora_rank,)),
+               ParamShape(f"{prefix}.q_b_proj.weight", (1, n * m.q_head_dim, m.q_lora_rank), tp_dim=1)]
+    out += [ParamShape(f"{prefix}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_pos_emb_head_dim, h)),
+            ParamShape(f"{prefix}.kv_a_layernorm.weight", (m.kv_lora_rank,)),
+            ParamShape(f"{prefix}.kv_b_proj.weight", (1, n * (m.qk_head_dim + m.v_head_dim), m.kv_lora_rank), tp_dim=1),
+            ParamShape(f"{prefix}.o_proj.weight", (h, n * m.v_head_dim), tp_dim=1)]
+    if config.add_bias_linear:
+        out.append(ParamShape(f"{prefix}.o_proj.bias", (h,)))
+    return out
+
+
 def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[ParamShape]:
     """Every parameter of `build_gpt(config, moe, ...)`, named as `model.named_parameters()` names it."""
     c = config
@@ -94,12 +117,15 @@ def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[Pa
     for i in range(c.num_layers):
         p = f"layers.{i}"
         out += _norm(f"{p}.input_norm", c)
-        out.append(ParamShape(f"{p}.attention.qkv.weight", (3, h, h), tp_dim=1))
-        if bias:
-            out.append(ParamShape(f"{p}.attention.qkv.bias", (3, h), tp_dim=1))
-        out.append(ParamShape(f"{p}.attention.proj.weight", (h, h), tp_dim=1))
-        if bias:
-            out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
+        if c.mla is not None:
+            out += _mla(f"{p}.attention", c)
+        else:
+            out.append(ParamShape(f"{p}.attention.qkv.weight", (3, h, h), tp_dim=1))
+            if bias:
+                out.append(ParamShape(f"{p}.attention.qkv.bias", (3, h), tp_dim=1))
+            out.append(ParamShape(f"{p}.attention.proj.weight", (h, h), tp_dim=1))
+            if bias:
+                out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
         out += _norm(f"{p}.post_attention_norm", c)
         if i in moe_layers:
             r, fe = moe.router, moe.ffn_hidden_size

@@ -3,6 +3,9 @@
 Counted per token, forward, matmuls only (multiply-add = 2 FLOPs):
   attention   QKV and output projections 2 * 4 H^2, scores and values 2 * 2 S H (full S x S,
               not halved for the causal mask, as in Megatron-LM's classic formula)
+  MLA         (n heads, dn/dr/dv and ranks rq/rkv of MLAConfig) q: 2 H n (dn + dr), or with a latent
+              2 (H rq + rq n (dn + dr)); kv: 2 H (rkv + dr) + 2 rkv n (dn + dv); output 2 n dv H;
+              scores 2 S n (dn + dr), values 2 S n dv
   dense MLP   2 * 2 H F (SwiGLU: 2 * 3 H F)
   MoE MLP     top-k experts: k * 2 * 2 H F_moe (SwiGLU: k * 2 * 3 H F_moe), router 2 H E
               (E: the mean over MoE layers for a pyramid); Residual MoE adds a dense MLP of F_moe
@@ -13,12 +16,20 @@ Training = 3 x forward (backward is twice the forward). Recomputation is not cou
 """
 from __future__ import annotations
 
-from megatron_ted.training.arguments import num_experts_per_layer
+from megatron_ted.training.arguments import mla_config, num_experts_per_layer
 
 
 def attention_flops_per_token(hidden: int, seq_length: int) -> float:
     """Forward: QKV and output projections, scores and values over the full S x S."""
     return 2 * 4 * hidden * hidden + 2 * 2 * seq_length * hidden
+
+
+def mla_flops_per_token(hidden: int, seq_length: int, num_heads: int, mla) -> float:
+    """Forward of multi-latent attention (model/mla.py): projections, scores and values over the full S x S."""
+    n, dq = num_heads, mla.q_head_dim
+    q = hidden * n * dq if mla.q_lora_rank is None else mla.q_lora_rank * (hidden + n * dq)
+    kv = hidden * (mla.kv_lora_rank + mla.qk_pos_emb_head_dim) + mla.kv_lora_rank * n * (mla.qk_head_dim + mla.v_head_dim)
+    return 2 * (q + kv + n * mla.v_head_dim * hidden) + 2 * seq_length * n * (dq + mla.v_head_dim)
 
 
 def mlp_flops_per_token(hidden: int, ffn: int, swiglu: bool = False, topk: int | None = None,
@@ -43,10 +54,13 @@ def moe_mlp_flops_per_token(hidden: int, ffn: int, topk: int, num_experts: float
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
                     moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
                     swiglu: bool = False, residual: bool = False, shared_ffn: int | None = None,
-                    shared_gate: bool = False) -> float:
+                    shared_gate: bool = False, num_heads: int = 0, mla=None) -> float:
+    """mla: an MLAConfig (with num_heads) for multi-latent attention instead of the classic one."""
     moe_mlp = moe_mlp_flops_per_token(hidden, moe_ffn or ffn, topk, num_experts, swiglu, residual, shared_ffn,
                                       shared_gate)
-    forward = (num_layers * attention_flops_per_token(hidden, seq_length)
+    attention = attention_flops_per_token(hidden, seq_length) if mla is None \
+        else mla_flops_per_token(hidden, seq_length, num_heads, mla)
+    forward = (num_layers * attention
                + (num_layers - moe_layers) * mlp_flops_per_token(hidden, ffn, swiglu)
                + moe_layers * moe_mlp
                + 2 * hidden * vocab)
@@ -62,7 +76,8 @@ def flops_per_token_of_args(args) -> float:
                            args.moe_router_topk if moe else 0, sum(counts) / len(counts) if moe else 0,
                            args.swiglu, residual=moe and args.mlp_type == "residual",
                            shared_ffn=args.moe_shared_expert_intermediate_size if moe else None,
-                           shared_gate=moe and args.moe_shared_expert_gate)
+                           shared_gate=moe and args.moe_shared_expert_gate,
+                           num_heads=args.num_attention_heads, mla=mla_config(args))
 
 
 # Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.
