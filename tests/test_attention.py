@@ -95,7 +95,7 @@ def _hf_attention(module, rotary, x):
 
 
 def _ours(att: AttentionConfig, norm: str, hidden: int, heads: int, hf, x, base: float, eps: float):
-    from megatron_ted.model.positions import RotaryEmbedding
+    from megatron_ted.model.positions import RopeConfig, RotaryEmbedding
     ours = SelfAttention(hidden, heads, ParallelGroups.single().tp, bias=False, config=att, norm=norm,
                          eps=eps).double()
     with torch.no_grad():   # Hugging Face's q/k/v_proj copy over as they are
@@ -111,7 +111,7 @@ def _ours(att: AttentionConfig, norm: str, hidden: int, heads: int, hf, x, base:
             ours.q_layernorm.weight.copy_(hf.q_norm.weight)
             ours.k_layernorm.weight.copy_(hf.k_norm.weight)
     s = x.shape[1]
-    rotary = RotaryEmbedding(ours.head_dim, base)(torch.arange(s).expand(x.shape[0], s))
+    rotary = RotaryEmbedding(ours.head_dim, RopeConfig(base=base))(torch.arange(s).expand(x.shape[0], s))
     return ours(x, rotary)
 
 

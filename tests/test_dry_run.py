@@ -11,6 +11,7 @@ import torch.distributed as dist
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.attention import AttentionConfig
+from megatron_ted.model.mla import MLAConfig
 from megatron_ted.model.param_count import count_parameters, parameter_shapes
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import CommStats, Group
@@ -35,6 +36,12 @@ CONFIGS = {
     "dense-gqa2-layernorm-qknorm-nope": (dict(attention=AttentionConfig(num_query_groups=2, qk_layernorm=True),
                                               add_position_embedding=False), None),
     "dense-mha-kv-channels": (dict(attention=AttentionConfig(kv_channels=8)), None),
+    "mla-q-latent-moe": (dict(position_embedding_type="rope", normalization="RMSNorm", hidden_size=32,
+                              mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2, v_head_dim=6,
+                                            q_lora_rank=12)), dict(layer_freq=2)),
+    "mla-plain-q-dense-nobias": (dict(position_embedding_type="rope", add_bias_linear=False,
+                                      mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2,
+                                                    v_head_dim=6)), None),
 }
 
 

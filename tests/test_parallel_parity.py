@@ -16,6 +16,8 @@ import math
 import pytest
 import torch
 
+from megatron_ted.model.mla import MLAConfig
+from megatron_ted.model.positions import RopeConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from parity import SEQ, VOCAB, assert_matches, job, reference_job, run_forked, run_job, run_jobs
@@ -24,6 +26,11 @@ STEPS = 5
 RICH = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
             untie_embeddings_and_output_weights=True)
 H, F, L = 16, 32, 2   # tiny_config: hidden, ffn, layers
+# multi-latent attention (DeepSeek): q through a latent and YaRN, or a plain q projection
+MLA = dict(hidden_size=32, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+           mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=4, v_head_dim=6, q_lora_rank=8),
+           rope=RopeConfig(rope_type="yarn", scaling_factor=4.0, mscale_all_dim=1.0, original_max_position_embeddings=4))
+MLA_PLAIN_Q = dict(MLA, mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=4, v_head_dim=6))
 
 # (world, job): every (TP, DP) with TP * DP = world for world 2 and 4; DP = world / TP
 JOBS = {
@@ -35,7 +42,9 @@ JOBS = {
         job(tp=4, steps=STEPS),                     # TP 4, DP 1
         job(tp=2, config_kw=RICH, steps=STEPS),     # rope + RMSNorm + SwiGLU + untied, TP 2, DP 2
         job(tp=1, micro=1), job(tp=2, micro=1),     # accumulation: 2 resp. 4 micro-batches per rank
-        job(tp=2, ep=2, moe_kw=dict(topk=2))],      # MoE TP 2 x EP 2 (DP 2): global grad norm
+        job(tp=2, ep=2, config_kw=MLA, moe_kw=dict(topk=2), steps=STEPS),      # MLA MoE TP 2 x EP 2
+        job(tp=2, ep=2, config_kw=MLA_PLAIN_Q, moe_kw=dict(topk=2), steps=STEPS, sequence_parallel=True),
+        job(tp=2, ep=2, moe_kw=dict(topk=2))],      # MoE TP 2 x EP 2 (DP 2): global grad norm (last)
 }
 
 
@@ -232,6 +241,20 @@ def test_global_grad_norm_tp2_ep2_moe(runs, refs):
     tp_sliced = sum(float(g.pow(2).sum()) for n, g in ref["grads"].items()
                     if n.endswith(("qkv.weight", "proj.weight", "embedding.weight", ".fc1", ".fc2")))
     assert expert / expect**2 > 1e-3 and tp_sliced / expect**2 > 1e-3
+
+
+def test_multi_latent_attention_moe_matches_reference(runs, refs):
+    """MLA MoE at TP 2 x EP 2 (one run under --sequence-parallel): the replicated down-projections
+    get their full gradient, summed over the TP ranks' heads, on every rank."""
+    checked = 0
+    for world, j, rank, res in _all(runs):
+        if "mla" in j["config_kw"]:
+            assert_matches(res, refs[_key(j)], _what(world, j, rank) + (" SP" if j["sequence_parallel"] else ""))
+            checked += 1
+    assert checked == 2 * 4
+    grads = refs[_key(JOBS[4][-3])]["grads"]
+    assert grads["layers.0.attention.kv_a_proj_with_mqa.weight"].abs().max() > 0
+    assert grads["layers.0.attention.q_a_layernorm.weight"].abs().max() > 0
 
 
 def test_global_grad_norm_every_layout(runs, refs):

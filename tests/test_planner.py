@@ -12,6 +12,7 @@ import torch
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.mla import MLAConfig
 from megatron_ted.model.param_count import count_parameters
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe.router import RouterConfig
@@ -31,9 +32,11 @@ PLAN = os.path.join(ROOT, "tools", "plan_ted.py")
 B, S, V, H = 2, 32, 256, 32
 
 
-def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False):
+def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False, mla=None):
+    """mla: an MLAConfig (multi-latent attention, RoPE)."""
     config = GPTConfig(vocab_size=V, hidden_size=H, num_layers=layers, num_attention_heads=4, ffn_hidden_size=4 * H,
-                       max_position_embeddings=S, swiglu=swiglu)
+                       max_position_embeddings=S, swiglu=swiglu, mla=mla,
+                       position_embedding_type="rope" if mla else "learned")
     moe_config = MoEConfig(RouterConfig(num_experts=4, topk=2), ffn_hidden_size=3 * H, layer_freq=freq,
                            shared_expert_size=shared, shared_expert_gate=gate) if moe else None
     return config, moe_config
@@ -78,7 +81,11 @@ SAVED_TOL, PEAK_TOL, PARALLEL_SAVED_TOL, PARALLEL_PEAK_TOL = 0.06, 0.12, 0.20, 0
 CASES = {"dense": (dict(moe=False), None, 1), "moe": (dict(), None, 1), "moe-swiglu": (dict(swiglu=True), None, 1),
          "moe-full": (dict(), "full", 1), "moe-full-chunk2": (dict(), "full", 2),
          "moe-selective": (dict(), "selective", 1), "moe-shared-experts": (dict(shared=2 * H), None, 1),
-         "moe-gated-shared-experts": (dict(shared=2 * H, gate=True), None, 1)}
+         "moe-gated-shared-experts": (dict(shared=2 * H, gate=True), None, 1),
+         "moe-mla-q-latent": (dict(mla=MLAConfig(kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
+                                                 v_head_dim=12, q_lora_rank=24)), None, 1),
+         "dense-mla": (dict(moe=False, mla=MLAConfig(kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
+                                                     v_head_dim=12)), None, 1)}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from megatron_ted.model.attention import AttentionConfig
+from megatron_ted.model.mla import MLAConfig, MultiLatentAttention
 from megatron_ted.model.mlp import MLP
 from megatron_ted.model.norms import build_norm
-from megatron_ted.model.positions import LearnedPositionEmbedding, RotaryEmbedding
+from megatron_ted.model.positions import LearnedPositionEmbedding, RopeConfig, RotaryEmbedding
 from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.router import RouteInputs
@@ -47,6 +48,8 @@ class GPTConfig:
     moe_layers: tuple[int, ...] = ()           # indices of the layers whose MLP is a MoE block
     attention: AttentionConfig = field(default_factory=AttentionConfig)   # GQA, head dim, qkv bias, qk norm
     add_position_embedding: bool = True        # False (--no-position-embedding): no learned positions
+    rope: RopeConfig = field(default_factory=RopeConfig)   # RoPE options (position_embedding_type rope)
+    mla: MLAConfig | None = None               # multi-latent attention (DeepSeek) instead of SelfAttention
 
 
 @dataclass
@@ -70,10 +73,13 @@ class GPTModel(nn.Module):
             if not c.add_position_embedding:   # no position information but causality (NoPE)
                 self.position_embedding = None
         elif c.position_embedding_type == "rope":
-            head_dim = c.attention.head_dim(c.hidden_size, c.num_attention_heads)
-            self.position_embedding, self.rotary = None, RotaryEmbedding(head_dim)
+            rotary_dim = (c.mla.qk_pos_emb_head_dim if c.mla is not None
+                          else c.attention.head_dim(c.hidden_size, c.num_attention_heads))
+            self.position_embedding, self.rotary = None, RotaryEmbedding(rotary_dim, c.rope)
         else:
             raise ValueError(f"--position-embedding-type {c.position_embedding_type} is not supported; use learned or rope")
+        if c.mla is not None and self.rotary is None:
+            raise ValueError("--multi-latent-attention needs --position-embedding-type rope")
         self.embedding_dropout = nn.Dropout(c.hidden_dropout)
 
         layers = []
@@ -84,9 +90,13 @@ class GPTModel(nn.Module):
                 mlp = build_moe(i)
             else:
                 mlp = MLP(c.hidden_size, c.ffn_hidden_size, tp, c.swiglu, c.add_bias_linear)
+            attention = None
+            if c.mla is not None:
+                attention = MultiLatentAttention(c.hidden_size, c.num_attention_heads, c.mla, tp, c.attention_dropout,
+                                                 c.add_bias_linear, c.layernorm_epsilon, c.rope.softmax_scale_factor())
             layers.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
                                            c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
-                                           c.add_bias_linear, c.attention))
+                                           c.add_bias_linear, attention, c.attention))
         self.layers = nn.ModuleList(layers)
         self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon)
         if c.untie_embeddings_and_output_weights:

@@ -18,6 +18,11 @@ SwiGLU's fused gate/up else 1):
     layers.i.attention.{q,k}_layernorm.{weight,bias}    [D]   every TP rank holds it (--qk-layernorm)
     layers.i.attention.proj.{weight,bias}               [H, N D] dim 1 over TP, [H] replicated
       (N heads, G query groups, D head dim; qkv/q/kv biases with bias or --add-qkv-bias)
+    multi-latent attention instead (n heads, dims of MLAConfig): layers.i.attention.
+        q_proj.weight [1, n (dn + dr), H] or q_a_proj.weight [rq, H], q_a_layernorm.weight [rq],
+        q_b_proj.weight [1, n (dn + dr), rq]; kv_a_proj_with_mqa.weight [rkv + dr, H],
+        kv_a_layernorm.weight [rkv], kv_b_proj.weight [1, n (dn + dv), rkv]   (q/kv_b dim 1 over TP,
+        the rest replicated); o_proj.{weight,bias} [H, n dv] dim 1 over TP, [H] replicated
     dense layers:  layers.i.mlp.fc1.{weight,bias}       [g, F, H], [g, F]   dim 1 over TP
                    layers.i.mlp.fc2.{weight,bias}       [H, F] dim 1 over TP, [H] replicated
     MoE layers:    layers.i.mlp.router.weight           [E, H]          replicated (hash routing: no weight,
@@ -107,6 +112,24 @@ def _dense_mlp(prefix: str, h: int, f: int, g: int, bias: bool) -> list[ParamSha
     return out
 
 
+def _mla(prefix: str, config: GPTConfig) -> list[ParamShape]:
+    """Multi-latent attention (model/mla.py): replicated down-projections and norms, head-sliced rest."""
+    m, h, n = config.mla, config.hidden_size, config.num_attention_heads
+    if m.q_lora_rank is None:
+        out = [ParamShape(f"{prefix}.q_proj.weight", (1, n * m.q_head_dim, h), tp_dim=1)]
+    else:
+        out = [ParamShape(f"{prefix}.q_a_proj.weight", (m.q_lora_rank, h)),
+               ParamShape(f"{prefix}.q_a_layernorm.weight", (m.q_lora_rank,)),
+               ParamShape(f"{prefix}.q_b_proj.weight", (1, n * m.q_head_dim, m.q_lora_rank), tp_dim=1)]
+    out += [ParamShape(f"{prefix}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_pos_emb_head_dim, h)),
+            ParamShape(f"{prefix}.kv_a_layernorm.weight", (m.kv_lora_rank,)),
+            ParamShape(f"{prefix}.kv_b_proj.weight", (1, n * (m.qk_head_dim + m.v_head_dim), m.kv_lora_rank), tp_dim=1),
+            ParamShape(f"{prefix}.o_proj.weight", (h, n * m.v_head_dim), tp_dim=1)]
+    if config.add_bias_linear:
+        out.append(ParamShape(f"{prefix}.o_proj.bias", (h,)))
+    return out
+
+
 def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[ParamShape]:
     """Every parameter of `build_gpt(config, moe, ...)`, named as `model.named_parameters()` names it."""
     c = config
@@ -120,10 +143,13 @@ def parameter_shapes(config: GPTConfig, moe: MoEConfig | None = None) -> list[Pa
     for i in range(c.num_layers):
         p = f"layers.{i}"
         out += _norm(f"{p}.input_norm", c)
-        out += _attention(f"{p}.attention", c)
-        out.append(ParamShape(f"{p}.attention.proj.weight", (h, c.num_attention_heads * d), tp_dim=1))
-        if bias:
-            out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
+        if c.mla is not None:
+            out += _mla(f"{p}.attention", c)
+        else:
+            out += _attention(f"{p}.attention", c)
+            out.append(ParamShape(f"{p}.attention.proj.weight", (h, c.num_attention_heads * d), tp_dim=1))
+            if bias:
+                out.append(ParamShape(f"{p}.attention.proj.bias", (h,)))
         out += _norm(f"{p}.post_attention_norm", c)
         if i in moe_layers:
             r, fe = moe.router, moe.ffn_hidden_size

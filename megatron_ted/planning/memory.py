@@ -24,7 +24,8 @@ replicated over TP count whole, TP-sliced ones 1/t:
                               [B, S, heads, D] layout, so the projection's input is a view of it),
                               the residual sum (post-attention norm), its normed value (MLP input);
                               + 4*T*a/t (SDPA log-sum-exp, fp32) + norm statistics (fp32 mean and
-                              rstd per token and norm: 16*T for LayerNorm, 8*T for RMSNorm)
+                              rstd per token and norm: 16*T for LayerNorm, 8*T for RMSNorm);
+                              multi-latent attention: `_mla_bytes`
   dense MLP                   w*T*F/t*2 (fc1 output, GeLU output) or *4 with SwiGLU (fc1's gate|up,
                               silu(gate), the product)
   MoE MLP                     rows = T*k (every routed assignment reaches one expert; dropless
@@ -172,7 +173,24 @@ class ActivationEstimate:
 def _attention_bytes(wl: Workload, tp: int) -> int:
     c, T, w = wl.config, wl.tokens, wl.w
     norm_stats = (16 if c.normalization == "LayerNorm" else 8) * T      # two norms per layer
+    if c.mla is not None:
+        return _mla_bytes(wl, tp) + 4 * T * c.num_attention_heads // tp + norm_stats
     return w * T * c.hidden_size * (4 * tp + 4) // tp + 4 * T * c.num_attention_heads // tp + norm_stats
+
+
+def _mla_bytes(wl: Workload, tp: int) -> int:
+    """Multi-latent attention's saved tensors: the layer input, normed input, residual sum and its
+    norm (4 h); the kv down-projection's output (kept by its norm) and normed latent; with a q
+    latent its down-projection's output and normed value; per head (1/t) SDPA's q and k (dn + dr
+    each), the kv up-projection's output (v is a view of it) and SDPA's output; fp32 rstd of the
+    latent RMSNorms. (The rotations save only their cos/sin tables.)"""
+    c, T, w, m = wl.config, wl.tokens, wl.w, wl.config.mla
+    replicated = 4 * c.hidden_size + 2 * m.kv_lora_rank + m.qk_pos_emb_head_dim
+    norms = 1
+    if m.q_lora_rank is not None:
+        replicated, norms = replicated + 2 * m.q_lora_rank, 2
+    per_head = 2 * m.q_head_dim + m.qk_head_dim + 2 * m.v_head_dim
+    return w * T * (replicated + c.num_attention_heads * per_head // tp) + 4 * T * norms
 
 
 def _dense_mlp_bytes(wl: Workload, tp: int, ffn: int) -> int:
@@ -242,6 +260,8 @@ def _widest_activation(wl: Workload, tp: int, num_experts: int | None) -> int:
     """Elements of the widest activation of a layer: its gradient and the next one coexist in backward."""
     c, T, g = wl.config, wl.tokens, 2 if wl.config.swiglu else 1
     attn = T * 3 * c.hidden_size // tp
+    if c.mla is not None:   # q (and k) or the kv up-projection's output
+        attn = T * c.num_attention_heads * max(c.mla.q_head_dim, c.mla.qk_head_dim + c.mla.v_head_dim) // tp
     if num_experts is None:
         return max(attn, T * g * c.ffn_hidden_size // tp)
     return max(attn, T * wl.moe.router.topk * g * wl.moe.ffn_hidden_size // tp)

@@ -10,6 +10,8 @@ import math
 import os
 
 from megatron_ted.model.attention import AttentionConfig, check_attention
+from megatron_ted.model.mla import MLAConfig
+from megatron_ted.model.positions import RopeConfig
 from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
@@ -43,6 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE theta")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="fraction of each head dim that RoPE rotates (the rest passes through)")
+    g.add_argument("--rope-type", choices=["rope", "yarn"], default=None,
+                   help="default: yarn with --multi-latent-attention (as Megatron), else rope")
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0, help="YaRN's context scaling factor")
+    g.add_argument("--mscale", type=float, default=1.0, help="YaRN mscale (DeepSeek)")
+    g.add_argument("--mscale-all-dim", type=float, default=0.0, help="YaRN mscale_all_dim (DeepSeek)")
+    g.add_argument("--original-max-position-embeddings", type=int, default=4096,
+                   help="YaRN: the pretraining context (Megatron-core's MLA default 4096)")
+    g.add_argument("--beta-fast", type=float, default=32.0, help="YaRN: rotations where the ramp starts")
+    g.add_argument("--beta-slow", type=float, default=1.0, help="YaRN: rotations where the ramp ends")
+    g.add_argument("--use-rope-scaling", action="store_true", help="Llama-3.x RoPE scaling")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Llama-3.x RoPE scaling factor")
+    g.add_argument("--multi-latent-attention", action="store_true", help="DeepSeek-V2/V3 multi-latent attention")
+    g.add_argument("--q-lora-rank", type=int, default=None, help="MLA query latent rank (none: plain q projection)")
+    g.add_argument("--kv-lora-rank", type=int, default=None, help="MLA key/value latent rank")
+    g.add_argument("--qk-head-dim", type=int, default=128, help="MLA q/k head dim without RoPE")
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64, help="MLA q/k RoPE head dim (k's shared by heads)")
+    g.add_argument("--v-head-dim", type=int, default=128, help="MLA value head dim")
 
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=int, nargs="+", default=None,
@@ -242,6 +264,12 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     need(args.max_position_embeddings >= args.seq_length,
          f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}")
+    rope_config(args)   # the RoPE flags: RopeConfig names the flag of any bad value
+    if args.multi_latent_attention:
+        need(args.position_embedding_type == "rope", "--multi-latent-attention needs --position-embedding-type rope")
+        need(args.rotary_percent == 1.0, "--multi-latent-attention rotates all --qk-pos-emb-head-dim dims; "
+                                         "drop --rotary-percent")
+        mla_config(args)
     need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one")
     if tp == 1:
         args.sequence_parallel = False   # as Megatron-LM: nothing to split the sequence over
@@ -396,6 +424,28 @@ def router_config(args, num_experts: int) -> RouterConfig:
         topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
         num_groups=getattr(args, "moe_router_num_groups", None),
         group_topk=getattr(args, "moe_router_group_topk", None))
+
+
+def rope_config(args) -> RopeConfig:
+    """The RoPE flags as a RopeConfig (flags a checkpoint predates take their defaults)."""
+    mla = getattr(args, "multi_latent_attention", False)
+    return RopeConfig(
+        base=getattr(args, "rotary_base", 10000.0), percent=getattr(args, "rotary_percent", 1.0),
+        rope_type=getattr(args, "rope_type", None) or ("yarn" if mla else "rope"),
+        scaling_factor=getattr(args, "rotary_scaling_factor", 1.0),
+        original_max_position_embeddings=getattr(args, "original_max_position_embeddings", 4096),
+        beta_fast=getattr(args, "beta_fast", 32.0), beta_slow=getattr(args, "beta_slow", 1.0),
+        mscale=getattr(args, "mscale", 1.0), mscale_all_dim=getattr(args, "mscale_all_dim", 0.0),
+        llama3_scaling_factor=args.rope_scaling_factor if getattr(args, "use_rope_scaling", False) else None)
+
+
+def mla_config(args) -> MLAConfig | None:
+    """The multi-latent attention flags as an MLAConfig (None without --multi-latent-attention)."""
+    if not getattr(args, "multi_latent_attention", False):
+        return None
+    return MLAConfig(kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
+                     qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
+                     q_lora_rank=args.q_lora_rank)
 
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:

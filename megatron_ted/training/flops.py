@@ -5,6 +5,9 @@ Counted per token, forward, matmuls only (multiply-add = 2 FLOPs):
               not halved for the causal mask, as in Megatron-LM's classic formula); with N heads of
               dim D and G query groups: projections 2 * H * (2 N D + 2 G D), scores and values
               2 * 2 S N D
+  MLA         (n heads, dn/dr/dv and ranks rq/rkv of MLAConfig) q: 2 H n (dn + dr), or with a latent
+              2 (H rq + rq n (dn + dr)); kv: 2 H (rkv + dr) + 2 rkv n (dn + dv); output 2 n dv H;
+              scores 2 S n (dn + dr), values 2 S n dv
   dense MLP   2 * 2 H F (SwiGLU: 2 * 3 H F)
   MoE MLP     top-k experts: k * 2 * 2 H F_moe (SwiGLU: k * 2 * 3 H F_moe), router 2 H E
               (E: the mean over MoE layers for a pyramid); Residual MoE adds a dense MLP of F_moe
@@ -15,7 +18,7 @@ Training = 3 x forward (backward is twice the forward). Recomputation is not cou
 """
 from __future__ import annotations
 
-from megatron_ted.training.arguments import attention_config, num_experts_per_layer
+from megatron_ted.training.arguments import attention_config, mla_config, num_experts_per_layer
 
 
 def attention_flops_per_token(hidden: int, seq_length: int, q_dim: int | None = None,
@@ -25,6 +28,14 @@ def attention_flops_per_token(hidden: int, seq_length: int, q_dim: int | None = 
     q_dim = q_dim or hidden
     kv_dim = kv_dim or q_dim
     return 2 * hidden * (2 * q_dim + 2 * kv_dim) + 2 * 2 * seq_length * q_dim
+
+
+def mla_flops_per_token(hidden: int, seq_length: int, num_heads: int, mla) -> float:
+    """Forward of multi-latent attention (model/mla.py): projections, scores and values over the full S x S."""
+    n, dq = num_heads, mla.q_head_dim
+    q = hidden * n * dq if mla.q_lora_rank is None else mla.q_lora_rank * (hidden + n * dq)
+    kv = hidden * (mla.kv_lora_rank + mla.qk_pos_emb_head_dim) + mla.kv_lora_rank * n * (mla.qk_head_dim + mla.v_head_dim)
+    return 2 * (q + kv + n * mla.v_head_dim * hidden) + 2 * seq_length * n * (dq + mla.v_head_dim)
 
 
 def mlp_flops_per_token(hidden: int, ffn: int, swiglu: bool = False, topk: int | None = None,
@@ -49,10 +60,15 @@ def moe_mlp_flops_per_token(hidden: int, ffn: int, topk: int, num_experts: float
 def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, vocab: int,
                     moe_layers: int = 0, moe_ffn: int | None = None, topk: int = 0, num_experts: float = 0,
                     swiglu: bool = False, residual: bool = False, shared_ffn: int | None = None,
-                    shared_gate: bool = False, q_dim: int | None = None, kv_dim: int | None = None) -> float:
+                    shared_gate: bool = False, q_dim: int | None = None, kv_dim: int | None = None,
+                    num_heads: int = 0, mla=None) -> float:
+    """q_dim/kv_dim: heads x head dim and query groups x head dim (GQA); mla: an MLAConfig (with
+    num_heads) for multi-latent attention instead of the classic one."""
     moe_mlp = moe_mlp_flops_per_token(hidden, moe_ffn or ffn, topk, num_experts, swiglu, residual, shared_ffn,
                                       shared_gate)
-    forward = (num_layers * attention_flops_per_token(hidden, seq_length, q_dim, kv_dim)
+    attention = attention_flops_per_token(hidden, seq_length, q_dim, kv_dim) if mla is None \
+        else mla_flops_per_token(hidden, seq_length, num_heads, mla)
+    forward = (num_layers * attention
                + (num_layers - moe_layers) * mlp_flops_per_token(hidden, ffn, swiglu)
                + moe_layers * moe_mlp
                + 2 * hidden * vocab)
@@ -71,7 +87,8 @@ def flops_per_token_of_args(args) -> float:
                            args.swiglu, residual=moe and args.mlp_type == "residual",
                            shared_ffn=args.moe_shared_expert_intermediate_size if moe else None,
                            shared_gate=moe and args.moe_shared_expert_gate, q_dim=args.num_attention_heads * d,
-                           kv_dim=attention.groups(args.num_attention_heads) * d)
+                           kv_dim=attention.groups(args.num_attention_heads) * d,
+                           num_heads=args.num_attention_heads, mla=mla_config(args))
 
 
 # Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.

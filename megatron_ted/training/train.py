@@ -23,8 +23,8 @@ from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
-from megatron_ted.training.arguments import (attention_config, num_experts_per_layer, padded_vocab_size, parse_args,
-                                             router_config)
+from megatron_ted.training.arguments import (attention_config, mla_config, num_experts_per_layer, padded_vocab_size,
+                                             parse_args, rope_config, router_config)
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
@@ -53,7 +53,8 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
         layernorm_epsilon=args.layernorm_epsilon, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        attention=attention_config(args), add_position_embedding=getattr(args, "add_position_embedding", True))
+        attention=attention_config(args), add_position_embedding=getattr(args, "add_position_embedding", True),
+        rope=rope_config(args), mla=mla_config(args))
     moe = None
     if args.num_experts is not None:
         counts = num_experts_per_layer(args)
