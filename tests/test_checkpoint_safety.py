@@ -5,6 +5,7 @@ before training, and a diverged run (NaN loss, non-finite weights) that stops wi
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -17,12 +18,15 @@ import torch
 
 from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training import checkpoint as ckpt
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
-from megatron_ted.training.checkpoint import load_checkpoint, recover_interrupted_saves, save_checkpoint
+from megatron_ted.training.checkpoint import (CheckpointError, load_checkpoint, recover_interrupted_saves,
+                                              save_checkpoint)
+from megatron_ted.training.save_dir import hold_save_dir
 from megatron_ted.training.train import model_configs
 from multiproc import free_port
-from parity import tiny_config, tiny_moe
+from parity import run_forked, tiny_config, tiny_moe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
@@ -127,6 +131,37 @@ def test_a_stale_lock_of_a_dead_run_is_reported_and_taken_over(tmp_path):
     notes = [line for line in out.splitlines() if "stale lock" in line]
     assert len(notes) == 1 and f"pid {dead.pid} on host {socket.gethostname()}" in notes[0], out[-3000:]
     assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000002", ckpt.TRACKER]
+
+
+def _world2(rank, world, free, held):
+    g = ParallelGroups.create(ParallelLayout(world, 1, 1))
+    lock, _ = hold_save_dir(free, g)       # the two ranks of one run: rank 0 holds, rank 1 trusts it
+    out = {"held": lock is not None and os.path.exists(os.path.join(free, ".lock"))}
+    torch.distributed.barrier()
+    if lock is not None:
+        lock.release()
+    try:
+        hold_save_dir(held, g)
+    except CheckpointError as err:
+        out["refused"] = str(err)
+    return out
+
+
+def test_rank_0_holds_the_lock_for_its_run_and_every_rank_hears_of_a_refusal(tmp_path):
+    free, held = str(tmp_path / "free"), str(tmp_path / "held")
+    os.makedirs(free)
+    os.makedirs(held)
+    fd = os.open(os.path.join(held, ".lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"elsewhere 4242\n")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # another run holds `held`
+        r0, r1 = run_forked(_world2, 2, free, held)
+    finally:
+        os.close(fd)
+    assert r0["held"] and not r1["held"]
+    assert "refused" in r0 and "(pid 4242 on host elsewhere" in r0["refused"]
+    assert r1.get("refused") == r0["refused"] + " (reported by rank 0)"
+    assert os.listdir(free) == []                    # released: the lock file is gone
 
 
 # ---- an iteration saved again ------------------------------------------------------------------
