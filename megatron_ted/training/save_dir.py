@@ -1,7 +1,7 @@
 """The run's `--save` directory: found writable at start-up, and held by one run at a time.
 
     check_writable(args.save)                 # every rank, before any heavy work: one line if not
-    lock = hold_save_dir(args.save, groups)   # rank 0, for the life of the run; the others trust it
+    lock, notes = hold_save_dir(args.save, groups)   # rank 0 holds it for the run; the others trust it
 
 The lock is `<save>/.lock`, holding the holder's "host pid", locked with `fcntl.flock`. flock (not a
 pid check alone) decides who holds it: the kernel drops it when the holder dies, even by SIGKILL,
@@ -130,8 +130,8 @@ def hold_save_dir(path: str, groups: ParallelGroups) -> tuple[SaveDirLock | None
         try:
             notes = lock.acquire()
             notes += recover_interrupted_saves(path)
-        except (ValueError, OSError) as err:
-            error = str(err) if isinstance(err, ValueError) else f"--save {path}: {err}"
+        except Exception as err:  # noqa: BLE001 -- every rank must hear of it, or the others wait forever
+            error = str(err) if isinstance(err, ValueError) else f"--save {path}: {type(err).__name__}: {err}"
             lock.release()
     _agree(error, groups)
     return lock, notes
