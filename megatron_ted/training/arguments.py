@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**16)
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
+                   help="stop (exit 2) at a NaN or Inf loss; the default (an fp16 gradient overflow stays a "
+                        "skipped step)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
+                   help="train on through NaN or Inf losses")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
                    help="full: checkpoint whole layers; selective: recompute only the attention core")
     g.add_argument("--recompute-method", choices=["uniform"], default=None, help="full only; default uniform")

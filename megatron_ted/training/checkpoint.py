@@ -29,8 +29,10 @@ one parameter at a time, and with --use-distributed-optimizer only the elements 
 Atomicity: every rank writes into `<save>/.iter_0000010.tmp/` and fsyncs; when all have
 succeeded rank 0 writes metadata.json, renames the directory to `iter_0000010` and only then
 replaces the tracker file (write a temporary, fsync, `os.replace`). A crash at any point leaves the
-previous checkpoint and the tracker pointing at it intact; a stale `.tmp` directory is removed by
-the next save.
+previous checkpoint and the tracker pointing at it intact, and the tracker never names a missing
+directory, also when an iteration is saved again (`_publish`); what a killed save left (`.iter_N.tmp`,
+`.iter_N.old`) is finished or undone by `recover_interrupted_saves` when the next run starts. A model
+with a NaN or Inf parameter is refused, not saved.
 
 Errors: a missing, truncated or inconsistent checkpoint, or one made for another model, raises
 `CheckpointError` (a ValueError) whose one-line message names the checkpoint and the mismatch. Under
@@ -252,6 +254,18 @@ def _local_shards(model, optimizer, groups: ParallelGroups) -> tuple[dict, list]
     return tensors, entries
 
 
+def _non_finite(model, final: str, rank: int) -> str | None:
+    """The refusal to save `model` if one of its parameters holds a NaN or an Inf, else None."""
+    params = list(model.named_parameters())
+    if not params:
+        return None
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).tolist()   # one sync
+    bad = next((name for (name, _), ok in zip(params, finite) if not ok), None)
+    return None if bad is None else (f"checkpoint {final}: not saved, parameter {bad} holds NaN or Inf values "
+                                     f"on rank {rank} (the run diverged; lower --lr or resume from an earlier "
+                                     f"checkpoint)")
+
+
 def save_checkpoint(path: str, iteration: int, model, optimizer, groups: ParallelGroups,
                     args_dict: dict | None = None, consumed_samples: int = 0, rng: bool | dict = True,
                     extra: dict | None = None) -> str:
@@ -268,6 +282,7 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
     tmp = os.path.join(path, f".iter_{iteration:07d}.tmp")
     args_dict = _clean_args(args_dict)
 
+    _agree(_non_finite(model, final, rank), groups)   # a diverged model is no checkpoint to resume from
     error = None
     if rank == 0:
         try:
@@ -361,15 +376,29 @@ def _build_index(all_entries: list[list], final: str) -> dict:
     return index
 
 
-def _publish(path: str, tmp: str, final: str, iteration: int) -> None:
-    """Rename the complete directory into place, then move the tracker (each step atomic)."""
-    trash = None
-    if os.path.exists(final):     # saving the same iteration again: keep the old one until the new is in
-        trash = os.path.join(path, f".iter_{iteration:07d}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(final, trash)
-    os.rename(tmp, final)
-    _fsync_dir(path)
+def _aside(path: str, iteration: int) -> str:
+    """Where the directory of an iteration saved again waits until its replacement is in place."""
+    return os.path.join(path, f".iter_{iteration:07d}.old")
+
+
+def _complete_iterations(path: str) -> list[int]:
+    """Iterations with a complete directory (metadata.json is written last) in `path`, ascending."""
+    return sorted(int(d[5:]) for d in os.listdir(path)
+                  if re.fullmatch(r"iter_\d{7}", d) and os.path.isfile(os.path.join(path, d, METADATA)))
+
+
+def _tracked(path: str) -> int | None:
+    """The iteration the tracker names, or None (no tracker, or not a number)."""
+    try:
+        with open(os.path.join(path, TRACKER)) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _write_tracker(path: str, iteration: int) -> None:
+    """Point the tracker at `iteration` (a temporary, fsync, `os.replace`: readers see old or new)."""
     tracker_tmp = os.path.join(path, f".{TRACKER}.tmp")
     with open(tracker_tmp, "w") as f:
         f.write(f"{iteration}\n")
@@ -377,8 +406,79 @@ def _publish(path: str, tmp: str, final: str, iteration: int) -> None:
         os.fsync(f.fileno())
     os.replace(tracker_tmp, os.path.join(path, TRACKER))
     _fsync_dir(path)
-    if trash:
-        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(path: str, tmp: str, final: str, iteration: int) -> None:
+    """Rename the complete directory into place, then move the tracker (each step atomic).
+
+    Saving an iteration again: the old directory must go aside before the new one can take its
+    name, so the tracker first steps back to the newest earlier complete iteration (or, with none,
+    is removed: find_checkpoint then reads the aside copy), and only then do the renames happen.
+    The tracker never names a missing directory; `recover_interrupted_saves` finishes a publish
+    that a kill cut short.
+    """
+    old = None
+    if os.path.exists(final):
+        old = _aside(path, iteration)
+        if _tracked(path) == iteration:
+            earlier = [i for i in _complete_iterations(path) if i < iteration]
+            if earlier:
+                _write_tracker(path, earlier[-1])
+            else:
+                os.remove(os.path.join(path, TRACKER))
+                _fsync_dir(path)
+        shutil.rmtree(old, ignore_errors=True)   # a replaced copy left by a crash; `final` is newer
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(path)
+    _write_tracker(path, iteration)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted_saves(path: str) -> list[str]:
+    """Finish or undo what a save killed midway left in `path`; returns one note per repair.
+
+    Touches only the names a save creates: `.iter_N.tmp` (published when complete, since its
+    metadata.json is written last, else removed), `.iter_N.old` (put back when `iter_N` is missing,
+    else removed) and the tracker's temporary. Call it only while holding the directory
+    (training/save_dir.py): another run's save in progress looks the same as a killed one.
+    """
+    if not os.path.isdir(path):
+        return []
+    notes = []
+    pattern = re.compile(r"\.iter_(\d{7})\.(tmp|old)")
+    # per iteration the .tmp first: a complete one is the newer save, to finish rather than undo
+    found = sorted((m.groups() for m in map(pattern.fullmatch, os.listdir(path)) if m),
+                   key=lambda g: (g[0], g[1] != "tmp"))
+    for number, kind in found:
+        it, here = int(number), os.path.join(path, f".iter_{number}.{kind}")
+        final, name = iteration_dir(path, it), os.path.basename(here)
+        tracked = _tracked(path)
+        # the tracker named N when the save of N began, or an earlier iteration; never a later one
+        behind = tracked is None or tracked < it or not os.path.isdir(iteration_dir(path, tracked))
+        if kind == "tmp":
+            if os.path.isfile(os.path.join(here, METADATA)) and behind:
+                _publish(path, here, final, it)
+                notes.append(f" > {path}: published iteration {it}, complete in {name} when its run stopped")
+            else:
+                shutil.rmtree(here)
+                notes.append(f" > {path}: removed {name}, a save its run did not finish")
+        elif os.path.isdir(here):           # .old, unless publishing the .tmp above removed it
+            if os.path.isfile(os.path.join(final, METADATA)):
+                shutil.rmtree(here)
+                notes.append(f" > {path}: removed {name}, already replaced by iteration {it}")
+            elif not os.path.exists(final):
+                os.rename(here, final)
+                notes.append(f" > {path}: restored iteration {it} from {name} (its replacement was interrupted)")
+            else:
+                continue                    # an iter_N that is not a checkpoint of ours: leave both alone
+            if behind:
+                _write_tracker(path, it)
+    tracker_tmp = os.path.join(path, f".{TRACKER}.tmp")
+    if os.path.exists(tracker_tmp):
+        os.remove(tracker_tmp)
+    return notes
 
 
 # ---- find and check ----------------------------------------------------------------------------
@@ -404,9 +504,13 @@ def find_checkpoint(path: str) -> str | None:
             raise CheckpointError(f"checkpoint {path}: {TRACKER} names iteration {int(text)} but "
                                   f"{os.path.basename(directory)} does not exist")
         return directory
-    found = sorted(d for d in os.listdir(path)
-                   if re.fullmatch(r"iter_\d{7}", d) and os.path.isfile(os.path.join(path, d, METADATA)))
-    return os.path.join(path, found[-1]) if found else None
+    found = _complete_iterations(path)
+    if found:
+        return iteration_dir(path, found[-1])
+    # the only copy of an iteration being saved again, set aside while the tracker is removed (_publish)
+    aside = sorted(d for d in os.listdir(path)
+                   if re.fullmatch(r"\.iter_\d{7}\.old", d) and os.path.isfile(os.path.join(path, d, METADATA)))
+    return os.path.join(path, aside[-1]) if aside else None
 
 
 def read_metadata(directory: str) -> dict:

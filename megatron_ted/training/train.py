@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -34,8 +35,14 @@ from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training.manual_gc import ManualGC
 from megatron_ted.training.optimizer import DynamicLossScaler
 from megatron_ted.training.profiling import StepProfiler
+from megatron_ted.training.save_dir import check_writable, hold_save_dir
 from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step is NaN or Inf (--check-for-nan-in-loss-and-grad); every rank sees the same
+    DP-reduced loss, so every rank raises it at the same iteration."""
 
 
 def print_rank0(*args, **kwargs):
@@ -181,6 +188,18 @@ def _sp_seed_offset(args, groups) -> int:
 def train(args, tokenizer) -> dict:
     device = init_distributed(args)
     groups = ParallelGroups.create(args.layout)
+    # one run per --save, before any heavy work; the lock is dropped however the run ends
+    save_lock, notes = hold_save_dir(args.save, groups) if args.save else (None, [])
+    try:
+        for note in notes:
+            print_rank0(note)
+        return _train(args, tokenizer, device, groups)
+    finally:
+        if save_lock is not None:
+            save_lock.release()
+
+
+def _train(args, tokenizer, device, groups) -> dict:
     rank = dist.get_rank()
     print_rank0(args.layout.table())
 
@@ -287,6 +306,11 @@ def train(args, tokenizer) -> dict:
         profiler.before(it)
         with torch.profiler.record_function("forward-backward"):
             result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
+        if args.check_for_nan_in_loss_and_grad and not math.isfinite(result.lm_loss):
+            # an fp16 overflow in the gradients is a skipped step; a non-finite loss is a diverged run
+            raise NonFiniteLossError(f"iteration {it}: the lm loss is {result.lm_loss} on rank {rank} "
+                                     f"(--check-for-nan-in-loss-and-grad); the run diverged, nothing saved "
+                                     f"after it: lower --lr or resume from an earlier checkpoint")
         with torch.profiler.record_function("optimizer-step"):
             applied, result.grad_norm = optimizer.step(lr)
         start = time.time()
@@ -375,13 +399,15 @@ def main(argv=None) -> int:
         check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
+        if args.save is not None:
+            check_writable(args.save)   # not found out at the first save, after hours of training
     except ValueError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         train(args, tokenizer)
-    except (CheckpointError, DataError) as e:  # every rank raises the same one (the ranks agree on these)
+    except (CheckpointError, DataError, NonFiniteLossError) as e:  # every rank raises the same one (they agree)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
