@@ -9,6 +9,8 @@ import argparse
 import math
 import os
 
+from megatron_ted.model.builder import moe_layer_indices
+from megatron_ted.model.layer_pattern import moe_layer_freq
 from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the shared experts' output by sigmoid(x w), a learned [1, H] gate (Qwen2-MoE)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts while the dispatch all-to-all is in flight, forward and backward")
-    g.add_argument("--moe-layer-freq", type=int, default=2, help="every N-th layer is MoE (the paper: 2)")
+    g.add_argument("--moe-layer-freq", default=2,
+                   help="int N: every N-th layer is MoE (the paper: 2); or one 0/1 per layer as Megatron-LM "
+                        "writes it, e.g. \"([0]+[1]*23)\" or \"[0,1,1,1]\" (parsed, not evaluated)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
@@ -242,9 +246,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")
 
+    args.moe_layer_freq = moe_layer_freq(args.moe_layer_freq, args.num_layers)  # int, or a 0/1 list per layer
     if args.num_experts is not None:
         ep, k = args.expert_model_parallel_size, args.moe_router_topk
-        need(args.moe_layer_freq >= 1, "--moe-layer-freq must be at least 1")
         counts = num_experts_per_layer(args)
         # canonical form: an int when every MoE layer has the same count (as before), else the list
         args.num_experts = counts[0] if len(set(counts)) == 1 else counts
@@ -342,7 +346,7 @@ def num_experts_per_layer(args) -> list[int]:
 
     One value applies to every MoE layer; several must be one per MoE layer (Pyramid-MoE)."""
     counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
-    n = len(range(0, args.num_layers, args.moe_layer_freq))
+    n = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
     if len(counts) == 1:
         return list(counts) * n
     if len(counts) != n:

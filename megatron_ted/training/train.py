@@ -56,7 +56,8 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
     if args.num_experts is not None:
         counts = num_experts_per_layer(args)
         router = router_config(args, counts[0])
-        moe = MoEConfig(router, args.moe_ffn_hidden_size, args.moe_layer_freq,
+        freq = args.moe_layer_freq if isinstance(args.moe_layer_freq, int) else tuple(args.moe_layer_freq)
+        moe = MoEConfig(router, args.moe_ffn_hidden_size, freq,
                         duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
                         num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"),
                         a2a_algorithm=getattr(args, "moe_a2a_algorithm", "flat"),
