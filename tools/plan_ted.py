@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ted.cli import OneLineErrorParser, one_line_errors  # noqa: E402
-from megatron_ted.data.tokenizer import build_tokenizer  # noqa: E402
+from megatron_ted.data.tokenizer import build_tokenizer, resolve_tokenizer_type  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
 from megatron_ted.planning.search import PRESETS, evaluate, search  # noqa: E402
 from megatron_ted.planning.throughput import Cluster  # noqa: E402
@@ -86,7 +86,9 @@ def plan(argv=None):
                       intra_node_gbps=args.intra_node_bandwidth_gbps, inter_node_gbps=args.inter_node_bandwidth_gbps,
                       achievable_tflops=args.achievable_tflops, tp_efficiency=args.tp_efficiency)
     args.dry_run = True
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size) \
+    args.tokenizer_type = resolve_tokenizer_type(args.tokenizer_type, args.vocab_file)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size, args.vocab_file,
+                                args.merge_file) \
         if args.tokenizer_type != "NullTokenizer" or args.vocab_size is not None else None
     if tokenizer is None:
         raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size N (or use a --preset)")

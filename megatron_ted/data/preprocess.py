@@ -39,9 +39,9 @@ class InputError(Exception):
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_type, tokenizer_model, vocab_size, json_keys, append_eod, input_name):
+def _init_worker(tokenizer_args, json_keys, append_eod, input_name):
     _WORKER.update(
-        tokenizer=build_tokenizer(tokenizer_type, tokenizer_model, vocab_size),
+        tokenizer=build_tokenizer(*tokenizer_args),
         json_keys=json_keys, append_eod=append_eod, input_name=input_name,
     )
 
@@ -235,7 +235,10 @@ def get_args(argv=None) -> argparse.Namespace:
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each line")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, help=" | ".join(TOKENIZER_TYPES))
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece model file")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece model file, or a directory with tokenizer.json (HuggingFaceTokenizer)")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: merges.txt")
     group.add_argument("--vocab-size", type=int, default=None, help="ids of NullTokenizer (EOD is one more)")
     group.add_argument("--append-eod", action="store_true", help="append the EOD id to every document")
     group = parser.add_argument_group("output data")
@@ -260,13 +263,15 @@ def preprocess(args: argparse.Namespace) -> dict:
     """Run the conversion; returns {key: output prefix}. Raises InputError on bad input."""
     if not os.path.isfile(args.input):
         raise InputError(f"--input {args.input}: file not found")
+    tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_size,
+                      getattr(args, "vocab_file", None), getattr(args, "merge_file", None))
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        tokenizer = build_tokenizer(*tokenizer_args)
     except ValueError as err:
         raise InputError(str(err)) from None
     created = _make_output_dir(args.output_prefix)
 
-    init_args = (args.tokenizer_type, args.tokenizer_model, args.vocab_size, list(args.json_keys),
+    init_args = (tokenizer_args, list(args.json_keys),
                  args.append_eod, args.input)
     writers = _Writers(args.output_prefix, list(args.json_keys), tokenizer.vocab_size)
     progress = _Progress(args.log_interval)

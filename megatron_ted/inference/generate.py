@@ -35,10 +35,12 @@ def _tokenizer_for(args: dict, directory: str, tokenizer_model: str | None):
     kind = args["tokenizer_type"]
     if kind == "NullTokenizer":
         return build_tokenizer(kind, vocab_size=args.get("vocab_size"))
+    if kind == "GPT2BPETokenizer":
+        return build_tokenizer(kind, vocab_file=args.get("vocab_file"), merge_file=args.get("merge_file"))
     candidates = [tokenizer_model] if tokenizer_model else [os.path.join(directory, "tokenizer.model"),
                                                            args.get("tokenizer_model")]
     for path in candidates:
-        if path and os.path.isfile(path):
+        if path and os.path.exists(path):   # a file, or HuggingFaceTokenizer's directory
             return build_tokenizer(kind, tokenizer_model=path)
     raise ValueError(f"--tokenizer-model: checkpoint {directory} holds no tokenizer.model and the training "
                      f"run's {args.get('tokenizer_model')!r} is not there; pass --tokenizer-model PATH")

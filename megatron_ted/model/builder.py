@@ -19,7 +19,9 @@ from megatron_ted.parallel.groups import ParallelGroups
 class MoEConfig:
     router: RouterConfig
     ffn_hidden_size: int
-    layer_freq: int = 2                      # layer i is MoE when i % layer_freq == 0 (Megatron-core)
+    # int N: layer i is MoE when i % N == 0 (Megatron-core); or one 0/1 per layer (1: MoE), as
+    # --moe-layer-freq "([0]+[1]*N)" gives (model/layer_pattern.py)
+    layer_freq: int | tuple[int, ...] = 2
     duplicate_token_dropping: bool = True
     # Pyramid-MoE: one expert count per MoE layer, in layer order (None: router.num_experts everywhere)
     num_experts_per_layer: tuple[int, ...] | None = None
@@ -41,8 +43,12 @@ class MoEConfig:
 MLP_TYPES = ("standard", "residual")
 
 
-def moe_layer_indices(num_layers: int, layer_freq: int) -> tuple[int, ...]:
-    return tuple(i for i in range(num_layers) if i % layer_freq == 0)
+def moe_layer_indices(num_layers: int, layer_freq) -> tuple[int, ...]:
+    """The MoE layers: every layer_freq-th from layer 0, or those marked 1 in a 0/1 pattern."""
+    if isinstance(layer_freq, int):
+        return tuple(i for i in range(num_layers) if i % layer_freq == 0)
+    assert len(layer_freq) == num_layers, "the layer pattern has one entry per layer (checked in arguments)"
+    return tuple(i for i, moe in enumerate(layer_freq) if moe)
 
 
 def router_seed(seed: int, layer_index: int) -> int:

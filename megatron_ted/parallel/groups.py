@@ -79,7 +79,7 @@ class ParallelGroups:
         return f"rank {self.rank} of {self.layout}: " + ", ".join(repr(self.group(k)) for k in KINDS)
 
 
-def init_process_group(use_cuda: bool, backend: str | None = None) -> torch.device:
+def init_process_group(use_cuda: bool, backend: str | None = None, timeout_minutes: float = 10) -> torch.device:
     """Join the launcher's process group (torchrun / srun set RANK, WORLD_SIZE, MASTER_*); a plain
     `python script.py` is a world of one. Returns this rank's device (cuda:LOCAL_RANK or cpu)."""
     if "RANK" not in os.environ:
@@ -88,5 +88,5 @@ def init_process_group(use_cuda: bool, backend: str | None = None) -> torch.devi
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=10))
+    dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=timeout_minutes))
     return device

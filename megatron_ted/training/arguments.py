@@ -9,12 +9,16 @@ import argparse
 import math
 import os
 
+from megatron_ted.data.tokenizer import TOKENIZER_TYPES, resolve_tokenizer_type
 from megatron_ted.model.attention import AttentionConfig, check_attention
+from megatron_ted.model.builder import moe_layer_indices
+from megatron_ted.model.layer_pattern import moe_layer_freq
 from megatron_ted.model.mla import MLAConfig
 from megatron_ted.model.positions import RopeConfig
 from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.training import compat_flags, run_length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the shared experts' output by sigmoid(x w), a learned [1, H] gate (Qwen2-MoE)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts while the dispatch all-to-all is in flight, forward and backward")
-    g.add_argument("--moe-layer-freq", type=int, default=2, help="every N-th layer is MoE (the paper: 2)")
+    g.add_argument("--moe-layer-freq", default=2,
+                   help="int N: every N-th layer is MoE (the paper: 2); or one 0/1 per layer as Megatron-LM "
+                        "writes it, e.g. \"([0]+[1]*23)\" or \"[0,1,1,1]\" (parsed, not evaluated)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=2)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
@@ -154,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=None, help="default micro-batch x DP")
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, default=None, help="default 100, or from --train-samples/--train-tokens")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
@@ -203,9 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="*", default=None, help="prefix, or 'w1 prefix1 w2 prefix2' for a blend")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--mock-data", action="store_true", help="synthetic tokens, same global batches in every layout")
-    g.add_argument("--tokenizer-type", default="NullTokenizer",
-                   choices=["NullTokenizer", "SentencePieceTokenizer"])
-    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES,
+                   help="default: GPT2BPETokenizer with --vocab-file, else NullTokenizer")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model file, or a directory with tokenizer.json (HuggingFaceTokenizer)")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: the vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: the merges.txt")
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--data-cache-path", default=None)
 
@@ -233,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
     g.add_argument("--profile-dir", default=None, help="default: --tensorboard-dir, else ./profile")
     g.add_argument("--dry-run", action="store_true", help="resolve flags, print the layout and sizes, exit")
+    compat_flags.add_arguments(p)
     return p
 
 
@@ -253,8 +263,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         if not cond:
             raise ValueError(msg)
 
+    args.accepted_no_effect = compat_flags.apply(args)   # refuses what we lack; lists what changes nothing
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                 "train_iters", "tensor_model_parallel_size", "expert_model_parallel_size"):
+                 "tensor_model_parallel_size", "expert_model_parallel_size"):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1")
     args.world_size = world_size
     args.layout = ParallelLayout(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size,
@@ -289,13 +300,13 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
          f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
          f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}")
     args.num_micro_batches = args.global_batch_size // per_step
-    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    run_length.resolve(args)   # --train-iters/-samples/-tokens and the schedule, in iterations
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")
 
+    args.moe_layer_freq = moe_layer_freq(args.moe_layer_freq, args.num_layers)  # int, or a 0/1 list per layer
     if args.num_experts is not None:
         ep, k = args.expert_model_parallel_size, args.moe_router_topk
-        need(args.moe_layer_freq >= 1, "--moe-layer-freq must be at least 1")
         counts = num_experts_per_layer(args)
         # canonical form: an int when every MoE layer has the same count (as before), else the list
         args.num_experts = counts[0] if len(set(counts)) == 1 else counts
@@ -346,8 +357,15 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
     elif not args.dry_run:
         need(args.data_path, "no data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+    args.tokenizer_type = resolve_tokenizer_type(args.tokenizer_type, args.vocab_file)
     if args.tokenizer_type == "NullTokenizer":
         need(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size N")
+    elif args.tokenizer_type == "GPT2BPETokenizer":
+        for flag in ("vocab_file", "merge_file"):
+            path = getattr(args, flag)
+            need(path is not None and os.path.isfile(path),
+                 f"--tokenizer-type GPT2BPETokenizer needs --{flag.replace('_', '-')} FILE"
+                 + (f" ({path} does not exist)" if path else ""))
     else:
         need(args.tokenizer_model is not None, f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model PATH")
         need(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model} does not exist")
@@ -393,7 +411,7 @@ def num_experts_per_layer(args) -> list[int]:
 
     One value applies to every MoE layer; several must be one per MoE layer (Pyramid-MoE)."""
     counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
-    n = len(range(0, args.num_layers, args.moe_layer_freq))
+    n = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
     if len(counts) == 1:
         return list(counts) * n
     if len(counts) != n:
@@ -455,6 +473,9 @@ def mla_config(args) -> MLAConfig | None:
 
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.use_checkpoint_args:
+        from megatron_ted.training.checkpoint import apply_checkpoint_args
+        apply_checkpoint_args(args)
     if world_size is None:
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     return validate(args, world_size)

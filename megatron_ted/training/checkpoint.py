@@ -820,3 +820,22 @@ def _load_local(path, model, optimizer, groups, strict, load_optim, load_rng) ->
                                   f"{_one_line(err)})") from None
     return LoadedCheckpoint(int(meta["iteration"]), int(meta.get("consumed_samples", 0)), meta.get("args") or {},
                             meta, rng, directory)
+
+
+# Flags --use-checkpoint-args takes from the checkpoint (the model's shape and its tokenizer).
+CHECKPOINT_ARGS = tuple(k for k in MODEL_FLAGS if k != "padded_vocab_size") + (
+    "seq_length", "max_position_embeddings", "layernorm_epsilon", "make_vocab_size_divisible_by", "tokenizer_type",
+    "tokenizer_model", "vocab_size", "vocab_file", "merge_file")
+
+
+def apply_checkpoint_args(args) -> None:
+    """--use-checkpoint-args: the checkpoint's model flags replace the command line's (as Megatron-LM)."""
+    if args.load is None:
+        raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint to take the model flags from)")
+    directory = find_checkpoint(args.load)
+    if directory is None:
+        raise ValueError(f"--use-checkpoint-args: --load {args.load} holds no checkpoint")
+    saved = read_metadata(directory).get("args") or {}
+    for key in CHECKPOINT_ARGS:
+        if key in saved:
+            setattr(args, key, saved[key])

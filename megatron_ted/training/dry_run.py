@@ -87,9 +87,11 @@ def _model_lines(args, precision: str) -> list[str]:
         dtd = "on" if args.tensor_model_parallel_size > 1 and not args.moe_no_duplicate_token_dropping else "off"
         if getattr(args, "sequence_parallel", False):
             dtd = "not needed (sequence parallel: each TP rank dispatches its own shard)"
-        n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
-        lines.append(f"MoE: {args.num_experts} experts, top-{args.moe_router_topk}, in {n_moe} of "
-                     f"{args.num_layers} layers (every {args.moe_layer_freq}), expert FFN {args.moe_ffn_hidden_size}, "
+        moe_layers = moe_layer_indices(args.num_layers, args.moe_layer_freq)
+        where = f"every {args.moe_layer_freq}" if isinstance(args.moe_layer_freq, int) else \
+            "layers " + ",".join(map(str, moe_layers))
+        lines.append(f"MoE: {args.num_experts} experts, top-{args.moe_router_topk}, in {len(moe_layers)} of "
+                     f"{args.num_layers} layers ({where}), expert FFN {args.moe_ffn_hidden_size}, "
                      f"{routing}, aux loss {args.moe_aux_loss_coeff:g}, duplicate token dropping {dtd}")
         if getattr(args, "moe_router_force_load_balancing", False):
             lines.append("  routing forced to random experts (--moe-router-force-load-balancing: a benchmark setting)")

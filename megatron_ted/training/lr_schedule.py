@@ -6,9 +6,10 @@ import math
 
 def learning_rate(iteration: int, lr: float, min_lr: float, warmup_iters: int, decay_iters: int,
                   style: str = "cosine") -> float:
-    """LR for `iteration` (0-based count of completed steps)."""
+    """LR for `iteration` (0-based count of completed steps). Warm-up and decay lengths may be
+    fractional (given in samples or tokens, training/run_length.py)."""
     if warmup_iters > 0 and iteration < warmup_iters:
-        return lr * (iteration + 1) / warmup_iters
+        return lr * min(1.0, (iteration + 1) / warmup_iters)
     if style == "constant":
         return lr
     progress = min(1.0, (iteration - warmup_iters) / max(1, decay_iters - warmup_iters))

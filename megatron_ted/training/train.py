@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -23,6 +25,7 @@ from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_f
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
+from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.training.arguments import (attention_config, mla_config, num_experts_per_layer, padded_vocab_size,
                                              parse_args, rope_config, router_config)
@@ -66,7 +69,8 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
     if args.num_experts is not None:
         counts = num_experts_per_layer(args)
         router = router_config(args, counts[0])
-        moe = MoEConfig(router, args.moe_ffn_hidden_size, args.moe_layer_freq,
+        freq = args.moe_layer_freq if isinstance(args.moe_layer_freq, int) else tuple(args.moe_layer_freq)
+        moe = MoEConfig(router, args.moe_ffn_hidden_size, freq,
                         duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
                         num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"),
                         a2a_algorithm=getattr(args, "moe_a2a_algorithm", "flat"),
@@ -79,7 +83,7 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
 
 def init_distributed(args) -> torch.device:
     use_cuda = torch.cuda.is_available() and args.distributed_backend != "gloo"
-    return init_process_group(use_cuda, args.distributed_backend)
+    return init_process_group(use_cuda, args.distributed_backend, getattr(args, "distributed_timeout_minutes", 10))
 
 
 class MegatronLog:
@@ -162,7 +166,29 @@ def _micro_batches(iterator, n: int, device, first_key: int | None = None, dp_ra
     return out
 
 
+@contextlib.contextmanager
+def capacity_factor(model, factor: float | None):
+    """Every router's capacity factor set to `factor` inside the block (--moe-eval-capacity-factor)."""
+    routers = [m for m in model.modules() if isinstance(getattr(m, "config", None), RouterConfig)]
+    saved = [m.config for m in routers]
+    for m in routers:
+        m.config = dataclasses.replace(m.config, capacity_factor=factor)
+    try:
+        yield
+    finally:
+        for m, config in zip(routers, saved):
+            m.config = config
+
+
 def evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "") -> float:
+    factor = getattr(args, "moe_eval_capacity_factor", None)
+    if factor is not None and args.num_experts is not None:
+        with capacity_factor(model, factor):
+            return _evaluate(model, loader_iter, args, groups, device, vocab_size, where)
+    return _evaluate(model, loader_iter, args, groups, device, vocab_size, where)
+
+
+def _evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "") -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -186,6 +212,7 @@ def _sp_seed_offset(args, groups) -> int:
 
 
 def train(args, tokenizer) -> dict:
+    start_time = time.time()
     device = init_distributed(args)
     groups = ParallelGroups.create(args.layout)
     # one run per --save, before any heavy work; the lock is dropped however the run ends
@@ -193,13 +220,13 @@ def train(args, tokenizer) -> dict:
     try:
         for note in notes:
             print_rank0(note)
-        return _train(args, tokenizer, device, groups)
+        return _train(args, tokenizer, device, groups, start_time)
     finally:
         if save_lock is not None:
             save_lock.release()
 
 
-def _train(args, tokenizer, device, groups) -> dict:
+def _train(args, tokenizer, device, groups, start_time: float) -> dict:
     rank = dist.get_rank()
     print_rank0(args.layout.table())
 
@@ -256,11 +283,12 @@ def _train(args, tokenizer, device, groups) -> dict:
     mb = args.micro_batch_size
     train_iter = valid_iter = None
     if iteration < args.train_iters:
-        train_iter = iter(build_pretraining_data_loader(train_ds, consumed, mb, groups.dp.rank, groups.dp.size))
+        workers = getattr(args, "num_workers", 0)
+        train_iter = iter(build_pretraining_data_loader(train_ds, consumed, mb, groups.dp.rank, groups.dp.size, workers))
         if valid_ds is not None and args.eval_interval:
             consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
             valid_iter = iter(build_pretraining_data_loader(valid_ds, consumed_valid, mb, groups.dp.rank,
-                                                            groups.dp.size))
+                                                            groups.dp.size, workers))
     # ... and the RNG continues where the checkpoint left it (set after the loaders, which draw a seed).
     if rng_state is not None:
         set_rng_state(rng_state)
@@ -275,7 +303,7 @@ def _train(args, tokenizer, device, groups) -> dict:
     writer = None
     if args.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(args.tensorboard_dir)
+        writer = SummaryWriter(args.tensorboard_dir, max_queue=getattr(args, "tensorboard_queue_size", 10))
     log = MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer, n_moe)
 
     def save(it: int) -> None:
@@ -341,6 +369,15 @@ def _train(args, tokenizer, device, groups) -> dict:
         if args.exit_interval and it % args.exit_interval == 0:
             print_rank0(f" exiting program at iteration {it} (--exit-interval {args.exit_interval})")
             break
+        if getattr(args, "exit_duration_in_mins", None):
+            # every rank stops at the same iteration: the slowest clock decides
+            done = torch.tensor([time.time() - start_time > 60 * args.exit_duration_in_mins], dtype=torch.int32,
+                                device=device)
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)
+            if done.item():
+                print_rank0(f" exiting program after {(time.time() - start_time) / 60:.2f} minutes at iteration {it} "
+                            f"(--exit-duration-in-mins {args.exit_duration_in_mins})")
+                break
     if args.save and it > iteration and last_saved != it:
         save(it)
     if writer is not None:
@@ -392,10 +429,13 @@ def _check_checkpoint_flags(args) -> None:
 def main(argv=None) -> int:
     try:  # every user error surfaces here, before any process group or heavy work
         args = parse_args(argv)
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size, args.vocab_file,
+                                    args.merge_file)
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
         _check_checkpoint_flags(args)
+        if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
+            print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
         check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)

@@ -1,0 +1,161 @@
+"""Flags of Megatron-LM and Megatron-DeepSpeed launch scripts that have no flag of their own here.
+
+One table, so that no flag of a user's script is silently dropped:
+- ALIASES: Megatron-DeepSpeed's names for our flags (the same dest; the alias sets no default).
+- NO_EFFECT: flags that only pick an implementation we replace; accepted, listed once at start-up.
+- SIZE_ONE: parallel sizes we lack; 1 is accepted (what we do), more stops with one line.
+- REFUSED: features we lack; given at all, they stop with one line naming the flag.
+`add_arguments(parser)` registers them; `apply(args)` (first thing in validate) refuses, applies
+the Megatron-DeepSpeed switches and returns the no-effect notes for the start-up line.
+"""
+from __future__ import annotations
+
+import argparse
+
+from megatron_ted.training import run_length
+
+_S = argparse.SUPPRESS
+
+# flag: argparse keywords (dest is always our flag's)
+ALIASES = {
+    "--moe-expert-parallel-size": dict(dest="expert_model_parallel_size", type=int),
+    "--moe-loss-coeff": dict(dest="moe_aux_loss_coeff", type=float),
+    "--moe-train-capacity-factor": dict(dest="moe_expert_capacity_factor", type=float),
+    "--checkpoint-activations": dict(dest="recompute_granularity", action="store_const", const="full"),
+}
+
+# flag: (accepted values, None for a switch; why it changes nothing here)
+_FUSION = "our kernels are plain PyTorch (and torch.compile with --compile-layers)"
+NO_EFFECT = {
+    "--use-mcore-models": (None, "the model is always ours"),
+    "--use-legacy-models": (None, "the model is always ours"),
+    "--transformer-impl": (("local", "transformer_engine"), "the transformer layers are ours (plain PyTorch)"),
+    "--moe-grouped-gemm": (None, "experts use torch._grouped_mm where it runs (bf16 on Hopper), else a loop"),
+    "--moe-token-dispatcher-type": (("alltoall",), "the TED all-to-all dispatcher is the only one"),
+    "--moe-permute-fusion": (None, _FUSION),
+    "--no-masked-softmax-fusion": (None, _FUSION),
+    "--no-rope-fusion": (None, _FUSION),
+    "--no-bias-swiglu-fusion": (None, _FUSION),
+    "--no-bias-gelu-fusion": (None, _FUSION),
+    "--no-bias-dropout-fusion": (None, _FUSION),
+    "--no-persist-layer-norm": (None, _FUSION),
+    "--cross-entropy-loss-fusion": (None, _FUSION),
+    "--use-flash-attn": (None, "attention uses torch's scaled_dot_product_attention, which picks flash kernels itself"),
+    "--attention-backend": (("auto", "flash", "fused", "unfused", "local"), "scaled_dot_product_attention picks its kernel"),
+    "--attention-softmax-in-fp32": (None, "scaled_dot_product_attention keeps its softmax in fp32"),
+    "--apply-query-key-layer-scaling": (None, "scaled_dot_product_attention keeps its softmax in fp32"),
+    "--no-query-key-layer-scaling": (None, "scaled_dot_product_attention keeps its softmax in fp32"),
+    "--accumulate-allreduce-grads-in-fp32": (None, "main gradients are fp32 already"),
+    "--overlap-grad-reduce": (None, "gradient reduction overlaps the backward by default (--no-overlap-grad-reduce: off)"),
+    "--overlap-param-gather": (None, "the distributed optimizer's all-gather is not overlapped here"),
+    "--no-async-tensor-model-parallel-allreduce": (None, "no asynchronous TP all-reduce to switch off"),
+    "--no-create-attention-mask-in-dataloader": (None, "the causal mask is never materialised"),
+    "--no-mmap-bin-files": (None, ".bin files are always memory-mapped"),
+    "--data-impl": (("mmap",), ".bin/.idx are read memory-mapped (the only format here)"),
+    "--log-throughput": (None, "throughput is always logged"),
+    "--log-params-norm": (None, "not logged here"),
+    "--log-num-zeros-in-grad": (None, "not logged here"),
+    "--log-timers-to-tensorboard": (None, "TensorBoard gets loss, learning rate, grad norm, throughput"),
+    "--log-batch-size-to-tensorboard": (None, "TensorBoard gets loss, learning rate, grad norm, throughput"),
+    "--log-validation-ppl-to-tensorboard": (None, "TensorBoard gets loss, learning rate, grad norm, throughput"),
+    "--log-memory-to-tensorboard": (None, "TensorBoard gets loss, learning rate, grad norm, throughput"),
+    "--log-world-size-to-tensorboard": (None, "TensorBoard gets loss, learning rate, grad norm, throughput"),
+    "--log-optimizer-states-to-tensorboard": (None, "TensorBoard gets loss, learning rate, grad norm, throughput"),
+    "--timing-log-level": (("0", "1", "2"), "no per-op timers here"),
+    "--empty-unused-memory-level": (("0", "1", "2"), "the caching allocator is left alone"),
+    "--create-moe-param-group": (None, "expert parameters always form their own group (partitioned over expert-DP)"),
+    "--enable-expert-tensor-parallelism": (None, "experts are always sliced over the tensor-parallel group (TED)"),
+    "--override-lr-scheduler": (None, "at --load the schedule always comes from this run's flags (a difference is noted)"),
+    "--use-cpu-initialization": (None, "weights are drawn on the CPU from the seed already"),
+    "--no-load-optim-scheduler": (None, "the schedule is not loaded (it comes from the flags)"),
+    "--deepspeed": (None, "no DeepSpeed engine: pass precision, batch sizes and ZeRO as flags"),
+    "--deepspeed_config": ("any", "the DeepSpeed JSON is not read: pass precision, batch sizes and ZeRO as flags"),
+    "--no-pipeline-parallel": (None, "there is no pipeline parallelism to turn off"),
+    "--ckpt-format": (("torch", "torch_dist"), "checkpoints are in our sharded format (loadable at any layout)"),
+}
+
+# flag: why more than 1 is refused
+SIZE_ONE = {
+    "--pipeline-model-parallel-size": "pipeline parallelism is not available here",
+    "--context-parallel-size": "context parallelism is not available here",
+    "--virtual-pipeline-model-parallel-size": "pipeline parallelism is not available here",
+}
+
+# flag: (takes a value, what is missing)
+REFUSED = {
+    "--fp8-format": (True, "FP8 training is not available here; use --bf16"),
+    "--fp8": (True, "FP8 training is not available here; use --bf16"),
+    "--fp4-format": (True, "FP4 training is not available here; use --bf16"),
+    "--num-layers-per-virtual-pipeline-stage": (True, "pipeline parallelism is not available here"),
+    "--num-virtual-stages-per-pipeline-rank": (True, "pipeline parallelism is not available here"),
+    "--decoder-first-pipeline-num-layers": (True, "pipeline parallelism is not available here"),
+    "--decoder-last-pipeline-num-layers": (True, "pipeline parallelism is not available here"),
+    "--tp-comm-overlap": (False, "Transformer Engine's TP communication overlap is not available here"),
+    "--mtp-num-layers": (True, "multi-token prediction is not available here"),
+    "--rampup-batch-size": (True, "batch-size ramp-up is not available here; use a fixed --global-batch-size"),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Megatron-LM / Megatron-DeepSpeed compatibility (training/compat_flags.py)")
+    for flag, kwargs in ALIASES.items():
+        g.add_argument(flag, default=_S, help=f"alias of --{kwargs['dest'].replace('_', '-')}", **kwargs)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=_S,
+                   help="must equal --tensor-model-parallel-size: experts are sliced over the TP group (TED)")
+    g.add_argument("--moe-eval-capacity-factor", type=float, default=None,
+                   help="the expert capacity factor during evaluation (default: the training one)")
+    g.add_argument("--disable-moe-token-dropping", action="store_true",
+                   help="dropless routing (Megatron-DeepSpeed): overrides --moe-train-capacity-factor")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="events TensorBoard queues before writing them to disk")
+    run_length.add_arguments(g)
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model-shape flags from the checkpoint in --load (over the command line)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving first with --save) once training has run this many minutes")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10,
+                   help="timeout of the process group's collectives")
+    for flag, (values, note) in NO_EFFECT.items():
+        if values is None:
+            g.add_argument(flag, action="store_true", default=_S, help=f"no effect: {note}")
+        else:
+            g.add_argument(flag, default=_S, help=f"no effect: {note}")
+    for flag, note in SIZE_ONE.items():
+        g.add_argument(flag, type=int, default=_S, help=f"1 only: {note}")
+    for flag, (takes_value, note) in REFUSED.items():
+        g.add_argument(flag, default=_S, help=f"refused: {note}",
+                       **({} if takes_value else dict(action="store_true")))
+
+
+def apply(args: argparse.Namespace) -> list[str]:
+    """Refuse what we lack (ValueError, one line), apply the Megatron-DeepSpeed switches, and
+    return the no-effect flags given, as "--flag (why)"."""
+    given = vars(args)
+    for flag, (_, note) in REFUSED.items():
+        if _dest(flag) in given:
+            raise ValueError(f"{flag}: {note}; drop the flag")
+    for flag, note in SIZE_ONE.items():
+        value = given.get(_dest(flag))
+        if value is not None and value != 1:
+            raise ValueError(f"{flag} {value}: {note}; use 1 or drop the flag")
+    notes = []
+    for flag, (values, note) in NO_EFFECT.items():
+        if _dest(flag) not in given:
+            continue
+        value = given[_dest(flag)]
+        if values not in (None, "any") and value not in values:
+            raise ValueError(f"{flag} {value} is not available here ({note}); use {' or '.join(values)} "
+                             f"or drop the flag")
+        notes.append(f"{flag} ({note})")
+    ep_tp = given.get("expert_tensor_parallel_size")
+    if ep_tp is not None and ep_tp != args.tensor_model_parallel_size:
+        raise ValueError(f"--expert-tensor-parallel-size {ep_tp}: experts are sliced over the tensor-parallel "
+                         f"group (TED); use --tensor-model-parallel-size {args.tensor_model_parallel_size} or drop it")
+    if args.disable_moe_token_dropping:
+        args.moe_expert_capacity_factor = None
+    return notes
