@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-force-load-balancing", action="store_true",
                    help="benchmarks only: route on random logits (straight-through gradient), so every expert "
                         "gets ~T*k/E tokens, as a trained balanced router would; megatron-core's flag")
+    g.add_argument("--moe-use-upcycling", action="store_true",
+                   help="start this MoE from the dense checkpoint of --load: every expert a copy of the dense MLP, a "
+                        "fresh router and optimizer; saved to --save as iteration 0 (interop/upcycle.py)")
+    g.add_argument("--moe-upcycling-granularity", type=int, default=1,
+                   help="experts per dense MLP slice in granular upcycling (only 1 is supported)")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
@@ -291,6 +296,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
         need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
+    if args.moe_use_upcycling:
+        from megatron_ted.interop.upcycle import check_upcycling
+        check_upcycling(args)
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
     elif not args.dry_run:
