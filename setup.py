@@ -12,5 +12,6 @@ setup(
         "sentencepiece",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "tensorboard"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest", "tensorboard", "transformers>=5", "safetensors"], "tensorboard": ["tensorboard"],
+                    "hf": ["transformers>=5", "safetensors"]},
 )

@@ -39,14 +39,16 @@ def main(argv=None) -> int:
     try:
         import torch
 
-        from megatron_ted.inference.generate import generate_text, load_for_inference
+        from megatron_ted.inference import generate_text, load_model
+        from megatron_ted.inference.generate import load_tokenizer
 
         torch.set_num_threads(min(4, torch.get_num_threads()))
         for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 0), ("--top-k", args.top_k, 0),
                                  ("--temperature", args.temperature, 0), ("--num-samples", args.num_samples, 1)):
             if value < low:
                 raise ValueError(f"{flag} {value} must be at least {low}")
-        model, tokenizer, _ = load_for_inference(args.load, args.tokenizer_model)
+        tokenizer = load_tokenizer(args.load, args.tokenizer_model)
+        model = load_model(args.load)
         for i in range(args.num_samples):
             text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                                  args.top_k, args.seed + i, stop_at_eod=not args.ignore_eod)

@@ -16,19 +16,12 @@ Generation stops at end-of-document unless stop_at_eod is False.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 
 import torch
 
 from megatron_ted.data.tokenizer import build_tokenizer
-from megatron_ted.model.builder import build_gpt
-from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_metadata
-
-NEEDED = ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
-          "max_position_embeddings", "tokenizer_type")
+from megatron_ted.inference.model import CausalLM, build_from_checkpoint, checkpoint_args
 
 
 def _tokenizer_for(args: dict, directory: str, tokenizer_model: str | None):
@@ -49,31 +42,19 @@ def _tokenizer_for(args: dict, directory: str, tokenizer_model: str | None):
 def load_for_inference(load: str, tokenizer_model: str | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer, saved training flags) from `--load` (save or iteration directory)."""
-    from megatron_ted.training.train import model_configs  # the same flags -> configs mapping as training
+    directory, args = checkpoint_args(load)
+    tokenizer = load_tokenizer(load, tokenizer_model)
+    return build_from_checkpoint(directory, args, device, dtype), tokenizer, args
 
-    directory = find_checkpoint(load)
-    if directory is None:
-        raise CheckpointError(f"--load {load}: no checkpoint there")
-    args = read_metadata(directory).get("args") or {}
-    missing = [k for k in NEEDED if k not in args]
-    if missing:
-        raise CheckpointError(f"checkpoint {directory}: the saved flags lack {', '.join(missing)}; "
-                              f"it was not written by pretrain_gpt_moe.py")
+
+def load_tokenizer(load: str, tokenizer_model: str | None = None):
+    """The tokenizer of checkpoint `load`: the copy saved with it, or `tokenizer_model`."""
+    directory, args = checkpoint_args(load)
     tokenizer = _tokenizer_for(args, directory, tokenizer_model)
     if tokenizer.vocab_size > args["padded_vocab_size"]:
         raise ValueError(f"--tokenizer-model: its {tokenizer.vocab_size} ids exceed the checkpoint's vocabulary "
                          f"{args['padded_vocab_size']}; use the tokenizer the model was trained with")
-    ns = argparse.Namespace(**args)
-    ns.hidden_dropout = ns.attention_dropout = 0.0
-    config, moe = model_configs(ns, args["padded_vocab_size"])
-    if moe is not None:
-        moe.router = dataclasses.replace(moe.router, capacity_factor=None)   # dropless at inference
-        moe.duplicate_token_dropping = False
-    model = build_gpt(config, moe, ParallelGroups.single(), int(args.get("seed", 0)))
-    model.to(device=device, dtype=dtype)
-    load_checkpoint(directory, model, None, ParallelGroups.single(), load_rng=False, restore_rng=False)
-    model.eval()
-    return model, tokenizer, args
+    return tokenizer
 
 
 @torch.no_grad()
@@ -105,7 +86,10 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, vocab_size: 
     for _ in range(max_new_tokens):
         ctx = torch.tensor(tokens[-window:], dtype=torch.long, device=device).unsqueeze(0)
         pos = torch.arange(ctx.shape[1], device=device).unsqueeze(0)
-        logits = model(ctx, pos).logits[0, -1].float().cpu()          # [V] (padded vocabulary)
+        if isinstance(model, CausalLM):                              # load_model's: [V] unpadded
+            logits = model(ctx)[0, -1].float().cpu()
+        else:
+            logits = model(ctx, pos).logits[0, -1].float().cpu()      # [V] (padded vocabulary)
         logits[vocab_size:] = float("-inf")                          # padding ids are not tokens
         for i in banned_ids:
             if 0 <= i < logits.shape[0]:

@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group-limited routing: the experts split into this many groups")
     g.add_argument("--moe-router-group-topk", type=int, default=None,
                    help="group-limited routing: the top-k is chosen among the experts of this many best groups")
+    g.add_argument("--moe-use-upcycling", action="store_true",
+                   help="start this MoE from the dense checkpoint of --load: every expert a copy of the dense MLP, a "
+                        "fresh router and optimizer; saved to --save as iteration 0 (interop/upcycle.py)")
+    g.add_argument("--moe-upcycling-granularity", type=int, default=1,
+                   help="experts per dense MLP slice in granular upcycling (only 1 is supported)")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")
@@ -353,6 +358,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
         need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
+    if args.moe_use_upcycling:
+        from megatron_ted.interop.upcycle import check_upcycling
+        check_upcycling(args)
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
     elif not args.dry_run:

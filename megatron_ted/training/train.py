@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_valid_test_datasets,
                                          check_batch_token_ids, train_valid_test_num_samples)
 from megatron_ted.data.sampler import build_pretraining_data_loader
+from megatron_ted.interop.upcycle import upcycle_and_save
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
 from megatron_ted.model.compile import compile_layers
@@ -265,7 +266,11 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
     print_rank0(f" > optimizer: AdamW, {'partitioned over DP / expert-DP' if args.use_distributed_optimizer else 'replicated'}"
                 f", tiles of {args.optimizer_tile_size or 'the whole partition'} elements; state on rank 0: "
                 f"{4 * state.get('dense', 0) / 2**20:.1f} MiB dense, {4 * state.get('expert', 0) / 2**20:.1f} MiB expert")
-    iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
+    if getattr(args, "moe_use_upcycling", False):   # a dense --load becomes this MoE (interop/upcycle.py)
+        upcycle_and_save(args, model, optimizer, groups)
+        iteration, consumed, rng_state = 0, 0, None
+    else:
+        iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
     if args.cuda_graph_impl == "local":   # after the optimizer and the load: the graphs keep the weights' addresses
         sp = groups.tp.size if getattr(args, "sequence_parallel", False) else 1
         n = capture_layer_fronts(model.layers, args.micro_batch_size, args.seq_length, dtype, args.cuda_graph_scope,
@@ -422,7 +427,7 @@ def _check_checkpoint_flags(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} {value} must be at least 1")
     if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
         raise ValueError(f"--save {args.save} is a file, not a directory")
-    if args.load is not None:
+    if args.load is not None and not getattr(args, "moe_use_upcycling", False):   # upcycling loads a dense model
         check_args_compatible(args.load, args)
 
 

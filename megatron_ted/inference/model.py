@@ -1,0 +1,82 @@
+"""The Python API: a checkpoint (written at any layout) as a one-process causal LM.
+
+    model = load_model("runs/x/checkpoints", dtype=torch.bfloat16, device="cuda")
+    logits = model(ids_BS)                        # [B, S, V], V the vocabulary without padding
+
+The model is rebuilt from the flags saved with the checkpoint (TP = EP = 1), dropout off and MoE
+routing dropless whatever training used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+from torch import nn
+
+from megatron_ted.model.builder import build_gpt
+from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_metadata
+
+NEEDED = ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+          "max_position_embeddings", "tokenizer_type")
+
+
+class CausalLM(nn.Module):
+    """ids [B, S] -> logits [B, S, vocab_size] of a GPTModel built at TP 1 (its padding ids cut off)."""
+
+    def __init__(self, gpt: nn.Module, vocab_size: int):
+        super().__init__()
+        self.gpt, self.vocab_size, self.config = gpt, vocab_size, gpt.config
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        return self.gpt(ids, positions).logits[..., :self.vocab_size]
+
+
+def checkpoint_args(load: str) -> tuple[str, dict]:
+    """(iteration directory, saved training flags) of `load` (a save or an iteration directory)."""
+    directory = find_checkpoint(load)
+    if directory is None:
+        raise CheckpointError(f"--load {load}: no checkpoint there")
+    args = read_metadata(directory).get("args") or {}
+    missing = [k for k in NEEDED if k not in args]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory}: the saved flags lack {', '.join(missing)}; "
+                              f"it was not written by pretrain_gpt_moe.py")
+    return directory, args
+
+
+def build_from_checkpoint(directory: str, args: dict, device="cpu", dtype=torch.float32):
+    """The GPTModel of `args` at TP = EP = 1 with the checkpoint's weights, in eval mode."""
+    from megatron_ted.training.train import model_configs  # the same flags -> configs mapping as training
+
+    ns = argparse.Namespace(**args)
+    ns.hidden_dropout = ns.attention_dropout = 0.0
+    config, moe = model_configs(ns, args["padded_vocab_size"])
+    if moe is not None:
+        moe.router = dataclasses.replace(moe.router, capacity_factor=None)   # dropless at inference
+        moe.duplicate_token_dropping = False
+    model = build_gpt(config, moe, ParallelGroups.single(), int(args.get("seed", 0)))
+    model.to(device=device, dtype=dtype)
+    load_checkpoint(directory, model, None, ParallelGroups.single(), load_rng=False, restore_rng=False)
+    return model.eval()
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
+    """The model of checkpoint `path` (its latest iteration, or the iteration directory given)."""
+    from megatron_ted.interop.hf_config import true_vocab_size
+
+    directory, args = checkpoint_args(path)
+    vocab = true_vocab_size(args) or _sentencepiece_vocab(directory) or args["padded_vocab_size"]
+    return CausalLM(build_from_checkpoint(directory, args, device, dtype), vocab).eval()
+
+
+def _sentencepiece_vocab(directory: str) -> int | None:
+    import os
+
+    path = os.path.join(directory, "tokenizer.model")
+    if not os.path.isfile(path):
+        return None
+    from megatron_ted.data.tokenizer import SentencePieceTokenizer
+    return SentencePieceTokenizer(path).vocab_size

@@ -1,0 +1,217 @@
+"""Hugging Face import/export and upcycling, against transformers itself (the oracle): tiny random
+models in float64, saved with save_pretrained, imported, compared logit for logit."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from megatron_ted.inference import load_model  # noqa: E402
+from megatron_ted.interop import hf_io  # noqa: E402
+from megatron_ted.training.checkpoint import _Reader, find_checkpoint, read_metadata  # noqa: E402
+from multiproc import free_port, run_distributed  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 100
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+              intermediate_size=48, vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=64)
+ARCHS = {
+    "llama": {},
+    "mistral": dict(sliding_window=None, tie_word_embeddings=True),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, qkv_bias=False, norm_topk_prob=True),
+}
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _hf_model(model_type, seed=0, **overrides):
+    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").double().eval()
+    with torch.no_grad():   # norms away from 1 so that a misplaced norm weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _rel(a, b):
+    return float((a - b).norm() / a.norm())
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """{model_type: (hf dir, our checkpoint, HF logits on IDS)}."""
+    root, out = tmp_path_factory.mktemp("hf"), {}
+    for mt in ARCHS:
+        model = _hf_model(mt)
+        model.save_pretrained(root / mt)
+        with torch.no_grad():
+            logits = model(IDS).logits
+        hf_io.import_hf(str(root / mt), str(root / f"ck_{mt}"))
+        out[mt] = (str(root / mt), str(root / f"ck_{mt}"), logits)
+    return out
+
+
+@pytest.mark.parametrize("model_type", list(ARCHS))
+def test_imported_logits_equal_hugging_face(imported, model_type):
+    _, ckpt, expected = imported[model_type]
+    with torch.no_grad():
+        ours = load_model(ckpt, dtype=torch.float64)(IDS)
+    assert ours.shape == expected.shape
+    assert _rel(expected, ours) < 1e-6
+
+
+def _tp2_ep2_logits(rank, world, ckpts):
+    """Every imported checkpoint built and loaded at TP 2 x EP 2 (DP 2); the full-vocabulary logits."""
+    from megatron_ted.model.builder import build_gpt
+    from megatron_ted.parallel import comm
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.parallel.layout import ParallelLayout
+    from megatron_ted.training.checkpoint import load_checkpoint
+    from megatron_ted.training.train import model_configs
+
+    groups = ParallelGroups.create(ParallelLayout(world, 2, 2))
+    out = {}
+    for mt, ckpt in ckpts.items():
+        args = read_metadata(find_checkpoint(ckpt))["args"]
+        config, moe = model_configs(argparse.Namespace(**args), args["padded_vocab_size"])
+        model = build_gpt(config, moe, groups, 0).double()
+        load_checkpoint(ckpt, model, None, groups, load_rng=False, restore_rng=False)
+        model.eval()
+        with torch.no_grad():
+            local = model(IDS, torch.arange(IDS.shape[1]).expand_as(IDS)).logits
+        out[mt] = comm.all_gather(local, groups.tp, dim=-1)[..., :VOCAB]
+    return out
+
+
+def test_imported_logits_equal_hugging_face_at_tp2_ep2(imported):
+    results = run_distributed(_tp2_ep2_logits, 4, {mt: ck for mt, (_, ck, _) in imported.items()})
+    for mt, (_, _, expected) in imported.items():
+        for r in results:
+            assert _rel(expected, r[mt]) < 1e-6, mt
+
+
+def _read_all(ckpt):
+    directory = find_checkpoint(ckpt)
+    index = read_metadata(directory)["tensors"]
+    reader, out = _Reader(directory, index), {}
+    for key in index:
+        if key.startswith("model/"):
+            t = torch.empty(index[key]["shape"], dtype=getattr(torch, index[key]["dtype"].split(".")[-1]))
+            reader.read_into(key, t, [(0, d) for d in t.shape])
+            out[key] = t
+    return out
+
+
+def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
+    """The imported dense llama upcycled into a 4-expert MoE at TP 2 x EP 2: iteration 0 computes the
+    dense model's logits; it trains; its export loads in transformers with our logits; the import of
+    that export holds exactly the trained tensors."""
+    hf_dir, dense, _ = imported["llama"]
+    flags = hf_io.import_hf(hf_dir, str(tmp_path / "dense"))       # (again: for the flags)
+    up = str(tmp_path / "up")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(free_port()),
+            os.path.join(ROOT, "pretrain_gpt_moe.py"), *flags, "--num-experts", "4", "--moe-layer-freq", "1",
+            "--moe-ffn-hidden-size", "48", "--moe-router-topk", "2", "--moe-use-upcycling", "--load", dense,
+            "--save", up, "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+            "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-2"]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [float(m) for m in re.findall(r"lm loss: ([0-9.E+-]+)", r.stdout)]
+    assert len(losses) == 3 and "upcycled the dense checkpoint" in r.stdout
+
+    with torch.no_grad():
+        dense_logits = load_model(dense, dtype=torch.float32)(IDS)
+        step0 = load_model(os.path.join(up, "iter_0000000"), dtype=torch.float32)(IDS)
+        trained = load_model(up, dtype=torch.float32)(IDS)
+    assert _rel(dense_logits, step0) < 1e-5
+    assert _rel(dense_logits, trained) > 1e-3            # it did train
+
+    out = tmp_path / "exported"
+    notes = hf_io.export_hf(up, str(out), dtype="fp32", max_shard_size="20KB")
+    assert "mixtral" in notes[0]
+    assert (out / "model.safetensors.index.json").is_file() and json.loads((out / "config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), experts_implementation="eager").eval()
+    with torch.no_grad():
+        assert _rel(trained, hf(IDS).logits) < 1e-5
+    hf_io.import_hf(str(out), str(tmp_path / "back"))
+    original, back = _read_all(up), _read_all(str(tmp_path / "back"))
+    assert original.keys() == back.keys()
+    for key in original:   # an HF model has no vocabulary padding rows: the import's are zeros
+        rows = VOCAB if key in ("model/embedding.weight", "model/output_weight") else None
+        assert torch.equal(original[key][:rows], back[key][:rows]), key
+
+
+def _convert(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *argv],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir, ckpt, _ = imported["mixtral"]
+    cases = {}
+    for name, change in {"model_type": {"model_type": "gpt_bigcode"}, "sliding": {"sliding_window": 16},
+                         "gqa": {"num_key_value_heads": 2}, "vocab": {"vocab_size": VOCAB + 1}}.items():
+        d = tmp_path / name
+        d.mkdir()
+        cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+        (d / "config.json").write_text(json.dumps({**cfg, **change}))
+        os.link(os.path.join(hf_dir, "model.safetensors"), d / "model.safetensors")
+        cases[name] = d
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    for name, edit in {"missing": lambda t: t.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+                       "extra": lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.bias", torch.zeros(32))}.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(open(os.path.join(hf_dir, "config.json")).read())
+        t = dict(tensors)
+        edit(t)
+        save_file(t, str(d / "model.safetensors"))
+        cases[name] = d
+    expect = {"model_type": "model_type 'gpt_bigcode'", "sliding": "sliding_window", "gqa": "num_key_value_heads",
+              "vocab": "vocabulary mismatch", "missing": "experts.3.w2.weight is missing", "extra": "o_proj.bias"}
+    for name, d in cases.items():
+        save = tmp_path / f"out_{name}"
+        with pytest.raises(ValueError) as err:
+            hf_io.import_hf(str(d), str(save))
+        assert expect[name] in str(err.value) and "\n" not in str(err.value), name
+        assert not save.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")], name
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    r = _convert("import-hf", "--hf-dir", hf_dir, "--save", str(busy))     # the tool: one line, exit 2
+    assert r.returncode == 2 and "not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="not empty"):
+        hf_io.export_hf(ckpt, str(busy))
+    assert os.listdir(busy) == ["mine.txt"] and (busy / "mine.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="exports as mixtral"):
+        hf_io.export_hf(ckpt, str(tmp_path / "as_llama"), architecture="llama")
+
+
+def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
+    from megatron_ted.interop.hf_config import architecture_for
+
+    base = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
+                num_experts=4, moe_layer_freq=1, moe_router_topk=2)
+    assert architecture_for(base) == "mixtral"
+    for change, word in ((dict(position_embedding_type="learned"), "learned absolute positions"),
+                         (dict(normalization="LayerNorm"), "LayerNorm"), (dict(mlp_type="residual"), "Residual MoE"),
+                         (dict(num_experts=[4, 8]), "per-layer expert counts"),
+                         (dict(moe_shared_expert_intermediate_size=16), "without --moe-shared-expert-gate")):
+        with pytest.raises(ValueError, match=word):
+            architecture_for({**base, **change})
