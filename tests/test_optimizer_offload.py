@@ -226,3 +226,23 @@ def test_gpu_offloaded_state_is_pinned_host_memory_and_steps_like_resident():
         runs[fraction] = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
     for name, want in runs[0.0].items():   # CUDA's and the CPU's fused kernels: bf16 rounding apart at most
         torch.testing.assert_close(runs[1.0][name], want, rtol=1e-2, atol=1e-2)
+
+
+def test_planner_lists_layouts_made_possible_by_offload_and_checks_the_host_budget():
+    """gpt3-1.3b-16e (7.4B parameters) on one 139 GiB GPU: 18 bytes per parameter of weights, main
+    grads and Adam state (133 GiB) exceed 90% of it resident; offloading the 12 bytes of state fits.
+    A 10 GiB host budget cannot hold that state (89 GiB): then nothing fits, in one line."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [sys.executable, "tools/plan_ted.py", "--preset", "gpt3-1.3b-16e", "--gpu-memory-gib", "139",
+            "--num-nodes", "1", "--gpus-per-node", "1", "--global-batch-size", "4", "--top", "2"]
+    env = dict(os.environ, PYTHONPATH=root)
+    resident = subprocess.run(base, capture_output=True, text=True, cwd=root, env=env)
+    assert resident.returncode == 2 and "no layout fits" in resident.stderr
+    ok = subprocess.run(base + ["--optimizer-cpu-offload"], capture_output=True, text=True, cwd=root, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "layouts fit only with it" in ok.stdout and "--optimizer-cpu-offload" in ok.stdout.split("torchrun:")[1]
+    bad = subprocess.run(base + ["--optimizer-cpu-offload", "--host-memory-per-node-gib", "10"],
+                         capture_output=True, text=True, cwd=root, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--host-memory-per-node-gib 10" in bad.stderr
