@@ -119,3 +119,16 @@ def test_kernel_table_charges_each_kernel_to_its_launching_op_and_autograd_node(
     span, idle, gaps = idle_gaps(events, site_of, min_gap_us=20)
     assert (span, idle) == (281, 264)
     assert gaps == {'MulBackward0 / aten::mul ""': 93, 'forward / aten::add_ ""': 123, "(no launching op)": 41}
+
+
+def test_optimizer_offload_smoke_reports_each_figure():
+    """--smoke (CPU, tiny): one line per figure; with offload at least as large a model fits (the
+    memory model moves state off the GPU), and both step times are positive."""
+    out = _run("bench/optimizer_offload.py", "--smoke")
+    fit = {m.group(1): int(m.group(2)) for m in re.finditer(r"optimizer_offload fit offload=(on|off) layers=\d+ "
+                                                            r"params=(\d+) predicted_gib", out)}
+    assert set(fit) == {"on", "off"} and fit["on"] >= fit["off"] > 0, out
+    assert re.search(r"optimizer_offload fit_ratio params_on/params_off=[\d.]+", out), out
+    steps = re.findall(r"optimizer_offload step offload=(on|off) layers=\d+ micro_batches=\d+ ms=([\d.]+)", out)
+    assert sorted(s for s, _ in steps) == ["off", "on"] and all(float(ms) > 0 for _, ms in steps), out
+    assert "optimizer_offload step_slowdown on/off=" in out

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ted.cli import OneLineErrorParser, one_line_errors  # noqa: E402
 from megatron_ted.data.tokenizer import build_tokenizer, resolve_tokenizer_type  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
-from megatron_ted.planning.search import PRESETS, evaluate, search  # noqa: E402
+from megatron_ted.planning.search import PRESETS, evaluate, made_possible_by_offload, search  # noqa: E402
 from megatron_ted.planning.throughput import Cluster  # noqa: E402
 from megatron_ted.training.arguments import build_parser, padded_vocab_size, validate  # noqa: E402
 
@@ -110,7 +110,7 @@ def _g(x: float) -> str:
 def table(plans, top: int) -> str:
     head = (f"{'#':>3} {'TP':>3} {'EP':>3} {'eDP':>4} {'mb':>3} {'recomp':>6} {'CAC':>3} {'ZeRO':>4} | "
             f"{'peak':>6} {'w+g+opt':>7} {'act':>5} {'buf':>4} {'spike':>5} | {'a2a':>6} {'TP':>6} {'DP':>6} GiB/step | "
-            f"{'step s':>7} {'tok/s/GPU':>9} fits")
+            f"{'step s':>7} {'tok/s/GPU':>9} fits  off")
     lines = [head, "-" * len(head)]
     for i, p in enumerate(plans[:top], 1):
         k, m = p.knobs, p.memory
@@ -122,7 +122,7 @@ def table(plans, top: int) -> str:
                      f"{_g(m.total):>6} {_g(m.static):>7} {_g(m.activations):>5} {_g(m.comm_buffers):>4} "
                      f"{_g(m.spike):>5} | {vol(('ep',)):>6.1f} {vol(('tp',)):>6.1f} {vol(('dp', 'expert_dp')):>6.1f}"
                      f"          | {p.time.total:>7.2f} {p.tokens_per_second / p.layout.world_size:>9.0f} "
-                     f"{'yes' if p.fits else 'NO'}")
+                     f"{'yes' if p.fits else 'NO':>4}  {'yes' if k['offload'] else '-'}")
     return "\n".join(lines)
 
 
@@ -147,6 +147,10 @@ def main(argv=None) -> int:
     try:
         plans, cluster, args = plan(argv)
         best = plans[0]
+        if not best.fits and not best.host_fits:
+            raise ValueError(f"--host-memory-per-node-gib {args.host_memory_per_node_gib:g}: the offloaded optimizer "
+                             f"state of the best layout needs {best.memory.host * cluster.gpus_per_node / GiB:.1f} GiB "
+                             f"per node; lower --optimizer-offload-fraction or raise the budget")
         if not best.fits:
             raise ValueError(f"no layout fits in {cluster.gpu_memory_gib:g} GiB per GPU (less 10% headroom): the smallest needs "
                              f"{best.memory.total / GiB:.1f} GiB (TP {best.knobs['tp']}, EP {best.knobs['ep']}, "
@@ -163,10 +167,17 @@ def main(argv=None) -> int:
           f"{c.total:,} parameters ({c.total / 1e9:.2f}B; dense {c.dense:,}, expert {c.expert:,}); "
           f"{len(plans)} valid layouts, {sum(p.fits for p in plans)} fit")
     print(table(plans, args.top))
+    if args.optimizer_cpu_offload:
+        extra = made_possible_by_offload(plans)
+        print(f"offload (--optimizer-cpu-offload, fraction {args.optimizer_offload_fraction or 1.0:g}): {len(extra)} layouts "
+              f"fit only with it" + (f", e.g. TP {extra[0].knobs['tp']} EP {extra[0].knobs['ep']} micro-batch "
+                                     f"{extra[0].knobs['micro_batch']}: {extra[0].memory.host / GiB:.1f} GiB of host "
+                                     f"memory per GPU" if extra else ""))
     m = best.memory
     print(f"\nbest: {best.layout}; micro-batch {best.knobs['micro_batch']}, recompute {best.knobs['recompute']}, "
           f"CAC {'on' if best.knobs['cac'] else 'off'}, distributed optimizer "
-          f"{'on' if best.knobs['dist_opt'] else 'off'}")
+          f"{'on' if best.knobs['dist_opt'] else 'off'}" + (", optimizer state offloaded to host memory "
+          f"({best.memory.host / GiB:.1f} GiB per GPU)" if best.knobs["offload"] else ""))
     print(f"  predicted peak {m.total / GiB:.2f} GiB per GPU = weights {_g(m.weights)} + main grads {_g(m.gradients)}"
           f" + optimizer {_g(m.optimizer)} + max(activations {_g(m.activations)} + buffers {_g(m.comm_buffers)},"
           f" spike {_g(m.spike)}) + allowance {_g(m.allowance)}")

@@ -64,6 +64,12 @@ Transients on top of the saved activations (the high-water mark of one micro-bat
 Optimizer-step spike (training/tiled_optimizer.py): one fp32 temporary of a tile, 4*min(tile,
 largest owned bucket range); without tiling 4 x the largest owned bucket range. Gradient buckets
 are views of the main grads: no extra memory.
+Optimizer offload (--optimizer-cpu-offload, --optimizer-offload-fraction F;
+training/optimizer_offload.py): F x the rank's optimizer state bytes leave the GPU (an upper bound:
+the run offloads whole owned bucket ranges, experts first, so it may offload up to one range less)
+and their step spike with them (F = 1: none). In host memory per rank: 12 bytes per offloaded
+element (fp32 master and moments; an fp32 model gets a host master too) plus the staging, two
+gradient tiles (fp32) and two parameter tiles (model dtype). Per node: ranks per node x that.
 Allocator allowance: 5% of the rest plus 0.5 GiB (CUDA context not included: torch's
 max_memory_allocated does not see it either).
 
@@ -73,7 +79,7 @@ model (several layouts, recompute modes, dense and MoE) and bench/memory_model.p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from megatron_ted.model.builder import MoEConfig, experts_per_layer, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
@@ -137,6 +143,7 @@ class Workload:
     cac_tp: bool = False
     distributed_optimizer: bool = False
     tile_size: int = 2**24                # --optimizer-tile-size (0: untiled)
+    offload_fraction: float = 0.0         # --optimizer-offload-fraction with --optimizer-cpu-offload, else 0
     bucket_elements: int = 40_000_000     # GradientSync's default
 
     @property
@@ -322,7 +329,25 @@ def optimizer_spike_bytes(wl: Workload, layout: ParallelLayout, counts: ParamCou
         bucket = min(total, max(wl.bucket_elements, largest))
         ranges.append(_split(bucket, group) if wl.distributed_optimizer else bucket)
     biggest = max(ranges)
+    if wl.offload_fraction >= 1:
+        return 0                          # every range is stepped on the CPU
     return 4 * (min(wl.tile_size, biggest) if wl.tile_size else biggest)
+
+
+def _largest_owned_range(wl: Workload, layout: ParallelLayout, counts: ParamCounts) -> int:
+    return optimizer_spike_bytes(replace(wl, tile_size=0, offload_fraction=0.0), layout, counts) // 4
+
+
+def offload_bytes(wl: Workload, layout: ParallelLayout, counts: ParamCounts, optimizer: int) -> tuple[int, int]:
+    """(optimizer state bytes that leave the GPU, host bytes per rank: their host state + staging)
+    for `optimizer` bytes of state per GPU (module docstring)."""
+    if not wl.offload_fraction:
+        return 0, 0
+    per_element = 8 + (4 if wl.w < 4 else 0)
+    off = int(wl.offload_fraction * optimizer)
+    largest = _largest_owned_range(wl, layout, counts)
+    tile = min(wl.tile_size, largest) if wl.tile_size else largest
+    return off, off // per_element * 12 + 2 * tile * (4 + wl.w)
 
 
 @dataclass(frozen=True)
@@ -336,6 +361,7 @@ class PeakMemory:
     comm_buffers: int
     spike: int                 # optimizer step temporary
     allowance: int
+    host: int = 0              # host memory per rank: offloaded optimizer state + staging
 
     @property
     def static(self) -> int:
@@ -352,10 +378,22 @@ def peak_memory(wl: Workload, layout: ParallelLayout, counts: ParamCounts | None
     act = activation_memory(wl, layout.tensor_parallel, layout.expert_parallel)
     spike = optimizer_spike_bytes(wl, layout, counts)
     optimizer = static.optimizer_distributed if wl.distributed_optimizer else static.optimizer_replicated
+    offloaded, host = offload_bytes(wl, layout, counts, optimizer)
+    optimizer -= offloaded
     body = static.weights + static.gradients + optimizer + max(act.peak + act.comm_buffers, spike)
     allowance = int(ALLOWANCE_FRACTION * body) + ALLOWANCE_BYTES
     return PeakMemory(weights=static.weights, gradients=static.gradients, optimizer=optimizer,
-                      activations=act.peak, comm_buffers=act.comm_buffers, spike=spike, allowance=allowance)
+                      activations=act.peak, comm_buffers=act.comm_buffers, spike=spike, allowance=allowance,
+                      host=host)
+
+
+def check_host_memory(host_per_rank: int, ranks_per_node: int, budget_gib: float | None) -> None:
+    """One line when the offloaded optimizer state of a node's ranks exceeds --host-memory-per-node-gib."""
+    need = host_per_rank * ranks_per_node
+    if budget_gib is not None and need > budget_gib * GiB:
+        raise ValueError(f"--host-memory-per-node-gib {budget_gib:g}: the offloaded optimizer state needs "
+                         f"{need / GiB:.1f} GiB per node ({ranks_per_node} ranks x {host_per_rank / GiB:.2f} GiB); "
+                         f"lower --optimizer-offload-fraction, use more nodes or nodes with more memory")
 
 
 def workload_from_args(args) -> Workload:
@@ -367,4 +405,6 @@ def workload_from_args(args) -> Workload:
                     precision=precision, recompute=args.recompute_granularity,
                     recompute_num_layers=args.recompute_num_layers or 1, cac=args.moe_cac,
                     cac_tp=args.moe_cac_tp, distributed_optimizer=args.use_distributed_optimizer,
-                    tile_size=args.optimizer_tile_size)
+                    tile_size=args.optimizer_tile_size,
+                    offload_fraction=(args.optimizer_offload_fraction or 0.0)
+                    if getattr(args, "optimizer_cpu_offload", False) else 0.0)

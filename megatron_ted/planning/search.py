@@ -54,6 +54,7 @@ class Plan:
     time: StepTime
     tokens_per_second: float
     fits: bool
+    host_fits: bool = True         # offloaded state of a node's ranks within --host-memory-per-node-gib
 
     @property
     def knobs(self) -> dict:
@@ -61,7 +62,7 @@ class Plan:
         return dict(tp=a.tensor_model_parallel_size, ep=a.expert_model_parallel_size,
                     expert_dp=self.layout.expert_data_parallel, micro_batch=a.micro_batch_size,
                     recompute=a.recompute_granularity or "none", cac=bool(a.moe_cac),
-                    dist_opt=bool(a.use_distributed_optimizer))
+                    dist_opt=bool(a.use_distributed_optimizer), offload=bool(getattr(a, "optimizer_cpu_offload", False)))
 
 
     def pretrain_flags(self) -> list[str]:
@@ -81,6 +82,8 @@ class Plan:
             flags += ["--recompute-granularity", "full"] + (["--moe-cac"] if k["cac"] else [])
         if k["dist_opt"]:
             flags.append("--use-distributed-optimizer")
+        if k["offload"]:
+            flags += ["--optimizer-cpu-offload", "--optimizer-offload-fraction", a.optimizer_offload_fraction]
         if a.bf16 or a.fp16:
             flags.append("--bf16" if a.bf16 else "--fp16")
         if a.vocab_size:
@@ -103,8 +106,10 @@ def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
     tokens = args.global_batch_size * args.seq_length
     t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
                   args.num_layers * args.num_micro_batches)
+    budget = getattr(args, "host_memory_per_node_gib", None)
+    host_fits = budget is None or mem.host * min(cluster.gpus_per_node, layout.world_size) <= budget * GiB
     return Plan(args, layout, counts, mem, volumes, t, tokens / t.total,
-                mem.total <= cluster.usable_bytes)
+                mem.total <= cluster.usable_bytes and host_fits, host_fits)
 
 
 def candidates(base: argparse.Namespace, cluster: Cluster, vocab_size: int, tps=None, eps=None,
@@ -112,15 +117,19 @@ def candidates(base: argparse.Namespace, cluster: Cluster, vocab_size: int, tps=
     """Every valid variant of `base` (parsed, not yet validated flags) over the planned knobs."""
     world = cluster.world_size
     moe = base.num_experts is not None
+    # --optimizer-cpu-offload: every layout with and without it (the time model does not charge the CPU step)
+    offloads = (False, True) if getattr(base, "optimizer_cpu_offload", False) else (False,)
     for tp in tps or _divisors(world):
         for ep in eps or (_divisors(world // tp) if moe else [1]):
             for mb in micro_batches:
                 recomputes = [(None, False), ("full", False)] + ([("full", True)] if moe and ep > 1 else [])
                 for recompute, cac in recomputes:
-                    for dist_opt in (False, True):
+                    for dist_opt, offload in [(d, o) for d in (False, True) for o in offloads]:
                         a = copy.deepcopy(base)
                         a.tensor_model_parallel_size, a.expert_model_parallel_size = tp, ep
                         a.micro_batch_size, a.use_distributed_optimizer = mb, dist_opt
+                        a.optimizer_cpu_offload = offload
+                        a.optimizer_offload_fraction = base.optimizer_offload_fraction if offload else None
                         a.recompute_granularity, a.moe_cac, a.moe_cac_tp = recompute, cac, False
                         a.recompute_method = a.recompute_num_layers = None
                         a.dry_run = True
@@ -140,4 +149,13 @@ def search(base: argparse.Namespace, cluster: Cluster, vocab_size: int, **kw) ->
                          f"--num-attention-heads, --ffn-hidden-size and --num-experts have divisors that fit "
                          f"{cluster.gpus_per_node} GPUs per node and --global-batch-size is a multiple of the "
                          f"data-parallel size")
-    return sorted(plans, key=lambda p: (not p.fits, -p.tokens_per_second if p.fits else p.memory.total))
+    return sorted(plans, key=lambda p: (not p.fits, -p.tokens_per_second if p.fits else p.memory.total,
+                                        p.knobs["offload"]))   # equal estimates: resident first
+
+
+def made_possible_by_offload(plans: list[Plan]) -> list[Plan]:
+    """The fitting offloaded plans whose layout (every knob but offload) does not fit resident."""
+    def key(p):
+        return tuple(v for k, v in p.knobs.items() if k != "offload")
+    resident = {key(p) for p in plans if p.fits and not p.knobs["offload"]}
+    return [p for p in plans if p.fits and p.knobs["offload"] and key(p) not in resident]

@@ -161,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partition fp32 master weights and Adam moments: dense over DP, experts over expert-DP (ZeRO-1)")
     g.add_argument("--optimizer-tile-size", type=int, default=2**24,
                    help="elements per tile of the optimizer step (its extra memory is one tile); 0: no tiling")
+    g.add_argument("--optimizer-cpu-offload", action="store_true",
+                   help="keep fp32 master weights and Adam moments in host memory and step them on the CPU "
+                        "(expert state first; docs/OPTIMIZER.md)")
+    g.add_argument("--optimizer-offload-fraction", type=float, default=None,
+                   help="with --optimizer-cpu-offload: the share of the optimizer state bytes offloaded (default 1.0)")
+    g.add_argument("--optimizer-offload-policy", choices=["cpu-step"], default="cpu-step",
+                   help="cpu-step: the update runs on the CPU, gradients go down and parameters come up")
+    g.add_argument("--host-memory-per-node-gib", type=float, default=None,
+                   help="for --dry-run and the planner: host memory a node gives to offloaded optimizer state")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -308,6 +317,14 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     run_length.resolve(args)   # --train-iters/-samples/-tokens and the schedule, in iterations
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")
+    if args.optimizer_cpu_offload and args.optimizer_offload_fraction is None:
+        args.optimizer_offload_fraction = 1.0
+    need(args.optimizer_offload_fraction is None or args.optimizer_cpu_offload,
+         f"--optimizer-offload-fraction {args.optimizer_offload_fraction} needs --optimizer-cpu-offload; add it")
+    need(args.optimizer_offload_fraction is None or 0.0 <= args.optimizer_offload_fraction <= 1.0,
+         f"--optimizer-offload-fraction {args.optimizer_offload_fraction} must be in [0, 1]")
+    need(args.host_memory_per_node_gib is None or args.host_memory_per_node_gib > 0,
+         f"--host-memory-per-node-gib {args.host_memory_per_node_gib} must be positive")
 
     args.moe_layer_freq = moe_layer_freq(args.moe_layer_freq, args.num_layers)  # int, or a 0/1 list per layer
     if args.num_experts is not None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import KINDS, ParallelLayout
-from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, memory_per_gpu, peak_memory,  # noqa: F401
-                                          weight_bytes, workload_from_args)
+from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, check_host_memory, memory_per_gpu,  # noqa: F401
+                                          peak_memory, weight_bytes, workload_from_args)
 
 GiB = 2**30
 _KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP"}
@@ -69,7 +69,7 @@ def report(args) -> str:
                 _layout_lines(layout, args.gpus_per_node), _batch_lines(args),
                 _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
                                                               precision),
-                _peak_lines(peak_memory(workload_from_args(args), layout, counts))]
+                _peak_lines(peak_memory(workload_from_args(args), layout, counts), args)]
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -157,8 +157,9 @@ def _memory_lines(args, mem: MemoryEstimate, precision: str) -> list[str]:
     return lines
 
 
-def _peak_lines(peak: PeakMemory) -> list[str]:
-    """The predicted peak of this run (planning/memory.py)."""
+def _peak_lines(peak: PeakMemory, args) -> list[str]:
+    """The predicted peak of this run (planning/memory.py); with offload, its host memory, checked
+    against --host-memory-per-node-gib (ranks per node: --gpus-per-node, else the whole world)."""
     rows = [("weights + main grads + optimizer", peak.static),
             ("activations (one micro-batch, peak)", peak.activations),
             ("communication buffers (MoE dispatch)", peak.comm_buffers),
@@ -168,6 +169,12 @@ def _peak_lines(peak: PeakMemory) -> list[str]:
     lines = [f"predicted peak memory per GPU: {peak.total / GiB:.2f} GiB "
              f"(static + max(activations + buffers, spike) + allowance)"]
     lines += [f"  {name:<{label}}{value / GiB:>9.2f} GiB" for name, value in rows]
+    if getattr(args, "optimizer_cpu_offload", False):
+        ranks = min(args.gpus_per_node or args.layout.world_size, args.layout.world_size)
+        check_host_memory(peak.host, ranks, args.host_memory_per_node_gib)
+        lines.append(f"optimizer offload (--optimizer-cpu-offload, fraction {args.optimizer_offload_fraction:g}): "
+                     f"{peak.host / GiB:.2f} GiB of host memory per GPU (state + staging), "
+                     f"{ranks * peak.host / GiB:.2f} GiB per node of {ranks} GPUs")
     return lines
 
 

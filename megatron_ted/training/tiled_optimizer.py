@@ -55,6 +55,7 @@ from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import first_replica, spec_of
 from megatron_ted.training.grad_sync import Bucket, GradBuffer, GradientSync
 from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.optimizer_offload import OFFLOAD_POLICIES, HostStaging, choose_offloaded, host_tensor
 
 DEFAULT_TILE_SIZE = 2**24   # elements: a 64 MiB fp32 temporary; see docs/OPTIMIZER.md
 
@@ -100,6 +101,7 @@ class _Shard:
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     bucket_param: torch.Tensor  # param buffer [bucket.start, bucket.end): the all-gather's output
+    offloaded: bool = False     # master and moments in host memory, updated on the CPU
     pieces: list[_Piece] = field(default_factory=list)
     decay_runs: list[tuple[int, int]] = field(default_factory=list)      # [a, b) relative to lo
     norm_runs: list[tuple[int, int, int]] = field(default_factory=list)  # [a, b) of the buffer, class
@@ -144,15 +146,20 @@ class TiledAdamW:
     partitioned over DP (dense) and expert-DP (experts) when `grad_sync.reduce_scatter`.
 
     tile_size: elements per tile; 0 = no tiling (each owned range in one piece).
+    offload_fraction: the share of this rank's state bytes kept in host memory and updated on the
+    CPU (--optimizer-cpu-offload, --optimizer-offload-fraction; expert ranges first:
+    training/optimizer_offload.py); 0 = none.
     """
 
     def __init__(self, model: nn.Module, grad_sync: GradientSync, tp: Group, dp: Group, lr: float,
                  weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, clip_grad: float = 1.0,
                  loss_scaler: DynamicLossScaler | None = None, tile_size: int = DEFAULT_TILE_SIZE,
-                 fused: bool | None = None):
+                 fused: bool | None = None, offload_fraction: float = 0.0, offload_policy: str = "cpu-step"):
         """fused: torch's fused AdamW kernel for the update (None: where the device has it)."""
         if tile_size < 0:
             raise ValueError(f"tile_size {tile_size} must be >= 0 (0: no tiling)")
+        if offload_policy not in OFFLOAD_POLICIES:
+            raise ValueError(f"--optimizer-offload-policy {offload_policy} is not one of {', '.join(OFFLOAD_POLICIES)}")
         self.tp, self.dp, self.grad_sync = tp, dp, grad_sync
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.clip_grad, self.loss_scaler, self.tile_size = clip_grad, loss_scaler, tile_size
@@ -163,13 +170,24 @@ class TiledAdamW:
         self.params = [p for _, p in named]
         self._name_of = {id(p): n for n, p in named}
         self.step_count = 0
-        self.shards: list[_Shard] = []
+        owned = []                  # (bucket, its parameter buffer, lo, hi) with lo < hi
         for buf in grad_sync.buffers:
             pbuf = self._param_buffer(buf)
             for bucket in buf.buckets:
-                shard = self._shard(bucket, pbuf)
-                if shard.hi > shard.lo:
-                    self.shards.append(shard)
+                lo, hi = self._owned(bucket)
+                if hi > lo:
+                    owned.append((bucket, pbuf, lo, hi))
+        # decided before any state exists: offloaded state is never allocated on the device
+        state = 3 if owned and owned[0][1].dtype in (torch.float16, torch.bfloat16) else 2
+        host = choose_offloaded([((hi - lo) * state, b.buffer.name == "expert") for b, _, lo, hi in owned],
+                                offload_fraction) if offload_fraction else [False] * len(owned)
+        self.shards: list[_Shard] = [self._shard(*o, offloaded=h) for o, h in zip(owned, host)]
+        self.staging = None
+        if any(host):
+            largest = max(s.hi - s.lo for s in self.shards if s.offloaded)
+            s0 = self.shards[0]
+            self.staging = HostStaging(min(tile_size or largest, largest), s0.grad.dtype, s0.param.dtype,
+                                       s0.grad.device)
         self._ptrs = [p.data_ptr() for p in self.params]
 
     # ---- construction ------------------------------------------------------------------------
@@ -191,15 +209,22 @@ class TiledAdamW:
                 p.data = view.view_as(p)
         return pbuf
 
-    def _shard(self, bucket: Bucket, pbuf: torch.Tensor) -> _Shard:
-        lo, hi = bucket.chunk if self.distributed else (bucket.start, bucket.end)
+    def _owned(self, bucket: Bucket) -> tuple[int, int]:
+        return bucket.chunk if self.distributed else (bucket.start, bucket.end)
+
+    def _shard(self, bucket: Bucket, pbuf: torch.Tensor, lo: int, hi: int, offloaded: bool = False) -> _Shard:
         param = pbuf[lo:hi]
-        if param.dtype in (torch.float16, torch.bfloat16):
-            master = param.float()   # a copy
+        low_precision = param.dtype in (torch.float16, torch.bfloat16)
+        if offloaded:                # a host master even for fp32/fp64: the CPU updates it
+            dtype = torch.float32 if low_precision else param.dtype
+            master = host_tensor(hi - lo, dtype, param.device).copy_(param)
+            moments = [host_tensor(hi - lo, dtype, param.device).zero_() for _ in range(2)]
         else:
-            master = param           # fp32/fp64: the parameters are their own master
-        shard = _Shard(bucket, lo, hi, bucket.buffer.flat[lo:hi], param, master,
-                       torch.zeros_like(master), torch.zeros_like(master), pbuf[bucket.start:bucket.end])
+            # fp32/fp64: the parameters are their own master
+            master = param.float() if low_precision else param
+            moments = [torch.zeros_like(master), torch.zeros_like(master)]
+        shard = _Shard(bucket, lo, hi, bucket.buffer.flat[lo:hi], param, master, *moments,
+                       pbuf[bucket.start:bucket.end], offloaded=offloaded)
         n_lo, n_hi = bucket.chunk    # the share of the norm (= the owned range when partitioned)
         decay, norm = [], []
         for p, off in zip(bucket.params, bucket.offsets):
@@ -259,12 +284,13 @@ class TiledAdamW:
         self.step_count += 1
         # the fused kernel reads the step count (and the divisor, as grad_scale) from the device:
         # one copy per step, not per tile; the divisor goes into its single pass over the gradient
-        fused = None
-        if self.shards and (self.fused if self.fused is not None else _fused_adamw_on(self.shards[0].grad.device)):
-            fused = torch.tensor([float(self.step_count), divisor], dtype=torch.float32,
-                                 device=self.shards[0].grad.device)
-        for shard in self.shards:
+        resident = [s for s in self.shards if not s.offloaded]
+        fused = self._fused_args(resident, divisor)
+        for shard in resident:      # on CUDA these kernels run while the CPU updates the host ranges
             self._update(shard, divisor, lr, fused)
+        offloaded = [s for s in self.shards if s.offloaded]
+        if offloaded:
+            self._host_update(offloaded, divisor, lr, self._fused_args(offloaded, divisor, host=True))
         if self.distributed:
             for shard in self.shards:
                 self._gather(shard)
@@ -286,59 +312,98 @@ class TiledAdamW:
             rows = out.view(group.size, n)                                  # [rank, chunk]
             comm.all_gather_into([rows[r, t0:t1] for r in range(group.size)], shard.param[t0:t1], group)
 
-    def _update(self, shard: _Shard, divisor: float, lr: float, fused: torch.Tensor | None) -> None:
-        """fused: [step count, divisor] on the device for torch's fused kernel (None: op by op)."""
-        n = shard.hi - shard.lo
+    def _fused_args(self, shards: list[_Shard], divisor: float, host: bool = False) -> torch.Tensor | None:
+        """[step count, divisor] where the shards' state lives, for torch's fused kernel (read from
+        there: one copy per step, not per tile); None: the op-by-op update."""
+        device = torch.device("cpu") if host else shards[0].grad.device if shards else None
+        if device is None or not (self.fused if self.fused is not None else _fused_adamw_on(device)):
+            return None
+        return torch.tensor([float(self.step_count), divisor], dtype=torch.float32, device=device)
+
+    def _tiles(self, shard: _Shard):
+        """(t0, t1, the weight-decayed runs of [t0, t1) relative to t0) of each tile of an owned range."""
+        n, starts = shard.hi - shard.lo, [a for a, _ in shard.decay_runs]
         tile = self.tile_size or n
-        decay = 1 - lr * self.weight_decay
-        starts = [a for a, _ in shard.decay_runs]
-        # the fused kernel reads grad_scale as fp32: fp64 gradients (exact tests) are divided apart
-        in_kernel = fused is not None and divisor != 1.0 and shard.grad.dtype == torch.float32
         for t0 in range(0, n, tile):
             t1 = min(n, t0 + tile)
-            grad = shard.grad[t0:t1]        # already fp32: the buffer accumulates in fp32
-            if divisor != 1.0 and not in_kernel:
-                grad.div_(divisor)          # unscale (fp16) and clip, in place
-            if fused is not None:
-                self._fused_update(shard, starts, t0, t1, lr, fused[0], fused[1] if in_kernel else None)
-            else:
-                if self.weight_decay != 0:
-                    for a, b in _within(shard.decay_runs, starts, t0, t1):
-                        shard.master[a:b].mul_(decay)
-                adamw_update_(shard.master[t0:t1], grad, shard.exp_avg[t0:t1], shard.exp_avg_sq[t0:t1],
-                              self.step_count, lr, self.betas, self.eps)
+            yield t0, t1, [(a - t0, b - t0) for a, b in _within(shard.decay_runs, starts, t0, t1)]
+
+    def _update(self, shard: _Shard, divisor: float, lr: float, fused: torch.Tensor | None) -> None:
+        """fused: [step count, divisor] on the device for torch's fused kernel (None: op by op)."""
+        for t0, t1, decayed in self._tiles(shard):
+            self._tile_update(shard.master[t0:t1], shard.grad[t0:t1], shard.exp_avg[t0:t1],
+                              shard.exp_avg_sq[t0:t1], decayed, divisor, lr, fused)
             if shard.separate_master:
                 shard.param[t0:t1].copy_(shard.master[t0:t1])
 
-    def _fused_update(self, shard: _Shard, starts: list[int], t0: int, t1: int, lr: float,
+    def _host_update(self, shards: list[_Shard], divisor: float, lr: float, fused: torch.Tensor | None) -> None:
+        """The offloaded ranges, tile by tile on the CPU: tile i + 1's gradient is on its way down
+        while tile i is updated, and tile i's parameter goes up while tile i + 1 is updated."""
+        tiles = [(s, *t) for s in shards for t in self._tiles(s)]
+        staging = self.staging
+        staging.begin()
+        staging.fetch(0, tiles[0][0].grad[tiles[0][1]:tiles[0][2]])
+        for i, (shard, t0, t1, decayed) in enumerate(tiles):
+            if i + 1 < len(tiles):
+                nxt, n0, n1, _ = tiles[i + 1]
+                staging.fetch((i + 1) % 2, nxt.grad[n0:n1])
+            grad = staging.fetched(i % 2, t1 - t0)
+            self._tile_update(shard.master[t0:t1], grad, shard.exp_avg[t0:t1], shard.exp_avg_sq[t0:t1],
+                              decayed, divisor, lr, fused)
+            staging.push(i % 2, shard.master[t0:t1], shard.param[t0:t1])
+        staging.end()
+
+    def _tile_update(self, master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                     exp_avg_sq: torch.Tensor, decayed: list[tuple[int, int]], divisor: float, lr: float,
+                     fused: torch.Tensor | None) -> None:
+        """Unscale and clip (divide by `divisor`), weight decay on the `decayed` runs, Adam: one tile
+        (views of the same elements; the gradient is modified in place)."""
+        # the fused kernel reads grad_scale as fp32: fp64 gradients (exact tests) are divided apart
+        in_kernel = fused is not None and divisor != 1.0 and grad.dtype == torch.float32
+        if divisor != 1.0 and not in_kernel:
+            grad.div_(divisor)          # unscale (fp16) and clip, in place
+        if fused is not None:
+            self._fused_update(master, grad, exp_avg, exp_avg_sq, decayed, lr, fused[0],
+                               fused[1] if in_kernel else None)
+            return
+        if self.weight_decay != 0:
+            decay = 1 - lr * self.weight_decay
+            for a, b in decayed:
+                master[a:b].mul_(decay)
+        adamw_update_(master, grad, exp_avg, exp_avg_sq, self.step_count, lr, self.betas, self.eps)
+
+    def _fused_update(self, master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                      exp_avg_sq: torch.Tensor, decayed: list[tuple[int, int]], lr: float,
                       step: torch.Tensor, grad_scale: torch.Tensor | None) -> None:
         """The same update in one pass over the tile (torch's fused AdamW kernel: reads master, grad
         and moments once, writes them once, where the op-by-op form makes ~9 passes, ~10 with the
         clipping; equal to it up to the last bits, which its vector lanes round differently). One
         call for the tile's weight-decayed runs, one for the rest. grad_scale: the gradient is
         divided by it first (and stored so)."""
-        decayed = list(_within(shard.decay_runs, starts, t0, t1)) if self.weight_decay != 0 else []
-        plain, at = [], t0
-        for a, b in decayed + [(t1, t1)]:
+        decayed = decayed if self.weight_decay != 0 else []
+        plain, at = [], 0
+        for a, b in decayed + [(master.numel(), master.numel())]:
             if at < a:
                 plain.append((at, a))
             at = b
         for runs, wd in ((decayed, self.weight_decay), (plain, 0.0)):
             if runs:
-                torch._fused_adamw_([shard.master[a:b] for a, b in runs], [shard.grad[a:b] for a, b in runs],
-                                    [shard.exp_avg[a:b] for a, b in runs], [shard.exp_avg_sq[a:b] for a, b in runs],
+                torch._fused_adamw_([master[a:b] for a, b in runs], [grad[a:b] for a, b in runs],
+                                    [exp_avg[a:b] for a, b in runs], [exp_avg_sq[a:b] for a, b in runs],
                                     [], [step] * len(runs), lr=lr, beta1=self.betas[0], beta2=self.betas[1],
                                     weight_decay=wd, eps=self.eps, amsgrad=False, maximize=False,
                                     grad_scale=grad_scale)
 
     # ---- sizes ---------------------------------------------------------------------------------
 
-    def state_numel(self) -> dict[str, int]:
+    def state_numel(self, host: bool = False) -> dict[str, int]:
         """Elements of optimizer state this rank holds ({"dense": n, "expert": n}): the separate fp32
-        master (bf16/fp16 models) and the two Adam moments of its owned ranges."""
+        master (bf16/fp16 models; offloaded ranges always have one) and the two Adam moments of its
+        owned ranges, on the device (host=False) or in host memory (host=True)."""
         out = {buf.name: 0 for buf in self.grad_sync.buffers}
         for s in self.shards:
-            out[s.bucket.buffer.name] += (s.hi - s.lo) * (3 if s.separate_master else 2)
+            if s.offloaded == host:
+                out[s.bucket.buffer.name] += (s.hi - s.lo) * (3 if s.separate_master else 2)
         return out
 
     # ---- state by logical parameter name (checkpoints) -------------------------------------------
@@ -362,7 +427,8 @@ class TiledAdamW:
             b = shard.bucket
             params = [(p, off) for p, off in zip(b.params, b.offsets) if self._name_of[id(p)] in wanted]
             for kind in kinds:
-                own = getattr(shard, kind)
+                # offloaded state goes back to the device for the gather: the same tensors either way
+                own = getattr(shard, kind).to(shard.param.device)
                 full = comm.all_gather(own, b.group) if self.distributed else own   # the bucket, [start, end)
                 for p, off in params:
                     entry = out[self._name_of[id(p)]]

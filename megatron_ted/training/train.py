@@ -261,11 +261,18 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
     scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
     optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
-                           loss_scaler=scaler, tile_size=args.optimizer_tile_size)
+                           loss_scaler=scaler, tile_size=args.optimizer_tile_size,
+                           offload_fraction=args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0,
+                           offload_policy=args.optimizer_offload_policy)
     state = optimizer.state_numel()
     print_rank0(f" > optimizer: AdamW, {'partitioned over DP / expert-DP' if args.use_distributed_optimizer else 'replicated'}"
                 f", tiles of {args.optimizer_tile_size or 'the whole partition'} elements; state on rank 0: "
                 f"{4 * state.get('dense', 0) / 2**20:.1f} MiB dense, {4 * state.get('expert', 0) / 2**20:.1f} MiB expert")
+    if args.optimizer_cpu_offload:
+        host = optimizer.state_numel(host=True)
+        print_rank0(f" > optimizer offload ({args.optimizer_offload_policy}, fraction {args.optimizer_offload_fraction:g}): "
+                    f"state in host memory on rank 0: {4 * host.get('dense', 0) / 2**20:.1f} MiB dense, "
+                    f"{4 * host.get('expert', 0) / 2**20:.1f} MiB expert")
     if getattr(args, "moe_use_upcycling", False):   # a dense --load becomes this MoE (interop/upcycle.py)
         upcycle_and_save(args, model, optimizer, groups)
         iteration, consumed, rng_state = 0, 0, None
