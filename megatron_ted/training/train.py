@@ -23,7 +23,8 @@ from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
-from megatron_ted.training.arguments import num_experts_per_layer, padded_vocab_size, parse_args, router_config
+from megatron_ted.training.arguments import (num_experts_per_layer, padded_vocab_size, parse_args, report_error,
+                                             router_config)
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
@@ -31,7 +32,7 @@ from megatron_ted.training.flops import flops_per_token_of_args, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training.manual_gc import ManualGC
-from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
@@ -208,7 +209,10 @@ def train(args, tokenizer) -> dict:
                         reduce_scatter=args.use_distributed_optimizer,
                         tp=groups.tp if getattr(args, "sequence_parallel", False) else None,
                         gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion)
-    scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
+    scaler = None
+    if args.fp16:
+        scaler = StaticLossScaler(args.loss_scale) if args.loss_scale else DynamicLossScaler(
+            args.initial_loss_scale, args.loss_scale_window, args.min_loss_scale, args.hysteresis)
     optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
                            loss_scaler=scaler, tile_size=args.optimizer_tile_size)
@@ -373,17 +377,14 @@ def main(argv=None) -> int:
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
     except ValueError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     try:
         train(args, tokenizer)
     except (CheckpointError, DataError) as e:  # every rank raises the same one (the ranks agree on these)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        code = report_error(e)
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return code
     except TokenIdError as e:  # only the rank that read the batch: it exits, and the launcher stops the rest
         print(f"error: {e}", file=sys.stderr)
         return 2
