@@ -1,4 +1,5 @@
 """The entry point: bad input stops with one line naming the flag; a real CPU run trains."""
+import math
 import os
 import re
 import subprocess
@@ -31,6 +32,13 @@ def run_entry(args, world_size=1):
     (1, ["--num-experts", "2", "--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor"),
     (1, ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "missing.model"], "--tokenizer-model"),
     (1, ["--data-path", "no/such/prefix", "--vocab-size", "200"], "--data-path"),
+    # argparse's own mistakes, one line too: an unknown flag with the closest known one, a bad value
+    (1, ["--hiden-size", "32"], "unknown flag --hiden-size; did you mean --hidden-size?"),
+    (1, ["--hidden-size", "abc"], "--hidden-size: invalid int value: 'abc'"),
+    (1, ["--lr-decay-style", "step"], "--lr-decay-style: invalid choice: 'step'"),
+    # range checks that escaped as tracebacks (a ZeroDivisionError when padding the vocabulary)
+    (1, ["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by 0 must be >= 1"),
+    (1, ["--log-interval", "0"], "--log-interval 0 must be >= 1"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(world, args, flag):
     argv = TINY + args
@@ -44,6 +52,94 @@ def test_bad_input_is_one_line_naming_the_flag(world, args, flag):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert flag in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
+
+
+# Every numeric flag with a value out of its range, and the range the message must give (by hand:
+# sizes and counts >= 1, >= 0 where 0 means off, probabilities and betas in [0, 1), eps and scales > 0).
+OUT_OF_RANGE = [
+    ("--num-layers", "0", ">= 1"), ("--hidden-size", "-32", ">= 1"), ("--num-attention-heads", "0", ">= 1"),
+    ("--ffn-hidden-size", "-128", ">= 1"), ("--ffn-hidden-size", "0", ">= 1"), ("--seq-length", "0", ">= 1"),
+    ("--max-position-embeddings", "0", ">= 1"), ("--layernorm-epsilon", "0", "> 0"),
+    ("--hidden-dropout", "2", "in [0, 1)"), ("--hidden-dropout", "1", "in [0, 1)"),
+    ("--attention-dropout", "-0.1", "in [0, 1)"), ("--init-method-std", "0", "> 0"),
+    ("--make-vocab-size-divisible-by", "0", ">= 1"), ("--num-experts", "0", ">= 1"),
+    ("--moe-shared-expert-intermediate-size", "0", ">= 1"), ("--moe-layer-freq", "0", "at least 1"),
+    ("--moe-ffn-hidden-size", "0", ">= 1"), ("--moe-router-topk", "0", ">= 1"),
+    ("--moe-aux-loss-coeff", "-0.01", ">= 0"), ("--moe-z-loss-coeff", "-1", ">= 0"),
+    ("--moe-expert-capacity-factor", "0", "> 0"), ("--moe-input-jitter-eps", "1", "in (0, 1)"),
+    ("--moe-router-bias-update-rate", "-0.001", ">= 0"), ("--moe-min-capacity", "-1", ">= 0"),
+    ("--moe-a2a-node-size", "0", ">= 1"), ("--tensor-model-parallel-size", "0", ">= 1"),
+    ("--expert-model-parallel-size", "-2", ">= 1"), ("--world-size", "0", ">= 1"), ("--gpus-per-node", "0", ">= 1"),
+    ("--optimizer-tile-size", "-1", ">= 0"), ("--micro-batch-size", "0", ">= 1"),
+    ("--global-batch-size", "0", ">= 1"), ("--train-iters", "0", ">= 1"), ("--lr", "-0.0001", ">= 0"),
+    ("--lr", "nan", "a finite number >= 0"), ("--min-lr", "-1", ">= 0"), ("--lr-warmup-iters", "-5", ">= 0"),
+    ("--lr-decay-iters", "0", ">= 1"), ("--weight-decay", "-0.1", ">= 0"), ("--adam-beta1", "1", "in [0, 1)"),
+    ("--adam-beta2", "1.5", "in [0, 1)"), ("--adam-eps", "0", "> 0"), ("--clip-grad", "-1", ">= 0"),
+    ("--seed", "-1", "in [0, 4294967296)"), ("--initial-loss-scale", "0", "> 0"),
+    ("--initial-loss-scale", "inf", "a finite number > 0"), ("--min-loss-scale", "-1", "> 0"),
+    ("--loss-scale-window", "0", ">= 1"), ("--hysteresis", "0", ">= 1"), ("--loss-scale", "0", "> 0"),
+    ("--manual-gc-interval", "-1", ">= 0"), ("--cuda-graph-warmup-steps", "0", ">= 1"),
+    ("--recompute-num-layers", "0", ">= 1"), ("--vocab-size", "0", ">= 1"), ("--log-interval", "0", ">= 1"),
+    ("--eval-interval", "-1", ">= 0"), ("--eval-iters", "-1", ">= 0"), ("--save-interval", "0", ">= 1"),
+    ("--exit-interval", "0", ">= 1"), ("--profile-step-start", "0", ">= 1"), ("--profile-step-end", "0", ">= 1"),
+    ("--profile-ranks", "-1", ">= 0"),
+    ("--num-query-groups", "0", ">= 1"), ("--kv-channels", "0", ">= 1"), ("--q-lora-rank", "0", ">= 1"),
+    ("--kv-lora-rank", "0", ">= 1"), ("--qk-head-dim", "0", ">= 1"), ("--qk-pos-emb-head-dim", "0", ">= 1"),
+    ("--v-head-dim", "0", ">= 1"), ("--rotary-base", "0", "> 0"), ("--rotary-percent", "0", "in (0, 1]"),
+    ("--rotary-percent", "1.5", "in (0, 1]"), ("--rotary-scaling-factor", "0", "> 0"),
+    ("--rope-scaling-factor", "-8", "> 0"), ("--original-max-position-embeddings", "0", ">= 1"),
+    ("--beta-fast", "0", "> 0"), ("--beta-slow", "-1", "> 0"), ("--mscale", "-1", ">= 0"),
+    ("--mscale-all-dim", "-0.5", ">= 0"), ("--moe-router-num-groups", "0", ">= 1"),
+    ("--moe-router-group-topk", "0", ">= 1"), ("--moe-router-topk-scaling-factor", "0", "> 0"),
+    ("--moe-eval-capacity-factor", "0", "> 0"), ("--moe-upcycling-granularity", "0", ">= 1"),
+    ("--pipeline-model-parallel-size", "0", ">= 1"), ("--virtual-pipeline-model-parallel-size", "0", ">= 1"),
+    ("--context-parallel-size", "0", ">= 1"), ("--expert-tensor-parallel-size", "0", ">= 1"),
+    ("--train-samples", "0", ">= 1"), ("--train-tokens", "0", ">= 1"), ("--lr-decay-samples", "0", ">= 1"),
+    ("--lr-decay-tokens", "0", ">= 1"), ("--lr-warmup-samples", "-1", ">= 0"),
+    ("--lr-warmup-tokens", "-1", ">= 0"), ("--lr-warmup-fraction", "1.5", "in [0, 1)"),
+    ("--exit-duration-in-mins", "0", "> 0"), ("--distributed-timeout-minutes", "0", "> 0"),
+    ("--optimizer-offload-fraction", "1.5", "in [0, 1]"), ("--host-memory-per-node-gib", "0", "> 0"),
+    ("--num-workers", "-1", ">= 0"), ("--tensorboard-queue-size", "0", ">= 1"),
+]
+
+
+@pytest.mark.parametrize("flag,value,valid", OUT_OF_RANGE)
+def test_every_numeric_flag_out_of_range_is_one_line_naming_it(flag, value, valid):
+    from megatron_ted.training.arguments import parse_args
+    with pytest.raises(ValueError) as err:
+        parse_args(TINY + [flag, value], world_size=1)   # a repeated flag (--vocab-size): the last wins
+    message = str(err.value)
+    assert message.startswith(f"{flag} ") and message.endswith(f"must be {valid}") and "\n" not in message, message
+    shown = float(message.split()[1])
+    assert shown == float(value) or math.isnan(shown) and value == "nan"
+
+
+def test_the_range_table_covers_every_numeric_flag_and_takes_0_where_0_is_valid():
+    from megatron_ted.training.arguments import NUMERIC_FLAGS, build_parser, parse_args
+    numeric = {a.dest for a in build_parser()._actions if a.type in (int, float)}
+    assert numeric == set(NUMERIC_FLAGS)
+    pattern_flags = {"moe_layer_freq"}   # an int or a layer pattern: checked by its parser, in the matrix too
+    assert {f for f, _, _ in OUT_OF_RANGE} == {"--" + d.replace("_", "-") for d in numeric | pattern_flags}
+    zero_ok = ["--optimizer-tile-size", "--lr-warmup-iters", "--eval-interval", "--eval-iters", "--manual-gc-interval",
+           "--moe-min-capacity", "--clip-grad", "--hidden-dropout", "--seed", "--moe-aux-loss-coeff"]
+    parse_args(TINY + [a for f in zero_ok for a in (f, "0")], world_size=1)
+
+
+def test_an_unknown_flag_under_torchrun_is_one_line_from_rank_0_and_in_the_launchers_summary():
+    """World size 2: our line comes once, first, from rank 0; the launcher's failure summary shows
+    it as rank 0's root cause (from its error file) instead of a link; no usage block."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+            os.path.join(ROOT, "pretrain_gpt_moe.py"), *TINY, "--hiden-size", "32"]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    ours = "error: unknown flag --hiden-size; did you mean --hidden-size?"
+    lines = r.stderr.splitlines()
+    assert lines[0] == ours, r.stderr[-3000:]
+    assert [l for l in lines if "error: " in l and "traceback" not in l] == [ours], r.stderr[-3000:]
+    assert re.search(r"Root Cause \(first observed failure\):\n\[0\]:\n(?:  .*\n)*  rank +: 0 .*\n(?:  .*\n)*"
+                     r"  traceback : " + re.escape(ours), r.stderr), r.stderr[-3000:]
+    assert "usage:" not in r.stderr + r.stdout
 
 
 def test_torchrun_tp2_ep2_trains_and_reports_expert_load():

@@ -393,7 +393,7 @@ BASE = ["--num-experts", "4", "--mock-data", "--vocab-size", "256"]
     (["--recompute-granularity", "full", "--moe-cac-tp"], "--moe-cac-tp needs --moe-cac"),
     (["--recompute-method", "uniform"], "--recompute-method uniform needs --recompute-granularity full"),
     (["--recompute-granularity", "selective", "--recompute-num-layers", "2"], "--recompute-num-layers needs"),
-    (["--recompute-granularity", "full", "--recompute-num-layers", "0"], "--recompute-num-layers must be at least 1"),
+    (["--recompute-granularity", "full", "--recompute-num-layers", "0"], "--recompute-num-layers 0 must be >= 1"),
 ])
 def test_bad_recompute_flags(args, message):
     from megatron_ted.training.arguments import parse_args

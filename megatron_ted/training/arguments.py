@@ -1,13 +1,19 @@
 """Command line: Megatron-LM's flag names where one exists, ours in the same style.
 
 `parse_args(argv, world_size)` parses and validates; every user error is a `ValueError` whose
-one-line message names the flag and the fix. The entry point turns it into a clean exit.
+one-line message names the flag and the fix, argparse's own (an unknown flag, a value of the wrong
+type) included. The entry point turns it into one line on rank 0 and exit code 2 (`report_error`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import math
 import os
+import sys
+import time
+from dataclasses import dataclass
 
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, resolve_tokenizer_type
 from megatron_ted.model.attention import AttentionConfig, check_attention
@@ -21,8 +27,30 @@ from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training import compat_flags, run_length
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one-line ValueErrors instead of a usage block and exit: a bad
+    value names its flag (argparse's message), an unknown flag names the closest known one."""
+
+    def error(self, message):
+        raise ValueError(message.removeprefix("argument "))
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extra = self.parse_known_args(args, namespace)
+        if extra:
+            raise ValueError(self.unknown_argument_message(extra))
+        return namespace
+
+    def unknown_argument_message(self, extra: list[str]) -> str:
+        flag = next((a for a in extra if a.startswith("-")), None)
+        if flag is None:
+            return f"unexpected value {extra[0]!r} with no flag before it (see --help)"
+        name = flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, list(self._option_string_actions), n=1)
+        return f"unknown flag {name}; " + (f"did you mean {close[0]}?" if close else "see --help for the flags")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pretrain a GPT Mixture-of-Experts model with TED parallelism",
+    p = OneLineArgumentParser(description="Pretrain a GPT Mixture-of-Experts model with TED parallelism",
                                 allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=4)
@@ -188,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0**16)
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the dynamic loss scale's start")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the dynamic loss scale's floor")
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="fp16: multiply the loss scale by 2 after this many steps without overflow")
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="fp16: overflows tolerated before the loss scale halves; once exhausted every overflow "
+                        "halves it, until the next growth restores the tolerance (Megatron's)")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale (default: dynamic)")
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
                    help="stop (exit 2) at a NaN or Inf loss; the default (an fp16 gradient overflow stays a "
                         "skipped step)")
@@ -260,6 +295,119 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric flag: low <= v (low < v when low_open) and v < high."""
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def holds(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return (v > self.low if self.low_open else v >= self.low) and (v < self.high if self.high_open
+                                                                        else v <= self.high)
+
+    def __str__(self):
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, COUNT = Range(0, low_open=True), Range(0), Range(1)
+FRACTION = Range(0, 1)   # probabilities and betas: [0, 1)
+
+# Every numeric flag of build_parser (tests check none is missing); None (flag omitted) is always
+# valid. Counts are >= 1 unless 0 means "off": --optimizer-tile-size, --lr-warmup-iters,
+# --eval-interval, --eval-iters, --manual-gc-interval, --moe-min-capacity.
+NUMERIC_FLAGS: dict[str, Range] = {
+    "num_layers": COUNT, "hidden_size": COUNT, "num_attention_heads": COUNT, "ffn_hidden_size": COUNT,
+    "seq_length": COUNT, "max_position_embeddings": COUNT, "layernorm_epsilon": POSITIVE,
+    "hidden_dropout": FRACTION, "attention_dropout": FRACTION, "init_method_std": POSITIVE,
+    "make_vocab_size_divisible_by": COUNT,
+    "num_experts": COUNT, "moe_shared_expert_intermediate_size": COUNT,
+    "moe_ffn_hidden_size": COUNT, "moe_router_topk": COUNT, "moe_aux_loss_coeff": NON_NEGATIVE,
+    "moe_z_loss_coeff": NON_NEGATIVE, "moe_expert_capacity_factor": POSITIVE,
+    "moe_input_jitter_eps": Range(0, 1, low_open=True), "moe_router_bias_update_rate": NON_NEGATIVE,
+    "moe_min_capacity": NON_NEGATIVE, "moe_a2a_node_size": COUNT,
+    "tensor_model_parallel_size": COUNT, "expert_model_parallel_size": COUNT, "world_size": COUNT,
+    "gpus_per_node": COUNT, "optimizer_tile_size": NON_NEGATIVE,
+    "micro_batch_size": COUNT, "global_batch_size": COUNT, "train_iters": COUNT, "lr": NON_NEGATIVE,
+    "min_lr": NON_NEGATIVE, "lr_warmup_iters": NON_NEGATIVE, "lr_decay_iters": COUNT,
+    "weight_decay": NON_NEGATIVE, "adam_beta1": FRACTION, "adam_beta2": FRACTION, "adam_eps": POSITIVE,
+    "clip_grad": NON_NEGATIVE, "seed": Range(0, 2**32),   # numpy's seed range (the datasets' shuffles)
+    "initial_loss_scale": POSITIVE, "min_loss_scale": POSITIVE, "loss_scale_window": COUNT,
+    "hysteresis": COUNT, "loss_scale": POSITIVE, "manual_gc_interval": NON_NEGATIVE,
+    "cuda_graph_warmup_steps": COUNT, "recompute_num_layers": COUNT, "vocab_size": COUNT,
+    "log_interval": COUNT, "eval_interval": NON_NEGATIVE, "eval_iters": NON_NEGATIVE, "save_interval": COUNT,
+    "exit_interval": COUNT, "profile_step_start": COUNT, "profile_step_end": COUNT,
+    "profile_ranks": NON_NEGATIVE,
+    # attention and positions (GQA, MLA, RoPE); --rotary-percent 1 rotates the whole head
+    "num_query_groups": COUNT, "kv_channels": COUNT, "q_lora_rank": COUNT, "kv_lora_rank": COUNT,
+    "qk_head_dim": COUNT, "qk_pos_emb_head_dim": COUNT, "v_head_dim": COUNT, "rotary_base": POSITIVE,
+    "rotary_percent": Range(0, 1, low_open=True, high_open=False), "rotary_scaling_factor": POSITIVE,
+    "rope_scaling_factor": POSITIVE, "original_max_position_embeddings": COUNT, "beta_fast": POSITIVE,
+    "beta_slow": POSITIVE, "mscale": NON_NEGATIVE, "mscale_all_dim": NON_NEGATIVE,
+    # routers and MoE
+    "moe_router_num_groups": COUNT, "moe_router_group_topk": COUNT, "moe_router_topk_scaling_factor": POSITIVE,
+    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT,
+    # sizes of parallel dimensions we refuse above 1 (training/compat_flags.py)
+    "pipeline_model_parallel_size": COUNT, "virtual_pipeline_model_parallel_size": COUNT,
+    "context_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,
+    # run length and schedule in samples or tokens (0 warm-up: none)
+    "train_samples": COUNT, "train_tokens": COUNT, "lr_decay_samples": COUNT, "lr_decay_tokens": COUNT,
+    "lr_warmup_samples": NON_NEGATIVE, "lr_warmup_tokens": NON_NEGATIVE, "lr_warmup_fraction": FRACTION,
+    "exit_duration_in_mins": POSITIVE, "distributed_timeout_minutes": POSITIVE,
+    # optimizer offload, data loading, logging
+    "optimizer_offload_fraction": Range(0, 1, high_open=False), "host_memory_per_node_gib": POSITIVE,
+    "num_workers": NON_NEGATIVE, "tensorboard_queue_size": COUNT,
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Each numeric flag within its range (before any default is derived from it)."""
+    for dest, rule in NUMERIC_FLAGS.items():
+        value = getattr(args, dest, None)   # compat flags are absent unless given
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and not rule.holds(v):
+                finite = "a finite number " if isinstance(v, float) and not math.isfinite(v) else ""
+                raise ValueError(f"--{dest.replace('_', '-')} {v} must be {finite}{rule}")
+
+
+def is_rank0() -> bool:
+    """Rank 0 of the launch, from the launcher's environment (no process group needed)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+ERROR_GRACE_S = 3.0   # how long ranks > 0 wait for rank 0's line before they exit (see report_error)
+
+
+def report_error(err) -> int:
+    """A user error, every rank alike: rank 0 prints `error: <err>` and the others stay silent.
+    Returns the exit code, 2.
+
+    Under torchrun rank 0 also writes the line to its error file (TORCHELASTIC_ERROR_FILE, torch's
+    format), so the launcher's failure summary shows it where it would show a link. The launcher
+    stops every rank at the first exit: ranks > 0 wait a moment, so that exit is rank 0's, after
+    its line (the launcher stops them then, the wait costs nothing)."""
+    if not is_rank0():
+        time.sleep(ERROR_GRACE_S)
+        return 2
+    line = f"error: {err}"
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": {"message": line,
+                              "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+        try:
+            with open(path, "w") as f:
+                json.dump(record, f)
+        except OSError:
+            pass   # the summary then shows torch's link; the line above is already printed
+    return 2
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     """Round the vocabulary up to a multiple of --make-vocab-size-divisible-by (independent of TP,
     so every layout has the same logical model); it must then split evenly over TP."""
@@ -277,10 +425,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         if not cond:
             raise ValueError(msg)
 
+    check_ranges(args)
     args.accepted_no_effect = compat_flags.apply(args)   # refuses what we lack; lists what changes nothing
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
-                 "tensor_model_parallel_size", "expert_model_parallel_size"):
-        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1")
     args.world_size = world_size
     args.layout = ParallelLayout(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size,
                                  args.rank_order)
@@ -337,11 +483,8 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
         need(args.moe_ffn_hidden_size % tp == 0,
              f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
-        cf = args.moe_expert_capacity_factor
-        need(cf is None or cf > 0, f"--moe-expert-capacity-factor must be positive (omit it for dropless routing)")
         tokens = args.micro_batch_size * args.seq_length
         for e in sorted(set(counts)):
-            need(e >= 1, f"--num-experts must be at least 1")
             need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
                               f"use a multiple of {ep} experts or a smaller EP")
             need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
@@ -411,8 +554,6 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(args.recompute_method is None or full,
          f"--recompute-method {args.recompute_method} needs --recompute-granularity full")
     need(args.recompute_num_layers is None or full, "--recompute-num-layers needs --recompute-granularity full")
-    need(args.recompute_num_layers is None or args.recompute_num_layers >= 1,
-         "--recompute-num-layers must be at least 1")
     if full:
         args.recompute_method = args.recompute_method or "uniform"
         args.recompute_num_layers = args.recompute_num_layers or 1
@@ -427,7 +568,6 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                             compiled=args.compile_layers, attention_dropout=args.attention_dropout, tp=tp,
                             router_configs=routers)
         need(why is None, why)
-        need(args.cuda_graph_warmup_steps >= 1, "--cuda-graph-warmup-steps must be at least 1")
     return args
 
 

@@ -29,7 +29,7 @@ from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.training.arguments import (attention_config, mla_config, num_experts_per_layer, padded_vocab_size,
-                                             parse_args, rope_config, router_config)
+                                             parse_args, report_error, rope_config, router_config)
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
@@ -37,7 +37,7 @@ from megatron_ted.training.flops import flops_per_token_of_args, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training.manual_gc import ManualGC
-from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.save_dir import check_writable, hold_save_dir
 from megatron_ted.training.tiled_optimizer import TiledAdamW
@@ -258,7 +258,10 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
                         reduce_scatter=args.use_distributed_optimizer,
                         tp=groups.tp if getattr(args, "sequence_parallel", False) else None,
                         gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion)
-    scaler = DynamicLossScaler(args.initial_loss_scale) if args.fp16 else None
+    scaler = None
+    if args.fp16:
+        scaler = StaticLossScaler(args.loss_scale) if args.loss_scale else DynamicLossScaler(
+            args.initial_loss_scale, args.loss_scale_window, args.min_loss_scale, args.hysteresis)
     optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
                            loss_scaler=scaler, tile_size=args.optimizer_tile_size,
@@ -454,17 +457,14 @@ def main(argv=None) -> int:
         if args.save is not None:
             check_writable(args.save)   # not found out at the first save, after hours of training
     except ValueError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     try:
         train(args, tokenizer)
     except (CheckpointError, DataError, NonFiniteLossError) as e:  # every rank raises the same one (they agree)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
+        code = report_error(e)
         if dist.is_initialized():
             dist.destroy_process_group()
-        return 2
+        return code
     except TokenIdError as e:  # only the rank that read the batch: it exits, and the launcher stops the rest
         print(f"error: {e}", file=sys.stderr)
         return 2
