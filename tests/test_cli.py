@@ -33,7 +33,7 @@ def run_entry(args, world_size=1):
     (1, ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "missing.model"], "--tokenizer-model"),
     (1, ["--data-path", "no/such/prefix", "--vocab-size", "200"], "--data-path"),
     # argparse's own mistakes, one line too: an unknown flag with the closest known one, a bad value
-    (1, ["--hiden-size", "32"], "unknown flag --hiden-size; did you mean --hidden-size?"),
+    (1, ["--hiden-size", "32"], "unrecognized argument --hiden-size (did you mean --hidden-size?)"),
     (1, ["--hidden-size", "abc"], "--hidden-size: invalid int value: 'abc'"),
     (1, ["--lr-decay-style", "step"], "--lr-decay-style: invalid choice: 'step'"),
     # range checks that escaped as tracebacks (a ZeroDivisionError when padding the vocabulary)
@@ -133,7 +133,7 @@ def test_an_unknown_flag_under_torchrun_is_one_line_from_rank_0_and_in_the_launc
             os.path.join(ROOT, "pretrain_gpt_moe.py"), *TINY, "--hiden-size", "32"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0
-    ours = "error: unknown flag --hiden-size; did you mean --hidden-size?"
+    ours = "error: unrecognized argument --hiden-size (did you mean --hidden-size?)"
     lines = r.stderr.splitlines()
     assert lines[0] == ours, r.stderr[-3000:]
     assert [l for l in lines if "error: " in l and "traceback" not in l] == [ours], r.stderr[-3000:]

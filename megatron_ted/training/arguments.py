@@ -7,7 +7,6 @@ type) included. The entry point turns it into one line on rank 0 and exit code 2
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from megatron_ted.cli import OneLineErrorParser
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, resolve_tokenizer_type
 from megatron_ted.model.attention import AttentionConfig, check_attention
 from megatron_ted.model.builder import moe_layer_indices
@@ -27,26 +27,12 @@ from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training import compat_flags, run_length
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one-line ValueErrors instead of a usage block and exit: a bad
-    value names its flag (argparse's message), an unknown flag names the closest known one."""
+class OneLineArgumentParser(OneLineErrorParser):
+    """The tools' one-line parser (megatron_ted/cli.py: an unknown flag names the closest known one),
+    but a mistake is a ValueError: the entry point reports it on rank 0 only (report_error)."""
 
     def error(self, message):
         raise ValueError(message.removeprefix("argument "))
-
-    def parse_args(self, args=None, namespace=None):
-        namespace, extra = self.parse_known_args(args, namespace)
-        if extra:
-            raise ValueError(self.unknown_argument_message(extra))
-        return namespace
-
-    def unknown_argument_message(self, extra: list[str]) -> str:
-        flag = next((a for a in extra if a.startswith("-")), None)
-        if flag is None:
-            return f"unexpected value {extra[0]!r} with no flag before it (see --help)"
-        name = flag.split("=", 1)[0]
-        close = difflib.get_close_matches(name, list(self._option_string_actions), n=1)
-        return f"unknown flag {name}; " + (f"did you mean {close[0]}?" if close else "see --help for the flags")
 
 
 def build_parser() -> argparse.ArgumentParser:
