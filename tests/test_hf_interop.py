@@ -1,5 +1,9 @@
 """Hugging Face import/export and upcycling, against transformers itself (the oracle): tiny random
-models in float64, saved with save_pretrained, imported, compared logit for logit."""
+models in float64, saved with save_pretrained, imported, compared logit for logit.
+
+Relative 1e-6, not float64's 1e-15: transformers computes some pieces in float32 whatever the
+model's dtype (the softmax of the Qwen routers, DeepSeek-V3's router logits and sigmoid, the RoPE
+cos/sin tables), so float32's rounding is what is reachable."""
 from __future__ import annotations
 
 import argparse
@@ -24,24 +28,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 100
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
               intermediate_size=48, vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=64)
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8192)
+YARN = dict(rope_type="yarn", rope_theta=1000.0, factor=4.0, mscale=0.707, mscale_all_dim=0.707, beta_fast=32.0,
+            beta_slow=1.0, original_max_position_embeddings=16)   # the ramp inside this tiny rope dim
+DEEPSEEK = dict(n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=16,
+                n_shared_experts=2, routed_scaling_factor=2.5, first_k_dense_replace=1, kv_lora_rank=12,
+                qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10, rope_interleave=True, norm_topk_prob=True)
+# name: (model_type, config); GQA (2 K/V heads of 4) unless said otherwise
 ARCHS = {
-    "llama": {},
-    "mistral": dict(sliding_window=None, tie_word_embeddings=True),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=24, qkv_bias=False, norm_topk_prob=True),
+    "llama": ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3)),
+    "mistral": ("mistral", dict(sliding_window=None, tie_word_embeddings=True)),          # multi-head: fused qkv
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, rope_theta=1e6)),                      # + q/k/v biases
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=24, qkv_bias=True, norm_topk_prob=False,
+                                    num_key_value_heads=2)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=12,
+                                    norm_topk_prob=True, mlp_only_layers=[0], num_key_value_heads=2)),
+    "deepseek_v3": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=16, rope_parameters=YARN)),
+    "deepseek_v3_plain_q": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1,
+                                                num_experts_per_tok=2, norm_topk_prob=True)),
 }
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def _hf_model(model_type, seed=0, **overrides):
-    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
+def _hf_model(name, seed=0, **overrides):
+    model_type, arch = ARCHS[name]
+    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **arch, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").double().eval()
-    with torch.no_grad():   # norms away from 1 so that a misplaced norm weight shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    with torch.no_grad():   # norms away from 1 so that a misplaced norm weight shows; biases and routers
+        for key, p in model.named_parameters():   # large enough that a misplaced one shows
+            if "norm" in key or key.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
+            if key.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+        for key, b in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     return model
 
 
