@@ -26,14 +26,16 @@ def _refusal(args: dict) -> str | None:
         (not args.get("disable_bias_linear"), "linear biases (no --disable-bias-linear)"),
         (args.get("rotary_percent", 1.0) != 1.0, f"--rotary-percent {args.get('rotary_percent')} (partial rotary)"),
         (args.get("mlp_type", "standard") != "standard", f"--mlp-type {args.get('mlp_type')} (Residual MoE)"),
-        (isinstance(args.get("num_experts"), list), f"--num-experts {args.get('num_experts')} (per-layer expert counts)"),
+        (isinstance(args.get("num_experts"), list),
+         f"--num-experts {args.get('num_experts')} (per-layer expert counts)"),
         (args.get("moe_router_type", "topk") != "topk", f"--moe-router-type {args.get('moe_router_type')}"),
     ]
     if not args.get("multi_latent_attention"):   # DeepSeek-V3's router features: only with its attention
         checks += [
             (args.get("moe_router_score_function", "softmax") != "softmax",
              f"--moe-router-score-function {args.get('moe_router_score_function')} without multi-latent attention"),
-            (args.get("moe_router_enable_expert_bias"), "--moe-router-enable-expert-bias without multi-latent attention"),
+            (args.get("moe_router_enable_expert_bias"),
+             "--moe-router-enable-expert-bias without multi-latent attention"),
             (args.get("moe_router_num_groups"), "--moe-router-num-groups without multi-latent attention"),
             (args.get("moe_router_topk_scaling_factor"),
              "--moe-router-topk-scaling-factor without multi-latent attention"),
