@@ -1,5 +1,9 @@
 """Hugging Face import/export and upcycling, against transformers itself (the oracle): tiny random
-models in float64, saved with save_pretrained, imported, compared logit for logit."""
+models in float64, saved with save_pretrained, imported, compared logit for logit.
+
+Relative 1e-6, not float64's 1e-15: transformers computes some pieces in float32 whatever the
+model's dtype (the softmax of the Qwen routers, DeepSeek-V3's router logits and sigmoid, the RoPE
+cos/sin tables), so float32's rounding is what is reachable."""
 from __future__ import annotations
 
 import argparse
@@ -24,24 +28,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 100
 COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
               intermediate_size=48, vocab_size=VOCAB, rope_theta=10000.0, max_position_embeddings=64)
+LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8192)
+YARN = dict(rope_type="yarn", rope_theta=1000.0, factor=4.0, mscale=0.707, mscale_all_dim=0.707, beta_fast=32.0,
+            beta_slow=1.0, original_max_position_embeddings=16)   # the ramp inside this tiny rope dim
+DEEPSEEK = dict(n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=16,
+                n_shared_experts=2, routed_scaling_factor=2.5, first_k_dense_replace=1, kv_lora_rank=12,
+                qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10, rope_interleave=True, norm_topk_prob=True)
+# name: (model_type, config); GQA (2 K/V heads of 4) unless said otherwise
 ARCHS = {
-    "llama": {},
-    "mistral": dict(sliding_window=None, tie_word_embeddings=True),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=24, qkv_bias=False, norm_topk_prob=True),
+    "llama": ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3)),
+    "mistral": ("mistral", dict(sliding_window=None, tie_word_embeddings=True)),          # multi-head: fused qkv
+    "qwen2": ("qwen2", dict(num_key_value_heads=2, rope_theta=1e6)),                      # + q/k/v biases
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
+    "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=24, qkv_bias=True, norm_topk_prob=False,
+                                    num_key_value_heads=2)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=12,
+                                    norm_topk_prob=True, mlp_only_layers=[0], num_key_value_heads=2)),
+    "deepseek_v3": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=16, rope_parameters=YARN)),
+    "deepseek_v3_plain_q": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1,
+                                                num_experts_per_tok=2, norm_topk_prob=True)),
 }
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-def _hf_model(model_type, seed=0, **overrides):
-    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **ARCHS[model_type], **overrides})
+def _hf_model(name, seed=0, **overrides):
+    model_type, arch = ARCHS[name]
+    cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **arch, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").double().eval()
-    with torch.no_grad():   # norms away from 1 so that a misplaced norm weight shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    with torch.no_grad():   # norms away from 1 so that a misplaced norm weight shows; biases and routers
+        for key, p in model.named_parameters():   # large enough that a misplaced one shows
+            if "norm" in key or key.endswith("bias"):
                 p.add_(0.2 * torch.randn_like(p))
+            if key.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+        for key, b in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
     return model
 
 
@@ -51,16 +76,29 @@ def _rel(a, b):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    """{model_type: (hf dir, our checkpoint, HF logits on IDS)}."""
+    """{name: (hf dir, our checkpoint, HF logits on IDS)}; llama's directory has a tokenizer."""
     root, out = tmp_path_factory.mktemp("hf"), {}
     for mt in ARCHS:
         model = _hf_model(mt)
         model.save_pretrained(root / mt)
+        if mt == "llama":
+            _save_tokenizer(root / mt)
         with torch.no_grad():
             logits = model(IDS).logits
         hf_io.import_hf(str(root / mt), str(root / f"ck_{mt}"))
         out[mt] = (str(root / mt), str(root / f"ck_{mt}"), logits)
     return out
+
+
+def _save_tokenizer(directory):
+    """A word-level tokenizer of VOCAB ids (tokenizer.json) whose end-of-sequence token is id 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "unk_token": "<unk>"}))
 
 
 @pytest.mark.parametrize("model_type", list(ARCHS))
@@ -154,6 +192,31 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
         assert torch.equal(original[key][:rows], back[key][:rows]), key
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
+    """Our checkpoint -> export-hf (the architecture inferred from our flags alone) -> from_pretrained
+    computes our logits; its import holds exactly our tensors (deepseek_v3: the rope rows permuted to
+    DeepSeek's interleaved layout on the way out and back on the way in)."""
+    _, ckpt, _ = imported[name]
+    out = tmp_path / "exported"
+    notes = hf_io.export_hf(ckpt, str(out))
+    assert f" as {ARCHS[name][0]} " in notes[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float64,
+                                                           experts_implementation="eager").eval()
+    with torch.no_grad():
+        assert _rel(load_model(ckpt, dtype=torch.float64)(IDS), hf(IDS).logits) < 1e-6
+    if name == "llama":   # imported with its tokenizer: the checkpoint's flags use it, the export carries it
+        args = read_metadata(find_checkpoint(ckpt))["args"]
+        assert args["tokenizer_type"] == "HuggingFaceTokenizer" and os.path.isdir(args["tokenizer_model"])
+        assert (out / "tokenizer.json").read_text() == open(os.path.join(imported[name][0], "tokenizer.json")).read()
+        assert json.loads((out / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    hf_io.import_hf(str(out), str(tmp_path / "back"))
+    original, back = _read_all(ckpt), _read_all(str(tmp_path / "back"))
+    assert original.keys() == back.keys()
+    for key in original:
+        assert torch.equal(original[key], back[key]), key
+
+
 def _convert(*argv):
     return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), *argv],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -165,7 +228,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
     hf_dir, ckpt, _ = imported["mixtral"]
     cases = {}
     for name, change in {"model_type": {"model_type": "gpt_bigcode"}, "sliding": {"sliding_window": 16},
-                         "gqa": {"num_key_value_heads": 2}, "vocab": {"vocab_size": VOCAB + 1}}.items():
+                         "gelu": {"hidden_act": "gelu"}, "vocab": {"vocab_size": VOCAB + 1}}.items():
         d = tmp_path / name
         d.mkdir()
         cfg = json.loads(open(os.path.join(hf_dir, "config.json")).read())
@@ -182,7 +245,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
         edit(t)
         save_file(t, str(d / "model.safetensors"))
         cases[name] = d
-    expect = {"model_type": "model_type 'gpt_bigcode'", "sliding": "sliding_window", "gqa": "num_key_value_heads",
+    expect = {"model_type": "model_type 'gpt_bigcode'", "sliding": "sliding_window", "gelu": "hidden_act 'gelu'",
               "vocab": "vocabulary mismatch", "missing": "experts.3.w2.weight is missing", "extra": "o_proj.bias"}
     for name, d in cases.items():
         save = tmp_path / f"out_{name}"
@@ -204,10 +267,10 @@ def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
 
 
 def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
-    from megatron_ted.interop.hf_config import architecture_for
+    from megatron_ted.interop.hf_export import architecture_for
 
     base = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
-                num_experts=4, moe_layer_freq=1, moe_router_topk=2)
+                num_layers=2, num_attention_heads=4, num_experts=4, moe_layer_freq=1, moe_router_topk=2)
     assert architecture_for(base) == "mixtral"
     for change, word in ((dict(position_embedding_type="learned"), "learned absolute positions"),
                          (dict(normalization="LayerNorm"), "LayerNorm"), (dict(mlp_type="residual"), "Residual MoE"),
@@ -215,3 +278,56 @@ def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
                          (dict(moe_shared_expert_intermediate_size=16), "without --moe-shared-expert-gate")):
         with pytest.raises(ValueError, match=word):
             architecture_for({**base, **change})
+
+
+@pytest.mark.parametrize("name,change,field", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
+    ("qwen3_moe", dict(attention_bias=True), "attention_bias"),
+    ("qwen3_moe", dict(norm_topk_prob=True, num_experts_per_tok=1), "num_experts_per_tok 1"),
+    ("llama", dict(rope_parameters=dict(LLAMA3, low_freq_factor=2.0)), "low_freq_factor"),
+    ("llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0)), "rope type 'dynamic'"),
+    ("llama", dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+     "partial_rotary_factor"),
+    ("deepseek_v3", dict(rope_parameters=dict(YARN, truncate=False)), "truncate"),
+    ("deepseek_v3", dict(rope_parameters=dict(YARN, mscale=0.0)), "mscale_all_dim without mscale"),
+    ("deepseek_v3", dict(scoring_func="softmax"), "scoring_func"),
+    ("deepseek_v3", dict(topk_method="group_limited_greedy"), "topk_method"),
+    ("deepseek_v3", dict(norm_topk_prob=False), "norm_topk_prob false"),
+    ("deepseek_v3", dict(num_experts_per_tok=2), "topk_group 2 != 2"),
+    ("deepseek_v3", dict(n_shared_experts=0), "n_shared_experts 0"),
+    ("mixtral", dict(mlp_bias=True), "mlp_bias"),
+])
+def test_unsupported_hf_fields_are_refused_by_name(name, change, field):
+    from megatron_ted.interop.hf_config import flags_from_hf
+
+    model_type, arch = ARCHS[name]
+    cfg = {**COMMON, **arch, **change, "model_type": model_type}
+    with pytest.raises(ValueError, match=re.escape(field)) as err:
+        flags_from_hf(cfg)
+    assert "\n" not in str(err.value) and f"({model_type})" in str(err.value)
+
+
+def test_export_refuses_what_the_inferred_architecture_cannot_express():
+    from megatron_ted.interop.hf_export import architecture_for
+
+    dense = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
+                 num_layers=2, num_attention_heads=4)
+    moe = dict(dense, num_experts=4, moe_layer_freq=1, moe_router_topk=2)
+    mla = dict(moe, multi_latent_attention=True, moe_router_score_function="sigmoid", moe_ffn_hidden_size=16,
+               moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1])
+    gated = dict(moe, moe_shared_expert_intermediate_size=8, moe_shared_expert_gate=True)
+    assert [architecture_for(a) for a in (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True),
+                                          gated, mla)] == ["llama", "qwen2", "mixtral", "qwen3_moe", "qwen2_moe",
+                                                           "deepseek_v3"]
+    for args, word in ((dict(dense, qk_layernorm=True), "dense model with --qk-layernorm"),
+                       (dict(moe, moe_router_pre_softmax=True), "exports as mixtral"),
+                       (dict(moe, moe_router_score_function="sigmoid"), "--moe-router-score-function sigmoid"),
+                       (dict(moe, moe_router_enable_expert_bias=True), "--moe-router-enable-expert-bias"),
+                       (dict(moe, rotary_percent=0.5), "--rotary-percent"),
+                       (dict(mla, moe_layer_freq=[1, 0]), "MoE layers [0]"),
+                       (dict(mla, moe_router_score_function="softmax"), "softmax router"),
+                       (dict(mla, moe_router_enable_expert_bias=False), "e_score_correction_bias"),
+                       (dict(mla, moe_shared_expert_intermediate_size=24), "multiple of --moe-ffn-hidden-size"),
+                       (dict(mla, moe_router_num_groups=2, moe_router_group_topk=2), "deepseek_v3 scores a group")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            architecture_for(args)

@@ -4,11 +4,11 @@
     python tools/convert_checkpoint.py import-hf --hf-dir Mixtral-8x7B --save runs/mixtral/checkpoints
     python tools/convert_checkpoint.py export-hf --load runs/x/checkpoints --hf-dir out/x --dtype bf16
 
-import-hf reads config.json and safetensors (llama, mistral, mixtral, qwen2_moe) and writes our
-checkpoint (iteration 0, loadable at any TP/EP/DP layout) with the tokenizer files alongside; it
-prints the model flags a training run continuing from it passes. export-hf writes config.json,
-generation_config.json, safetensors (sharded past --max-shard-size, with an index) and the tokenizer
-files for transformers' from_pretrained. Neither writes into a non-empty directory without
+import-hf reads config.json and safetensors (llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe,
+deepseek_v3) and writes our checkpoint (iteration 0, loadable at any TP/EP/DP layout) with the
+tokenizer files alongside; it prints the model flags a training run continuing from it passes.
+export-hf writes config.json, generation_config.json, safetensors (sharded past --max-shard-size,
+with an index) and the tokenizer files for transformers' from_pretrained. Neither writes into a non-empty directory without
 --overwrite. Bad input prints one `error:` line and exits with 2, with nothing written.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def build_parser() -> OneLineErrorParser:
     exp = sub.add_parser("export-hf", help="our checkpoint (any layout) -> Hugging Face model directory")
     exp.add_argument("--load", required=True, help="a --save directory (its latest checkpoint) or an iter_* directory")
     exp.add_argument("--hf-dir", required=True, help="the directory to write (new or empty)")
-    exp.add_argument("--architecture", default=None, help="llama, mistral, mixtral or qwen2_moe (default: inferred)")
+    exp.add_argument("--architecture", default=None, help="llama, mistral, qwen2, mixtral, qwen2_moe, qwen3_moe or deepseek_v3 (default: inferred)")
     exp.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the checkpoint's")
     exp.add_argument("--max-shard-size", default="5GB", help="bytes per safetensors file, e.g. 5GB, 500MB")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --hf-dir")

@@ -1,43 +1,87 @@
-"""Hugging Face config.json <-> our training flags.
+"""Hugging Face config.json -> our training flags (import; the reverse is interop/hf_export.py).
 
-`flags_from_hf(config)` gives the pretrain_gpt_moe.py flags of the same model (what the imported
-checkpoint is saved with and what a run that continues from it passes); `hf_from_args(args, arch)`
-gives config.json for an exported checkpoint. A feature one side cannot express is a ValueError
-naming it; nothing is dropped silently.
+`flags_from_hf(config)` gives the pretrain_gpt_moe.py flags of the same model: what the imported
+checkpoint is saved with and what a run that continues from it passes. `check_hf` refuses, in one
+line naming the config.json field, whatever our model cannot compute; nothing is dropped silently.
+
+Per model_type (transformers' modeling code is the reference for what each field means):
+    llama, mistral, qwen2     dense; grouped-query attention, head_dim, rope_theta, Llama-3 or YaRN
+                              RoPE scaling; qwen2 always has q/k/v biases (--add-qkv-bias)
+    mixtral, qwen2_moe        softmax top-k router; qwen2_moe's shared expert and its sigmoid gate,
+    qwen3_moe                 qwen3_moe's qk-norm (--qk-layernorm); norm_topk_prob false with k > 1 is
+                              --moe-router-pre-softmax; decoder_sparse_step / mlp_only_layers become a
+                              --moe-layer-freq 0/1 pattern
+    deepseek_v3               multi-latent attention, sigmoid router with e_score_correction_bias
+                              (--moe-router-enable-expert-bias), n_group / topk_group group-limited
+                              routing, routed_scaling_factor, first_k_dense_replace dense first layers,
+                              n_shared_experts * moe_intermediate_size ungated shared experts
 """
 from __future__ import annotations
 
+import math
+
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
-MOE_TYPES = ("mixtral", "qwen2_moe")
-ROPE_BASE = 10000.0    # our RotaryEmbedding's base (no --rotary-base flag yet)
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ROPE_BASE = 10000.0
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _rope(cfg: dict) -> tuple[float, str]:
-    """(theta, rope type): transformers 5 writes rope_parameters, earlier ones rope_theta/rope_scaling."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", ROPE_BASE))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), kind
+def rope_parameters(cfg: dict) -> dict:
+    """One dict of the RoPE settings: transformers 5 writes rope_parameters, earlier ones
+    rope_theta / rope_scaling (its "type" key older still)."""
+    out = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    out.setdefault("rope_theta", cfg.get("rope_theta", ROPE_BASE))
+    out["rope_type"] = out.get("rope_type") or out.pop("type", None) or "default"
+    out.pop("type", None)
+    return out
 
 
 def moe_layers_of(cfg: dict) -> list[int]:
-    n = cfg["num_hidden_layers"]
-    if cfg["model_type"] == "mixtral":
+    n, mt = cfg["num_hidden_layers"], cfg["model_type"]
+    if mt == "mixtral":
         return list(range(n))
-    if cfg["model_type"] == "qwen2_moe":
+    if mt == "deepseek_v3":
+        return list(range(cfg.get("first_k_dense_replace", 0), n)) if cfg.get("n_routed_experts") else []
+    if mt in ("qwen2_moe", "qwen3_moe"):
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
-        return [i for i in range(n) if i not in dense and cfg.get("num_experts", 0) > 0 and (i + 1) % step == 0]
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+        return [i for i in range(n) if i not in dense and experts > 0 and (i + 1) % step == 0]
     return []
 
 
-def _layer_freq(layers: list[int], n: int) -> int | None:
-    """Our --moe-layer-freq f puts MoE on layers 0, f, 2f, ...: the f that gives `layers`, or None."""
+def _layer_freq(layers: list[int], n: int) -> str:
+    """--moe-layer-freq for MoE on exactly `layers`: the int f (layers 0, f, 2f, ...) or a 0/1 list."""
     for f in range(1, n + 1):
         if [i for i in range(n) if i % f == 0] == layers:
-            return f
-    return None
+            return str(f)
+    return "[" + ",".join("1" if i in layers else "0" for i in range(n)) + "]"
+
+
+def _norm_topk(cfg: dict) -> bool:
+    return True if cfg["model_type"] == "mixtral" else bool(cfg.get("norm_topk_prob", False))
+
+
+def _rope_refusals(cfg: dict) -> list[str]:
+    rope, bad = rope_parameters(cfg), []
+    kind = rope["rope_type"]
+    if kind not in ("default", "llama3", "yarn"):
+        bad.append(f"rope type {kind!r} (only default, llama3 and yarn)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0 or cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        bad.append("partial_rotary_factor != 1 (partial rotary)")
+    if kind == "llama3":
+        for key, want in LLAMA3_ROPE.items():
+            got = rope.get(key, cfg.get("max_position_embeddings") if key.startswith("original") else None)
+            if got != want:
+                bad.append(f"rope_parameters {key} {got} (--use-rope-scaling has Llama-3's {want:g})")
+    if kind == "yarn":
+        if rope.get("truncate", True) is False:
+            bad.append("rope_parameters truncate false (YaRN's correction range is truncated here)")
+        if rope.get("mscale_all_dim") and not rope.get("mscale"):
+            bad.append("rope_parameters mscale_all_dim without mscale")
+        if rope.get("attention_factor") is not None and not rope.get("factor", 1.0) > 1.0:
+            bad.append("rope_parameters attention_factor without a factor > 1")
+    return bad
 
 
 def check_hf(cfg: dict) -> None:
@@ -45,137 +89,144 @@ def check_hf(cfg: dict) -> None:
     mt = cfg.get("model_type")
     if mt not in ARCHITECTURES:
         raise ValueError(f"config.json: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
     bad = []
     if cfg.get("hidden_act", "silu") != "silu":
         bad.append(f"hidden_act {cfg['hidden_act']!r} (only silu, i.e. SwiGLU)")
-    if cfg.get("num_key_value_heads", heads) != heads:
-        bad.append(f"num_key_value_heads {cfg['num_key_value_heads']} < num_attention_heads {heads} "
-                   f"(grouped-query attention is not supported yet)")
-    if cfg.get("head_dim") not in (None, hidden // heads):
-        bad.append(f"head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    for key in ("attention_bias", "qkv_bias", "mlp_bias"):
-        if cfg.get(key):
-            bad.append(f"{key} true (linear biases are not supported)")
-    theta, kind = _rope(cfg)
-    if kind != "default":
-        bad.append(f"rope type {kind!r} (only plain RoPE)")
-    if theta != ROPE_BASE:
-        bad.append(f"rope_theta {theta:g} (only {ROPE_BASE:g} until --rotary-base exists)")
-    if cfg.get("sliding_window") and (mt != "qwen2_moe" or cfg.get("use_sliding_window")):
+    if cfg.get("attention_bias"):   # llama, mistral, qwen3_moe, deepseek_v3: o_proj's bias too
+        bad.append("attention_bias true (an o_proj bias; q/k/v biases alone are qwen2's)")
+    if cfg.get("mlp_bias"):
+        bad.append("mlp_bias true (MLP biases)")
+    if mt in ("mistral", "mixtral") and cfg.get("sliding_window"):
         bad.append(f"sliding_window {cfg['sliding_window']} (sliding-window attention is not supported)")
-    if mt in MOE_TYPES:
+    if mt in ("qwen2", "qwen2_moe", "qwen3_moe") and cfg.get("use_sliding_window"):
+        bad.append("use_sliding_window true (sliding-window attention is not supported)")
+    if mt == "deepseek_v3":
+        bad += _deepseek_refusals(cfg)
+    elif cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
+        bad.append("hidden_size not divisible by num_attention_heads without head_dim")
+    bad += _rope_refusals(cfg)
+    if mt in MOE_TYPES and moe_layers_of(cfg):
         k = cfg["num_experts_per_tok"]
-        norm = True if mt == "mixtral" else bool(cfg.get("norm_topk_prob", False))
-        # ours: k > 1 renormalises the top-k weights, k = 1 keeps the softmax probability
-        if norm != (k > 1):
-            bad.append(f"num_experts_per_tok {k} with {'' if norm else 'un'}normalised top-k weights "
-                       f"(norm_topk_prob {norm}; ours renormalises exactly when k > 1)")
-        layers = moe_layers_of(cfg)
-        if _layer_freq(layers, cfg["num_hidden_layers"]) is None:
-            bad.append(f"MoE layers {layers} (decoder_sparse_step/mlp_only_layers): --moe-layer-freq puts them on "
-                       f"layers 0, f, 2f, ...")
+        if k == 1 and _norm_topk(cfg):   # the weight of a single expert renormalised is 1
+            bad.append("num_experts_per_tok 1 with norm_topk_prob true (a constant weight 1; ours keeps the score)")
         if mt == "qwen2_moe" and not cfg.get("shared_expert_intermediate_size"):
             bad.append("shared_expert_intermediate_size 0")
     if bad:
         raise ValueError(f"config.json ({mt}): unsupported {bad[0]}")
 
 
-def flags_from_hf(cfg: dict, vocab_divisible_by: int = 128) -> list[str]:
-    """pretrain_gpt_moe.py flags of the model `cfg` describes (checked by check_hf first)."""
+def _deepseek_refusals(cfg: dict) -> list[str]:
+    bad, k = [], cfg.get("num_experts_per_tok", 1)
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if cfg.get(key, want) != want:
+            bad.append(f"{key} {cfg[key]!r} (DeepSeek-V3's is {want!r})")
+    if cfg.get("n_routed_experts") and k > 1 and not cfg.get("norm_topk_prob", True):
+        bad.append("norm_topk_prob false with the sigmoid router (ours renormalises the top-k scores)")
+    groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    if groups > 1 and k // group_topk != 2:   # HF scores a group by its top 2, ours by its top k / topk_group
+        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != 2 (a group's score is its top 2 here "
+                   f"only when k = 2 * topk_group)")
+    if cfg.get("n_routed_experts") and not cfg.get("n_shared_experts"):
+        bad.append("n_shared_experts 0")
+    return bad
+
+
+def _rope_flags(cfg: dict) -> list:
+    rope = rope_parameters(cfg)
+    flags = ["--rotary-base", rope["rope_theta"], "--rope-type", "yarn" if rope["rope_type"] == "yarn" else "rope"]
+    if rope["rope_type"] == "llama3":
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", rope["factor"]]
+    if rope["rope_type"] == "yarn":
+        original = rope.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+        factor = rope.get("factor") or cfg["max_position_embeddings"] / original
+        mscale, all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if not (mscale and all_dim):   # transformers: the cos/sin factor is then m(factor, 1)
+            mscale, all_dim = 1.0, all_dim or 0.0
+        if rope.get("attention_factor") is not None:   # given outright: the mscale that gives it
+            mscale = (rope["attention_factor"] * (0.1 * all_dim * math.log(factor) + 1 if all_dim else 1) - 1) \
+                / (0.1 * math.log(factor))
+        flags += ["--rotary-scaling-factor", factor, "--mscale", mscale, "--mscale-all-dim", all_dim,
+                  "--beta-fast", rope.get("beta_fast") or 32, "--beta-slow", rope.get("beta_slow") or 1,
+                  "--original-max-position-embeddings", original]
+    return flags
+
+
+def _attention_flags(cfg: dict) -> list:
+    mt, heads, hidden = cfg["model_type"], cfg["num_attention_heads"], cfg["hidden_size"]
+    if mt == "deepseek_v3":
+        flags = ["--multi-latent-attention", "--kv-lora-rank", cfg["kv_lora_rank"], "--qk-head-dim",
+                 cfg["qk_nope_head_dim"], "--qk-pos-emb-head-dim", cfg["qk_rope_head_dim"], "--v-head-dim",
+                 cfg["v_head_dim"]]
+        return flags + (["--q-lora-rank", cfg["q_lora_rank"]] if cfg.get("q_lora_rank") else [])
+    flags, groups = [], cfg.get("num_key_value_heads") or heads
+    if groups != heads:
+        flags += ["--group-query-attention", "--num-query-groups", groups]
+    if cfg.get("head_dim") and (hidden % heads or cfg["head_dim"] != hidden // heads):
+        flags += ["--kv-channels", cfg["head_dim"]]
+    if mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)):
+        flags.append("--add-qkv-bias")
+    if mt == "qwen3_moe":
+        flags.append("--qk-layernorm")
+    return flags
+
+
+def _moe_flags(cfg: dict) -> list:
+    mt, n, layers = cfg["model_type"], cfg["num_hidden_layers"], moe_layers_of(cfg)
+    if mt not in MOE_TYPES or not layers:
+        return []
+    k = cfg["num_experts_per_tok"]
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+    flags = ["--num-experts", experts, "--moe-layer-freq", _layer_freq(layers, n), "--moe-ffn-hidden-size",
+             cfg.get("moe_intermediate_size") or cfg["intermediate_size"], "--moe-router-topk", k]
+    if mt == "mixtral" and cfg.get("router_jitter_noise"):
+        flags += ["--moe-input-jitter-eps", cfg["router_jitter_noise"]]
+    if mt == "deepseek_v3":
+        flags += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+                  "--moe-shared-expert-intermediate-size", cfg["n_shared_experts"] * cfg["moe_intermediate_size"]]
+        if cfg.get("routed_scaling_factor", 1.0) != 1.0:
+            flags += ["--moe-router-topk-scaling-factor", cfg["routed_scaling_factor"]]
+        if (cfg.get("n_group") or 1) > 1:
+            flags += ["--moe-router-num-groups", cfg["n_group"], "--moe-router-group-topk", cfg["topk_group"]]
+        return flags
+    if k > 1 and not _norm_topk(cfg):   # the softmax over all experts, not renormalised over the k
+        flags.append("--moe-router-pre-softmax")
+    if mt == "qwen2_moe":
+        flags += ["--moe-shared-expert-intermediate-size", cfg["shared_expert_intermediate_size"],
+                  "--moe-shared-expert-gate"]
+    return flags
+
+
+def flags_from_hf(cfg: dict, vocab_divisible_by: int = 128, tokenizer_dir: str | None = None) -> list[str]:
+    """pretrain_gpt_moe.py flags of the model `cfg` describes (checked by check_hf first). With
+    `tokenizer_dir` (a directory holding tokenizer.json) the tokenizer is HuggingFaceTokenizer there;
+    else NullTokenizer with exactly the model's vocabulary."""
     check_hf(cfg)
-    n, positions = cfg["num_hidden_layers"], cfg.get("max_position_embeddings", 2048)
-    flags = ["--num-layers", n, "--hidden-size", cfg["hidden_size"], "--num-attention-heads",
+    positions = cfg.get("max_position_embeddings", 2048)
+    flags = ["--num-layers", cfg["num_hidden_layers"], "--hidden-size", cfg["hidden_size"], "--num-attention-heads",
              cfg["num_attention_heads"], "--ffn-hidden-size", cfg["intermediate_size"],
              "--max-position-embeddings", positions, "--seq-length", min(positions, 2048),
              "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
              "--layernorm-epsilon", cfg.get("rms_norm_eps", 1e-6), "--hidden-dropout", 0.0,
-             "--attention-dropout", cfg.get("attention_dropout", 0.0),
-             # NullTokenizer --vocab-size N has N + 1 ids: the model's vocabulary is exactly HF's
-             "--tokenizer-type", "NullTokenizer", "--vocab-size", cfg["vocab_size"] - 1,
-             "--make-vocab-size-divisible-by", vocab_divisible_by, "--mock-data"]
+             "--attention-dropout", cfg.get("attention_dropout", 0.0)]
+    if tokenizer_dir is not None:
+        # --vocab-size: the model's vocabulary (a tokenizer may have fewer ids than the embedding rows)
+        flags += ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir,
+                  "--vocab-size", cfg["vocab_size"]]
+    else:   # NullTokenizer --vocab-size N has N + 1 ids: the model's vocabulary is exactly HF's
+        flags += ["--tokenizer-type", "NullTokenizer", "--vocab-size", cfg["vocab_size"] - 1]
+    flags += ["--make-vocab-size-divisible-by", vocab_divisible_by, "--mock-data"]
     if not cfg.get("tie_word_embeddings", False):
         flags.append("--untie-embeddings-and-output-weights")
-    if cfg["model_type"] in MOE_TYPES:
-        experts = cfg.get("num_local_experts") or cfg.get("num_experts")
-        flags += ["--num-experts", experts, "--moe-layer-freq", _layer_freq(moe_layers_of(cfg), n),
-                  "--moe-ffn-hidden-size", cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
-                  "--moe-router-topk", cfg["num_experts_per_tok"]]
-        if cfg.get("shared_expert_intermediate_size"):
-            flags += ["--moe-shared-expert-intermediate-size", cfg["shared_expert_intermediate_size"],
-                      "--moe-shared-expert-gate"]
+    flags += _attention_flags(cfg) + _rope_flags(cfg) + _moe_flags(cfg)
     return [str(f) for f in flags]
 
 
 def true_vocab_size(args: dict) -> int | None:
     """The vocabulary without the padding rows, from the saved flags (None: unknown)."""
-    if args.get("tokenizer_type") == "NullTokenizer" and args.get("vocab_size") is not None:
+    if args.get("vocab_size") is None:
+        return None
+    if args.get("tokenizer_type") == "NullTokenizer":
         return int(args["vocab_size"]) + 1
+    if args.get("tokenizer_type") == "HuggingFaceTokenizer":   # as import-hf writes it: the model's vocabulary
+        return int(args["vocab_size"])
     return None
-
-
-def _refusal(args: dict) -> str | None:
-    """The first feature of a checkpoint's model no supported HF architecture has, or None."""
-    checks = [
-        (args.get("position_embedding_type") != "rope",
-         f"--position-embedding-type {args.get('position_embedding_type')} (learned absolute positions)"),
-        (args.get("normalization") != "RMSNorm", f"--normalization {args.get('normalization')}"),
-        (not args.get("swiglu"), "GeLU MLPs (no --swiglu)"),
-        (not args.get("disable_bias_linear"), "linear biases (no --disable-bias-linear)"),
-        (args.get("mlp_type", "standard") != "standard", f"--mlp-type {args.get('mlp_type')} (Residual MoE)"),
-        (isinstance(args.get("num_experts"), list), f"--num-experts {args.get('num_experts')} (per-layer expert counts)"),
-        (args.get("moe_router_type", "topk") != "topk", f"--moe-router-type {args.get('moe_router_type')}"),
-        (args.get("moe_router_enable_expert_bias"), "--moe-router-enable-expert-bias (a routing bias)"),
-        (args.get("moe_shared_expert_intermediate_size") and not args.get("moe_shared_expert_gate"),
-         "shared experts without --moe-shared-expert-gate"),
-    ]
-    return next((what for bad, what in checks if bad), None)
-
-
-def architecture_for(args: dict, requested: str | None = None) -> str:
-    """The HF model_type that expresses the checkpoint's model (`requested`, when it can)."""
-    what = _refusal(args)
-    if what is not None:
-        raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
-    moe = args.get("num_experts") is not None
-    shared = bool(args.get("moe_shared_expert_intermediate_size"))
-    if moe and shared:
-        can = ["qwen2_moe"]
-    elif moe:
-        can = ["mixtral"] if args.get("moe_layer_freq") == 1 and args.get("moe_router_topk", 2) > 1 else []
-        if not can:
-            raise ValueError("export-hf: an MoE without shared experts exports as mixtral, which needs "
-                             "--moe-layer-freq 1 and --moe-router-topk > 1 (this one has "
-                             f"{args.get('moe_layer_freq')} and {args.get('moe_router_topk')})")
-    else:
-        can = ["llama", "mistral"]
-    if requested is not None and requested not in can:
-        raise ValueError(f"--architecture {requested}: this checkpoint's model exports as {' or '.join(can)}")
-    return requested or can[0]
-
-
-def hf_from_args(args: dict, arch: str, vocab: int, dtype: str, generation: dict) -> dict:
-    """config.json of the checkpoint's model as `arch` (architecture_for chose or checked it)."""
-    n, heads, hidden = args["num_layers"], args["num_attention_heads"], args["hidden_size"]
-    cfg = {"architectures": [ARCHITECTURES[arch].hf_class], "model_type": arch, "vocab_size": vocab,
-           "hidden_size": hidden, "intermediate_size": args["ffn_hidden_size"], "num_hidden_layers": n,
-           "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": hidden // heads,
-           "hidden_act": "silu", "max_position_embeddings": args["max_position_embeddings"],
-           "rms_norm_eps": args.get("layernorm_epsilon", 1e-5), "rope_theta": ROPE_BASE,
-           "rope_parameters": {"rope_theta": ROPE_BASE, "rope_type": "default"},
-           "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False),
-           "attention_dropout": 0.0, "attention_bias": False, "mlp_bias": False, "dtype": dtype,
-           "use_cache": True, **{k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
-    if arch in ("mistral", "mixtral"):
-        cfg["sliding_window"] = None
-    k = args.get("moe_router_topk")
-    if arch == "mixtral":
-        cfg.update(num_local_experts=args["num_experts"], num_experts_per_tok=k, router_jitter_noise=0.0)
-    if arch == "qwen2_moe":
-        f = args["moe_layer_freq"]
-        cfg.update(num_experts=args["num_experts"], num_experts_per_tok=k, norm_topk_prob=k > 1,
-                   moe_intermediate_size=args["moe_ffn_hidden_size"],
-                   shared_expert_intermediate_size=args["moe_shared_expert_intermediate_size"],
-                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(n) if i % f],
-                   qkv_bias=False, use_sliding_window=False, sliding_window=None)
-    return cfg

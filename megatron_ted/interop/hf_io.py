@@ -18,8 +18,9 @@ import struct
 
 import torch
 
-from megatron_ted.interop.hf_config import architecture_for, flags_from_hf, hf_from_args, true_vocab_size
-from megatron_ted.interop.hf_weights import ARCHITECTURES, IGNORED_SUFFIXES, mappings
+from megatron_ted.interop.hf_config import flags_from_hf, true_vocab_size
+from megatron_ted.interop.hf_export import architecture_for, hf_from_args
+from megatron_ted.interop.hf_weights import ARCHITECTURES, IGNORED_SUFFIXES, features_of, mappings
 from megatron_ted.model.builder import moe_layer_indices
 from megatron_ted.training.checkpoint import _Reader, find_checkpoint, read_metadata  # noqa: PLC2701 -- the sharded reader
 
@@ -119,20 +120,25 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
         raise ValueError(f"--hf-dir {hf_dir}: no config.json there")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    flags = flags_from_hf(cfg, vocab_divisible_by)
+    padded = padded_vocab_size(cfg["vocab_size"], vocab_divisible_by, 1)
+    final_tokenizer = _tokenizer_dir(hf_dir, save, padded, vocab_divisible_by)
+    # parsed against the source directory (it exists now); saved naming the copy in the checkpoint
+    flags = flags_from_hf(cfg, vocab_divisible_by, hf_dir if final_tokenizer else None)
     _check_destination(save, "--save", overwrite)
     hf = HFTensors(hf_dir)
     args = parse_args(flags, world_size=1)
-    args.padded_vocab_size = padded_vocab_size(cfg["vocab_size"], vocab_divisible_by, 1)
+    args.padded_vocab_size = padded
+    if final_tokenizer:
+        args.tokenizer_model = final_tokenizer
+        flags[flags.index("--tokenizer-model") + 1] = final_tokenizer
     config, moe = model_configs(args, args.padded_vocab_size)
     dtype = next((hf.get(n).dtype for n in hf.where if hf.get(n).is_floating_point()), torch.float32)
     model = build_gpt(config, moe, ParallelGroups.single(), args.seed).to(dtype)
     params = dict(model.named_parameters())
     maps = mappings(ARCHITECTURES[cfg["model_type"]], config.num_layers, set(config.moe_layers),
-                    args.num_experts or 0, config.untie_embeddings_and_output_weights,
-                    bool(args.moe_shared_expert_intermediate_size))
+                    args.num_experts or 0, config.untie_embeddings_and_output_weights, features_of(vars(args)))
     assert {m.ours for m in maps} == set(params), "table and model disagree"
-    ctx = {"vocab": cfg["vocab_size"], "padded_vocab": args.padded_vocab_size}
+    ctx = _context(vars(args), cfg["vocab_size"], cfg.get("rope_interleave", True))
     expected = dict(_plan(maps, {n: list(p.shape) for n, p in params.items()}, ctx))
     for name, shape in expected.items():       # every check before any tensor is read
         if name not in hf.where:
@@ -143,7 +149,8 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
             raise ValueError(f"--hf-dir {hf_dir}: {what}{name} has shape {hf.shape(name)} but config.json implies "
                              f"{shape}")
     tied = None if config.untie_embeddings_and_output_weights else "lm_head.weight"
-    extra = sorted(n for n in hf.where if n not in expected and n != tied and not n.endswith(IGNORED_SUFFIXES))
+    extra = sorted(n for n in hf.where if n not in expected and n != tied and not n.endswith(IGNORED_SUFFIXES)
+                   and not _next_token_layer(n, cfg))
     if extra:
         raise ValueError(f"--hf-dir {hf_dir}: {len(extra)} tensor(s) this converter does not map, e.g. {extra[0]} "
                          f"(a feature of the model it does not support)")
@@ -165,6 +172,34 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return flags
+
+
+def _tokenizer_dir(hf_dir: str, save: str, padded: int, divisible_by: int) -> str | None:
+    """Where the imported checkpoint's HuggingFaceTokenizer will be (its iteration's hf/), or None
+    (NullTokenizer) when hf_dir has no tokenizer.json or its ids pad to another vocabulary than the
+    model's (a training run pads the tokenizer's count, and must meet the checkpoint's rows)."""
+    from megatron_ted.data.tokenizer import HuggingFaceTokenizer
+    from megatron_ted.training.arguments import padded_vocab_size
+
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return None
+    if padded_vocab_size(HuggingFaceTokenizer(hf_dir).vocab_size, divisible_by, 1) != padded:
+        return None
+    return os.path.join(os.path.abspath(save), "iter_0000000", HF_SUBDIR)
+
+
+def _next_token_layer(name: str, cfg: dict) -> bool:
+    """DeepSeek-V3's multi-token-prediction layers (model.layers.{n..}), which transformers drops too."""
+    if not cfg.get("num_nextn_predict_layers") or not name.startswith("model.layers."):
+        return False
+    return int(name.split(".")[2]) >= cfg["num_hidden_layers"]
+
+
+def _context(args: dict, vocab: int, rope_interleave: bool) -> dict:
+    """What the transforms need besides the tensors: vocabulary sizes, heads, MLA's rope rows."""
+    return {"vocab": vocab, "padded_vocab": args["padded_vocab_size"], "heads": args["num_attention_heads"],
+            "rope_dim": args.get("qk_pos_emb_head_dim"),
+            "rope_interleave": bool(args.get("multi_latent_attention")) and rope_interleave}
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -215,7 +250,7 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
     maps = mappings(ARCHITECTURES[arch], args["num_layers"],
                     set(moe_layer_indices(args["num_layers"], args["moe_layer_freq"])) if moe else set(),
                     args.get("num_experts") or 0, args.get("untie_embeddings_and_output_weights", False),
-                    bool(args.get("moe_shared_expert_intermediate_size")))
+                    features_of(args))
     ours = {f"model/{m.ours}" for m in maps}
     have = {k for k in index if k.startswith("model/")}
     if ours != have:
@@ -225,7 +260,7 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
     out_dtype = DTYPES[dtype] if dtype else getattr(torch, index["model/embedding.weight"]["dtype"].split(".")[-1])
     if out_dtype not in _ST_DTYPES:
         raise ValueError(f"--dtype: the checkpoint's {out_dtype} cannot be written; pass --dtype bf16 or fp32")
-    ctx = {"vocab": vocab, "padded_vocab": args["padded_vocab_size"]}
+    ctx = _context(args, vocab, rope_interleave=True)   # DeepSeek's own layout, which engines expect
     plan = _plan(maps, {m.ours: index[f"model/{m.ours}"]["shape"] for m in maps}, ctx)
     item = torch.empty((), dtype=out_dtype).element_size()
     shards, size = [[]], 0
@@ -241,6 +276,8 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
 
     generation = {}
     hf_files = os.path.join(directory, HF_SUBDIR)
+    if not os.path.isdir(hf_files) and args.get("tokenizer_type") == "HuggingFaceTokenizer":
+        hf_files = args.get("tokenizer_model") or hf_files   # a run continued from an import names it
     if os.path.isfile(os.path.join(hf_files, "generation_config.json")):
         with open(os.path.join(hf_files, "generation_config.json")) as f:
             generation = json.load(f)
