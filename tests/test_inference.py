@@ -149,7 +149,7 @@ def test_generate_text_batch_file_round_trip_and_bad_inputs(checkpoint, tmp_path
     tokenizer = build_tokenizer("NullTokenizer", vocab_size=V)
     assert [row["completion_ids"] for row in rows] == expected
     assert [{k: v for k, v in row.items() if not k.startswith("completion")} for row in rows] == lines
-    assert rows[1]["completion"] == tokenizer.detokenize(expected[1])
+    assert rows[1]["prompt"] + rows[1]["completion"] == tokenizer.detokenize([8] + expected[1])   # text joins
 
     before = out.read_text()
     bad = tmp_path / "bad.jsonl"

@@ -30,30 +30,35 @@ class Generation:
     logits: list[torch.Tensor] = field(default_factory=list)  # per step [B, V_padded] (keep_logits)
 
 
-def check_prompts(prompts: list[list[int]], cfg: SamplingConfig, max_positions: int) -> list[list[int]]:
-    """The prompts as lists of ints (an empty one starts from end-of-document); ValueError naming the problem."""
+def check_prompts(prompts: list[list[int]], cfg: SamplingConfig, max_positions: int,
+                  names: list[str] | None = None) -> list[list[int]]:
+    """The prompts as lists of ints (an empty one starts from end-of-document); a ValueError naming
+    the prompt (names[n], e.g. "--prompt" or "in.jsonl:3"; else "prompt n") and the problem."""
     out = []
     for n, prompt in enumerate(prompts):
+        name = names[n] if names else f"prompt {n + 1}"
         bad = [i for i in prompt if not 0 <= int(i) < cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt {n + 1}: token id {bad[0]} is outside the tokenizer's vocabulary "
+            raise ValueError(f"{name}: token id {bad[0]} is outside the tokenizer's vocabulary "
                              f"(ids 0 to {cfg.vocab_size - 1})")
         if not prompt:
             if cfg.eod is None:
-                raise ValueError(f"prompt {n + 1} is empty and the tokenizer has no end-of-document id to start from")
+                raise ValueError(f"{name}: the prompt is empty and the tokenizer has no end-of-document id to start from")
             prompt = [cfg.eod]
         if len(prompt) + cfg.max_new_tokens > max_positions:
-            raise ValueError(f"--max-new-tokens {cfg.max_new_tokens}: prompt {n + 1} of {len(prompt)} tokens plus "
-                             f"the new ones exceeds the model's {max_positions} positions "
-                             f"(--max-position-embeddings); ask for fewer")
+            raise ValueError(f"{name}: {len(prompt)} prompt tokens plus --max-new-tokens {cfg.max_new_tokens} "
+                             f"exceed the model's {max_positions} positions (--max-position-embeddings); "
+                             f"ask for fewer new tokens or shorten the prompt")
         out.append([int(i) for i in prompt])
     return out
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, keep_logits: bool = False) -> Generation:
-    """model: a GPTModel in eval mode (any TP x EP; all ranks call with the same prompts and cfg)."""
-    prompts = check_prompts(prompts, cfg, model.config.max_position_embeddings)
+def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, keep_logits: bool = False,
+                   names: list[str] | None = None) -> Generation:
+    """model: a GPTModel in eval mode (any TP x EP; all ranks call with the same prompts and cfg);
+    names: how an error names each prompt (check_prompts)."""
+    prompts = check_prompts(prompts, cfg, model.config.max_position_embeddings, names)
     if not prompts or cfg.max_new_tokens == 0:
         return Generation([[] for _ in prompts])
     device = next(model.parameters()).device
