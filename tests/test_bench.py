@@ -119,3 +119,16 @@ def test_kernel_table_charges_each_kernel_to_its_launching_op_and_autograd_node(
     span, idle, gaps = idle_gaps(events, site_of, min_gap_us=20)
     assert (span, idle) == (281, 264)
     assert gaps == {'MulBackward0 / aten::mul ""': 93, 'forward / aten::add_ ""': 123, "(no launching op)": 41}
+
+
+def test_generate_smoke_compares_with_transformers_on_the_exported_model():
+    """bench/generate.py --smoke: one line per batch size (1 and 4), both generators timed, and the
+    greedy ids of ours and transformers' generate on the exported weights equal."""
+    import pytest
+    pytest.importorskip("transformers")
+    out = _run("bench/generate.py", "--smoke")
+    lines = [line for line in out.splitlines() if line.startswith("generate |")]
+    assert [re.search(r"\| batch (\d+) \|", line).group(1) for line in lines] == ["1", "4"], out
+    for line in lines:
+        m = re.search(r"ours ([\d.]+) ms/token .* hf ([\d.]+) ms/token .* ids equal: (\w+)", line)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0 and m.group(3) == "yes", line
