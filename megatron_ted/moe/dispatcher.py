@@ -5,7 +5,8 @@ Shapes: T tokens of the micro-batch, H hidden, E experts, L local experts (E / E
 `TokenDispatcher` is the whole path for any layout; with EP = TP = 1 every collective is a no-op
 and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP > 1):
 
-  1. drop     keep this TP rank's 1/TP of the tokens (and of their routing weights)   [no comm]
+  1. drop     keep this TP rank's 1/TP of the tokens (and of their routing weights)   [no comm];
+              a count TP does not divide (a decode step's few tokens) first repeats the last token
   2. permute  order this rank's (token, expert) assignments by expert
   3. a2a      send each EP rank the rows of its experts (split sizes exchanged first)
   4. gather   all-gather the TP group's rows: the tensor-sliced experts need every row
