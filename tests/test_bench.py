@@ -132,3 +132,16 @@ def test_optimizer_offload_smoke_reports_each_figure():
     steps = re.findall(r"optimizer_offload step offload=(on|off) layers=\d+ micro_batches=\d+ ms=([\d.]+)", out)
     assert sorted(s for s, _ in steps) == ["off", "on"] and all(float(ms) > 0 for _, ms in steps), out
     assert "optimizer_offload step_slowdown on/off=" in out
+
+
+def test_generate_smoke_compares_with_transformers_on_the_exported_model():
+    """bench/generate.py --smoke: one line per batch size (1 and 4), both generators timed, and the
+    greedy ids of ours and transformers' generate on the exported weights equal."""
+    import pytest
+    pytest.importorskip("transformers")
+    out = _run("bench/generate.py", "--smoke")
+    lines = [line for line in out.splitlines() if line.startswith("generate |")]
+    assert [re.search(r"\| batch (\d+) \|", line).group(1) for line in lines] == ["1", "4"], out
+    for line in lines:
+        m = re.search(r"ours ([\d.]+) ms/token .* hf ([\d.]+) ms/token .* ids equal: (\w+)", line)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0 and m.group(3) == "yes", line

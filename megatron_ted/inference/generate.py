@@ -112,15 +112,28 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, vocab_size: 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 1.0,
                   top_k: int = 0, seed: int | None = None, stop_at_eod: bool = True) -> str:
     """The generated continuation of `prompt` (without the prompt, without a final end-of-document)."""
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    ids = generate_ids(model, prompt_ids, max_new_tokens, tokenizer.vocab_size, temperature, top_k, seed,
+                       eod=tokenizer.eod, stop_at_eod=stop_at_eod, banned_ids=banned_ids(tokenizer))
+    return completion_text(tokenizer, prompt_ids, ids, stop_at_eod)
+
+
+def banned_ids(tokenizer) -> tuple[int, ...]:
+    """Ids never to sample: the tokenizer's pad id, if it has one."""
     pad = getattr(tokenizer, "pad", -1)
+    return (pad,) if pad is not None and pad >= 0 else ()
+
+
+def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
     try:
-        prompt_ids = tokenizer.tokenize(prompt) if prompt else []
+        return tokenizer.tokenize(prompt) if prompt else []
     except ValueError:  # NullTokenizer: the text is ids
         raise ValueError(f"--prompt {prompt[:40]!r}: this checkpoint has no text tokenizer (NullTokenizer); "
                          "give the prompt as token ids separated by spaces, e.g. --prompt \"12 7 40\"") from None
-    ids = generate_ids(model, prompt_ids, max_new_tokens, tokenizer.vocab_size, temperature, top_k, seed,
-                       eod=tokenizer.eod, stop_at_eod=stop_at_eod,
-                       banned_ids=(pad,) if pad is not None and pad >= 0 else ())
+
+
+def completion_text(tokenizer, prompt_ids: list[int], ids: list[int], stop_at_eod: bool = True) -> str:
+    """The text of the new `ids` after `prompt_ids` (a final end-of-document left out)."""
     if ids and stop_at_eod and ids[-1] == tokenizer.eod:
         ids = ids[:-1]
     # Decode with the prompt so that word boundaries at the seam come out right, then cut it off.

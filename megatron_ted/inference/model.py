@@ -47,8 +47,10 @@ def checkpoint_args(load: str) -> tuple[str, dict]:
     return directory, args
 
 
-def build_from_checkpoint(directory: str, args: dict, device="cpu", dtype=torch.float32):
-    """The GPTModel of `args` at TP = EP = 1 with the checkpoint's weights, in eval mode."""
+def build_from_checkpoint(directory: str, args: dict, device="cpu", dtype=torch.float32,
+                          groups: ParallelGroups | None = None):
+    """The GPTModel of `args` at the layout of `groups` (None: TP = EP = 1) with the checkpoint's
+    weights, in eval mode."""
     from megatron_ted.training.train import model_configs  # the same flags -> configs mapping as training
 
     ns = argparse.Namespace(**args)
@@ -56,11 +58,28 @@ def build_from_checkpoint(directory: str, args: dict, device="cpu", dtype=torch.
     config, moe = model_configs(ns, args["padded_vocab_size"])
     if moe is not None:
         moe.router = dataclasses.replace(moe.router, capacity_factor=None)   # dropless at inference
-        moe.duplicate_token_dropping = False
-    model = build_gpt(config, moe, ParallelGroups.single(), int(args.get("seed", 0)))
+    groups = groups or ParallelGroups.single()
+    model = build_gpt(config, moe, groups, int(args.get("seed", 0)))
     model.to(device=device, dtype=dtype)
-    load_checkpoint(directory, model, None, ParallelGroups.single(), load_rng=False, restore_rng=False)
+    load_checkpoint(directory, model, None, groups, load_rng=False, restore_rng=False)
     return model.eval()
+
+
+def load_parallel(path: str, tp: int = 1, ep: int = 1, device="cpu", dtype=torch.float32):
+    """(GPTModel, ParallelGroups) of checkpoint `path` at TP x EP on this process of an initialized
+    world of TP x EP x DP ranks (torch.distributed; each rank runs every prompt, see engine.py)."""
+    import torch.distributed as dist
+
+    from megatron_ted.parallel.layout import ParallelLayout
+
+    directory, args = checkpoint_args(path)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % (tp * ep):
+        raise ValueError(f"--tensor-model-parallel-size {tp} x --expert-model-parallel-size {ep} does not divide "
+                         f"the {world} processes; launch TP x EP processes (torchrun --nproc-per-node)")
+    groups = (ParallelGroups.single() if world == 1
+              else ParallelGroups.create(ParallelLayout(world, tensor_parallel=tp, expert_parallel=ep)))
+    return build_from_checkpoint(directory, args, device, dtype, groups), groups
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:

@@ -58,6 +58,13 @@ def check_attention(config: AttentionConfig, hidden_size: int, num_heads: int, t
                          f"--tensor-model-parallel-size {tp_size}")
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache) -> torch.Tensor:
+    """Generation: q [B, heads, S, D] of the new positions over the cached and new k, v, under the
+    cache's padding-and-causal mask (no dropout: inference)."""
+    k, v = kv_cache.store(k, v)                                      # [B, groups, length + S, D]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, tp: Group, dropout: float = 0.0,
                  bias: bool = True, config: AttentionConfig | None = None, norm: str = "LayerNorm",
@@ -88,14 +95,18 @@ class SelfAttention(nn.Module):
         self.proj = RowParallelLinear(num_heads * d, hidden_size, tp, bias=bias)
         self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache=None) -> torch.Tensor:
+        """kv_cache: this layer's slot of an inference KVCache (inference/kv_cache.py), or None."""
         q, k, v = self._project(x)   # q [B, local heads, S, D]; k, v [B, local groups, S, D]
         b, s = q.shape[0], q.shape[2]
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if self.recompute_core and self.training and torch.is_grad_enabled():
+        if kv_cache is not None:
+            out = cached_attention(q, k, v, kv_cache)
+        elif self.recompute_core and self.training and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, use_reentrant=False)   # RNG restored: same dropout
         else:
             out = self._core(q, k, v)

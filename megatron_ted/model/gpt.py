@@ -107,9 +107,12 @@ class GPTModel(nn.Module):
         self.sequence_parallel = False                   # model/sequence_parallel.py
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                routing_seed: int | None = None) -> GPTOutput:
+                routing_seed: int | None = None, kv_cache=None) -> GPTOutput:
         """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
-        moe/router.py); the MoE layers also get the token ids (hash routing)."""
+        moe/router.py); the MoE layers also get the token ids (hash routing).
+        kv_cache: generation (inference/kv_cache.py): `tokens` are the step's new positions, each
+        attention layer attends to its cached ones too, and the logits are the last position's only
+        [B, 1, V/TP] (what sampling needs; a prompt's full [B, S, V] would be large)."""
         x = self.embedding(tokens)                                     # [B, S, H] ([B, S/TP, H] under SP)
         route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = None
@@ -120,7 +123,11 @@ class GPTModel(nn.Module):
         x = self.embedding_dropout(x)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
-        x, moe_outputs = self._run_layers(x, rotary, route)
+        if kv_cache is None:
+            x, moe_outputs = self._run_layers(x, rotary, route)
+        else:
+            x, moe_outputs = self._run_layers_cached(x, rotary, route, kv_cache)
+            x = x[:, -1:]
         for moe_out in moe_outputs:
             aux_loss = aux_loss + moe_out.aux_loss
         x = self.final_norm(x)
@@ -142,6 +149,14 @@ class GPTModel(nn.Module):
             return t
         s = t.shape[1] // self.tp.size
         return t[:, self.tp.rank * s:(self.tp.rank + 1) * s]
+
+    def _run_layers_cached(self, x, rotary, route, kv_cache):
+        moe_outputs = []
+        for i, layer in enumerate(self.layers):
+            x, moe_out = layer(x, rotary, route, kv_cache.layer(i))
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+        return x, moe_outputs
 
     def _run_layers(self, x, rotary, route=None):
         """Every transformer layer in order; checkpointed in chunks when `apply_recompute` set it.

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_ted.model.attention import SelfAttention
+from megatron_ted.model.attention import SelfAttention, cached_attention
 from megatron_ted.model.norms import RMSNorm
 from megatron_ted.model.positions import apply_rotary
 from megatron_ted.parallel import mappings
@@ -103,7 +103,13 @@ class MultiLatentAttention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * mla.v_head_dim, hidden_size, tp, bias=bias)
         self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache=None) -> torch.Tensor:
+        """kv_cache: this layer's slot of an inference KVCache (inference/kv_cache.py), or None. It
+        keeps the expanded per-head k [.., dn + dr] and v [.., dv], not DeepSeek's latent c and k_pe:
+        the latent form saves memory only with the up-projections absorbed into q and o_proj, a
+        different (and for small models slower) attention; expanded, the cached path is
+        SelfAttention's and each decode step costs no re-expansion of the whole context."""
         m = self.mla
         if m.q_lora_rank is None:
             q = self.q_proj(x)
@@ -127,7 +133,9 @@ class MultiLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_pe.transpose(1, 2)], dim=-1).transpose(1, 2)    # [B, heads, S, dn + dr]
         k = torch.cat([k_nope, k_pe.transpose(1, 2).expand(-1, -1, self.local_heads, -1)], dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)                                        # [B, heads, S, dv]
-        if self.recompute_core and self.training and torch.is_grad_enabled():
+        if kv_cache is not None:
+            out = cached_attention(self._scaled(q), k, v, kv_cache)
+        elif self.recompute_core and self.training and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, use_reentrant=False)   # RNG restored: same dropout
         else:
             out = self._core(q, k, v)                                # [B, heads, S, dv]
@@ -136,4 +144,7 @@ class MultiLatentAttention(nn.Module):
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # SelfAttention's core (causal SDPA with per-TP-rank attention-dropout seeds), DeepSeek's
         # softmax scale folded into q: SDPA scales by 1/sqrt(q's head dim)
-        return SelfAttention._core(self, q * (self.softmax_scale * math.sqrt(q.shape[-1])), k, v)
+        return SelfAttention._core(self, self._scaled(q), k, v)
+
+    def _scaled(self, q: torch.Tensor) -> torch.Tensor:
+        return q * (self.softmax_scale * math.sqrt(q.shape[-1]))

@@ -34,17 +34,19 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(hidden_dropout)
         self.graphed_front = None   # model/cuda_graphs.py: GraphedFront (a plain object, not a submodule)
 
-    def attention_block(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_block(self, x: torch.Tensor, rotary=None, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x + attn(norm(x)), and the MLP's input: its post-attention norm."""
-        x = x + self.dropout(self.attention(self.input_norm(x), rotary))
+        h = self.input_norm(x)
+        x = x + self.dropout(self.attention(h, rotary) if kv_cache is None else self.attention(h, rotary, kv_cache))
         return x, self.post_attention_norm(x)
 
-    def forward(self, x: torch.Tensor, rotary=None, route=None):
+    def forward(self, x: torch.Tensor, rotary=None, route=None, kv_cache=None):
+        """kv_cache: this layer's slot of an inference KVCache (inference/kv_cache.py), or None."""
         routing = None
         if self.graphed_front is not None and self.training and torch.is_grad_enabled():
             x, h, routing = self.graphed_front(x, rotary)
         else:
-            x, h = self.attention_block(x, rotary)
+            x, h = self.attention_block(x, rotary, kv_cache)
         out = self.mlp(h, route) if routing is None else self.mlp(h, route, routing)
         moe_out = None
         if isinstance(out, tuple):

@@ -5,7 +5,8 @@ Shapes: T tokens of the micro-batch, H hidden, E experts, L local experts (E / E
 `TokenDispatcher` is the whole path for any layout; with EP = TP = 1 every collective is a no-op
 and it is the local reference. The steps, with Duplicate Token Dropping (DTD, TP > 1):
 
-  1. drop     keep this TP rank's 1/TP of the tokens (and of their routing weights)   [no comm]
+  1. drop     keep this TP rank's 1/TP of the tokens (and of their routing weights)   [no comm];
+              a count TP does not divide (a decode step's few tokens) first repeats the last token
   2. permute  order this rank's (token, expert) assignments by expert
   3. a2a      send each EP rank the rows of its experts (split sizes exchanged first)
   4. gather   all-gather the TP group's rows: the tensor-sliced experts need every row
@@ -66,6 +67,12 @@ def chunk_order_index(counts_SL: torch.Tensor, rows: int | None = None) -> torch
     chunk = torch.searchsorted(ends, row, right=True)               # S * L past the last row
     c = chunk.clamp(max=S * L - 1)
     return torch.where(chunk < S * L, chunk_starts[c] + row - (ends[c] - counts[c]), row)
+
+
+def _repeat_last_row(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t [T, ...] with n copies of its last row appended: rows routed like a real token (every
+    dispatch path accepts them), whose outputs are cut off after the final gather."""
+    return torch.cat([t, t[-1:].expand(n, *t.shape[1:])])
 
 
 @dataclass
@@ -156,6 +163,11 @@ class TokenDispatcher:
         from them directly instead of recovered from the [T, E] map and weights."""
         T_full = x_TH.shape[0]
         drop = self.sharded and not self.sequence_parallel
+        pad = (-T_full) % self.tp.size if drop else 0
+        if pad:   # T not a multiple of TP (a decode step: T = batch, maybe < TP): repeat the last token
+            x_TH, probs_TE, map_TE = (_repeat_last_row(t, pad) for t in (x_TH, probs_TE, map_TE))
+            if topk_TK is not None:
+                topk_TK = tuple(_repeat_last_row(t, pad) for t in topk_TK)
         if drop:                                                                 # 1. drop
             x_TH, probs_TE, map_TE = (mappings.split(t, self.tp, dim=0) for t in (x_TH, probs_TE, map_TE))
             if topk_TK is not None:
@@ -183,6 +195,8 @@ class TokenDispatcher:
         y_TH = self._combine(y_NH, send, T, sizes.experts_per_token)
         if drop:                                                                 # 8. restore all tokens
             y_TH = cac.gather(y_TH, self.tp, self.kept)
+        if pad:
+            y_TH = y_TH[:T_full]                                                 # the repeats' rows go
         assert y_TH.shape[0] == T_full
         return y_TH, side
 

@@ -1,0 +1,77 @@
+"""The keys and values of every attention layer for B sequences, for prefill-then-decode generation.
+
+Shapes: B sequences, S_max positions the cache holds, S new positions of this step, G local K/V
+heads (groups), D head dim.
+
+    cache = KVCache(batch=B, max_length=S_max)
+    cache.begin(valid_BS)                # this step's S new positions: False where a prompt is padded
+    out = model(tokens_BS, positions_BS, kv_cache=cache)    # each attention layer calls cache.layer(i)
+    cache.end()
+
+All sequences share the slots [0, length): prompts are left-padded to one length and padded slots
+are masked out of every later query, so each sequence sees only its own tokens (its positions
+count its real tokens, see generate.py). The mask is a boolean [B, 1, S, length + S] (True:
+attend), built once per step: SDPA's `is_causal` cannot leave out padding. A query always sees its
+own slot, so a padded query's softmax row is never empty (no NaN; its output is discarded).
+
+Each layer's buffers are [B, G, S_max, D] for k and v, allocated on the layer's first write (the
+layer's shapes and dtype are known then). Multi-latent attention stores its expanded per-head k
+and v here like multi-head attention (model/mla.py says why).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """One attention layer's slot in a KVCache: `store` appends this step's k, v and returns all of them."""
+
+    def __init__(self, cache: "KVCache", index: int):
+        self.cache, self.index = cache, index
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.cache.mask_BQK
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k [B, G, S, Dk], v [B, G, S, Dv] of the new positions -> k, v [B, G, length + S, D] so far."""
+        c = self.cache
+        buffers = c.buffers.get(self.index)
+        if buffers is None:
+            buffers = c.buffers[self.index] = tuple(
+                t.new_zeros(t.shape[0], t.shape[1], c.max_length, t.shape[3]) for t in (k, v))
+        start, end = c.length, c.length + k.shape[2]
+        for buf, t in zip(buffers, (k, v)):
+            buf[:, :, start:end] = t
+        return buffers[0][:, :, :end], buffers[1][:, :, :end]
+
+
+class KVCache:
+    def __init__(self, batch: int, max_length: int, device: torch.device | str = "cpu"):
+        self.batch, self.max_length = batch, max_length
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.valid_BS = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        self.length = 0                       # slots written by finished steps
+        self.step = 0                         # new positions of the step in progress
+        self.mask_BQK: torch.Tensor | None = None
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self, index)
+
+    def begin(self, valid_BS: torch.Tensor) -> None:
+        """Start a step of S = valid_BS.shape[1] new positions (valid_BS: False on padding)."""
+        s = valid_BS.shape[1]
+        start, end = self.length, self.length + s
+        if end > self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; this step needs {end}")
+        self.valid_BS[:, start:end] = valid_BS
+        q = torch.arange(start, end, device=valid_BS.device)
+        k = torch.arange(end, device=valid_BS.device)
+        causal_QK = k[None, :] <= q[:, None]
+        mask = causal_QK[None] & self.valid_BS[:, None, :end]
+        self.mask_BQK = (mask | (k[None, :] == q[:, None])[None]).unsqueeze(1)   # [B, 1, S, end]
+        self.step = s
+
+    def end(self) -> None:
+        self.length += self.step
+        self.step, self.mask_BQK = 0, None

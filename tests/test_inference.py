@@ -1,0 +1,205 @@
+"""KV-cached batched generation (inference/engine.py) against the uncached full-context forward, one
+prompt alone, a TP 2 x EP 2 world, the generate_text.py entry point and transformers' generate.
+Tiny models in float64: equal up to reordering (1e-10), greedy ids exactly."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_ted.data.tokenizer import build_tokenizer
+from megatron_ted.inference.engine import generate_batch
+from megatron_ted.inference.model import load_parallel
+from megatron_ted.inference.sampling import SamplingConfig
+from megatron_ted.model.attention import AttentionConfig
+from megatron_ted.model.builder import MoEConfig, build_gpt
+from megatron_ted.model.gpt import GPTConfig
+from megatron_ted.model.mla import MLAConfig
+from megatron_ted.moe.router import RouterConfig
+from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.training.arguments import padded_vocab_size, parse_args
+from megatron_ted.training.checkpoint import save_checkpoint
+from megatron_ted.training.train import model_configs
+from multiproc import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = 96
+PROMPTS = [[5, 17, 3, 40, 2, 9, 33], [8], [70, 1, 1, 64]]   # different lengths, one shorter than TP x EP
+
+
+def _model(kind: str):
+    common = dict(vocab_size=V, hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=48,
+                  max_position_embeddings=64, position_embedding_type="rope", normalization="RMSNorm",
+                  swiglu=True, init_method_std=0.5)
+    moe = None
+    if kind == "mha":
+        config = GPTConfig(**{**common, "position_embedding_type": "learned", "normalization": "LayerNorm",
+                              "swiglu": False})
+    elif kind == "gqa":
+        config = GPTConfig(**common, attention=AttentionConfig(num_query_groups=2))
+    elif kind == "mla":
+        config = GPTConfig(**common, mla=MLAConfig(kv_lora_rank=12, qk_head_dim=8, qk_pos_emb_head_dim=4,
+                                                   v_head_dim=6, q_lora_rank=10))
+    else:   # moe: every layer, GQA
+        config = GPTConfig(**common, attention=AttentionConfig(num_query_groups=2))
+        moe = MoEConfig(RouterConfig(num_experts=4, topk=2), ffn_hidden_size=24, layer_freq=1)
+    return build_gpt(config, moe, ParallelGroups.single(), seed=3).double().eval()
+
+
+def _uncached_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids]), torch.arange(len(ids))[None]).logits[0, -1]
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "moe"])
+def test_cached_decode_equals_the_full_context_forward_at_every_step(kind):
+    model = _model(kind)
+    cfg = SamplingConfig(vocab_size=V, max_new_tokens=10, temperature=0)
+    out = generate_batch(model, PROMPTS[:1], cfg, keep_logits=True)
+    seq = PROMPTS[0] + out.ids[0]
+    assert len(out.logits) == 10 and len(set(out.ids[0])) > 1, out.ids   # not a degenerate repeat
+    for step, logits in enumerate(out.logits):
+        expected = _uncached_logits(model, seq[:len(PROMPTS[0]) + step])
+        torch.testing.assert_close(logits[0], expected, rtol=0, atol=1e-10)
+        assert int(expected.argmax()) == seq[len(PROMPTS[0]) + step]
+
+
+@pytest.mark.parametrize("kind", ["gqa", "moe"])
+def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(kind):
+    model = _model(kind)
+    cfg = SamplingConfig(vocab_size=V, max_new_tokens=8, temperature=0)
+    batched = generate_batch(model, PROMPTS, cfg, keep_logits=True)
+    for b, prompt in enumerate(PROMPTS):
+        alone = generate_batch(model, [prompt], cfg, keep_logits=True)
+        assert batched.ids[b] == alone.ids[0]
+        for step in range(8):
+            torch.testing.assert_close(batched.logits[step][b], alone.logits[step][0], rtol=0, atol=1e-10)
+    # seeded sampling (top-k and top-p) draws the same ids twice, others with another seed
+    hot = dict(vocab_size=V, max_new_tokens=8, temperature=1.5, top_k=50, top_p=0.9)
+    a = generate_batch(model, PROMPTS, SamplingConfig(**hot, seed=1)).ids
+    assert a == generate_batch(model, PROMPTS, SamplingConfig(**hot, seed=1)).ids
+    assert a != generate_batch(model, PROMPTS, SamplingConfig(**hot, seed=2)).ids
+
+
+MODEL_ARGV = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+              "--max-position-embeddings", "32", "--num-experts", "4", "--moe-router-topk", "2",
+              "--moe-layer-freq", "1", "--micro-batch-size", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
+              "--mock-data", "--vocab-size", str(V), "--init-method-std", "0.5", "--position-embedding-type", "rope",
+              "--group-query-attention", "--num-query-groups", "2", "--swiglu", "--normalization", "RMSNorm"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A single-process model of MODEL_ARGV saved as a checkpoint (NullTokenizer: V ids + EOD)."""
+    path = str(tmp_path_factory.mktemp("inf") / "ck")
+    args = parse_args(MODEL_ARGV, world_size=1)
+    args.padded_vocab_size = padded_vocab_size(V + 1, args.make_vocab_size_divisible_by, 1)
+    config, moe = model_configs(args, args.padded_vocab_size)
+    model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
+    save_checkpoint(path, 1, model, None, ParallelGroups.single(), vars(args))
+    return path
+
+
+def _generate_at_layout(rank, world, path, cases):
+    torch.set_default_dtype(torch.float64)
+    model, groups = load_parallel(path, tp=2, ep=2, dtype=torch.float64)
+    assert model.layers[0].mlp.dispatcher.dtd and groups.tp.size == 2 and groups.ep.size == 2
+    return [(lambda g: (g.ids, g.logits))(generate_batch(model, prompts, cfg, keep_logits=True))
+            for prompts, cfg in cases]
+
+
+def test_tp2_ep2_generates_what_one_process_does(checkpoint):
+    """Batch 1 decodes 1 token over 4 ranks (fewer than TP: DTD's split is padded), batch 3 an odd
+    count; greedy and seeded top-p ids and every step's logits equal one process's."""
+    greedy = SamplingConfig(vocab_size=V, max_new_tokens=6, temperature=0)
+    nucleus = SamplingConfig(vocab_size=V, max_new_tokens=6, temperature=1.0, top_p=0.8, seed=4)
+    cases = [([PROMPTS[0]], greedy), (PROMPTS, greedy), (PROMPTS, nucleus)]
+    single, _ = load_parallel(checkpoint, dtype=torch.float64)
+    expected = [generate_batch(single, prompts, cfg, keep_logits=True) for prompts, cfg in cases]
+    results = run_distributed(_generate_at_layout, 4, checkpoint, cases)
+    for rank_result in results:
+        for (ids, logits), ref in zip(rank_result, expected):
+            assert ids == ref.ids
+            for a, b in zip(logits, ref.logits):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert len(set(expected[1].ids[0])) > 1
+
+
+def _run_tool(*argv, timeout=180):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "generate_text.py"), *argv],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_text_batch_file_round_trip_and_bad_inputs(checkpoint, tmp_path):
+    lines = [{"prompt_ids": PROMPTS[0], "id": "a"}, {"prompt": "8"}, {"prompt_ids": PROMPTS[2]}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = _run_tool("--load", checkpoint, "--prompts-file", str(inp), "--output-file", str(out),
+                  "--temperature", "0", "--max-new-tokens", "5", "--ignore-eod")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    single, _ = load_parallel(checkpoint)
+    expected = generate_batch(single, PROMPTS, SamplingConfig(vocab_size=V + 1, max_new_tokens=5, temperature=0,
+                                                              stop_at_eod=False)).ids
+    tokenizer = build_tokenizer("NullTokenizer", vocab_size=V)
+    assert [row["completion_ids"] for row in rows] == expected
+    assert [{k: v for k, v in row.items() if not k.startswith("completion")} for row in rows] == lines
+    assert rows[1]["prompt"] + rows[1]["completion"] == tokenizer.detokenize([8] + expected[1])   # text joins
+
+    before = out.read_text()
+    bad = tmp_path / "bad.jsonl"
+    for content, argv, needle in (
+            (None, ["--output-file", str(out)], "--output-file"),                 # exists, no --overwrite
+            ('{"prompt_ids": [1]}\n{"prompt": 3}\n', ["--output-file", str(tmp_path / "o2")], ":2"),
+            ('{"prompt_ids": [1]}\nnot json\n', ["--output-file", str(tmp_path / "o2")], ":2"),
+            ('{"text": "x"}\n', ["--output-file", str(tmp_path / "o2")], ":1"),
+            ('{"prompt_ids": [1, 500]}\n', ["--output-file", str(tmp_path / "o2")], ":1"),
+            (None, ["--output-file", str(tmp_path / "o2"), "--top-p", "0"], "--top-p")):
+        src = inp
+        if content is not None:
+            bad.write_text(content)
+            src = bad
+        r = _run_tool("--load", checkpoint, "--prompts-file", str(src), *argv, "--max-new-tokens", "2")
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert err[0].startswith("error: ") and needle in err[0], err[0]
+        if content is not None and needle.startswith(":"):
+            assert str(src) in err[0]
+    assert out.read_text() == before and not (tmp_path / "o2").exists()
+    r = _run_tool("--load", checkpoint, "--prompts-file", str(inp), "--output-file", str(out), "--overwrite",
+                  "--temperature", "0", "--max-new-tokens", "2")
+    assert r.returncode == 0 and out.read_text() != before, r.stderr
+
+
+def test_greedy_ids_equal_transformers_generate_on_an_exported_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from megatron_ted.interop import hf_io
+
+    cfg = transformers.AutoConfig.for_model(
+        "mixtral", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=48, vocab_size=V, rope_theta=10000.0, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    source = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.mul_(8)     # sharper logits: greedy choices far from ties
+    source.save_pretrained(tmp_path / "src")
+    hf_io.import_hf(str(tmp_path / "src"), str(tmp_path / "ck"))
+    hf_io.export_hf(str(tmp_path / "ck"), str(tmp_path / "exported"), dtype="fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float64,
+                                                      experts_implementation="eager").eval()
+    ours, _ = load_parallel(str(tmp_path / "ck"), dtype=torch.float64)
+    new = 12
+    got = generate_batch(ours, PROMPTS, SamplingConfig(vocab_size=V, max_new_tokens=new, temperature=0)).ids
+    for prompt, ids in zip(PROMPTS, got):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert ids == ref
+    assert len(set(got[0])) > 1
