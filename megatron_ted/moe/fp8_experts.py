@@ -125,7 +125,8 @@ class FP8GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_NM):
         config, tp, splits, group_id = ctx.config, ctx.tp, ctx.splits, ctx.group_id
-        x_NK, w = ctx.saved_tensors[:2]
+        saved = ctx.saved_tensors   # read once: checkpointing unpacks each saved tensor once
+        x_NK, w = saved[:2]
         w_EKM = w.flatten(2)
         e, k, m = w_EKM.shape
         # e4m3 for the gradients too: the grouped kernel takes no e5m2 (module docstring)
@@ -135,7 +136,7 @@ class FP8GroupedMatmul(torch.autograd.Function):
             xt = _quantise_by_group(x_NK, group_id, e)
             dyt = _quantise_by_group(dy_NM, group_id, e)
         else:
-            xq, wq, ws = ctx.saved_tensors[2:]
+            xq, wq, ws = saved[2:]
             (ady,) = reduce_amax([_group_amax(_row_amax(dy_NM), group_id, e)], tp)
             dyq = cast(dy_NM, ady[group_id], FWD_DTYPE)
             wtq = (wq.transpose(1, 2).contiguous(), ws)

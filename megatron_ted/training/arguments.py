@@ -180,10 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
-    g.add_argument("--fp8-format", choices=list(fp8.FORMATS), default=None,
+    g.add_argument("--fp8-format", default=None, metavar="|".join(fp8.FORMATS),
                    help="GEMMs of the TP linears and the experts in FP8 (tensor_parallel/fp8.py): e4m3 everywhere, "
                         "or hybrid (e5m2 output gradients); with --bf16. Emulated where the device has no FP8")
-    g.add_argument("--fp8-recipe", choices=list(fp8.RECIPES), default="tensorwise",
+    g.add_argument("--fp8-recipe", default="tensorwise", metavar="|".join(fp8.RECIPES),
                    help="FP8 scales with current scaling: one per tensor, or one per row (token, output feature)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**16)
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
@@ -300,6 +300,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one")
     need(not (args.fp8_format and args.fp16), "--fp8-format runs with --bf16 (the FP8 kernels write bf16); "
                                               "drop --fp16")
+    fp8_config(args)   # FP8Config names the flag of an unknown format or recipe
     if tp == 1:
         args.sequence_parallel = False   # as Megatron-LM: nothing to split the sequence over
     need(not args.sequence_parallel or args.seq_length % tp == 0,
