@@ -25,6 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_ted.model.builder import apply_fp8
 from megatron_ted.model.compile import compile_layer
 from megatron_ted.model.cuda_graphs import capture_layer_fronts
 from megatron_ted.model.init import init_parameters
@@ -35,6 +36,7 @@ from megatron_ted.moe.router import RouterConfig
 from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.tensor_parallel.fp8 import FP8Config, startup_note
 from megatron_ted.training.flops import attention_flops_per_token, moe_mlp_flops_per_token
 
 SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4096),
@@ -61,6 +63,8 @@ def main():
                    help="shared experts of this FFN size beside the routed ones (counted in the FLOPs)")
     p.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run them while the dispatch all-to-all is in flight")
+    p.add_argument("--fp8-format", default=None, help="e4m3|hybrid: the TP linears' and experts' GEMMs in FP8")
+    p.add_argument("--fp8-recipe", default="tensorwise", help="tensorwise|rowwise FP8 scales")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=1, help="timed rounds of --iters; the median round is reported")
@@ -92,6 +96,10 @@ def main():
                    shared_experts=shared, overlap_shared_experts=args.moe_shared_expert_overlap)
     layer = TransformerLayer(s["hidden"], s["heads"], moe, groups.tp, bias=False)
     init_parameters(layer, 1, 0.02, 2, groups.tp, groups.ep)
+    fp8 = FP8Config(args.fp8_format, args.fp8_recipe) if args.fp8_format else None
+    apply_fp8(layer, fp8)
+    if note := startup_note(fp8, device):
+        print(note)
     if args.sequence_parallel:
         if args.no_dtd or args.seq % args.tp:
             raise SystemExit("--sequence-parallel needs DTD (drop --no-dtd) and --seq divisible by --tp")
@@ -156,6 +164,7 @@ def main():
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         print(f"moe_layer shape={args.shape} world={world} tp={args.tp} ep={args.ep} dtd={not args.no_dtd} sp={sp} "
+              f"fp8={f'{fp8.format}/{fp8.recipe}' if fp8 else 'off'} "
               f"cf={args.capacity_factor} compile={args.compile} graphs={'+'.join(args.cuda_graph_scope) or 'none'} shared={shared_ffn or 0}"
               f"{'+overlap' if shared_ffn and args.moe_shared_expert_overlap else ''} | {t[0].item() * 1e3:.2f} ms/iter | "
               f"{flops / t[0].item() / 1e12:.1f} TFLOP/s/GPU | peak {peak:.2f} GiB | {name}"

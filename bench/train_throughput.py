@@ -61,11 +61,16 @@ def main():
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--fp8-format", default=None, help="e4m3|hybrid (passed on; shown in the result line)")
+    p.add_argument("--fp8-recipe", default="tensorwise", help="tensorwise|rowwise (with --fp8-format)")
     a, extra = p.parse_known_args()  # any other flag goes to pretrain_gpt_moe.py
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
             os.path.join(ROOT, "pretrain_gpt_moe.py"), *PRESETS[a.preset].split(), *COMMON.split(),
             "--tensor-model-parallel-size", str(a.tp), "--expert-model-parallel-size", str(a.ep),
             "--train-iters", str(a.iters), *extra]
+    fp8 = f"{a.fp8_format}/{a.fp8_recipe}" if a.fp8_format else "off"
+    if a.fp8_format:
+        argv += ["--fp8-format", a.fp8_format, "--fp8-recipe", a.fp8_recipe]
     if "--data-path" not in extra:
         # megatron-core's mock sequences (1, 2, 3, ... per document) route unlike text: a few
         # experts take most tokens after some steps. --data-path PREFIX (with --tokenizer-type
@@ -84,7 +89,7 @@ def main():
     logged = [l for l in r.stdout.splitlines() if l.startswith(" iteration")]
     print(logged[-1].strip())   # the last step's loss and per-layer expert load (min/max tokens)
     sp = "--sequence-parallel" in extra and a.tp > 1
-    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} | {med[0]:.1f} ms/iter | "
+    print(f"train_throughput preset={a.preset} nproc={a.nproc} tp={a.tp} ep={a.ep} sp={sp} fp8={fp8} | {med[0]:.1f} ms/iter | "
           f"{med[2]:.0f} tokens/s | {med[1]:.1f} TFLOP/s/GPU | MFU {med[3]:.1f}%")
 
 

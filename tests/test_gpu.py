@@ -210,3 +210,50 @@ def test_bf16_cuda_graphed_fronts_close_to_eager():
     assert abs(loss - eager_loss) < 1e-3 * abs(eager_loss)
     for n in eager:
         torch.testing.assert_close(got[n], eager[n], rtol=2e-2, atol=1e-4)
+
+
+# ---- FP8 (tensor_parallel/fp8.py, moe/fp8_experts.py) -----------------------------------------
+
+def _fp8_layer_outputs(fp8, recipe):
+    """One MoE TransformerLayer's output and input gradient in bf16, with the GEMMs in FP8 or not."""
+    from megatron_ted.model.builder import apply_fp8
+    from megatron_ted.model.init import init_parameters
+    from megatron_ted.model.transformer import TransformerLayer
+    from megatron_ted.tensor_parallel.fp8 import FP8Config
+    tp, ep = Group.single("tp"), Group.single("ep")
+    moe = MoELayer(256, 512, RouterConfig(num_experts=4, topk=2), tp, ep)
+    layer = TransformerLayer(256, 4, moe, tp, bias=False)
+    init_parameters(layer, 1, 0.02, 2, tp, ep)
+    apply_fp8(layer, FP8Config("hybrid", recipe) if fp8 else None)
+    layer.to(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0),
+                    requires_grad=True)
+    out, _ = layer(x)
+    out.backward(torch.ones_like(out))
+    return out.float(), x.grad.float()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_layer_is_close_to_bf16(recipe):
+    """FP8 (torch._scaled_mm / _scaled_grouped_mm on Hopper) against the same layer in bf16: e4m3
+    rounds each operand by <= 2^-4 relative, so a GEMM's result moves by a few percent of its
+    scale; through a whole layer with its residual we allow 10% of the output's RMS (a loose,
+    stated tolerance: a broken scale or layout is off by far more). Speed is bench/moe_layer.py's job."""
+    from megatron_ted.tensor_parallel.fp8 import has_fp8_gemm
+    if not has_fp8_gemm(torch.device("cuda")):
+        pytest.skip("no FP8 GEMMs on this GPU")
+    out8, dx8 = _fp8_layer_outputs(True, recipe)
+    out16, dx16 = _fp8_layer_outputs(False, recipe)
+    rms = lambda t: t.pow(2).mean().sqrt()
+    assert rms(out8 - out16) < 0.1 * rms(out16)
+    assert rms(dx8 - dx16) < 0.1 * rms(dx16)
+
+
+def test_fp8_compiled_cast_equals_eager():
+    """The fused (torch.compile) amax-scale-cast writes the same fp8 bytes as the eager one."""
+    from megatron_ted.tensor_parallel import fp8
+    x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    a = fp8.amax(x, rowwise=True)
+    q, s = fp8.cast(x, a, torch.float8_e4m3fn)
+    q_ref, s_ref = fp8._cast(x, a, torch.float8_e4m3fn)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)

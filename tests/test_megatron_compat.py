@@ -136,7 +136,7 @@ def test_exclusive_run_lengths_are_one_line(extra, flag):
 @pytest.mark.parametrize("extra,flag", [
     (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size"),
     (["--context-parallel-size", "2"], "--context-parallel-size"),
-    (["--fp8-format", "hybrid"], "--fp8-format"),
+    (["--fp8", "hybrid"], "--fp8"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], "--num-layers-per-virtual-pipeline-stage"),
     (["--moe-token-dispatcher-type", "flex"], "--moe-token-dispatcher-type"),
     (["--transformer-impl", "inference_optimized"], "--transformer-impl"),

@@ -5,14 +5,19 @@ import dataclasses
 import zlib
 from dataclasses import dataclass
 
+from torch import nn
+
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
+from megatron_ted.moe.experts import GroupedExperts
 from megatron_ted.moe.hierarchical import A2A_ALGORITHMS, HierarchicalTokenDispatcher, create_groups
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups
+from megatron_ted.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron_ted.tensor_parallel.fp8 import FP8Config
 
 
 @dataclass
@@ -70,7 +75,21 @@ def experts_per_layer(moe: MoEConfig, num_layers: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int) -> GPTModel:
+def apply_fp8(model: nn.Module, fp8: FP8Config | None) -> nn.Module:
+    """FP8 GEMMs (--fp8-format) in the tensor-parallel linears (attention's QKV and projection, the
+    dense and shared-expert MLPs, MLA's projections that are TP layers) and the grouped experts.
+    The router, norms, the attention core (SDPA), the embedding and the output layer with the loss
+    are not these modules and keep the model's precision: they are a small share of the FLOPs and
+    the most sensitive to rounding (routing decisions, softmax, logits)."""
+    if fp8 is not None:
+        for m in model.modules():
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear, GroupedExperts)):
+                m.fp8 = fp8
+    return model
+
+
+def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int,
+              fp8: FP8Config | None = None) -> GPTModel:
     build_moe = None
     if moe is not None:
         config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
@@ -100,4 +119,4 @@ def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, 
                          config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, dispatcher=dispatcher, **kwargs)
     model = GPTModel(config, groups.tp, build_moe)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
-    return model
+    return apply_fp8(model, fp8)

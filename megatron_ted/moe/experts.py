@@ -7,13 +7,11 @@ sum over TP: the caller reduces it (all-reduce, or reduce-scatter under DTD).
 """
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
 from megatron_ted.model.mlp import activation
-from megatron_ted.parallel import comm
+from megatron_ted.moe import fp8_experts
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 from megatron_ted.tensor_parallel import wgrad_fusion
@@ -31,7 +29,8 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"--moe-ffn-hidden-size {ffn_hidden_size} is not divisible by "
                              f"--tensor-model-parallel-size {tp.size}")
         f_local = ffn_hidden_size // tp.size
-        self.swiglu = swiglu
+        self.swiglu, self.tp = swiglu, tp
+        self.fp8 = None   # a tensor_parallel.fp8.FP8Config: the GEMMs in FP8 (moe/fp8_experts.py)
         self.num_local_experts = num_local_experts
         fc1_shape = (num_local_experts, hidden_size, 2, f_local) if swiglu else (num_local_experts, hidden_size, f_local)
         self.fc1 = set_spec(nn.Parameter(torch.empty(fc1_shape)), tp_dim=len(fc1_shape) - 1, expert=True)
@@ -39,10 +38,21 @@ class GroupedExperts(nn.Module):
                             expert=True, init="output")
 
     def forward(self, x_NH: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
+        if self.fp8 is not None:
+            return self._forward_fp8(x_NH, tokens_per_expert)
         offs = _group_offsets(tokens_per_expert, x_NH.device) if _use_grouped_mm(x_NH) else None
         # SwiGLU: fc1 [E_l, H, 2, F] is used as [E_l, H, 2F], [gate | up] per row; activation() splits them
         h = _expert_matmul(x_NH, self.fc1, tokens_per_expert, offs)
         return _expert_matmul(activation(h, self.swiglu), self.fc2, tokens_per_expert, offs)
+
+    def _forward_fp8(self, x_NH, tokens_per_expert):
+        # groups padded once for both GEMMs: a zero row stays zero through the activation
+        x_NH, splits, rows = fp8_experts.pad_groups(x_NH, tokens_per_expert)
+        # fc1 is column-parallel (its output dim F is split over TP), fc2 row-parallel (its input dim)
+        h = fp8_experts.expert_matmul(x_NH, self.fc1, splits, self.fp8, self.tp, split_k=False, split_m=True)
+        y = fp8_experts.expert_matmul(activation(h, self.swiglu), self.fc2, splits, self.fp8, self.tp,
+                                      split_k=True, split_m=False)
+        return fp8_experts.unpad(y, rows)
 
 
 def _expert_matmul(x_NK: torch.Tensor, w: torch.Tensor, splits: list[int], offs) -> torch.Tensor:
@@ -81,10 +91,7 @@ class _ExpertMatmulFusedWgrad(torch.autograd.Function):
         return dx, wgrad_fusion.placeholder(ctx.param), None, None
 
 
-def _group_offsets(tokens_per_expert: list[int], device) -> torch.Tensor:
-    """torch._grouped_mm's offs: each expert's end row, int32, summed on the host (the sizes are
-    there already) and copied without waiting for the GPU."""
-    return comm.host_ints(list(itertools.accumulate(tokens_per_expert)), device, torch.int32)
+_group_offsets = fp8_experts.group_offsets   # torch._grouped_mm takes the same offs
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ from torch import nn
 from megatron_ted.parallel import mappings
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
-from megatron_ted.tensor_parallel import wgrad_fusion
+from megatron_ted.tensor_parallel import fp8
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -49,6 +49,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = set_spec(nn.Parameter(torch.empty(fused, out_local)), tp_dim=1, init="zeros",
                              tp_replicas=tp_replicas) if bias else None
         self.sequence_parallel = False   # input [B, S/TP, H]: all-gather the sequence first
+        self.fp8: fp8.FP8Config | None = None   # GEMMs in FP8 (tensor_parallel/fp8.py apply_fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -57,7 +58,7 @@ class ColumnParallelLinear(nn.Module):
             bias = mappings.copy_to_replicas(bias, self.tp, self.tp_replicas) if bias is not None else None
         bias = bias.flatten() if bias is not None else None
         x = mappings.gather_partial(x, self.tp, dim=1) if self.sequence_parallel else mappings.copy_to(x, self.tp)
-        return wgrad_fusion.linear(x, weight, bias)
+        return fp8.linear(x, weight, bias, self.fp8, self.tp, split_out=True)
 
 
 class RowParallelLinear(nn.Module):
@@ -72,10 +73,11 @@ class RowParallelLinear(nn.Module):
         self.weight = set_spec(nn.Parameter(torch.empty(out_features, in_local)), tp_dim=1, init=init)
         self.bias = set_spec(nn.Parameter(torch.empty(out_features)), init="zeros") if bias else None
         self.sequence_parallel = False   # output [B, S/TP, H]: reduce-scatter along the sequence
+        self.fp8: fp8.FP8Config | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:           # nothing to sum: the bias rides in the GEMM's epilogue
-            return wgrad_fusion.linear(x, self.weight, self.bias)
-        y = wgrad_fusion.linear(x, self.weight, None)
+            return fp8.linear(x, self.weight, self.bias, self.fp8, self.tp, split_in=True)
+        y = fp8.linear(x, self.weight, None, self.fp8, self.tp, split_in=True)
         y = mappings.reduce_scatter(y, self.tp, dim=1) if self.sequence_parallel else mappings.reduce_from(y, self.tp)
         return y + self.bias if self.bias is not None else y

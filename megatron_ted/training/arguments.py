@@ -24,6 +24,7 @@ from megatron_ted.model.positions import RopeConfig
 from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.tensor_parallel import fp8
 from megatron_ted.training import compat_flags, run_length
 
 
@@ -202,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
+    g.add_argument("--fp8-format", default=None, metavar="|".join(fp8.FORMATS),
+                   help="GEMMs of the TP linears and the experts in FP8 (tensor_parallel/fp8.py): e4m3 everywhere, "
+                        "or hybrid (e5m2 output gradients); with --bf16. Emulated where the device has no FP8")
+    g.add_argument("--fp8-recipe", default="tensorwise", metavar="|".join(fp8.RECIPES),
+                   help="FP8 scales with current scaling: one per tensor, or one per row (token, output feature)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the dynamic loss scale's start")
     g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the dynamic loss scale's floor")
     g.add_argument("--loss-scale-window", type=int, default=1000,
@@ -433,6 +439,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                                          "drop --rotary-percent")
         mla_config(args)
     need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one")
+    need(not (args.fp8_format and args.fp16), "--fp8-format runs with --bf16 (the FP8 kernels write bf16); "
+                                              "drop --fp16")
+    fp8_config(args)   # FP8Config names the flag of an unknown format or recipe
     if tp == 1:
         args.sequence_parallel = False   # as Megatron-LM: nothing to split the sequence over
     need(not args.sequence_parallel or args.seq_length % tp == 0,
@@ -579,6 +588,10 @@ def attention_config(args) -> AttentionConfig:
                            kv_channels=getattr(args, "kv_channels", None),
                            add_qkv_bias=getattr(args, "add_qkv_bias", False),
                            qk_layernorm=getattr(args, "qk_layernorm", False))
+
+
+def fp8_config(args) -> fp8.FP8Config | None:
+    return fp8.FP8Config(args.fp8_format, args.fp8_recipe) if getattr(args, "fp8_format", None) else None
 
 
 def router_config(args, num_experts: int) -> RouterConfig:

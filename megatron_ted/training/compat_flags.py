@@ -83,8 +83,7 @@ SIZE_ONE = {
 
 # flag: (takes a value, what is missing)
 REFUSED = {
-    "--fp8-format": (True, "FP8 training is not available here; use --bf16"),
-    "--fp8": (True, "FP8 training is not available here; use --bf16"),
+    "--fp8": (True, "FP8 training is --fp8-format e4m3|hybrid here (with --fp8-recipe tensorwise|rowwise)"),
     "--fp4-format": (True, "FP4 training is not available here; use --bf16"),
     "--num-layers-per-virtual-pipeline-stage": (True, "pipeline parallelism is not available here"),
     "--num-virtual-stages-per-pipeline-rank": (True, "pipeline parallelism is not available here"),

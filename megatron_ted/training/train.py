@@ -28,8 +28,9 @@ from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
-from megatron_ted.training.arguments import (attention_config, mla_config, num_experts_per_layer, padded_vocab_size,
-                                             parse_args, report_error, rope_config, router_config)
+from megatron_ted.tensor_parallel import fp8
+from megatron_ted.training.arguments import (attention_config, fp8_config, mla_config, num_experts_per_layer,
+                                             padded_vocab_size, parse_args, report_error, rope_config, router_config)
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
@@ -233,7 +234,9 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
 
     vocab = args.padded_vocab_size
     config, moe = model_configs(args, vocab)
-    model = build_gpt(config, moe, groups, args.seed).to(device)
+    model = build_gpt(config, moe, groups, args.seed, fp8=fp8_config(args)).to(device)
+    if fp8_note := fp8.startup_note(fp8_config(args), device):
+        print_rank0(fp8_note)
     if getattr(args, "sequence_parallel", False):
         apply_sequence_parallel(model, groups.tp)
     if args.recompute_granularity is not None:
