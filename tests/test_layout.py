@@ -17,14 +17,18 @@ from multiproc import run_distributed
 
 def valid_layouts(worlds=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32)):
     for world in worlds:
-        for tp in range(1, world + 1):
-            if world % tp:
+        for pp in range(1, world + 1):
+            if world % pp:
                 continue
-            for ep in range(1, world // tp + 1):
-                if (world // tp) % ep:
+            stage = world // pp
+            for tp in range(1, stage + 1):
+                if stage % tp:
                     continue
-                for order in ORDERS:
-                    yield ParallelLayout(world, tp, ep, order)
+                for ep in range(1, stage // tp + 1):
+                    if (stage // tp) % ep:
+                        continue
+                    for order in ORDERS:
+                        yield ParallelLayout(world, tp, ep, order, pipeline_parallel=pp)
 
 
 # ---- (a) the docs/DESIGN.md example ------------------------------------------------------------
@@ -58,13 +62,17 @@ def test_groups_partition_and_coords_consistent():
     for lay in valid_layouts():
         n += 1
         sizes = {k: lay.size(k) for k in KINDS}
-        assert sizes["tp"] * sizes["dp"] == lay.world_size
+        assert sizes["tp"] * sizes["dp"] * sizes["pp"] == lay.world_size
         assert sizes["ep"] * sizes["expert_dp"] == sizes["dp"]
         for kind in KINDS:
             groups = lay.groups(kind)
-            assert len(groups) == lay.world_size // sizes[kind]
             assert all(len(g) == sizes[kind] and list(g) == sorted(g) for g in groups)
             members = sorted(r for g in groups for r in g)
+            if kind == "embedding":   # first and last stage only: the middle ones hold no embedding
+                stages = {0, sizes["pp"] - 1}
+                assert members == sorted(r for r in range(lay.world_size) if lay.coords(r).pp in stages)
+                continue
+            assert len(groups) == lay.world_size // sizes[kind]
             assert members == list(range(lay.world_size)), (lay, kind)
             assert [g[0] for g in groups] == sorted(g[0] for g in groups)
             for g in groups:
@@ -73,7 +81,10 @@ def test_groups_partition_and_coords_consistent():
                     assert lay.group(kind, r) == g
         for r in range(lay.world_size):
             c = lay.coords(r)
-            assert lay.rank_of(c.tp, c.ep, c.expert_dp) == r
+            assert lay.rank_of(c.tp, c.ep, c.expert_dp, c.pp) == r
+            # a stage is PP-outermost: contiguous ranks; the pipeline group has one rank per stage
+            assert r in lay.stage_ranks(c.pp) and [lay.coords(q).pp for q in lay.pp_group(r)] == list(range(lay.pipeline_parallel))
+            assert set(lay.dp_group(r)) <= set(lay.stage_ranks(c.pp))
             # EP and expert-DP groups are the two halves of the DP group.
             assert set(lay.ep_group(r)) <= set(lay.dp_group(r))
             assert set(lay.expert_dp_group(r)) <= set(lay.dp_group(r))
@@ -114,27 +125,47 @@ def megatron_groups(lay, RankGenerator):
 
     Megatron uses two RankGenerators over the same order string: a dense one (ep=1, dp=DP) for the
     TP and DP groups and an expert one (tp=expert TP=TP, ep=EP, dp=DP_exp) for EP and expert-DP.
-    Our "tp-ep-dp" is Megatron's default "tp-cp-ep-dp-pp"; "tp-dp-ep" swaps ep and dp.
+    Our "tp-ep-dp" is Megatron's default "tp-cp-ep-dp-pp"; "tp-dp-ep" swaps ep and dp. The
+    embedding groups are the first and last rank of each pipeline group, as initialize_model_parallel
+    builds them (the position-embedding group aside).
     """
     order = {"tp-ep-dp": "tp-cp-ep-dp-pp", "tp-dp-ep": "tp-cp-dp-ep-pp"}[lay.order]
-    dense = RankGenerator(tp=lay.tensor_parallel, ep=1, dp=lay.data_parallel, pp=1, cp=1, order=order)
+    pp = lay.pipeline_parallel
+    dense = RankGenerator(tp=lay.tensor_parallel, ep=1, dp=lay.data_parallel, pp=pp, cp=1, order=order)
     expert = RankGenerator(tp=lay.tensor_parallel, ep=lay.expert_parallel, dp=lay.expert_data_parallel,
-                           pp=1, cp=1, order=order)
+                           pp=pp, cp=1, order=order)
     assert dense.get_ranks("tp") == expert.get_ranks("tp")
+    assert sorted(dense.get_ranks("pp")) == sorted(expert.get_ranks("pp"))
+    pipelines = dense.get_ranks("pp")
     return {"tp": dense.get_ranks("tp"), "dp": dense.get_ranks("dp"),
-            "ep": expert.get_ranks("ep"), "expert_dp": expert.get_ranks("dp")}
+            "ep": expert.get_ranks("ep"), "expert_dp": expert.get_ranks("dp"), "pp": pipelines,
+            "embedding": [sorted({g[0], g[-1]}) for g in pipelines]}
 
 
 def test_groups_match_megatron_rank_generator():
     RankGenerator = rank_generator_class()
     n = 0
-    for lay in valid_layouts(worlds=(1, 2, 4, 6, 8, 12, 16, 24, 32, 64, 128)):
+    for lay in valid_layouts(worlds=(1, 2, 4, 6, 8, 12, 16, 24, 32, 64)):
         oracle = megatron_groups(lay, RankGenerator)
         for kind in KINDS:
             # Megatron lists each group in group-rank order, as we do; only the list order differs.
             assert lay.groups(kind) == sorted(tuple(g) for g in oracle[kind]), (str(lay), kind)
         n += 1
     assert n > 200
+
+
+def test_pipeline_rank_order_is_megatrons():
+    """rank = t + TP * (e + EP * (d + DP_exp * p)), the DESIGN.md example with 2 stages."""
+    lay = ParallelLayout(32, tensor_parallel=2, expert_parallel=4, pipeline_parallel=2)
+    assert (lay.stage_size, lay.data_parallel, lay.expert_data_parallel) == (16, 8, 2)
+    assert lay.coords(27) == RankCoords(tp=1, dp=5, ep=1, expert_dp=1, pp=1, embedding=1)
+    assert lay.rank_of(tp=1, ep=1, expert_dp=1, pp=1) == 1 + 2 * (1 + 4 * (1 + 2 * 1))
+    assert lay.pp_group(27) == (11, 27) and lay.embedding_group(11) == (11, 27)
+    assert lay.ep_group(27) == (25, 27, 29, 31) and lay.expert_dp_group(27) == (19, 27)
+    three = ParallelLayout(6, pipeline_parallel=3)
+    assert three.embedding_group(2) == () and three.coords(2).embedding is None
+    assert three.groups("embedding") == [(0, 4), (1, 5)]
+    assert str(lay) == "world 32 = PP 2 x TP 2 x DP 8 (EP 4 x expert-DP 2), order tp-ep-dp"
 
 
 # ---- (d) large worlds are instant; the table ----------------------------------------------------
@@ -162,6 +193,10 @@ def test_small_table_lists_every_rank():
     assert "..." not in text and len(lines) == 2 + 8
     assert lines[1].split() == ["rank", "tp", "dp", "ep", "edp", "node"]
     assert lines[2 + 5].split() == ["5", "1", "2", "0", "1", "1"]
+    lines = ParallelLayout(8, 2, 2, pipeline_parallel=2).table().splitlines()
+    assert lines[0] == "world 8: PP 2, TP 2, DP 2, EP 2, expert-DP 1, order tp-ep-dp"
+    assert lines[1].split() == ["rank", "pp", "tp", "dp", "ep", "edp"]
+    assert lines[2 + 7].split() == ["7", "1", "1", "1", "1", "0"]
 
 
 # ---- (e) errors ---------------------------------------------------------------------------------
@@ -173,6 +208,10 @@ def test_small_table_lists_every_rank():
     ((8, 1, -2), "--expert-model-parallel-size -2", "at least 1"),
     ((0,), "world size 0", "at least 1"),
     ((8, 1, 1, "dp-ep-tp"), "--rank-order 'dp-ep-tp'", "tp-dp-ep"),
+    ((8, 1, 1, "tp-ep-dp", 3), "--pipeline-model-parallel-size 3", "pick a divisor of 8"),
+    ((8, 1, 1, "tp-ep-dp", 0), "--pipeline-model-parallel-size 0", "at least 1"),
+    ((8, 4, 1, "tp-ep-dp", 4), "--tensor-model-parallel-size 4", "ranks per stage 2 (world 8 / PP 4)"),
+    ((16, 2, 3, "tp-ep-dp", 2), "--expert-model-parallel-size 3", "world 16 / TP 2 / PP 2"),
 ])
 def test_bad_layouts_raise_layout_error(args, flag, fix):
     with pytest.raises(LayoutError) as info:
@@ -190,7 +229,7 @@ def test_rank_and_kind_out_of_range():
         with pytest.raises(ValueError):
             lay.ep_group(bad)
     with pytest.raises(ValueError, match="unknown group kind"):
-        lay.groups("pp")
+        lay.groups("cp")
 
 
 # ---- (f) processes -------------------------------------------------------------------------------

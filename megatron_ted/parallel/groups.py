@@ -1,4 +1,4 @@
-"""The process part of the layout: this rank's four `Group`s, backed by torch.distributed groups.
+"""The process part of the layout: this rank's `Group`s, backed by torch.distributed groups.
 
     groups = ParallelGroups.create(ParallelLayout(world, tensor_parallel=2, expert_parallel=4))
     comm.all_to_all(x, groups.ep)
@@ -21,7 +21,8 @@ from megatron_ted.parallel.layout import KINDS, ParallelLayout
 
 @dataclass(frozen=True, eq=False)
 class ParallelGroups:
-    """This rank's TP, DP, EP and expert-DP groups; all four count into one shared `stats`."""
+    """This rank's TP, DP, EP, expert-DP, pipeline and embedding groups; all count into one shared
+    `stats`. A middle pipeline stage holds no embedding: its `embedding` group is itself alone."""
 
     layout: ParallelLayout
     rank: int
@@ -29,6 +30,8 @@ class ParallelGroups:
     dp: Group
     ep: Group
     expert_dp: Group
+    pp: Group
+    embedding: Group
     stats: CommStats
 
     @classmethod
@@ -58,6 +61,7 @@ class ParallelGroups:
                     pg = process_groups[ranks]
                 if rank in ranks:
                     found[kind] = Group(name=kind, ranks=ranks, rank=getattr(mine, kind), pg=pg, stats=stats)
+        found.setdefault("embedding", Group(name="embedding", ranks=(rank,), rank=0, pg=None, stats=stats))
         for kind in KINDS:
             assert found[kind].ranks[found[kind].rank] == rank, f"{kind} group index mismatch"
         return cls(layout=layout, rank=rank, stats=stats, **found)
@@ -70,7 +74,7 @@ class ParallelGroups:
                    **{kind: Group.single(kind, stats) for kind in KINDS})
 
     def group(self, kind: str) -> Group:
-        """The group of one kind: "tp", "dp", "ep" or "expert_dp"."""
+        """The group of one kind: "tp", "dp", "ep", "expert_dp", "pp" or "embedding"."""
         if kind not in KINDS:
             raise ValueError(f"unknown group kind {kind!r}; pick one of {', '.join(KINDS)}")
         return getattr(self, kind)

@@ -24,7 +24,8 @@ from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, check_host
                                           peak_memory, weight_bytes, workload_from_args)
 
 GiB = 2**30
-_KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP"}
+_KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP", "pp": "PP",
+               "embedding": "embedding (first + last stage)"}
 
 
 def group_summary(layout: ParallelLayout, kind: str, gpus_per_node: int | None, shown: int = 2) -> str:
@@ -103,7 +104,8 @@ def _model_lines(args, precision: str) -> list[str]:
 
 def _layout_lines(layout: ParallelLayout, gpus_per_node: int | None) -> list[str]:
     lines = [layout.table(gpus_per_node=gpus_per_node)]
-    lines += ["  " + group_summary(layout, kind, gpus_per_node) for kind in KINDS]
+    lines += ["  " + group_summary(layout, kind, gpus_per_node) for kind in KINDS
+              if layout.has_pipeline() or kind not in ("pp", "embedding")]
     if gpus_per_node:
         lines.append(f"  nodes: {-(-layout.world_size // gpus_per_node)} x {gpus_per_node} GPUs")
     return lines
