@@ -89,7 +89,9 @@ def apply_fp8(model: nn.Module, fp8: FP8Config | None) -> nn.Module:
 
 
 def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int,
-              fp8: FP8Config | None = None) -> GPTModel:
+              fp8: FP8Config | None = None, layers: range | None = None, pre_process: bool = True,
+              post_process: bool = True) -> GPTModel:
+    """layers / pre_process / post_process: one pipeline stage's part (model/gpt.py; default all)."""
     build_moe = None
     if moe is not None:
         config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
@@ -117,6 +119,6 @@ def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, 
                               overlap_shared_experts=moe.shared_expert_overlap)
             return block(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
                          config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, dispatcher=dispatcher, **kwargs)
-    model = GPTModel(config, groups.tp, build_moe)
+    model = GPTModel(config, groups.tp, build_moe, layers, pre_process, post_process)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
     return apply_fp8(model, fp8)

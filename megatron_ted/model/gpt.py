@@ -6,9 +6,17 @@ With --sequence-parallel (model/sequence_parallel.py) the embedding reduce-scatt
 this rank's sequence shard [B, S/TP, H], positions are those of the shard, every layer runs on the
 shard between its tensor-parallel matmuls, and the final norm's output is all-gathered along the
 sequence before the vocab-parallel output layer.
+
+Pipeline stages (megatron_ted/pipeline/) are GPTModels built with `layers` (a run of global layer
+indices), `pre_process` (the embedding) and `post_process` (final norm, output layer, loss), as
+Megatron builds them; `forward_stage` runs one. Layers keep their global index as their name
+(`layers.{i}`), so parameter names and checkpoints are the same at every pipeline size. A last
+stage that is not also the first holds its own copy of a tied embedding (`embedding.weight`,
+initialised from the same seed and name), kept equal by summing the two copies' gradients.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +31,7 @@ from megatron_ted.model.recompute import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.router import RouteInputs
 from megatron_ted.parallel.comm import Group
-from megatron_ted.parallel.sharding import set_spec
+from megatron_ted.parallel.sharding import set_spec, spec_of
 from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megatron_ted.parallel import mappings
 
@@ -60,14 +68,37 @@ class GPTOutput:
     moe: list = field(default_factory=list)  # one MoEOutput per MoE layer
 
 
-class GPTModel(nn.Module):
-    """`build_moe(layer_index)` returns the MoE block for the layers in `config.moe_layers`."""
+class LayerStack(nn.ModuleList):
+    """The transformer layers of a model or stage, named by their global index (`layers.{i}`)
+    however many of them this stage holds; iterated, sliced and indexed by position as a list."""
 
-    def __init__(self, config: GPTConfig, tp: Group, build_moe=None):
+    def __init__(self, layers=(), first_index: int = 0):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(first_index + i), layer)
+
+    def __getitem__(self, idx):
+        items = list(self._modules.values())
+        return LayerStack(items[idx]) if isinstance(idx, slice) else items[idx]
+
+
+class GPTModel(nn.Module):
+    """`build_moe(layer_index)` returns the MoE block for the layers in `config.moe_layers`.
+
+    layers / pre_process / post_process: a pipeline stage's part of the model (the default: all)."""
+
+    def __init__(self, config: GPTConfig, tp: Group, build_moe=None, layers: range | None = None,
+                 pre_process: bool = True, post_process: bool = True):
         super().__init__()
         c = self.config = config
         self.tp = tp
-        self.embedding = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+        self.pre_process, self.post_process = pre_process, post_process
+        layers = range(c.num_layers) if layers is None else layers
+        tied_copy = post_process and not pre_process and not c.untie_embeddings_and_output_weights
+        self.embedding = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp) if pre_process or tied_copy else None
+        if tied_copy:   # not counted twice in the gradient norm, not written twice to checkpoints
+            w = self.embedding.weight
+            w.spec = dataclasses.replace(spec_of(w), tied_copy=True)
         if c.position_embedding_type == "learned":
             self.position_embedding, self.rotary = LearnedPositionEmbedding(c.max_position_embeddings, c.hidden_size), None
             if not c.add_position_embedding:   # no position information but causality (NoPE)
@@ -80,10 +111,12 @@ class GPTModel(nn.Module):
             raise ValueError(f"--position-embedding-type {c.position_embedding_type} is not supported; use learned or rope")
         if c.mla is not None and self.rotary is None:
             raise ValueError("--multi-latent-attention needs --position-embedding-type rope")
+        if not pre_process:
+            self.position_embedding = None   # the rotary tables (no parameters) are every stage's
         self.embedding_dropout = nn.Dropout(c.hidden_dropout)
 
-        layers = []
-        for i in range(c.num_layers):
+        modules = []
+        for i in layers:
             if i in c.moe_layers:
                 if build_moe is None:
                     raise ValueError("MoE layers requested but no MoE builder given")
@@ -94,12 +127,12 @@ class GPTModel(nn.Module):
             if c.mla is not None:
                 attention = MultiLatentAttention(c.hidden_size, c.num_attention_heads, c.mla, tp, c.attention_dropout,
                                                  c.add_bias_linear, c.layernorm_epsilon, c.rope.softmax_scale_factor())
-            layers.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
-                                           c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
-                                           c.add_bias_linear, attention, c.attention))
-        self.layers = nn.ModuleList(layers)
-        self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon)
-        if c.untie_embeddings_and_output_weights:
+            modules.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
+                                            c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
+                                            c.add_bias_linear, attention, c.attention))
+        self.layers = LayerStack(modules, layers.start if len(layers) else 0)
+        self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon) if post_process else None
+        if c.untie_embeddings_and_output_weights and post_process:
             self.output_weight = set_spec(nn.Parameter(torch.empty(c.vocab_size // tp.size, c.hidden_size)), tp_dim=0)
         else:
             self.output_weight = None
@@ -113,14 +146,9 @@ class GPTModel(nn.Module):
         kv_cache: generation (inference/kv_cache.py): `tokens` are the step's new positions, each
         attention layer attends to its cached ones too, and the logits are the last position's only
         [B, 1, V/TP] (what sampling needs; a prompt's full [B, S, V] would be large)."""
-        x = self.embedding(tokens)                                     # [B, S, H] ([B, S/TP, H] under SP)
+        x = self._embed(tokens, position_ids)                          # [B, S, H] ([B, S/TP, H] under SP)
         route = RouteInputs(token_ids=tokens, seed=routing_seed)
-        rotary = None
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(self._sequence_shard(position_ids))
-        elif self.rotary is not None:
-            rotary = self.rotary(position_ids)
-        x = self.embedding_dropout(x)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         if kv_cache is None:
@@ -130,8 +158,34 @@ class GPTModel(nn.Module):
             x = x[:, -1:]
         for moe_out in moe_outputs:
             aux_loss = aux_loss + moe_out.aux_loss
-        x = self.final_norm(x)
+        loss, logits = self._head(x, labels)
+        return GPTOutput(loss, logits, aux_loss, moe_outputs)
 
+    def forward_stage(self, x: torch.Tensor, position_ids: torch.Tensor, token_ids: torch.Tensor,
+                      labels: torch.Tensor, routing_seed: int | None = None) -> GPTOutput:
+        """One pipeline stage: x is the token ids on the first stage, else the previous stage's
+        hidden states; returns the hidden states as `logits` (the stage's output) on all but the
+        last stage, the per-token loss on the last; the aux loss and MoE outputs of its layers."""
+        if self.pre_process:
+            x = self._embed(x, position_ids)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+        x, moe_outputs = self._run_layers(x, rotary, RouteInputs(token_ids=token_ids, seed=routing_seed))
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for moe_out in moe_outputs:
+            aux_loss = aux_loss + moe_out.aux_loss
+        if not self.post_process:
+            return GPTOutput(None, x, aux_loss, moe_outputs)
+        return GPTOutput(self._head(x, labels)[0], None, aux_loss, moe_outputs)
+
+    def _embed(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(self._sequence_shard(position_ids))
+        return self.embedding_dropout(x)
+
+    def _head(self, x: torch.Tensor, labels: torch.Tensor | None):
+        """Final norm and output layer: (per-token loss, None) with labels, else (None, logits)."""
+        x = self.final_norm(x)
         weight = self.output_weight if self.output_weight is not None else self.embedding.weight
         if self.sequence_parallel:
             x = mappings.gather_partial(x, self.tp, dim=1)            # [B, S/TP, H] -> [B, S, H]
@@ -139,9 +193,9 @@ class GPTModel(nn.Module):
             x = mappings.copy_to(x, self.tp)
         logits = torch.nn.functional.linear(x, weight)                 # [B, S, V/TP]
         if labels is None:
-            return GPTOutput(None, logits, aux_loss, moe_outputs)
-        loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
-        return GPTOutput(loss, None, aux_loss, moe_outputs)
+            return None, logits
+        vocab_start = self.tp.rank * logits.shape[-1]   # this rank's slice of the vocabulary
+        return vocab_parallel_cross_entropy(logits, labels, self.tp, vocab_start), None
 
     def _sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
         """This TP rank's part of the sequence (dim 1) of t under SP; t itself otherwise."""

@@ -16,6 +16,9 @@ Every parameter carries a `ParamSpec` (attribute `param.spec`):
            replicated over TP but used on this rank's sequence shard only (--sequence-parallel: norms,
            row-parallel biases, position embeddings, routers): its gradient is a partial sum that
            training/grad_sync.py all-reduces over TP. Set by model/sequence_parallel.py.
+  tied_copy
+           the last pipeline stage's copy of a tied embedding (model/gpt.py): equal to the first
+           stage's, so counted once in the gradient norm and written once to checkpoints (theirs).
 
 The full tensor is the unit of initialization (so every layout draws the same model from one
 seed) and of checkpoints (so a checkpoint written at one layout loads at another).
@@ -37,6 +40,7 @@ class ParamSpec:
     init: str = "normal"
     sequence_parallel: bool = False
     tp_replicas: int = 1
+    tied_copy: bool = False
 
 
 def set_spec(param: torch.nn.Parameter, tp_dim: int | None = None, expert: bool = False,

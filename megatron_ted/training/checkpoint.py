@@ -172,6 +172,8 @@ def _box(region: tuple[slice, ...], shape) -> list[tuple[int, int]]:
 
 def _writer(index: int, spec, groups: ParallelGroups) -> bool:
     """Does this rank write the shard it holds of the index-th parameter (one writer per shard)?"""
+    if spec.tied_copy:   # the last pipeline stage's copy of a tied embedding: the first stage writes it
+        return False
     replicas = groups.expert_dp if spec.expert else groups.dp
     if replicas.rank != index % replicas.size:
         return False
@@ -186,8 +188,10 @@ def _model_config(model, groups: ParallelGroups) -> dict | None:
     if config is None or not dataclasses.is_dataclass(config):
         return None
     out = _jsonable(dataclasses.asdict(config))
-    out["num_experts"] = next((full_shape(p.shape, spec_of(p), groups.tp, groups.ep)[0]
-                               for p in model.parameters() if spec_of(p).expert), 0)
+    experts = next((full_shape(p.shape, spec_of(p), groups.tp, groups.ep)[0]
+                    for p in model.parameters() if spec_of(p).expert), None)
+    if experts is not None or not config.moe_layers:   # a pipeline stage without MoE layers cannot tell
+        out["num_experts"] = experts or 0
     return out
 
 
@@ -300,7 +304,7 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
         if tensors:
             _save_file(tensors, os.path.join(tmp, fname))
         entries = [(key, full, dtype, fname, offsets, shape) for key, full, dtype, offsets, shape in entries]
-        if rng is not False and groups.tp.rank == 0:
+        if rng is not False and groups.tp.rank == 0 and groups.pp.rank == 0:   # one file per DP rank
             state = rng if isinstance(rng, dict) else get_rng_state()
             _save_file(state, os.path.join(tmp, f"rng_dp{groups.dp.rank:05d}.pt"))
     except Exception as err:  # noqa: BLE001 -- reported on every rank below
@@ -323,7 +327,8 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
                 "consumed_samples": int(consumed_samples),
                 "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "layout": {"world_size": groups.layout.world_size, "tp": groups.tp.size, "ep": groups.ep.size,
-                           "dp": groups.dp.size, "expert_dp": groups.expert_dp.size, "order": groups.layout.order},
+                           "dp": groups.dp.size, "expert_dp": groups.expert_dp.size, "order": groups.layout.order,
+                           "pp": groups.pp.size},
                 "rng": rng is not False,
                 "optimizer": optimizer is not None,
                 "loss_scaler": (optimizer.loss_scaler.state_dict()
