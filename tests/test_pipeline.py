@@ -81,3 +81,128 @@ def _chained_vs_full(untie: bool, split: PipelineSplit):
                                           (False, PipelineSplit(4, 2, layers_per_virtual_stage=1))])
 def test_stages_chained_equal_the_full_model(untie, split):
     _chained_vs_full(untie, split)
+
+
+# ---- 8 processes, PP 2 x TP 2 x EP 2, against the single-process reference ---------------------
+
+AUX = dict(topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
+STEPS = 3
+
+
+def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, recompute=None, steps=STEPS):
+    """parity.train_layout's run (4 layers, the AUX router, global batch 8, micro-batch 2, float64)
+    through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer)."""
+    import torch
+    from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+    from megatron_ted.parallel.sharding import spec_of, unshard
+    from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
+    from megatron_ted.pipeline.split import PipelineSplit
+    from megatron_ted.pipeline.stage import build_pipeline_model
+    from megatron_ted.training.grad_sync import GradientSync
+    from megatron_ted.training.optimizer import MixedPrecisionAdamW
+    from megatron_ted.training.tiled_optimizer import TiledAdamW
+    from parity import global_batches, micro_batches, tiny_config, tiny_moe
+
+    split = PipelineSplit(4, groups.pp.size, vp, style="v" if schedule == "zbv" else "loop")
+    model = build_pipeline_model(tiny_config(num_layers=4), tiny_moe(**AUX), groups, 1234, split).double()
+    if recompute:
+        for chunk in model.chunks:
+            apply_recompute(chunk, RecomputeConfig(**recompute))
+    sync = GradientSync(model, groups.dp, groups.expert_dp, bucket_elements=500, reduce_scatter=distributed_optimizer)
+    if distributed_optimizer:
+        opt = TiledAdamW(model, sync, groups.tp, groups.dp, lr=1e-2, weight_decay=0.1, clip_grad=0.0, tile_size=64,
+                         pp=groups.pp)
+    else:
+        opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=1e-2, weight_decay=0.1, clip_grad=0.0, pp=groups.pp)
+    runner = PipelineRunner(model, groups, 8 // 2 // groups.dp.size, schedule)
+    out = {"losses": [], "aux_losses": [], "grad_norms": [], "grads": None, "loads": []}
+    for step, batch in enumerate(global_batches(steps, 8)):
+        sync.zero_grad()
+        batch = {k: (v.double() if k == "loss_mask" else v) for k, v in batch.items()}
+        result = pipeline_forward_backward(runner, micro_batches(batch, groups.dp.rank, groups.dp.size, 2, step),
+                                           groups, sync)
+        if step == 0 and not distributed_optimizer:
+            out["grads"] = {n: unshard(p.main_grad, spec_of(p), groups.tp, groups.ep).clone()
+                            for n, p in model.named_parameters()}
+        _, norm = opt.step(1e-2)
+        out["losses"].append(result.lm_loss)
+        out["aux_losses"].append(result.aux_loss)
+        out["grad_norms"].append(norm)
+        out["loads"].append([m["tokens_per_expert"].tolist() for m in result.moe])
+    out["embedding"] = model.embedding.weight.detach().clone() if hasattr(model, "embedding") else None
+    out["stages"] = model.stage_indices
+    return out
+
+
+PIPELINE_JOBS = {
+    "1f1b": dict(),
+    "interleaved": dict(vp=1),
+    "dtd-cac-distopt": dict(distributed_optimizer=True,
+                            recompute=dict(granularity="full", num_layers=1, moe_cac=True)),
+}
+
+
+def run_pipeline_jobs(rank, world):
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.parallel.layout import ParallelLayout
+    groups = ParallelGroups.create(ParallelLayout(world, tensor_parallel=2, expert_parallel=2, pipeline_parallel=2))
+    assert groups.pp.ranks == (rank % 4, rank % 4 + 4) and groups.embedding.ranks == groups.pp.ranks
+    return {name: train_pipeline(groups, **kw) for name, kw in PIPELINE_JOBS.items()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_runs():
+    from parity import run_forked
+    return run_forked(run_pipeline_jobs, 8)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from megatron_ted.model.builder import build_gpt  # noqa: F401 (warm import)
+    from megatron_ted.parallel.groups import ParallelGroups
+    from parity import single_thread, tiny_config, tiny_moe, train_layout
+    return single_thread(lambda: train_layout(ParallelGroups.single(), tiny_config(num_layers=4), tiny_moe(**AUX),
+                                              steps=STEPS))
+
+
+def _merged_grads(ranks: list[dict], name: str) -> dict:
+    """Every parameter's full gradient from the ranks holding it; the ranks agree (the tied
+    embedding's two copies included: their gradients were summed)."""
+    import torch
+    merged = {}
+    for res in ranks:
+        for n, g in res[name]["grads"].items():
+            if n in merged:
+                torch.testing.assert_close(g, merged[n], rtol=0, atol=0, msg=lambda m, n=n: f"{name}: {n}: {m}")
+            merged[n] = g
+    return merged
+
+
+@pytest.mark.parametrize("name", list(PIPELINE_JOBS))
+def test_pipeline_matches_single_process(pipeline_runs, reference, name):
+    from parity import assert_matches
+    assert 0.005 < reference["aux_losses"][0] < 0.1   # the aux loss is in play
+    for rank, res in enumerate(pipeline_runs):
+        run = res[name]
+        for a, b in zip(run["losses"], reference["losses"]):
+            assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: loss {a} != {b}"
+        for a, b in zip(run["aux_losses"], reference["aux_losses"]):
+            assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: aux loss {a} != {b}"
+        for a, b in zip(run["grad_norms"], reference["grad_norms"]):
+            assert a == pytest.approx(b, rel=1e-10), f"{name} rank {rank}: grad norm {a} != {b}"
+        # routing statistics of all 4 MoE layers on every rank (stages gathered), of this rank's
+        # data-parallel share as without a pipeline: the two DP ranks' loads add up to the reference's
+        partner = pipeline_runs[rank ^ 2][name]          # the other DP rank of this stage and TP rank
+        for s in range(STEPS):
+            want = [m["tokens_per_expert"].tolist() for m in reference["moe_steps"][s]]
+            got = [[a + b for a, b in zip(x, y)] for x, y in zip(run["loads"][s], partner["loads"][s])]
+            assert got == want, f"{name} rank {rank} step {s}"
+    chunks = [[0, 2], [1, 3]] if name == "interleaved" else [[0], [1]]
+    assert [pipeline_runs[r][name]["stages"] for r in (0, 4)] == chunks
+    if name != "dtd-cac-distopt":
+        grads = _merged_grads(pipeline_runs, name)
+        assert_matches({"losses": reference["losses"], "grads": grads}, reference, name)
+    # the tied embedding's copies stay equal after the optimizer steps
+    import torch
+    ends = [res[name]["embedding"] for res in pipeline_runs if res[name]["embedding"] is not None]
+    assert len(ends) == 8 and all(torch.equal(ends[r], ends[r + 4]) for r in range(4))

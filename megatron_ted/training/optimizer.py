@@ -16,15 +16,16 @@ from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import first_replica, spec_of
 
 
-def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group) -> torch.Tensor:
-    """sqrt of the sum of squares of every logical gradient element, identical on every rank."""
+def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group, pp: Group | None = None) -> torch.Tensor:
+    """sqrt of the sum of squares of every logical gradient element, identical on every rank;
+    with `pp`, summed over the pipeline stages (a tied embedding's last-stage copy not counted)."""
     device = params[0].main_grad.device if params else "cpu"
     dtype = torch.promote_types(params[0].main_grad.dtype, torch.float32) if params else torch.float32
     # [dense sliced over TP, dense replicated, expert sliced over TP, expert replicated over TP]
     sq = torch.zeros(4, dtype=dtype, device=device)   # at least fp32; fp64 gradients stay fp64
     for p in params:
         spec = spec_of(p)
-        if spec.tp_dim is not None and not first_replica(spec, tp):   # a slice other TP ranks hold too
+        if spec.tied_copy or (spec.tp_dim is not None and not first_replica(spec, tp)):   # held elsewhere too
             continue
         slot = (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)
         sq[slot] += p.main_grad.to(dtype).pow(2).sum()
@@ -32,7 +33,10 @@ def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group) -> torch.
     comm.all_reduce(sliced, tp)
     expert = (sliced[1] + sq[3]).reshape(1)
     comm.all_reduce(expert, ep)
-    return (sliced[0] + sq[1] + expert[0]).sqrt()
+    total = (sliced[0] + sq[1] + expert[0]).reshape(1)
+    if pp is not None:
+        comm.all_reduce(total, pp)
+    return total[0].sqrt()
 
 
 class DynamicLossScaler:
@@ -102,8 +106,8 @@ class MixedPrecisionAdamW:
 
     def __init__(self, model: nn.Module, tp: Group, ep: Group, lr: float, weight_decay: float,
                  betas=(0.9, 0.999), eps: float = 1e-8, clip_grad: float = 1.0,
-                 loss_scaler: DynamicLossScaler | None = None):
-        self.tp, self.ep, self.clip_grad, self.loss_scaler = tp, ep, clip_grad, loss_scaler
+                 loss_scaler: DynamicLossScaler | None = None, pp: Group | None = None):
+        self.tp, self.ep, self.clip_grad, self.loss_scaler, self.pp = tp, ep, clip_grad, loss_scaler, pp
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]          # logical names, for checkpoints
         self.params = [p for _, p in named]
@@ -122,7 +126,7 @@ class MixedPrecisionAdamW:
     @torch.no_grad()
     def step(self, lr: float) -> tuple[bool, float]:
         """Returns (applied, grad_norm). A step with an inf/nan gradient is skipped."""
-        norm = global_grad_norm(self.params, self.tp, self.ep) / self.loss_scale
+        norm = global_grad_norm(self.params, self.tp, self.ep, self.pp) / self.loss_scale
         overflow = not math.isfinite(norm.item())
         if self.loss_scaler:
             self.loss_scaler.update(overflow)

@@ -154,13 +154,15 @@ class TiledAdamW:
     def __init__(self, model: nn.Module, grad_sync: GradientSync, tp: Group, dp: Group, lr: float,
                  weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, clip_grad: float = 1.0,
                  loss_scaler: DynamicLossScaler | None = None, tile_size: int = DEFAULT_TILE_SIZE,
-                 fused: bool | None = None, offload_fraction: float = 0.0, offload_policy: str = "cpu-step"):
-        """fused: torch's fused AdamW kernel for the update (None: where the device has it)."""
+                 fused: bool | None = None, offload_fraction: float = 0.0, offload_policy: str = "cpu-step",
+                 pp: Group | None = None):
+        """fused: torch's fused AdamW kernel for the update (None: where the device has it).
+        pp: the pipeline group: the gradient norm (and so the fp16 overflow check) sums its stages."""
         if tile_size < 0:
             raise ValueError(f"tile_size {tile_size} must be >= 0 (0: no tiling)")
         if offload_policy not in OFFLOAD_POLICIES:
             raise ValueError(f"--optimizer-offload-policy {offload_policy} is not one of {', '.join(OFFLOAD_POLICIES)}")
-        self.tp, self.dp, self.grad_sync = tp, dp, grad_sync
+        self.tp, self.dp, self.grad_sync, self.pp = tp, dp, grad_sync, pp
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.clip_grad, self.loss_scaler, self.tile_size = clip_grad, loss_scaler, tile_size
         self.distributed = grad_sync.reduce_scatter
@@ -235,7 +237,8 @@ class TiledAdamW:
                     decay.append((a - lo, b - lo))
             a, b = max(n_lo, off), min(n_hi, off + p.numel())
             spec = spec_of(p)
-            if a < b and (spec.tp_dim is None or first_replica(spec, self.tp)):   # a shared slice counts once
+            if a < b and not spec.tied_copy and (spec.tp_dim is None or first_replica(spec, self.tp)):
+                # a shared slice counts once, a tied embedding's last-stage copy not at all
                 norm.append((a, b, (2 if spec.expert else 0) + (0 if spec.tp_dim is not None else 1)))
         shard.decay_runs = [(a, b) for a, b in _merge(decay)]
         shard.norm_runs = _merge(norm)
@@ -261,6 +264,8 @@ class TiledAdamW:
                 sq[cls] += torch.dot(g, g)
         comm.all_reduce(sq, self.dp)
         comm.all_reduce(sq, self.tp)
+        if self.pp is not None:
+            comm.all_reduce(sq, self.pp)
         replicated = (sq[DENSE_REPLICATED] + sq[EXPERT_REPLICATED]) / self.tp.size
         return (sq[DENSE_SLICED] + sq[EXPERT_SLICED] + replicated).sqrt()
 
