@@ -206,3 +206,61 @@ def test_pipeline_matches_single_process(pipeline_runs, reference, name):
     import torch
     ends = [res[name]["embedding"] for res in pipeline_runs if res[name]["embedding"] is not None]
     assert len(ends) == 8 and all(torch.equal(ends[r], ends[r + 4]) for r in range(4))
+
+
+# ---- the entry point: resume across P, bad input ------------------------------------------------
+
+CLI = ("--num-layers 4 --hidden-size 16 --num-attention-heads 4 --seq-length 8 --micro-batch-size 1 "
+       "--global-batch-size 4 --mock-data --vocab-size 128 --tokenizer-type NullTokenizer --eval-iters 0 "
+       "--hidden-dropout 0 --attention-dropout 0 --lr 1e-2 --lr-decay-style constant --num-experts 2 --log-interval 1 --seed 3").split()
+
+
+def _cli_worker(rank, world, port, argv):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(1)
+    from megatron_ted.data.tokenizer import build_tokenizer
+    from megatron_ted.training.arguments import padded_vocab_size, parse_args
+    from megatron_ted.training.train import train
+    args = parse_args(argv, world_size=world)
+    tok = build_tokenizer(args.tokenizer_type, None, args.vocab_size, None, None)
+    args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by, 1)
+    out = train(args, tok)
+    if rank == 0:
+        torch.save(out["losses"], os.path.join(argv[argv.index("--save") + 1], "losses.pt"))
+
+
+def _cli(world, extra, save):
+    import os
+    import torch
+    import torch.multiprocessing as mp
+    from multiproc import free_port
+    argv = CLI + extra + ["--save", save]
+    os.makedirs(save, exist_ok=True)
+    mp.spawn(_cli_worker, args=(world, free_port(), argv), nprocs=world, join=True)
+    return torch.load(os.path.join(save, "losses.pt"))
+
+
+def test_resume_across_pipeline_sizes(tmp_path):
+    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse) continue the curve."""
+    whole = _cli(2, ["--train-iters", "4"], str(tmp_path / "whole"))
+    for first, then, name in ((2, 1, "p2p1"), (1, 2, "p1p2")):
+        d = str(tmp_path / name)
+        head = _cli(2, ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)], d)
+        tail = _cli(2, ["--train-iters", "4", "--pipeline-model-parallel-size", str(then), "--load", d], d)
+        assert head + tail == pytest.approx(whole, rel=1e-5), name
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--pipeline-model-parallel-size", "3"], "--pipeline-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "--num-layers-per-virtual-pipeline-stage 3"),
+    (["--pipeline-model-parallel-size", "4", "--global-batch-size", "2"], "--global-batch-size"),
+])
+def test_bad_pipeline_flags_are_one_line(extra, flag):
+    from megatron_ted.training.arguments import parse_args
+    with pytest.raises(ValueError) as info:
+        parse_args(CLI + ["--train-iters", "1"] + extra, world_size=4)
+    assert flag in str(info.value) and "\n" not in str(info.value)

@@ -25,6 +25,7 @@ from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel import fp8
+from megatron_ted.pipeline import flags as pipeline_flags
 from megatron_ted.training import compat_flags, run_length
 
 
@@ -421,7 +422,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     args.accepted_no_effect = compat_flags.apply(args)   # refuses what we lack; lists what changes nothing
     args.world_size = world_size
     args.layout = ParallelLayout(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                                 args.rank_order)
+                                 args.rank_order, pipeline_parallel=args.pipeline_model_parallel_size)
     tp, dp = args.tensor_model_parallel_size, args.layout.data_parallel
     if not args.group_query_attention:
         args.num_query_groups = None   # Megatron-LM ignores --num-query-groups without --group-query-attention
@@ -455,6 +456,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
          f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
          f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}")
     args.num_micro_batches = args.global_batch_size // per_step
+    args.pipeline_split = pipeline_flags.resolve(args)   # None without PP (megatron_ted/pipeline/flags.py)
     run_length.resolve(args)   # --train-iters/-samples/-tokens and the schedule, in iterations
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")

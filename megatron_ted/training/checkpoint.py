@@ -772,6 +772,10 @@ def _load_local(path, model, optimizer, groups, strict, load_optim, load_rng) ->
 
     params = list(model.named_parameters())
     names = {f"model/{n}" for n, _ in params}
+    if groups.pp.size > 1:   # a pipeline stage holds part of the model: the stages together hold it all
+        parts = [None] * groups.pp.size
+        dist.all_gather_object(parts, names, group=groups.pp.pg)
+        names = set().union(*parts)
     if strict:
         unexpected = sorted(k for k in index if k.startswith("model/") and k not in names)
         if unexpected:

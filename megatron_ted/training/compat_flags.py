@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_ted.pipeline import flags as pipeline_flags
+
 from megatron_ted.training import run_length
 
 _S = argparse.SUPPRESS
@@ -70,25 +72,21 @@ NO_EFFECT = {
     "--no-load-optim-scheduler": (None, "the schedule is not loaded (it comes from the flags)"),
     "--deepspeed": (None, "no DeepSpeed engine: pass precision, batch sizes and ZeRO as flags"),
     "--deepspeed_config": ("any", "the DeepSpeed JSON is not read: pass precision, batch sizes and ZeRO as flags"),
-    "--no-pipeline-parallel": (None, "there is no pipeline parallelism to turn off"),
+    "--no-pipeline-parallel": (None, "pipeline parallelism is off unless --pipeline-model-parallel-size > 1"),
     "--ckpt-format": (("torch", "torch_dist"), "checkpoints are in our sharded format (loadable at any layout)"),
 }
 
 # flag: why more than 1 is refused
 SIZE_ONE = {
-    "--pipeline-model-parallel-size": "pipeline parallelism is not available here",
     "--context-parallel-size": "context parallelism is not available here",
-    "--virtual-pipeline-model-parallel-size": "pipeline parallelism is not available here",
+    "--virtual-pipeline-model-parallel-size": "use --num-layers-per-virtual-pipeline-stage",
 }
 
 # flag: (takes a value, what is missing)
 REFUSED = {
     "--fp8": (True, "FP8 training is --fp8-format e4m3|hybrid here (with --fp8-recipe tensorwise|rowwise)"),
     "--fp4-format": (True, "FP4 training is not available here; use --bf16"),
-    "--num-layers-per-virtual-pipeline-stage": (True, "pipeline parallelism is not available here"),
-    "--num-virtual-stages-per-pipeline-rank": (True, "pipeline parallelism is not available here"),
-    "--decoder-first-pipeline-num-layers": (True, "pipeline parallelism is not available here"),
-    "--decoder-last-pipeline-num-layers": (True, "pipeline parallelism is not available here"),
+    "--num-virtual-stages-per-pipeline-rank": (True, "use --num-layers-per-virtual-pipeline-stage"),
     "--tp-comm-overlap": (False, "Transformer Engine's TP communication overlap is not available here"),
     "--mtp-num-layers": (True, "multi-token prediction is not available here"),
     "--rampup-batch-size": (True, "batch-size ramp-up is not available here; use a fixed --global-batch-size"),
@@ -113,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
                    help="events TensorBoard queues before writing them to disk")
     run_length.add_arguments(g)
+    pipeline_flags.add_arguments(g)   # --pipeline-model-parallel-size and the layer split: real here
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model-shape flags from the checkpoint in --load (over the command line)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,

@@ -28,6 +28,8 @@ from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
+from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
+from megatron_ted.pipeline.stage import build_pipeline_model
 from megatron_ted.tensor_parallel import fp8
 from megatron_ted.training.arguments import (attention_config, fp8_config, mla_config, num_experts_per_layer,
                                              padded_vocab_size, parse_args, report_error, rope_config, router_config)
@@ -234,14 +236,19 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
 
     vocab = args.padded_vocab_size
     config, moe = model_configs(args, vocab)
-    model = build_gpt(config, moe, groups, args.seed, fp8=fp8_config(args)).to(device)
+    split = getattr(args, "pipeline_split", None)   # --pipeline-model-parallel-size > 1 (megatron_ted/pipeline/)
+    if split is not None:
+        model = build_pipeline_model(config, moe, groups, args.seed, split, fp8=fp8_config(args)).to(device)
+    else:
+        model = build_gpt(config, moe, groups, args.seed, fp8=fp8_config(args)).to(device)
     if fp8_note := fp8.startup_note(fp8_config(args), device):
         print_rank0(fp8_note)
-    if getattr(args, "sequence_parallel", False):
-        apply_sequence_parallel(model, groups.tp)
-    if args.recompute_granularity is not None:
-        apply_recompute(model, RecomputeConfig(args.recompute_granularity, args.recompute_method or "uniform",
-                                               args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
+    for chunk in getattr(model, "chunks", [model]):   # each pipeline stage of this rank, or the model
+        if getattr(args, "sequence_parallel", False):
+            apply_sequence_parallel(chunk, groups.tp)
+        if args.recompute_granularity is not None:
+            apply_recompute(chunk, RecomputeConfig(args.recompute_granularity, args.recompute_method or "uniform",
+                                                   args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model.to(dtype)
     if args.compile_layers:
@@ -269,7 +276,10 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
                            loss_scaler=scaler, tile_size=args.optimizer_tile_size,
                            offload_fraction=args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0,
-                           offload_policy=args.optimizer_offload_policy)
+                           offload_policy=args.optimizer_offload_policy, pp=groups.pp)
+    runner = None if split is None else PipelineRunner(model, groups, args.num_micro_batches,
+                                                       getattr(args, "pipeline_schedule", None),
+                                                       getattr(args, "sequence_parallel", False))
     state = optimizer.state_numel()
     print_rank0(f" > optimizer: AdamW, {'partitioned over DP / expert-DP' if args.use_distributed_optimizer else 'replicated'}"
                 f", tiles of {args.optimizer_tile_size or 'the whole partition'} elements; state on rank 0: "
@@ -351,7 +361,10 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
                              tokenizer.vocab_size, f"iteration {it}")
         profiler.before(it)
         with torch.profiler.record_function("forward-backward"):
-            result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
+            if runner is not None:
+                result = pipeline_forward_backward(runner, mbs, groups, sync, loss_scale=optimizer.loss_scale)
+            else:
+                result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(result.lm_loss):
             # an fp16 overflow in the gradients is a skipped step; a non-finite loss is a diverged run
             raise NonFiniteLossError(f"iteration {it}: the lm loss is {result.lm_loss} on rank {rank} "
