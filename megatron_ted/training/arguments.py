@@ -348,6 +348,8 @@ NUMERIC_FLAGS: dict[str, Range] = {
     # sizes of parallel dimensions we refuse above 1 (training/compat_flags.py)
     "pipeline_model_parallel_size": COUNT, "virtual_pipeline_model_parallel_size": COUNT,
     "context_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,
+    "num_layers_per_virtual_pipeline_stage": COUNT, "decoder_first_pipeline_num_layers": COUNT,
+    "decoder_last_pipeline_num_layers": COUNT,
     # run length and schedule in samples or tokens (0 warm-up: none)
     "train_samples": COUNT, "train_tokens": COUNT, "lr_decay_samples": COUNT, "lr_decay_tokens": COUNT,
     "lr_warmup_samples": NON_NEGATIVE, "lr_warmup_tokens": NON_NEGATIVE, "lr_warmup_fraction": FRACTION,
