@@ -93,6 +93,8 @@ OUT_OF_RANGE = [
     ("--moe-router-group-topk", "0", ">= 1"), ("--moe-router-topk-scaling-factor", "0", "> 0"),
     ("--moe-eval-capacity-factor", "0", "> 0"), ("--moe-upcycling-granularity", "0", ">= 1"),
     ("--pipeline-model-parallel-size", "0", ">= 1"), ("--virtual-pipeline-model-parallel-size", "0", ">= 1"),
+    ("--num-layers-per-virtual-pipeline-stage", "0", ">= 1"), ("--decoder-first-pipeline-num-layers", "0", ">= 1"),
+    ("--decoder-last-pipeline-num-layers", "0", ">= 1"),
     ("--context-parallel-size", "0", ">= 1"), ("--expert-tensor-parallel-size", "0", ">= 1"),
     ("--train-samples", "0", ">= 1"), ("--train-tokens", "0", ">= 1"), ("--lr-decay-samples", "0", ">= 1"),
     ("--lr-decay-tokens", "0", ">= 1"), ("--lr-warmup-samples", "-1", ">= 0"),
