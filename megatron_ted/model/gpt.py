@@ -63,7 +63,7 @@ class GPTConfig:
 @dataclass
 class GPTOutput:
     loss: torch.Tensor | None               # per-token loss [B, S] (fp32) when labels are given
-    logits: torch.Tensor | None             # this rank's vocab slice [B, S, V/TP] when no labels
+    logits: torch.Tensor | None             # this rank's vocab slice [B, S, V/TP] when no labels (or keep_logits)
     aux_loss: torch.Tensor                  # sum of the MoE layers' aux and z losses (scalar)
     moe: list = field(default_factory=list)  # one MoEOutput per MoE layer
 
@@ -140,12 +140,14 @@ class GPTModel(nn.Module):
         self.sequence_parallel = False                   # model/sequence_parallel.py
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                routing_seed: int | None = None, kv_cache=None) -> GPTOutput:
+                routing_seed: int | None = None, kv_cache=None, keep_logits: bool = False) -> GPTOutput:
         """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
         moe/router.py); the MoE layers also get the token ids (hash routing).
         kv_cache: generation (inference/kv_cache.py): `tokens` are the step's new positions, each
         attention layer attends to its cached ones too, and the logits are the last position's only
-        [B, 1, V/TP] (what sampling needs; a prompt's full [B, S, V] would be large)."""
+        [B, 1, V/TP] (what sampling needs; a prompt's full [B, S, V] would be large).
+        keep_logits: with labels, return the logits beside the loss (distillation compares them
+        with a teacher's, training/distillation.py)."""
         x = self._embed(tokens, position_ids)                          # [B, S, H] ([B, S/TP, H] under SP)
         route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
@@ -158,7 +160,7 @@ class GPTModel(nn.Module):
             x = x[:, -1:]
         for moe_out in moe_outputs:
             aux_loss = aux_loss + moe_out.aux_loss
-        loss, logits = self._head(x, labels)
+        loss, logits = self._head(x, labels, keep_logits)
         return GPTOutput(loss, logits, aux_loss, moe_outputs)
 
     def forward_stage(self, x: torch.Tensor, position_ids: torch.Tensor, token_ids: torch.Tensor,
@@ -183,8 +185,9 @@ class GPTModel(nn.Module):
             x = x + self.position_embedding(self._sequence_shard(position_ids))
         return self.embedding_dropout(x)
 
-    def _head(self, x: torch.Tensor, labels: torch.Tensor | None):
-        """Final norm and output layer: (per-token loss, None) with labels, else (None, logits)."""
+    def _head(self, x: torch.Tensor, labels: torch.Tensor | None, keep_logits: bool = False):
+        """Final norm and output layer: (per-token loss, logits if keep_logits) with labels, else
+        (None, logits)."""
         x = self.final_norm(x)
         weight = self.output_weight if self.output_weight is not None else self.embedding.weight
         if self.sequence_parallel:
@@ -195,7 +198,8 @@ class GPTModel(nn.Module):
         if labels is None:
             return None, logits
         vocab_start = self.tp.rank * logits.shape[-1]   # this rank's slice of the vocabulary
-        return vocab_parallel_cross_entropy(logits, labels, self.tp, vocab_start), None
+        loss = vocab_parallel_cross_entropy(logits, labels, self.tp, vocab_start)
+        return loss, logits if keep_logits else None
 
     def _sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
         """This TP rank's part of the sequence (dim 1) of t under SP; t itself otherwise."""

@@ -22,7 +22,7 @@ def add_arguments(g) -> None:
 
 # flags whose machinery does not run through the pipeline stages yet: (dest, value that is off)
 _NOT_WITH_PIPELINE = {"cuda_graph_impl": "none", "compile_layers": False, "moe_use_upcycling": False,
-                      "optimizer_cpu_offload": False}
+                      "optimizer_cpu_offload": False, "kd": False, "mos": False}
 
 
 def resolve(args: argparse.Namespace) -> PipelineSplit | None:
