@@ -3,20 +3,22 @@
     model = load_model("runs/x/checkpoints", dtype=torch.bfloat16, device="cuda")
     logits = model(ids_BS)                        # [B, S, V], V the vocabulary without padding
 
-The model is rebuilt from the flags saved with the checkpoint (TP = EP = 1), dropout off and MoE
+The model is rebuilt from the ModelConfig saved with the checkpoint (older checkpoints: from their
+saved flags; training/checkpoint.py `saved_model_config`) at TP = EP = 1, dropout off and MoE
 routing dropless whatever training used.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 from torch import nn
 
-from megatron_ted.model.builder import build_gpt
+from megatron_ted.model.builder import build_model
+from megatron_ted.model.config import ModelConfig
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_metadata
+from megatron_ted.training.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, read_metadata,
+                                              saved_model_config)
 
 NEEDED = ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
           "max_position_embeddings", "tokenizer_type")
@@ -47,19 +49,24 @@ def checkpoint_args(load: str) -> tuple[str, dict]:
     return directory, args
 
 
-def build_from_checkpoint(directory: str, args: dict, device="cpu", dtype=torch.float32,
-                          groups: ParallelGroups | None = None):
-    """The GPTModel of `args` at the layout of `groups` (None: TP = EP = 1) with the checkpoint's
-    weights, in eval mode."""
-    from megatron_ted.training.train import model_configs  # the same flags -> configs mapping as training
+def inference_config(model: ModelConfig) -> ModelConfig:
+    """The model as inference runs it: dropout off, MoE routing dropless."""
+    gpt = dataclasses.replace(model.gpt, hidden_dropout=0.0, attention_dropout=0.0)
+    moe = model.moe and dataclasses.replace(model.moe, router=dataclasses.replace(model.moe.router,
+                                                                                capacity_factor=None))
+    return dataclasses.replace(model, gpt=gpt, moe=moe)
 
-    ns = argparse.Namespace(**args)
-    ns.hidden_dropout = ns.attention_dropout = 0.0
-    config, moe = model_configs(ns, args["padded_vocab_size"])
-    if moe is not None:
-        moe.router = dataclasses.replace(moe.router, capacity_factor=None)   # dropless at inference
+
+def build_from_checkpoint(directory: str, args: dict | None = None, device="cpu", dtype=torch.float32,
+                          groups: ParallelGroups | None = None):
+    """The GPTModel of the checkpoint in `directory` at the layout of `groups` (None: TP = EP = 1)
+    with its weights, in eval mode (`args`: unused, the saved model config says what to build)."""
+    saved = saved_model_config(read_metadata(directory), directory)
+    if saved is None:
+        raise CheckpointError(f"checkpoint {directory}: holds no model config; it was not written by "
+                              f"pretrain_gpt_moe.py")
     groups = groups or ParallelGroups.single()
-    model = build_gpt(config, moe, groups, int(args.get("seed", 0)))
+    model = build_model(inference_config(saved), groups)
     model.to(device=device, dtype=dtype)
     load_checkpoint(directory, model, None, groups, load_rng=False, restore_rng=False)
     return model.eval()

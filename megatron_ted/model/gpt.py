@@ -28,7 +28,7 @@ from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_
 from megatron_ted.parallel import mappings
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int                 # padded, divisible by TP
     hidden_size: int
