@@ -511,7 +511,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
     if args.moe_use_upcycling:
-        from megatron_ted.interop.upcycle import check_upcycling
+        from megatron_ted.training.upcycle import check_upcycling
         check_upcycling(args)
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")

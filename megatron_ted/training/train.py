@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_valid_test_datasets,
                                          check_batch_token_ids, train_valid_test_num_samples)
 from megatron_ted.data.sampler import build_pretraining_data_loader
-from megatron_ted.interop.upcycle import upcycle_and_save
+from megatron_ted.training.upcycle import upcycle_and_save
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_model
 from megatron_ted.model.compile import compile_layers
