@@ -9,16 +9,13 @@ routing dropless whatever training used.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import nn
 
-from megatron_ted.model.builder import build_model
-from megatron_ted.model.config import ModelConfig
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.checkpoint import (CheckpointError, find_checkpoint, load_checkpoint, read_metadata,
-                                              saved_model_config)
+from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, read_metadata
+from megatron_ted.training.saved_model import build_from_checkpoint, inference_config  # noqa: F401
 
 NEEDED = ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
           "max_position_embeddings", "tokenizer_type")
@@ -49,29 +46,6 @@ def checkpoint_args(load: str) -> tuple[str, dict]:
     return directory, args
 
 
-def inference_config(model: ModelConfig) -> ModelConfig:
-    """The model as inference runs it: dropout off, MoE routing dropless."""
-    gpt = dataclasses.replace(model.gpt, hidden_dropout=0.0, attention_dropout=0.0)
-    moe = model.moe and dataclasses.replace(model.moe, router=dataclasses.replace(model.moe.router,
-                                                                                capacity_factor=None))
-    return dataclasses.replace(model, gpt=gpt, moe=moe)
-
-
-def build_from_checkpoint(directory: str, args: dict | None = None, device="cpu", dtype=torch.float32,
-                          groups: ParallelGroups | None = None):
-    """The GPTModel of the checkpoint in `directory` at the layout of `groups` (None: TP = EP = 1)
-    with its weights, in eval mode (`args`: unused, the saved model config says what to build)."""
-    saved = saved_model_config(read_metadata(directory), directory)
-    if saved is None:
-        raise CheckpointError(f"checkpoint {directory}: holds no model config; it was not written by "
-                              f"pretrain_gpt_moe.py")
-    groups = groups or ParallelGroups.single()
-    model = build_model(inference_config(saved), groups)
-    model.to(device=device, dtype=dtype)
-    load_checkpoint(directory, model, None, groups, load_rng=False, restore_rng=False)
-    return model.eval()
-
-
 def load_parallel(path: str, tp: int = 1, ep: int = 1, device="cpu", dtype=torch.float32):
     """(GPTModel, ParallelGroups) of checkpoint `path` at TP x EP on this process of an initialized
     world of TP x EP x DP ranks (torch.distributed; each rank runs every prompt, see engine.py)."""
@@ -91,7 +65,7 @@ def load_parallel(path: str, tp: int = 1, ep: int = 1, device="cpu", dtype=torch
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
     """The model of checkpoint `path` (its latest iteration, or the iteration directory given)."""
-    from megatron_ted.interop.hf_config import true_vocab_size
+    from megatron_ted.data.tokenizer import true_vocab_size
 
     directory, args = checkpoint_args(path)
     vocab = true_vocab_size(args) or _sentencepiece_vocab(directory) or args["padded_vocab_size"]
