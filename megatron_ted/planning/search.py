@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import Volume, step_comm
-from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_from_args
+from megatron_ted.config.from_flags import configs_from_args
+from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_of
 from megatron_ted.planning.throughput import Cluster, StepTime, step_time
 from megatron_ted.training.arguments import padded_vocab_size, validate
-from megatron_ted.training.flops import flops_per_token_of_args
+from megatron_ted.training.flops import flops_per_token_of_model
 
 _COMMON = dict(seq_length=2048, max_position_embeddings=2048, vocab_size=50256, num_experts=[16], moe_layer_freq=2,
                moe_router_topk=1, moe_expert_capacity_factor=1.0, global_batch_size=2048, fp16=True)
@@ -98,11 +99,12 @@ def _divisors(n: int) -> list[int]:
 def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
     """Size and time the run of validated `args` (padded_vocab_size set) on `cluster`."""
     layout = args.layout
-    wl: Workload = workload_from_args(args)
+    run = configs_from_args(args)
+    wl: Workload = workload_of(run)
     counts = count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
     mem = peak_memory(wl, layout, counts)
     volumes = step_comm(wl, layout, args.num_micro_batches, counts)
-    fpt = flops_per_token_of_args(args)
+    fpt = flops_per_token_of_model(run.model, args.seq_length)
     tokens = args.global_batch_size * args.seq_length
     t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
                   args.num_layers * args.num_micro_batches)

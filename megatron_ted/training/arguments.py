@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from megatron_ted.cli import OneLineErrorParser
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, resolve_tokenizer_type
-from megatron_ted.model.attention import AttentionConfig, check_attention
-from megatron_ted.model.builder import moe_layer_indices
+# the flags -> config mappings (config/from_flags.py); validate() builds the configs, whose
+# constructors hold the checks of their own fields
+from megatron_ted.config.from_flags import (attention_config, fp8_config, mla_config, moe_config,  # noqa: F401
+                                            num_experts_per_layer, recompute_config, rope_config, router_config)
+from megatron_ted.model.attention import check_attention
 from megatron_ted.model.layer_pattern import moe_layer_freq
-from megatron_ted.model.mla import MLAConfig
-from megatron_ted.model.positions import RopeConfig
 from megatron_ted.moe.hierarchical import check_node_size
-from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel import fp8
 from megatron_ted.pipeline import flags as pipeline_flags
@@ -496,8 +496,6 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         counts = num_experts_per_layer(args)
         # canonical form: an int when every MoE layer has the same count (as before), else the list
         args.num_experts = counts[0] if len(set(counts)) == 1 else counts
-        need(args.mlp_type in ("standard", "residual"),
-             f"--mlp-type must be standard or residual, got {args.mlp_type!r}")
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
         need(args.moe_ffn_hidden_size % tp == 0,
              f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
@@ -518,10 +516,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
              "--moe-shared-expert-gate and --moe-shared-expert-overlap need --moe-shared-expert-intermediate-size")
         need(not (args.moe_shared_expert_overlap and args.moe_a2a_algorithm == "hierarchical"),
              "--moe-shared-expert-overlap overlaps the flat all-to-all; drop it with --moe-a2a-algorithm hierarchical")
-        need(args.moe_a2a_algorithm in ("flat", "hierarchical"),
-             f"--moe-a2a-algorithm must be flat or hierarchical, got {args.moe_a2a_algorithm!r}")
         if args.moe_a2a_algorithm == "hierarchical":
             args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        moe_config(args)   # MoEConfig names the flag of a bad --mlp-type or --moe-a2a-algorithm
         if args.moe_a2a_node_size is not None:
             check_node_size(world_size, args.moe_a2a_node_size)
         need(not (args.sequence_parallel and args.moe_no_duplicate_token_dropping),
@@ -537,7 +534,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
     if args.moe_use_upcycling:
-        from megatron_ted.interop.upcycle import check_upcycling
+        from megatron_ted.training.upcycle import check_upcycling
         check_upcycling(args)
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
@@ -576,9 +573,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         args.recompute_method = args.recompute_method or "uniform"
         args.recompute_num_layers = args.recompute_num_layers or 1
     need(not args.moe_cac or args.num_experts is not None, "--moe-cac needs an MoE model (--num-experts)")
-    need(not args.moe_cac or full, "--moe-cac needs --recompute-granularity full (only a recomputed MoE layer "
-                                   "repeats its all-to-alls)")
-    need(not args.moe_cac_tp or args.moe_cac, "--moe-cac-tp needs --moe-cac")
+    recompute_config(args)   # RecomputeConfig names the flag of a bad --moe-cac / --moe-cac-tp
     if args.cuda_graph_impl == "local":
         from megatron_ted.model.cuda_graphs import graph_blocker
         routers = [router_config(args, n) for n in num_experts_per_layer(args)] if args.num_experts else []
@@ -614,75 +609,6 @@ def kd_config(args):
     return KDConfig(args.load_teacher, args.kd_alpha_ce, args.kd_beta_ce, args.kd_temp, args.kd_stop_iter, shape)
 
 
-def num_experts_per_layer(args) -> list[int]:
-    """--num-experts as one count per MoE layer (layers i with i % --moe-layer-freq == 0).
-
-    One value applies to every MoE layer; several must be one per MoE layer (Pyramid-MoE)."""
-    counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
-    n = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
-    if len(counts) == 1:
-        return list(counts) * n
-    if len(counts) != n:
-        raise ValueError(f"--num-experts has {len(counts)} values but the model has {n} MoE layers "
-                         f"(--num-layers {args.num_layers}, --moe-layer-freq {args.moe_layer_freq}); "
-                         f"give one value or one per MoE layer")
-    return list(counts)
-
-
-def attention_config(args) -> AttentionConfig:
-    """The attention flags (getattr: the saved flags of older checkpoints lack them)."""
-    gqa = getattr(args, "group_query_attention", False)
-    return AttentionConfig(num_query_groups=args.num_query_groups if gqa else None,
-                           kv_channels=getattr(args, "kv_channels", None),
-                           add_qkv_bias=getattr(args, "add_qkv_bias", False),
-                           qk_layernorm=getattr(args, "qk_layernorm", False))
-
-
-def fp8_config(args) -> fp8.FP8Config | None:
-    return fp8.FP8Config(args.fp8_format, args.fp8_recipe) if getattr(args, "fp8_format", None) else None
-
-
-def router_config(args, num_experts: int) -> RouterConfig:
-    """The routing flags as a RouterConfig (flags a checkpoint predates take their defaults)."""
-    return RouterConfig(
-        num_experts=num_experts, topk=args.moe_router_topk, aux_loss_coeff=args.moe_aux_loss_coeff,
-        z_loss_coeff=args.moe_z_loss_coeff, capacity_factor=args.moe_expert_capacity_factor,
-        drop_policy=args.moe_token_drop_policy, min_capacity=args.moe_min_capacity,
-        router_type=getattr(args, "moe_router_type", "topk"),
-        load_balancing_type=getattr(args, "moe_router_load_balancing_type", "aux_loss"),
-        input_jitter_eps=getattr(args, "moe_input_jitter_eps", None),
-        enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
-        bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3),
-        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False),
-        score_function=getattr(args, "moe_router_score_function", "softmax"),
-        pre_softmax=getattr(args, "moe_router_pre_softmax", False),
-        topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
-        num_groups=getattr(args, "moe_router_num_groups", None),
-        group_topk=getattr(args, "moe_router_group_topk", None))
-
-
-def rope_config(args) -> RopeConfig:
-    """The RoPE flags as a RopeConfig (flags a checkpoint predates take their defaults)."""
-    mla = getattr(args, "multi_latent_attention", False)
-    return RopeConfig(
-        base=getattr(args, "rotary_base", 10000.0), percent=getattr(args, "rotary_percent", 1.0),
-        rope_type=getattr(args, "rope_type", None) or ("yarn" if mla else "rope"),
-        scaling_factor=getattr(args, "rotary_scaling_factor", 1.0),
-        original_max_position_embeddings=getattr(args, "original_max_position_embeddings", 4096),
-        beta_fast=getattr(args, "beta_fast", 32.0), beta_slow=getattr(args, "beta_slow", 1.0),
-        mscale=getattr(args, "mscale", 1.0), mscale_all_dim=getattr(args, "mscale_all_dim", 0.0),
-        llama3_scaling_factor=args.rope_scaling_factor if getattr(args, "use_rope_scaling", False) else None)
-
-
-def mla_config(args) -> MLAConfig | None:
-    """The multi-latent attention flags as an MLAConfig (None without --multi-latent-attention)."""
-    if not getattr(args, "multi_latent_attention", False):
-        return None
-    return MLAConfig(kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
-                     qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
-                     q_lora_rank=args.q_lora_rank)
-
-
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.use_checkpoint_args:
@@ -691,3 +617,8 @@ def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     if world_size is None:
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     return validate(args, world_size)
+
+
+def flag_defaults() -> dict:
+    """Every flag's default: what a run that predates a flag ran with (old checkpoints' flags)."""
+    return vars(build_parser().parse_args([]))

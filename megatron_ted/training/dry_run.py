@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import KINDS, ParallelLayout
 from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, check_host_memory, memory_per_gpu,  # noqa: F401
-                                          peak_memory, weight_bytes, workload_from_args)
+                                          peak_memory, weight_bytes, workload_of)
+from megatron_ted.training.flops import flops_per_token_of_model
 
 GiB = 2**30
 _KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP", "pp": "PP",
@@ -60,17 +62,16 @@ def _n(x: int) -> str:
 
 def report(args) -> str:
     """The dry-run text for validated `args` (arguments.parse_args + padded_vocab_size)."""
-    from megatron_ted.training.train import model_configs   # lazy: train imports this module
-
+    run = configs_from_args(args)
     layout = args.layout
-    config, moe = model_configs(args, args.padded_vocab_size)
+    config, moe = run.model.gpt, run.model.moe
     counts = count_parameters(config, moe, layout.tensor_parallel, layout.expert_parallel)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     sections = [["dry run: flags resolved; no process group, no training"] + _model_lines(args, precision),
-                _layout_lines(layout, args.gpus_per_node), _batch_lines(args),
+                _layout_lines(layout, args.gpus_per_node), _batch_lines(args, flops_per_token_of_model(run.model, args.seq_length)),
                 _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
                                                               precision),
-                _peak_lines(peak_memory(workload_from_args(args), layout, counts), args)]
+                _peak_lines(peak_memory(workload_of(run), layout, counts), args)]
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -111,14 +112,12 @@ def _layout_lines(layout: ParallelLayout, gpus_per_node: int | None) -> list[str
     return lines
 
 
-def _batch_lines(args) -> list[str]:
-    from megatron_ted.training.flops import flops_per_token_of_args
+def _batch_lines(args, fpt: float) -> list[str]:
     layout = args.layout
     tokens = args.global_batch_size * args.seq_length
     recompute = (f"{args.recompute_granularity}/{args.recompute_method or '-'}"
                  f" ({args.recompute_num_layers} layer{'s' * (args.recompute_num_layers > 1)} per checkpoint)"
                  if args.recompute_granularity else "off")
-    fpt = flops_per_token_of_args(args)
     return [f"batch: micro-batch {args.micro_batch_size} x DP {layout.data_parallel} x "
             f"{args.num_micro_batches} micro-batches = global batch {args.global_batch_size} "
             f"({tokens:,} tokens per iteration), {args.train_iters} iterations",
