@@ -205,3 +205,46 @@ def test_train_tokenizer_invalid_json_names_the_file_and_line(tmp_path):
     line = one_line_error(r, f"--input {bad} line 2: invalid JSON")
     assert ".py(" not in line
     assert hashes(tmp_path) == before
+
+
+# ------------------------------------------------------- make_corpus / train_tokenizer outputs
+def test_make_corpus_refuses_an_existing_output_unless_overwrite(tmp_path):
+    out = tmp_path / "corpus.jsonl"
+    out.write_text("the user's own corpus\n")
+    before = hashes(tmp_path)
+    line = one_line_error(run("tools/make_corpus.py", "--output", out, "--max-docs", "2"),
+                          f"--output: {out} exists", "--overwrite", code=2)
+    assert line.startswith("error:") and hashes(tmp_path) == before
+
+    r = run("tools/make_corpus.py", "--output", out, "--max-docs", "2", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 2 and os.listdir(tmp_path) == ["corpus.jsonl"]
+
+
+def test_make_corpus_output_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    before = hashes(tmp_path)
+    one_line_error(run("tools/make_corpus.py", "--output", tmp_path / "afile" / "c.jsonl", "--max-docs", "1"),
+                   "--output", "is a file, not a directory", code=2)
+    assert hashes(tmp_path) == before
+
+
+def test_train_tokenizer_refuses_existing_outputs_unless_overwrite(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", 60)
+    (tmp_path / "tok.vocab").write_text("the user's own vocabulary\n")   # one of the two is enough
+    before = hashes(tmp_path)
+    one_line_error(run("tools/train_tokenizer.py", "--input", corpus, "--vocab-size", "300",
+                       "--output-prefix", tmp_path / "tok", "--num-threads", "1"),
+                   f"{tmp_path / 'tok.vocab'} exists", "--overwrite", code=2)
+    assert hashes(tmp_path) == before
+
+    r = run("tools/train_tokenizer.py", "--input", corpus, "--vocab-size", "300", "--output-prefix",
+            tmp_path / "tok", "--num-threads", "1", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "tok.model", "tok.vocab"]  # no temporaries left
+    assert "user's own" not in (tmp_path / "tok.vocab").read_text()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "tok.model").read_bytes())
+    assert proto.trainer_spec.model_prefix == str(tmp_path / "tok")  # not the temporary prefix
