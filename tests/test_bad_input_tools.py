@@ -248,3 +248,30 @@ def test_train_tokenizer_refuses_existing_outputs_unless_overwrite(tmp_path):
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString((tmp_path / "tok.model").read_bytes())
     assert proto.trainer_spec.model_prefix == str(tmp_path / "tok")  # not the temporary prefix
+
+
+# -------------------------------------------------------------------- the process group rendezvous
+def test_a_taken_master_port_is_one_line_naming_it(tmp_path):
+    """A second plain `python pretrain_gpt_moe.py` on the default port: one line naming MASTER_PORT."""
+    import socket
+
+    with socket.socket() as taken:   # what the first run holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("pretrain_gpt_moe.py", *ENTRY, "--mock-data", cwd=tmp_path, env={"MASTER_PORT": str(port)})
+    one_line_error(r, f"MASTER_PORT 127.0.0.1:{port} is already in use", "MASTER_PORT=", code=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_rendezvous_timeout_names_the_timeout_flag(tmp_path):
+    """Rank 0 of two whose peer never comes: a one-line RendezvousError naming the timeout flag."""
+    code = ("import os\n"
+            "os.environ.update(RANK='0', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
+            "from megatron_ted.parallel.groups import RendezvousError, init_process_group\n"
+            "try:\n    init_process_group(False, 'gloo', timeout_minutes=0.03)\n"
+            "except RendezvousError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, r.stdout + r.stderr
+    assert "--distributed-timeout-minutes 0.03" in r.stdout and "did not form" in r.stdout, r.stdout

@@ -27,7 +27,7 @@ from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups, init_process_group
+from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
 from megatron_ted.tensor_parallel import fp8
 from megatron_ted.training.arguments import (attention_config, fp8_config, mla_config, num_experts_per_layer,
                                              padded_vocab_size, parse_args, report_error, rope_config, router_config)
@@ -463,7 +463,7 @@ def main(argv=None) -> int:
         return report_error(e)
     try:
         train(args, tokenizer)
-    except (CheckpointError, DataError, NonFiniteLossError) as e:  # every rank raises the same one (they agree)
+    except (CheckpointError, DataError, NonFiniteLossError, RendezvousError) as e:  # every rank alike
         code = report_error(e)
         if dist.is_initialized():
             dist.destroy_process_group()
