@@ -128,6 +128,33 @@ def test_damaged_data_files_are_one_line_naming_the_file(tmp_path):
     assert hashes(tmp_path) == before
 
 
+def test_data_found_bad_is_reported_before_the_process_group(tmp_path):
+    """A split without tokens and a --data-cache-path others can write are start-up checks: they come
+    out before the rendezvous, here shown by a MASTER_PORT that is taken (whose line they beat)."""
+    import socket
+
+    (tmp_path / "data").mkdir()
+    prefix = make_dataset(tmp_path / "data", n_docs=3)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    before = hashes(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"MASTER_PORT": str(taken.getsockname()[1])}
+        r = run("pretrain_gpt_moe.py", *ENTRY[:-4], "--split", "969,30,1", "--eval-iters", "1",
+                "--data-path", prefix, cwd=tmp_path, env=env)
+        one_line_error(r, "--split 969,30,1: the valid split of", "gets no tokens", code=2)
+        r = run("pretrain_gpt_moe.py", *ENTRY, "--data-path", prefix, "--data-cache-path", shared,
+                cwd=tmp_path, env=env)
+        one_line_error(r, "--data-cache-path", "writable by group or others", code=2)
+        r = run("pretrain_gpt_moe.py", *ENTRY, "--mock-data", "--data-cache-path", tmp_path / "data" /
+                "good.jsonl" / "cache", cwd=tmp_path, env=env)
+        one_line_error(r, "--data-cache-path", "cannot create it", code=2)
+    assert hashes(tmp_path) == before and os.listdir(shared) == []
+
+
 # ------------------------------------------------------------------------------- the index cache
 def test_a_cache_directory_others_can_write_is_refused(tmp_path):
     """megatron-core unpickles its index cache: a --data-cache-path writable by group or others
