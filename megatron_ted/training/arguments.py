@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "halves it, until the next growth restores the tolerance (Megatron's)")
     g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale (default: dynamic)")
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
-                   help="stop (exit 2) at a NaN or Inf loss; the default (an fp16 gradient overflow stays a "
-                        "skipped step)")
+                   help="stop (exit 2) at a NaN or Inf loss, or gradient norm without fp16 loss scaling; the "
+                        "default (an fp16 gradient overflow stays a skipped step)")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
                    help="train on through NaN or Inf losses")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,

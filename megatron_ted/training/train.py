@@ -46,8 +46,9 @@ from megatron_ted.training.step import forward_backward
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss of a step is NaN or Inf (--check-for-nan-in-loss-and-grad); every rank sees the same
-    DP-reduced loss, so every rank raises it at the same iteration."""
+    """The loss or (without fp16 loss scaling) the gradient norm of a step is NaN or Inf
+    (--check-for-nan-in-loss-and-grad); every rank sees the same reduced loss and norm, so every rank
+    raises it at the same iteration."""
 
 
 def print_rank0(*args, **kwargs):
@@ -365,6 +366,11 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
             log.last += time.time() - start  # the export is not the iteration's time
             print(f" > rank {rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
         collector.after_step(it)
+        if not applied and optimizer.loss_scaler is None and args.check_for_nan_in_loss_and_grad:
+            # no fp16 loss scaling: a NaN/Inf gradient is not an overflow to skip but a broken step
+            raise NonFiniteLossError(f"iteration {it}: the gradient norm is NaN or Inf (the loss is finite; "
+                                     f"--check-for-nan-in-loss-and-grad); the step was not applied: lower "
+                                     f"--lr or resume from an earlier checkpoint")
         if not applied:
             log.skipped += 1
             result.grad_norm = None
