@@ -47,6 +47,42 @@ def test_alias_defaults_do_not_clobber_ours():
     assert args.expert_model_parallel_size == 2 and args.recompute_granularity is None
 
 
+@pytest.mark.parametrize("spelling,learned,positions", [
+    ("learned_absolute", "learned", True), ("none", "learned", False), ("rope", "rope", True)])
+def test_megatron_lm_position_embedding_spellings(spelling, learned, positions):
+    """Megatron-LM writes learned_absolute (our learned) and none (no position embedding at all)."""
+    args = parse("--position-embedding-type", spelling)
+    assert (args.position_embedding_type, args.add_position_embedding) == (learned, positions)
+
+
+# Megatron-DeepSpeed's ParallelTransformer: layer number n (1-based) has experts when
+# n % expert_interval == 0; --topk defaults to 1 and --expert-interval to 2 there.
+@pytest.mark.parametrize("extra,topk,moe_layers", [
+    ([], 2, (0, 2)),                                           # our defaults: top-2, --moe-layer-freq 2
+    (["--moe-loss-coeff", "0.01"], 1, (1, 3)),                 # a Megatron-DeepSpeed script: its defaults
+    (["--moe-expert-parallel-size", "1"], 1, (1, 3)),
+    (["--deepspeed"], 1, (1, 3)),
+    (["--topk", "2", "--expert-interval", "3"], 2, (2,)),      # layer numbers 3 (of 4)
+    (["--expert-interval", "1"], 1, (0, 1, 2, 3)),
+    (["--moe-loss-coeff", "0.01", "--moe-router-topk", "2", "--moe-layer-freq", "2"], 2, (0, 2)),  # given wins
+])
+def test_megatron_deepspeed_topk_and_expert_interval(extra, topk, moe_layers):
+    args = parse("--num-experts", "2", *extra)
+    assert args.moe_router_topk == topk
+    assert moe_layer_indices(args.num_layers, args.moe_layer_freq) == moe_layers
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--topk", "1", "--moe-router-topk", "2"], "--topk 1 and --moe-router-topk 2 disagree"),
+    (["--expert-interval", "2", "--moe-layer-freq", "2"], "--expert-interval 2 and --moe-layer-freq 2 both"),
+    (["--expert-interval", "5"], "--expert-interval 5 is more than --num-layers 4"),
+    (["--expert-interval", "0"], "--expert-interval 0 must be >= 1"),
+])
+def test_megatron_deepspeed_layout_conflicts_are_one_line(extra, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        parse("--num-experts", "2", *extra)
+
+
 @pytest.mark.parametrize("text,layers,expected", [
     ("([0]+[1]*3)", 4, (1, 2, 3)),
     ("[0,1,1,1]", 4, (1, 2, 3)),
@@ -299,3 +335,6 @@ def test_megatron_deepspeed_moe_script(tmp_path):
     assert "all-to-alls per MoE layer per micro-batch: 6" in r.stdout     # --checkpoint-activations: full recompute
     assert r.stdout.count("accepted with no effect here: ") == 1
     assert "--create-moe-param-group (" in r.stdout and "--deepspeed (" in r.stdout
+    # no --topk / --expert-interval in the script: Megatron-DeepSpeed's defaults, stated at start-up
+    assert " > MoE: top-1 routing, MoE layers [1] (0-based) of 2; defaults top-1, --expert-interval 2 " \
+           "(Megatron-DeepSpeed's" in r.stdout, r.stdout[:3000]

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    g.add_argument("--position-embedding-type", choices=["learned", "rope"], default="learned")
+    g.add_argument("--position-embedding-type", choices=["learned", "rope", "learned_absolute", "none"],
+                   default="learned", help="Megatron-LM's learned_absolute is learned; none: no position embedding")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
@@ -99,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the shared experts' output by sigmoid(x w), a learned [1, H] gate (Qwen2-MoE)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts while the dispatch all-to-all is in flight, forward and backward")
-    g.add_argument("--moe-layer-freq", default=2,
-                   help="int N: every N-th layer is MoE (the paper: 2); or one 0/1 per layer as Megatron-LM "
+    g.add_argument("--moe-layer-freq", default=None,
+                   help="int N: every N-th layer is MoE (default 2, as the paper; Megatron-DeepSpeed scripts: "
+                        "--expert-interval 2); or one 0/1 per layer as Megatron-LM "
                         "writes it, e.g. \"([0]+[1]*23)\" or \"[0,1,1,1]\" (parsed, not evaluated)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
-    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-topk", type=int, default=None,
+                   help="experts per token (default 2; Megatron-DeepSpeed scripts: 1, see training/deepspeed_moe.py)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
@@ -343,7 +346,7 @@ NUMERIC_FLAGS: dict[str, Range] = {
     "beta_slow": POSITIVE, "mscale": NON_NEGATIVE, "mscale_all_dim": NON_NEGATIVE,
     # routers and MoE
     "moe_router_num_groups": COUNT, "moe_router_group_topk": COUNT, "moe_router_topk_scaling_factor": POSITIVE,
-    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT,
+    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT, "topk": COUNT, "expert_interval": COUNT,
     # sizes of parallel dimensions we refuse above 1 (training/compat_flags.py)
     "pipeline_model_parallel_size": COUNT, "virtual_pipeline_model_parallel_size": COUNT,
     "context_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,

@@ -188,9 +188,9 @@ def check_run_inputs(args, vocab_size: int | None = None) -> None:
         prefixes, _ = gpt_data.parse_data_path(args.data_path)
         gpt_data.check_prefixes_exist(prefixes)   # and each .idx/.bin against damage
         gpt_data.check_split(args.split)
-        gpt_data.check_splits_have_tokens(prefixes, args.split)
         if vocab_size is not None:
             gpt_data.check_token_ids(prefixes, vocab_size)
+        gpt_data.check_splits_have_tokens(prefixes, args.split)
     if cache := gpt_data.index_cache_path(getattr(args, "data_cache_path", None), prefixes):
         gpt_data.check_cache_dir(cache)
 

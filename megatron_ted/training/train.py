@@ -37,6 +37,7 @@ from megatron_ted.training.dry_run import check_run_inputs, dry_run
 from megatron_ted.training.flops import flops_per_token_of_args, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
+from megatron_ted.training import deepspeed_moe
 from megatron_ted.training.manual_gc import ManualGC
 from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
@@ -253,6 +254,8 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
+    if moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
+        print_rank0(deepspeed_moe.summary(args, moe_layer_indices(args.num_layers, args.moe_layer_freq)))
     if getattr(args, "moe_router_force_load_balancing", False):
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
                     "(a benchmark of balanced load); the model does not learn its routing")
