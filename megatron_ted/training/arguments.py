@@ -487,6 +487,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                               f"use a multiple of {ep} experts or a smaller EP")
             need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
             router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+            compat_flags.check_eval_capacity(router_config(args, e), args.moe_eval_capacity_factor)
             need(args.moe_router_type != "base" or tokens % e == 0,
                  f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
                  f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")

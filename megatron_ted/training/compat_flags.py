@@ -11,6 +11,7 @@ the Megatron-DeepSpeed switches and returns the no-effect notes for the start-up
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from megatron_ted.training import deepspeed_moe, run_length
 
@@ -165,3 +166,14 @@ def apply(args: argparse.Namespace) -> list[str]:
         args.position_embedding_type, args.add_position_embedding = "learned", False
     deepspeed_moe.resolve(args)   # --topk, --expert-interval, and whose defaults a script gets
     return notes
+
+
+def check_eval_capacity(router, eval_capacity_factor: float | None) -> None:
+    """--moe-eval-capacity-factor gives the routers that capacity at evaluation: a gate that refuses a
+    capacity (BASE) stops here, at start-up, not at the first evaluation."""
+    if eval_capacity_factor is None:
+        return
+    try:
+        dataclasses.replace(router, capacity_factor=eval_capacity_factor)
+    except ValueError as err:
+        raise ValueError(f"--moe-eval-capacity-factor {eval_capacity_factor}: {err}") from None

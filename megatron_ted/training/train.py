@@ -463,6 +463,8 @@ def main(argv=None) -> int:
         _check_checkpoint_flags(args)
         if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
             print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
+        if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
+            print("--use-checkpoint-args: the checkpoint's " + "; ".join(args.checkpoint_args_taken), flush=True)
         check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
