@@ -55,7 +55,7 @@ class GPTConfig:
 @dataclass
 class GPTOutput:
     loss: torch.Tensor | None               # per-token loss [B, S] (fp32) when labels are given
-    logits: torch.Tensor | None             # this rank's vocab slice [B, S, V/TP] when no labels
+    logits: torch.Tensor | None             # this rank's vocab slice [B, S, V/TP] when no labels (or keep_logits)
     aux_loss: torch.Tensor                  # sum of the MoE layers' aux and z losses (scalar)
     moe: list = field(default_factory=list)  # one MoEOutput per MoE layer
 
@@ -107,12 +107,14 @@ class GPTModel(nn.Module):
         self.sequence_parallel = False                   # model/sequence_parallel.py
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                routing_seed: int | None = None, kv_cache=None) -> GPTOutput:
+                routing_seed: int | None = None, kv_cache=None, keep_logits: bool = False) -> GPTOutput:
         """routing_seed: this micro-batch's key for the random draws of the MoE routers (see
         moe/router.py); the MoE layers also get the token ids (hash routing).
         kv_cache: generation (inference/kv_cache.py): `tokens` are the step's new positions, each
         attention layer attends to its cached ones too, and the logits are the last position's only
-        [B, 1, V/TP] (what sampling needs; a prompt's full [B, S, V] would be large)."""
+        [B, 1, V/TP] (what sampling needs; a prompt's full [B, S, V] would be large).
+        keep_logits: with labels, return the logits beside the loss (distillation compares them
+        with a teacher's, training/distillation.py)."""
         x = self.embedding(tokens)                                     # [B, S, H] ([B, S/TP, H] under SP)
         route = RouteInputs(token_ids=tokens, seed=routing_seed)
         rotary = None
@@ -141,7 +143,7 @@ class GPTModel(nn.Module):
         if labels is None:
             return GPTOutput(None, logits, aux_loss, moe_outputs)
         loss = vocab_parallel_cross_entropy(logits, labels, self.tp, self.embedding.start)
-        return GPTOutput(loss, None, aux_loss, moe_outputs)
+        return GPTOutput(loss, logits if keep_logits else None, aux_loss, moe_outputs)
 
     def _sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
         """This TP rank's part of the sequence (dim 1) of t under SP; t itself otherwise."""

@@ -1,4 +1,4 @@
-"""Vocab-parallel embedding and cross entropy: the vocabulary is sliced over TP.
+"""Vocab-parallel embedding, cross entropy and distillation KL: the vocabulary is sliced over TP.
 
 Rank r owns token ids [r * V/TP, (r+1) * V/TP). Neither the embedding nor the loss ever builds the
 full [tokens, V] logits on one rank. The loss is one autograd Function at every TP size (at TP 1
@@ -101,3 +101,54 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp:
     (fp64 for fp64 logits). At TP 1 this is F.cross_entropy(reduction="none"), without its fp32
     copy of the logits and with a lighter backward."""
     return _VocabParallelCrossEntropy.apply(logits, labels, tp, vocab_start)
+
+
+class _VocabParallelKLDiv(torch.autograd.Function):
+    """Per-token T^2 * KL(softmax(t / T) || softmax(s / T)) with student logits s and teacher logits
+    t sliced over the last dim alike (any TP size). Two all-reduces: the maxima (MAX), then the two
+    normalisers and the teacher-weighted log-ratio together (SUM).
+
+    With a = t/T - max(t/T) and b = s/T - max(s/T) (Z_a, Z_b their sum-exps over the whole vocab):
+    KL = sum_v exp(a_v) (a_v - b_v) / Z_a - log Z_a + log Z_b, and d(T^2 KL)/ds = T (p_s - p_t).
+    The teacher is a constant target: no gradient flows to it. Saved for backward: that one
+    [tokens, V/TP] gradient buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, tp: Group, temperature: float):
+        dtype = _loss_dtype(student.dtype)
+        b = student.to(dtype).div(temperature)
+        a = teacher.to(dtype).div(temperature)
+        maxima = torch.stack([b.amax(dim=-1), a.amax(dim=-1)])
+        comm.all_reduce(maxima, tp, op=dist.ReduceOp.MAX)
+        b.sub_(maxima[0].unsqueeze(-1))
+        a.sub_(maxima[1].unsqueeze(-1))
+        exp_b, exp_a = b.exp(), a.exp()
+        sums = torch.stack([exp_b.sum(dim=-1), exp_a.sum(dim=-1), (exp_a * (a - b)).sum(dim=-1)])
+        comm.all_reduce(sums, tp)
+        z_b, z_a, weighted = sums
+        kl = weighted / z_a - z_a.log() + z_b.log()
+
+        grad = exp_b.div_(z_b.unsqueeze(-1)).sub_(exp_a.div_(z_a.unsqueeze(-1))).mul_(temperature)
+        ctx.save_for_backward(grad)
+        ctx.student_dtype = student.dtype
+        return kl.mul_(temperature * temperature)
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_kl.unsqueeze(-1)).to(ctx.student_dtype), None, None, None
+
+
+def vocab_parallel_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tp: Group,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """Knowledge distillation: student and teacher logits [..., V/TP] (this rank's vocab slice of
+    both) -> per-token T^2 * KL(teacher || student) at temperature T [...], in fp32 (fp64 for fp64
+    logits). The T^2 keeps the gradient's scale independent of T (Hinton et al.). Gradient flows to
+    the student logits only; neither side's full [tokens, V] logits are ever built."""
+    if temperature <= 0:
+        raise ValueError(f"--kd-temp {temperature} must be positive")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape (same vocabulary and TP needed)")
+    return _VocabParallelKLDiv.apply(student_logits, teacher_logits.detach(), tp, float(temperature))

@@ -286,6 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-ranks", type=int, nargs="+", default=[0])
     g.add_argument("--profile-dir", default=None, help="default: --tensorboard-dir, else ./profile")
     g.add_argument("--dry-run", action="store_true", help="resolve flags, print the layout and sizes, exit")
+    g = p.add_argument_group("knowledge distillation (Megatron-DeepSpeed's flags; training/distillation.py)")
+    g.add_argument("--kd", action="store_true", help="distil the frozen teacher --load-teacher into this model")
+    g.add_argument("--mos", action="store_true", help="Mixture-of-Students: --kd into an MoE student")
+    g.add_argument("--load-teacher", default=None, help="the teacher's checkpoint (its model flags are used)")
+    g.add_argument("--num-layers-teacher", type=int, default=None, help="checked against the teacher checkpoint")
+    g.add_argument("--hidden-size-teacher", type=int, default=None, help="checked against the teacher checkpoint")
+    g.add_argument("--num-attention-heads-teacher", type=int, default=None,
+                   help="checked against the teacher checkpoint")
+    g.add_argument("--num-experts-teacher", type=int, nargs="+", default=None,
+                   help="checked against the teacher checkpoint")
+    g.add_argument("--kd-alpha-ce", type=float, default=1.0, help="weight of the LM loss")
+    g.add_argument("--kd-beta-ce", type=float, default=1.0, help="weight of the KD loss T^2 * KL(teacher || student)")
+    g.add_argument("--kd-temp", type=float, default=1.0, help="softmax temperature T of both models in the KL")
+    g.add_argument("--kd-stop-iter", type=int, default=None,
+                   help="staged KD: distil on iterations 1..N only, then the LM loss alone (default: always)")
     compat_flags.add_arguments(p)
     return p
 
@@ -357,6 +372,10 @@ NUMERIC_FLAGS: dict[str, Range] = {
     # optimizer offload, data loading, logging
     "optimizer_offload_fraction": Range(0, 1, high_open=False), "host_memory_per_node_gib": POSITIVE,
     "num_workers": NON_NEGATIVE, "tensorboard_queue_size": COUNT,
+    # knowledge distillation
+    "num_layers_teacher": COUNT, "hidden_size_teacher": COUNT, "num_attention_heads_teacher": COUNT,
+    "num_experts_teacher": COUNT, "kd_alpha_ce": NON_NEGATIVE, "kd_beta_ce": NON_NEGATIVE, "kd_temp": POSITIVE,
+    "kd_stop_iter": NON_NEGATIVE,
 }
 
 
@@ -567,7 +586,32 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                             compiled=args.compile_layers, attention_dropout=args.attention_dropout, tp=tp,
                             router_configs=routers)
         need(why is None, why)
+    check_distillation_flags(args)
     return args
+
+
+def check_distillation_flags(args) -> None:
+    """--kd/--mos need --load-teacher; the teacher flags need --kd or --mos."""
+    if args.kd or args.mos:
+        if args.load_teacher is None:
+            raise ValueError(f"--{'mos' if args.mos else 'kd'} needs --load-teacher DIR (the teacher's checkpoint)")
+        if args.mos and args.num_experts is None:
+            raise ValueError("--mos distils into a Mixture-of-Experts student: add --num-experts, or use --kd")
+        return
+    given = [f for f in ("load_teacher", "num_layers_teacher", "hidden_size_teacher", "num_attention_heads_teacher",
+                         "num_experts_teacher", "kd_stop_iter") if getattr(args, f) is not None]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --kd or --mos (distillation is off)")
+
+
+def kd_config(args):
+    """The distillation flags as a KDConfig (None without --kd/--mos)."""
+    if not (getattr(args, "kd", False) or getattr(args, "mos", False)):
+        return None
+    from megatron_ted.training.distillation import KDConfig, TeacherShape
+    shape = TeacherShape(args.num_layers_teacher, args.hidden_size_teacher, args.num_attention_heads_teacher,
+                         tuple(args.num_experts_teacher) if args.num_experts_teacher else None)
+    return KDConfig(args.load_teacher, args.kd_alpha_ce, args.kd_beta_ce, args.kd_temp, args.kd_stop_iter, shape)
 
 
 def num_experts_per_layer(args) -> list[int]:

@@ -5,6 +5,9 @@ backpropagates sum(token losses) / (loss tokens in the whole global batch), and 
 summed over the data-parallel ranks. The MoE auxiliary losses are averaged over the micro-batches
 of the global batch the same way.
 
+With distillation (kd, training/distillation.py) each micro-batch's loss is alpha * its LM part +
+beta * its KD part (per-token T^2 * KL(teacher || student), normalised like the LM loss).
+
 A micro-batch may carry "routing_seed": its key for the MoE routers' random draws (jitter,
 GShard sampling, RTS), the same for the same samples in every layout (see training/train.py).
 """
@@ -27,10 +30,12 @@ class StepResult:
     moe: list = field(default_factory=list)   # per MoE layer: dict of load and drop statistics
     grad_norm: float | None = None
     skipped: bool = False
+    kd_loss: float | None = None       # with distillation: T^2 * KL per loss token of the global batch
 
 
 def forward_backward(model, micro_batches: list[dict], groups: ParallelGroups, grad_sync=None,
-                     loss_scale: float = 1.0) -> StepResult:
+                     loss_scale: float = 1.0, kd=None) -> StepResult:
+    """kd: a training/distillation.py Distillation for this step, or None (no teacher run)."""
     dp = groups.dp
     device = micro_batches[0]["tokens"].device
     local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches).to(torch.float64)
@@ -39,13 +44,19 @@ def forward_backward(model, micro_batches: list[dict], groups: ParallelGroups, g
 
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    kd_sum = torch.zeros((), dtype=torch.float64, device=device)
     moe_totals: list[dict] = []
     for i, mb in enumerate(micro_batches):
         if grad_sync is not None:
             grad_sync.sync_now = i == len(micro_batches) - 1
-        out = model(mb["tokens"], mb["position_ids"], mb["labels"], routing_seed=mb.get("routing_seed"))
+        extra = {"keep_logits": True} if kd is not None else {}   # the student's logits, for the KL
+        out = model(mb["tokens"], mb["position_ids"], mb["labels"], routing_seed=mb.get("routing_seed"), **extra)
         token_loss = (out.loss * mb["loss_mask"]).sum()
         loss = token_loss / global_tokens + out.aux_loss / n_micro_global
+        if kd is not None:
+            kd_loss = (kd.token_losses(out.logits, mb) * mb["loss_mask"]).sum()
+            loss = (kd.alpha * token_loss + kd.beta * kd_loss) / global_tokens + out.aux_loss / n_micro_global
+            kd_sum += kd_loss.detach().double()
         (loss * loss_scale).backward()
         lm_sum += token_loss.detach().double()
         aux_sum += out.aux_loss.detach().double()
@@ -61,6 +72,7 @@ def forward_backward(model, micro_batches: list[dict], groups: ParallelGroups, g
     for m in moe_totals:
         m["dropped"] = int(m["dropped"])
     update_expert_bias(model, dp)   # aux-loss-free balancing: loads of the whole global batch
-    sums = comm.all_reduce(torch.stack([lm_sum, aux_sum]), dp)
+    sums = comm.all_reduce(torch.stack([lm_sum, aux_sum] + ([kd_sum] if kd is not None else [])), dp)
     return StepResult(lm_loss=sums[0].item() / global_tokens, aux_loss=sums[1].item() / n_micro_global,
-                      num_tokens=int(global_tokens), moe=moe_totals)
+                      num_tokens=int(global_tokens), moe=moe_totals,
+                      kd_loss=sums[2].item() / global_tokens if kd is not None else None)

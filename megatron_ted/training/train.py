@@ -29,10 +29,12 @@ from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
 from megatron_ted.tensor_parallel import fp8
-from megatron_ted.training.arguments import (attention_config, fp8_config, mla_config, num_experts_per_layer,
-                                             padded_vocab_size, parse_args, report_error, rope_config, router_config)
+from megatron_ted.training.arguments import (attention_config, fp8_config, kd_config, mla_config,
+                                             num_experts_per_layer, padded_vocab_size, parse_args, report_error,
+                                             rope_config, router_config)
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
+from megatron_ted.training.distillation import Distillation, build_teacher, check_teacher
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
 from megatron_ted.training.flops import flops_per_token_of_args, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
@@ -117,6 +119,8 @@ class MegatronLog:
             parts.append(f"MFU: {100 * tflops / self.peak:.1f}%")
         parts += [f"learning rate: {lr:.6E}", f"global batch size: {a.global_batch_size:5d}",
                   f"lm loss: {result.lm_loss:.6E}"]
+        if result.kd_loss is not None:
+            parts.append(f"kd loss: {result.kd_loss:.6E}")
         if result.moe:
             parts.append(f"moe aux loss: {result.aux_loss:.6E}")
             loads = [(int(m["tokens_per_expert"].min()), int(m["tokens_per_expert"].max())) for m in result.moe]
@@ -135,6 +139,8 @@ class MegatronLog:
         print_rank0(" " + " | ".join(parts) + " |")
         if self.writer is not None:
             self.writer.add_scalar("lm loss", result.lm_loss, it)
+            if result.kd_loss is not None:
+                self.writer.add_scalar("kd loss", result.kd_loss, it)
             self.writer.add_scalar("learning-rate", lr, it)
             self.writer.add_scalar("grad-norm", result.grad_norm or float("nan"), it)
             self.writer.add_scalar("throughput/tflops-per-gpu", tflops, it)
@@ -295,6 +301,8 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
                                  warmup_iters=args.cuda_graph_warmup_steps)
         print_rank0(f" > CUDA graphs: the fronts ({' + '.join(args.cuda_graph_scope)}) of {n} layers captured")
 
+    distill = _distillation(args, tokenizer, groups, device, dtype, iteration)
+
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
         args.data_path, args.split, args.seq_length, args.seed, tokenizer,
         train_valid_test_num_samples(args.train_iters, args.eval_interval or 0, args.eval_iters,
@@ -355,7 +363,8 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
                              tokenizer.vocab_size, f"iteration {it}")
         profiler.before(it)
         with torch.profiler.record_function("forward-backward"):
-            result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale)
+            kd = distill.for_iteration(it) if distill is not None else None
+            result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale, kd=kd)
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(result.lm_loss):
             # an fp16 overflow in the gradients is a skipped step; a non-finite loss is a diverged run
             raise NonFiniteLossError(f"iteration {it}: the lm loss is {result.lm_loss} on rank {rank} "
@@ -442,6 +451,30 @@ def _resume(args, model, optimizer, groups) -> tuple[int, int, dict | None]:
     return loaded.iteration, loaded.consumed_samples, loaded.rng
 
 
+def _teacher_checkpoint(args, tokenizer):
+    """--kd/--mos: the teacher checkpoint, checked against the student (None without distillation)."""
+    config = kd_config(args)
+    if config is None:
+        return None
+    return check_teacher(config, args.padded_vocab_size, tokenizer.vocab_size, args.tokenizer_model,
+                         args.tensor_model_parallel_size, args.expert_model_parallel_size, args.seq_length)
+
+
+def _distillation(args, tokenizer, groups, device, dtype, iteration: int) -> Distillation | None:
+    """The frozen teacher at this layout, unless KD is off or over (a resume past --kd-stop-iter)."""
+    config = kd_config(args)
+    if config is None or not config.active(iteration + 1):
+        return None
+    checkpoint = _teacher_checkpoint(args, tokenizer)
+    teacher = build_teacher(checkpoint, groups, device, dtype)
+    f = checkpoint.flags
+    print_rank0(f" > teacher {checkpoint.directory}: {f['num_layers']} layers, hidden {f['hidden_size']}, "
+                f"{f.get('num_experts') or 'no'} experts, {sum(p.numel() for p in teacher.parameters()):,} "
+                f"parameters on rank 0, frozen; KD loss x {config.beta:g} at temperature {config.temperature:g}"
+                + (f" until iteration {config.stop_iter}" if config.stop_iter is not None else ""))
+    return Distillation(config, teacher, groups.tp)
+
+
 def _check_checkpoint_flags(args) -> None:
     for flag in ("save_interval", "exit_interval"):
         value = getattr(args, flag)
@@ -461,6 +494,7 @@ def main(argv=None) -> int:
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
         _check_checkpoint_flags(args)
+        _teacher_checkpoint(args, tokenizer)   # --load-teacher: one line here, before any process group
         if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
             print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
         if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
