@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    g.add_argument("--position-embedding-type", choices=["learned", "rope"], default="learned")
+    g.add_argument("--position-embedding-type", choices=["learned", "rope", "learned_absolute", "none"],
+                   default="learned", help="Megatron-LM's learned_absolute is learned; none: no position embedding")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
@@ -100,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the shared experts' output by sigmoid(x w), a learned [1, H] gate (Qwen2-MoE)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts while the dispatch all-to-all is in flight, forward and backward")
-    g.add_argument("--moe-layer-freq", default=2,
-                   help="int N: every N-th layer is MoE (the paper: 2); or one 0/1 per layer as Megatron-LM "
+    g.add_argument("--moe-layer-freq", default=None,
+                   help="int N: every N-th layer is MoE (default 2, as the paper; Megatron-DeepSpeed scripts: "
+                        "--expert-interval 2); or one 0/1 per layer as Megatron-LM "
                         "writes it, e.g. \"([0]+[1]*23)\" or \"[0,1,1,1]\" (parsed, not evaluated)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
-    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-topk", type=int, default=None,
+                   help="experts per token (default 2; Megatron-DeepSpeed scripts: 1, see training/deepspeed_moe.py)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
@@ -218,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "halves it, until the next growth restores the tolerance (Megatron's)")
     g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale (default: dynamic)")
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
-                   help="stop (exit 2) at a NaN or Inf loss; the default (an fp16 gradient overflow stays a "
-                        "skipped step)")
+                   help="stop (exit 2) at a NaN or Inf loss, or gradient norm without fp16 loss scaling; the "
+                        "default (an fp16 gradient overflow stays a skipped step)")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
                    help="train on through NaN or Inf losses")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
@@ -359,7 +362,7 @@ NUMERIC_FLAGS: dict[str, Range] = {
     "beta_slow": POSITIVE, "mscale": NON_NEGATIVE, "mscale_all_dim": NON_NEGATIVE,
     # routers and MoE
     "moe_router_num_groups": COUNT, "moe_router_group_topk": COUNT, "moe_router_topk_scaling_factor": POSITIVE,
-    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT,
+    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT, "topk": COUNT, "expert_interval": COUNT,
     # sizes of parallel dimensions we refuse above 1 (training/compat_flags.py)
     "pipeline_model_parallel_size": COUNT, "virtual_pipeline_model_parallel_size": COUNT,
     "context_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,
@@ -505,6 +508,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                               f"use a multiple of {ep} experts or a smaller EP")
             need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
             router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+            compat_flags.check_eval_capacity(router_config(args, e), args.moe_eval_capacity_factor)
             need(args.moe_router_type != "base" or tokens % e == 0,
                  f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
                  f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")

@@ -863,6 +863,10 @@ def apply_checkpoint_args(args) -> None:
     if directory is None:
         raise ValueError(f"--use-checkpoint-args: --load {args.load} holds no checkpoint")
     saved = read_metadata(directory).get("args") or {}
+    args.checkpoint_args_taken = []   # the flags given otherwise on the command line, for the start-up line
     for key in CHECKPOINT_ARGS:
         if key in saved:
+            mine = getattr(args, key, None)
+            if mine is not None and str(mine) != str(saved[key]) and mine != [saved[key]]:
+                args.checkpoint_args_taken.append(f"--{key.replace('_', '-')} {saved[key]} (not {mine})")
             setattr(args, key, saved[key])

@@ -183,13 +183,17 @@ def check_run_inputs(args, vocab_size: int | None = None) -> None:
     """The data files and split that the run reads once its process group is up, checked before any
     (dry run or not); with the tokenizer's vocab_size, also the corpora's token ids. Flags are
     checked in arguments.validate."""
+    from megatron_ted.data import gpt_data
+    prefixes = None
     if args.data_path and not args.mock_data:
-        from megatron_ted.data.gpt_data import check_prefixes_exist, check_split, check_token_ids, parse_data_path
-        prefixes, _ = parse_data_path(args.data_path)
-        check_prefixes_exist(prefixes)
-        check_split(args.split)
+        prefixes, _ = gpt_data.parse_data_path(args.data_path)
+        gpt_data.check_prefixes_exist(prefixes)   # and each .idx/.bin against damage
+        gpt_data.check_split(args.split)
         if vocab_size is not None:
-            check_token_ids(prefixes, vocab_size)
+            gpt_data.check_token_ids(prefixes, vocab_size)
+        gpt_data.check_splits_have_tokens(prefixes, args.split)
+    if cache := gpt_data.index_cache_path(getattr(args, "data_cache_path", None), prefixes):
+        gpt_data.check_cache_dir(cache)
 
 
 def dry_run(args) -> int:

@@ -27,7 +27,7 @@ from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.recompute import apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups, init_process_group
+from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
 from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
 from megatron_ted.pipeline.stage import build_pipeline_model
 from megatron_ted.tensor_parallel import fp8
@@ -41,6 +41,7 @@ from megatron_ted.training.dry_run import check_run_inputs, dry_run
 from megatron_ted.training.flops import flops_per_token_of_model, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
+from megatron_ted.training import deepspeed_moe
 from megatron_ted.training.manual_gc import ManualGC
 from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
@@ -50,8 +51,9 @@ from megatron_ted.training.step import forward_backward
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss of a step is NaN or Inf (--check-for-nan-in-loss-and-grad); every rank sees the same
-    DP-reduced loss, so every rank raises it at the same iteration."""
+    """The loss or (without fp16 loss scaling) the gradient norm of a step is NaN or Inf
+    (--check-for-nan-in-loss-and-grad); every rank sees the same reduced loss and norm, so every rank
+    raises it at the same iteration."""
 
 
 def print_rank0(*args, **kwargs):
@@ -244,6 +246,8 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
+    if moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
+        print_rank0(deepspeed_moe.summary(args, moe_layer_indices(args.num_layers, args.moe_layer_freq)))
     if getattr(args, "moe_router_force_load_balancing", False):
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
                     "(a benchmark of balanced load); the model does not learn its routing")
@@ -367,6 +371,11 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
             log.last += time.time() - start  # the export is not the iteration's time
             print(f" > rank {rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
         collector.after_step(it)
+        if not applied and optimizer.loss_scaler is None and args.check_for_nan_in_loss_and_grad:
+            # no fp16 loss scaling: a NaN/Inf gradient is not an overflow to skip but a broken step
+            raise NonFiniteLossError(f"iteration {it}: the gradient norm is NaN or Inf (the loss is finite; "
+                                     f"--check-for-nan-in-loss-and-grad); the step was not applied: lower "
+                                     f"--lr or resume from an earlier checkpoint")
         if not applied:
             log.skipped += 1
             result.grad_norm = None
@@ -482,6 +491,8 @@ def main(argv=None) -> int:
         _teacher_checkpoint(args, tokenizer)   # --load-teacher: one line here, before any process group
         if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
             print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
+        if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
+            print("--use-checkpoint-args: the checkpoint's " + "; ".join(args.checkpoint_args_taken), flush=True)
         check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
@@ -491,7 +502,7 @@ def main(argv=None) -> int:
         return report_error(e)
     try:
         train(args, tokenizer, run)
-    except (CheckpointError, DataError, NonFiniteLossError) as e:  # every rank raises the same one (they agree)
+    except (CheckpointError, DataError, NonFiniteLossError, RendezvousError) as e:  # every rank alike
         code = report_error(e)
         if dist.is_initialized():
             dist.destroy_process_group()
