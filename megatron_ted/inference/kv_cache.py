@@ -17,6 +17,9 @@ own slot, so a padded query's softmax row is never empty (no NaN; its output is 
 Each layer's buffers are [B, G, S_max, D] for k and v, allocated on the layer's first write (the
 layer's shapes and dtype are known then). Multi-latent attention stores its expanded per-head k
 and v here like multi-head attention (model/mla.py says why).
+
+StaticKVCache (below) keeps the same layout with shapes that never change, for a decode step
+captured in a CUDA graph (inference/decode_step.py).
 """
 from __future__ import annotations
 
