@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     if args.prompt_length + args.new_tokens > shape["max_position_embeddings"]:
         raise SystemExit(f"error: --prompt-length + --new-tokens exceed the preset's "
                          f"{shape['max_position_embeddings']} positions")
+    if args.cuda_graph_decode and device.type != "cuda":
+        raise SystemExit("error: --cuda-graph-decode needs a CUDA GPU; drop the flag")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         config = transformers.AutoConfig.for_model("mixtral", rope_theta=10000.0, **shape)
