@@ -285,3 +285,30 @@ def test_bad_pipeline_flags_are_one_line(extra, flag):
     with pytest.raises(ValueError) as info:
         parse_args(CLI + ["--train-iters", "1"] + extra, world_size=4)
     assert flag in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- the per-stage memory model (planning/pipeline_memory.py) -----------------------------------
+
+@pytest.mark.parametrize("untie, split", [(False, PipelineSplit(4, 2)), (True, PipelineSplit(4, 3, first_stage_layers=2)),
+                                          (False, PipelineSplit(4, 2, layers_per_virtual_stage=1))])
+def test_stage_parameter_counts_match_built_stages(untie, split):
+    """Counted from the shapes per pipeline rank = the elements of the stages pipeline/stage.py builds
+    (the tied copy on the last rank included); the in-flight rule: P - p for 1F1B, P + (P-1)/V first."""
+    from types import SimpleNamespace
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.pipeline.stage import build_pipeline_model
+    from megatron_ted.planning.memory import Workload
+    from megatron_ted.planning.pipeline_memory import in_flight_micro_batches, stage_parameter_counts
+    from parity import tiny_config, tiny_moe
+    config, moe = tiny_config(num_layers=4, untie_embeddings_and_output_weights=untie), tiny_moe()
+    wl = Workload(config, moe, seq_length=8, micro_batch=2)
+    single = ParallelGroups.single()
+    for p in range(split.pipeline_parallel):
+        groups = SimpleNamespace(pp=SimpleNamespace(rank=p), tp=single.tp, ep=single.ep, dp=single.dp,
+                                 expert_dp=single.expert_dp)
+        built = build_pipeline_model(config, moe, groups, 1, split)
+        counts = stage_parameter_counts(wl, split, p, 1, 1)
+        assert counts.per_rank == sum(t.numel() for t in built.parameters()), p
+    assert [in_flight_micro_batches(4, 1, p, 8) for p in range(4)] == [4, 3, 2, 1]
+    assert in_flight_micro_batches(4, 1, 0, 2) == 2
+    assert in_flight_micro_batches(4, 2, 0, 8) == 4 + 3 / 2    # Megatron: P (1 + (P-1)/(P V))

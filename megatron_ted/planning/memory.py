@@ -274,31 +274,37 @@ def _widest_activation(wl: Workload, tp: int, num_experts: int | None) -> int:
     return max(attn, T * wl.moe.router.topk * g * wl.moe.ffn_hidden_size // tp)
 
 
-def activation_memory(wl: Workload, tp: int, ep: int = 1) -> ActivationEstimate:
+def activation_memory(wl: Workload, tp: int, ep: int = 1, layers: list[int] | range | None = None,
+                      last: bool = True) -> ActivationEstimate:
     """Activations of one micro-batch on one rank of TP size `tp` and EP size `ep` (module docstring).
 
     The peak is the largest of the phases of backward: the loss (every activation saved, plus the
     logits' gradients) and each layer (or recomputed chunk) with what is still saved below it and
-    its backward transient (its largest weight gradient and one activation gradient)."""
+    its backward transient (its largest weight gradient and one activation gradient).
+
+    A pipeline stage (planning/pipeline_memory.py): `layers` its layers; not `last`: no final norm,
+    loss or output layer, but the stage output the schedule keeps for its backward (w*T*h)."""
     c, T, w, h = wl.config, wl.tokens, wl.w, wl.config.hidden_size
     v = c.vocab_size // tp
-    kinds = wl.layer_kinds()
+    index = range(c.num_layers) if layers is None else layers
+    kinds = [wl.layer_kinds()[i] for i in index]
     layers = [_layer_bytes(wl, tp, e) for e in kinds]
     if wl.recompute == "selective":
         layers = [b - 4 * T * c.num_attention_heads // tp for b in layers]
-    backward = [w * p + w * _widest_activation(wl, tp, e)
-                for p, e in zip(_largest_layer_parameter(wl, tp, ep), kinds)]
+    largest = _largest_layer_parameter(wl, tp, ep)
+    backward = [w * largest[i] + w * _widest_activation(wl, tp, e) for i, e in zip(index, kinds)]
     dropout_mask = T * h if c.hidden_dropout > 0 else 0
-    outside = 2 * w * T * h + 4 * T * v + dropout_mask
+    outside = 2 * w * T * h + 4 * T * v + dropout_mask if last else w * T * h
     parts = {"outside layers": outside}
     # Once backward is inside the layers, the loss's and final norm's saved tensors are freed; what
     # stays is the gradient entering the stack and, with tied embeddings, the output layer's
     # weight gradient (held until the embedding's backward adds its part, at the very end).
-    tied = 0 if c.untie_embeddings_and_output_weights else w * v * h
+    # (a pipeline's last stage uses its tied copy once: its gradient is not held)
+    tied = 0 if c.untie_embeddings_and_output_weights or len(index) < c.num_layers else w * v * h
     below = w * T * h + dropout_mask + tied
     # the loss (tensor_parallel/vocab.py): beside its saved fp32 softmax, the logits in the model's
     # dtype while it is built, and their gradient (written in that dtype) in backward
-    loss_transient = w * T * v
+    loss_transient = w * T * v if last else 0
     if wl.recompute == "full":
         n = wl.recompute_num_layers
         kept = _cac_kept_bytes(wl, tp) if ep > 1 else 0
@@ -372,10 +378,12 @@ class PeakMemory:
         return self.static + max(self.activations + self.comm_buffers, self.spike) + self.allowance
 
 
-def peak_memory(wl: Workload, layout: ParallelLayout, counts: ParamCounts | None = None) -> PeakMemory:
+def peak_memory(wl: Workload, layout: ParallelLayout, counts: ParamCounts | None = None,
+                activations: ActivationEstimate | None = None) -> PeakMemory:
+    """activations: given for a pipeline rank (planning/pipeline_memory.py), else the whole model's."""
     counts = counts or count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
     static = memory_per_gpu(counts, layout, wl.precision)
-    act = activation_memory(wl, layout.tensor_parallel, layout.expert_parallel)
+    act = activations or activation_memory(wl, layout.tensor_parallel, layout.expert_parallel)
     spike = optimizer_spike_bytes(wl, layout, counts)
     optimizer = static.optimizer_distributed if wl.distributed_optimizer else static.optimizer_replicated
     offloaded, host = offload_bytes(wl, layout, counts, optimizer)

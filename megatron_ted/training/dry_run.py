@@ -71,6 +71,8 @@ def report(args) -> str:
                 _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
                                                               precision),
                 _peak_lines(peak_memory(workload_from_args(args), layout, counts), args)]
+    if getattr(args, "pipeline_split", None) is not None:
+        sections.append(_stage_lines(args))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -177,6 +179,23 @@ def _peak_lines(peak: PeakMemory, args) -> list[str]:
         lines.append(f"optimizer offload (--optimizer-cpu-offload, fraction {args.optimizer_offload_fraction:g}): "
                      f"{peak.host / GiB:.2f} GiB of host memory per GPU (state + staging), "
                      f"{ranks * peak.host / GiB:.2f} GiB per node of {ranks} GPUs")
+    return lines
+
+
+def _stage_lines(args) -> list[str]:
+    """Per pipeline rank (planning/pipeline_memory.py): its layers, parameters and predicted peak
+    with the micro-batches its schedule keeps in flight. The sections above are the unsplit model's."""
+    from megatron_ted.planning.pipeline_memory import stage_memory
+    split = args.pipeline_split
+    lines = [f"pipeline: {split.pipeline_parallel} ranks x {split.chunks} stage{'s' * (split.chunks > 1)} each, "
+             f"{args.num_micro_batches} micro-batches per step; per-stage memory per GPU (the sections above "
+             f"are the unsplit model's):"]
+    for st in stage_memory(workload_from_args(args), args.layout, split, args.num_micro_batches):
+        m = st.memory
+        where = " + ".join(f"layers {r.start}-{r.stop - 1}" for r in st.layers)
+        lines.append(f"  stage {st.pp_rank}: {where}, {_n(st.counts.per_rank)} parameters per GPU, "
+                     f"{st.in_flight:g} micro-batches in flight | static {m.static / GiB:.2f} GiB, "
+                     f"activations {m.activations / GiB:.2f} GiB, peak {m.total / GiB:.2f} GiB")
     return lines
 
 
