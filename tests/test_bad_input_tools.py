@@ -128,6 +128,33 @@ def test_damaged_data_files_are_one_line_naming_the_file(tmp_path):
     assert hashes(tmp_path) == before
 
 
+def test_data_found_bad_is_reported_before_the_process_group(tmp_path):
+    """A split without tokens and a --data-cache-path others can write are start-up checks: they come
+    out before the rendezvous, here shown by a MASTER_PORT that is taken (whose line they beat)."""
+    import socket
+
+    (tmp_path / "data").mkdir()
+    prefix = make_dataset(tmp_path / "data", n_docs=3)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    before = hashes(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"MASTER_PORT": str(taken.getsockname()[1])}
+        r = run("pretrain_gpt_moe.py", *ENTRY[:-4], "--split", "969,30,1", "--eval-iters", "1",
+                "--data-path", prefix, cwd=tmp_path, env=env)
+        one_line_error(r, "--split 969,30,1: the valid split of", "gets no tokens", code=2)
+        r = run("pretrain_gpt_moe.py", *ENTRY, "--data-path", prefix, "--data-cache-path", shared,
+                cwd=tmp_path, env=env)
+        one_line_error(r, "--data-cache-path", "writable by group or others", code=2)
+        r = run("pretrain_gpt_moe.py", *ENTRY, "--mock-data", "--data-cache-path", tmp_path / "data" /
+                "good.jsonl" / "cache", cwd=tmp_path, env=env)
+        one_line_error(r, "--data-cache-path", "cannot create it", code=2)
+    assert hashes(tmp_path) == before and os.listdir(shared) == []
+
+
 # ------------------------------------------------------------------------------- the index cache
 def test_a_cache_directory_others_can_write_is_refused(tmp_path):
     """megatron-core unpickles its index cache: a --data-cache-path writable by group or others
@@ -205,3 +232,73 @@ def test_train_tokenizer_invalid_json_names_the_file_and_line(tmp_path):
     line = one_line_error(r, f"--input {bad} line 2: invalid JSON")
     assert ".py(" not in line
     assert hashes(tmp_path) == before
+
+
+# ------------------------------------------------------- make_corpus / train_tokenizer outputs
+def test_make_corpus_refuses_an_existing_output_unless_overwrite(tmp_path):
+    out = tmp_path / "corpus.jsonl"
+    out.write_text("the user's own corpus\n")
+    before = hashes(tmp_path)
+    line = one_line_error(run("tools/make_corpus.py", "--output", out, "--max-docs", "2"),
+                          f"--output: {out} exists", "--overwrite", code=2)
+    assert line.startswith("error:") and hashes(tmp_path) == before
+
+    r = run("tools/make_corpus.py", "--output", out, "--max-docs", "2", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 2 and os.listdir(tmp_path) == ["corpus.jsonl"]
+
+
+def test_make_corpus_output_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    before = hashes(tmp_path)
+    one_line_error(run("tools/make_corpus.py", "--output", tmp_path / "afile" / "c.jsonl", "--max-docs", "1"),
+                   "--output", "is a file, not a directory", code=2)
+    assert hashes(tmp_path) == before
+
+
+def test_train_tokenizer_refuses_existing_outputs_unless_overwrite(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", 60)
+    (tmp_path / "tok.vocab").write_text("the user's own vocabulary\n")   # one of the two is enough
+    before = hashes(tmp_path)
+    one_line_error(run("tools/train_tokenizer.py", "--input", corpus, "--vocab-size", "300",
+                       "--output-prefix", tmp_path / "tok", "--num-threads", "1"),
+                   f"{tmp_path / 'tok.vocab'} exists", "--overwrite", code=2)
+    assert hashes(tmp_path) == before
+
+    r = run("tools/train_tokenizer.py", "--input", corpus, "--vocab-size", "300", "--output-prefix",
+            tmp_path / "tok", "--num-threads", "1", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl", "tok.model", "tok.vocab"]  # no temporaries left
+    assert "user's own" not in (tmp_path / "tok.vocab").read_text()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "tok.model").read_bytes())
+    assert proto.trainer_spec.model_prefix == str(tmp_path / "tok")  # not the temporary prefix
+
+
+# -------------------------------------------------------------------- the process group rendezvous
+def test_a_taken_master_port_is_one_line_naming_it(tmp_path):
+    """A second plain `python pretrain_gpt_moe.py` on the default port: one line naming MASTER_PORT."""
+    import socket
+
+    with socket.socket() as taken:   # what the first run holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("pretrain_gpt_moe.py", *ENTRY, "--mock-data", cwd=tmp_path, env={"MASTER_PORT": str(port)})
+    one_line_error(r, f"MASTER_PORT 127.0.0.1:{port} is already in use", "MASTER_PORT=", code=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_rendezvous_timeout_names_the_timeout_flag(tmp_path):
+    """Rank 0 of two whose peer never comes: a one-line RendezvousError naming the timeout flag."""
+    code = ("import os\n"
+            "os.environ.update(RANK='0', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
+            "from megatron_ted.parallel.groups import RendezvousError, init_process_group\n"
+            "try:\n    init_process_group(False, 'gloo', timeout_minutes=0.03)\n"
+            "except RendezvousError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, r.stdout + r.stderr
+    assert "--distributed-timeout-minutes 0.03" in r.stdout and "did not form" in r.stdout, r.stdout

@@ -49,6 +49,16 @@ if patch == "PAUSE":
             time.sleep(0.05)
         return real(*a, **k)
     train.forward_backward = paused
+elif patch == "INF_GRAD_AT_2":   # a gradient that overflowed at step 2 while the loss stayed finite
+    import megatron_ted.training.train as train
+    real, calls = train.forward_backward, []
+    def inf_grad(model, *a, **k):
+        result = real(model, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            next(model.parameters()).main_grad.view(-1)[0] = float("inf")
+        return result
+    train.forward_backward = inf_grad
 elif patch == "KILL_AT_ASIDE":
     real = os.rename
     def rename(src, dst):
@@ -279,3 +289,20 @@ def test_a_nan_loss_stops_the_run_and_non_finite_weights_are_never_saved(tmp_pat
     assert rc == 0, err[-3000:]
     assert "number of skipped iterations:   2" in out, out[-3000:]
     assert sorted(os.listdir(tmp_path / "ovf")) == ["iter_0000002", ckpt.TRACKER]
+
+
+def test_a_non_finite_gradient_without_loss_scaling_stops_the_run(tmp_path):
+    """fp32 (no loss scaler): a NaN/Inf gradient norm with a finite loss stops at that iteration, where
+    it used to be skipped silently; with the check off it is still a skipped step."""
+    work = str(tmp_path)
+    checked = _start(TINY + ["--train-iters", "3", "--save", "ck", "--save-interval", "1"], work,
+                     patch="INF_GRAD_AT_2")
+    unchecked = _start(TINY + ["--train-iters", "3", "--no-check-for-nan-in-loss-and-grad"], work,
+                       patch="INF_GRAD_AT_2")
+    rc, out, err = _finish(checked)
+    _one_error_line(rc, out, err, "iteration 2:", "gradient norm is NaN or Inf", "--check-for-nan-in-loss-and-grad")
+    assert " iteration        1/" in out and " iteration        2/" not in out
+    assert sorted(os.listdir(tmp_path / "ck")) == ["iter_0000001", ckpt.TRACKER]   # nothing after it
+    rc, out, err = _finish(unchecked)
+    assert rc == 0, err[-3000:]
+    assert "number of skipped iterations:   1" in out, out[-3000:]

@@ -92,6 +92,7 @@ OUT_OF_RANGE = [
     ("--mscale-all-dim", "-0.5", ">= 0"), ("--moe-router-num-groups", "0", ">= 1"),
     ("--moe-router-group-topk", "0", ">= 1"), ("--moe-router-topk-scaling-factor", "0", "> 0"),
     ("--moe-eval-capacity-factor", "0", "> 0"), ("--moe-upcycling-granularity", "0", ">= 1"),
+    ("--topk", "0", ">= 1"), ("--expert-interval", "0", ">= 1"),
     ("--pipeline-model-parallel-size", "0", ">= 1"), ("--virtual-pipeline-model-parallel-size", "0", ">= 1"),
     ("--num-layers-per-virtual-pipeline-stage", "0", ">= 1"), ("--decoder-first-pipeline-num-layers", "0", ">= 1"),
     ("--decoder-last-pipeline-num-layers", "0", ">= 1"),

@@ -128,3 +128,18 @@ def test_flags_accept_the_dropless_moe_scope():
     assert router_graph_blocker(RouterConfig(num_experts=4, topk=2, router_type="expert_choice")) is None
     assert "gshard" in router_graph_blocker(RouterConfig(num_experts=4, topk=2, router_type="gshard"))
     assert graph_blocker(["attn"], router_configs=[RouterConfig(num_experts=4, topk=2, router_type="gshard")]) is None
+
+
+def test_multi_latent_attention_layers_are_captured():
+    """The front's input width comes from the layer, whatever its attention class (MLA has no qkv)."""
+    from megatron_ted.model.mla import MLAConfig
+    mla = dict(position_embedding_type="rope", mla=MLAConfig(kv_lora_rank=8, qk_head_dim=4, qk_pos_emb_head_dim=2,
+                                                             v_head_dim=4))
+    plain, graphed = _model(**mla), _model(**mla)
+    assert capture_layer_fronts(graphed.layers, 2, SEQ, torch.float64, BOTH, rotary=graphed.rotary,
+                                make_graphed=eager_graphs) == 2
+    tokens = global_batches(1, 2)[0]["tokens"]
+    pos = torch.arange(SEQ).expand(2, SEQ)
+    plain.train(), graphed.train()
+    torch.testing.assert_close(graphed(tokens, pos).logits, plain(tokens, pos).logits, rtol=0, atol=0)
+    assert [layer.graphed_front.replays for layer in graphed.layers] == [1, 1]

@@ -47,6 +47,42 @@ def test_alias_defaults_do_not_clobber_ours():
     assert args.expert_model_parallel_size == 2 and args.recompute_granularity is None
 
 
+@pytest.mark.parametrize("spelling,learned,positions", [
+    ("learned_absolute", "learned", True), ("none", "learned", False), ("rope", "rope", True)])
+def test_megatron_lm_position_embedding_spellings(spelling, learned, positions):
+    """Megatron-LM writes learned_absolute (our learned) and none (no position embedding at all)."""
+    args = parse("--position-embedding-type", spelling)
+    assert (args.position_embedding_type, args.add_position_embedding) == (learned, positions)
+
+
+# Megatron-DeepSpeed's ParallelTransformer: layer number n (1-based) has experts when
+# n % expert_interval == 0; --topk defaults to 1 and --expert-interval to 2 there.
+@pytest.mark.parametrize("extra,topk,moe_layers", [
+    ([], 2, (0, 2)),                                           # our defaults: top-2, --moe-layer-freq 2
+    (["--moe-loss-coeff", "0.01"], 1, (1, 3)),                 # a Megatron-DeepSpeed script: its defaults
+    (["--moe-expert-parallel-size", "1"], 1, (1, 3)),
+    (["--deepspeed"], 1, (1, 3)),
+    (["--topk", "2", "--expert-interval", "3"], 2, (2,)),      # layer numbers 3 (of 4)
+    (["--expert-interval", "1"], 1, (0, 1, 2, 3)),
+    (["--moe-loss-coeff", "0.01", "--moe-router-topk", "2", "--moe-layer-freq", "2"], 2, (0, 2)),  # given wins
+])
+def test_megatron_deepspeed_topk_and_expert_interval(extra, topk, moe_layers):
+    args = parse("--num-experts", "2", *extra)
+    assert args.moe_router_topk == topk
+    assert moe_layer_indices(args.num_layers, args.moe_layer_freq) == moe_layers
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--topk", "1", "--moe-router-topk", "2"], "--topk 1 and --moe-router-topk 2 disagree"),
+    (["--expert-interval", "2", "--moe-layer-freq", "2"], "--expert-interval 2 and --moe-layer-freq 2 both"),
+    (["--expert-interval", "5"], "--expert-interval 5 is more than --num-layers 4"),
+    (["--expert-interval", "0"], "--expert-interval 0 must be >= 1"),
+])
+def test_megatron_deepspeed_layout_conflicts_are_one_line(extra, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        parse("--num-experts", "2", *extra)
+
+
 @pytest.mark.parametrize("text,layers,expected", [
     ("([0]+[1]*3)", 4, (1, 2, 3)),
     ("[0,1,1,1]", 4, (1, 2, 3)),
@@ -299,3 +335,78 @@ def test_megatron_deepspeed_moe_script(tmp_path):
     assert "all-to-alls per MoE layer per micro-batch: 6" in r.stdout     # --checkpoint-activations: full recompute
     assert r.stdout.count("accepted with no effect here: ") == 1
     assert "--create-moe-param-group (" in r.stdout and "--deepspeed (" in r.stdout
+    # no --topk / --expert-interval in the script: Megatron-DeepSpeed's defaults, stated at start-up
+    assert " > MoE: top-1 routing, MoE layers [1] (0-based) of 2; defaults top-1, --expert-interval 2 " \
+           "(Megatron-DeepSpeed's" in r.stdout, r.stdout[:3000]
+
+
+# ---- --moe-eval-capacity-factor, --use-checkpoint-args, --exit-duration-in-mins -------------------
+
+def test_eval_capacity_factor_changes_the_capacity_at_evaluation_only():
+    """A tiny eval capacity drops tokens (another loss); an ample one routes as dropless; the routers
+    keep their training capacity (None: dropless) after the evaluation."""
+    import argparse
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from parity import global_batches, micro_batches, tiny_config, tiny_moe
+    from megatron_ted.model.builder import build_gpt
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.training.train import evaluate
+
+    groups = ParallelGroups.single()
+    model = build_gpt(tiny_config(), tiny_moe(min_capacity=0), groups, 3).double()
+    batch = global_batches(1, 4)[0]
+
+    def eval_loss(factor):
+        args = argparse.Namespace(eval_iters=1, num_micro_batches=2, num_experts=4, moe_eval_capacity_factor=factor)
+        mbs = [{k: v for k, v in mb.items() if k != "routing_seed"} for mb in micro_batches(batch, 0, 1, 2)]
+        return evaluate(model, iter(mbs), args, groups, torch.device("cpu"))
+
+    dropless = eval_loss(None)
+    assert eval_loss(0.05) != dropless
+    assert abs(eval_loss(100.0) - dropless) < 1e-12
+    assert all(m.config.capacity_factor is None for m in model.modules() if hasattr(m, "config")
+               and hasattr(m.config, "capacity_factor"))
+
+
+def test_an_eval_capacity_factor_on_a_gate_without_capacity_stops_at_start_up():
+    with pytest.raises(ValueError, match=r"--moe-eval-capacity-factor 1\.0: --moe-router-type base"):
+        parse("--num-experts", "2", "--moe-router-type", "base", "--moe-router-topk", "1",
+              "--moe-eval-capacity-factor", "1.0")
+
+
+def _entry(argv, nproc=1):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", WORLD_SIZE="1")
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29583",
+         os.path.join(ROOT, "pretrain_gpt_moe.py")]
+    return subprocess.run(cmd + [str(a) for a in argv], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_use_checkpoint_args_takes_the_checkpoints_model_flags_and_says_so(tmp_path):
+    ck = tmp_path / "ck"
+    common = ["--mock-data", "--vocab-size", "100", "--num-layers", "2", "--num-attention-heads", "2",
+              "--seq-length", "16", "--micro-batch-size", "2", "--eval-iters", "0", "--log-interval", "1"]
+    r = _entry(common + ["--hidden-size", "16", "--num-experts", "2", "--train-iters", "1", "--save", ck])
+    assert r.returncode == 0, r.stderr[-3000:]
+    resume = common + ["--hidden-size", "32", "--num-experts", "4", "--train-iters", "2", "--load", ck]
+    r = _entry(resume)                                  # the command line's shapes do not fit the checkpoint
+    assert r.returncode != 0
+    r = _entry(resume + ["--use-checkpoint-args"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [l for l in r.stdout.splitlines() if l.startswith("--use-checkpoint-args: ")]
+    assert len(line) == 1 and "--hidden-size 16 (not 32)" in line[0] and "--num-experts 2 (not [4])" in line[0], \
+        r.stdout[-3000:]
+    assert re.search(r"iteration +2/ +2 \|", r.stdout)
+
+
+def test_exit_duration_stops_every_rank_at_the_same_iteration_after_saving(tmp_path):
+    argv = ["--mock-data", "--vocab-size", "100", "--num-layers", "2", "--hidden-size", "16", "--num-attention-heads",
+            "2", "--seq-length", "16", "--micro-batch-size", "2", "--num-experts", "2", "--expert-model-parallel-size",
+            "2", "--train-iters", "50", "--eval-iters", "0", "--log-interval", "1", "--save", tmp_path / "ck",
+            "--save-interval", "1000", "--exit-duration-in-mins", "1e-6"]
+    r = _entry(argv, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"exiting program after [0-9.]+ minutes at iteration 1 \(--exit-duration-in-mins", r.stdout)
+    assert not re.search(r"iteration +2/", r.stdout)
+    assert (tmp_path / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"

@@ -5,7 +5,10 @@ No network: the text is the docstrings of this interpreter's standard library (m
 functions, methods), one document per module, class or function, in a deterministic order
 (modules sorted by name, members sorted by name), exact duplicates dropped.
 
-    python tools/make_corpus.py --output corpus.jsonl [--max-docs N] [--min-chars 100]
+    python tools/make_corpus.py --output corpus.jsonl [--max-docs N] [--min-chars 100] [--overwrite]
+
+An existing --output is refused unless --overwrite; the corpus is written to a temporary next to it
+and renamed into place at the end, so an interrupted run leaves no partial file.
 
 Modules whose import has side effects (GUI, browser, printing, test suites) are never imported;
 a module that fails to import is skipped. The full run gives a few MB of text in a few seconds.
@@ -27,6 +30,8 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ted.cli import OneLineErrorParser  # noqa: E402
+from megatron_ted.data.output_files import (  # noqa: E402
+    create_temporary, make_output_dir, refuse_existing, remove_created_dirs, remove_temporaries)
 
 # Never imported: side effects on import (browser, stdout, GUI, terminal), huge test suites, or
 # platform-specific modules that only fail or warn.
@@ -173,22 +178,34 @@ def build_corpus(max_docs: int | None = None, min_chars: int = 100):
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="JSONL file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--max-docs", type=int, default=None, help="stop after N documents")
     parser.add_argument("--min-chars", type=int, default=100, help="drop shorter documents")
     args = parser.parse_args(argv)
     if args.max_docs is not None and args.max_docs < 1:
         parser.error("--max-docs must be >= 1")
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
+    try:  # an existing --output stays as it was unless --overwrite; a failed run leaves nothing
+        refuse_existing([args.output], "--output", args.overwrite)
+        created = make_output_dir(args.output, "--output")
+        tmp = create_temporary(args.output)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     n_docs = n_chars = 0
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for text in build_corpus(args.max_docs, args.min_chars):
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-            n_docs += 1
-            n_chars += len(text)
-    os.replace(tmp, args.output)
+    done = False
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for text in build_corpus(args.max_docs, args.min_chars):
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                n_docs += 1
+                n_chars += len(text)
+        os.replace(tmp, args.output)
+        done = True
+    finally:
+        if not done:
+            remove_temporaries([tmp])
+            remove_created_dirs(args.output, created)
     print(f"wrote {n_docs} documents, {n_chars / 1e6:.2f}M characters to {args.output}")
     return 0
 

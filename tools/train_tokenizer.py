@@ -4,6 +4,9 @@
     python tools/train_tokenizer.py --input corpus.jsonl --json-keys text \\
         --vocab-size 8000 --output-prefix tok        # writes tok.model and tok.vocab
 
+An existing tok.model or tok.vocab is refused unless --overwrite; training writes under a temporary
+prefix next to them and both files are renamed into place at the end.
+
 Special ids: 0 <pad>, 1 <unk>, 2 <s> (BOS), 3 <EOD> (SentencePiece's EOS piece). `<EOD>` is the
 end-of-document id that `tools/preprocess_data.py --append-eod` appends, and Megatron-LM reads the
 same model the same way (its GPTSentencePieceTokenizer takes EOS as EOD, its legacy
@@ -23,6 +26,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ted.cli import OneLineErrorParser  # noqa: E402
+from megatron_ted.data.output_files import (  # noqa: E402
+    create_temporary, make_output_dir, refuse_existing, remove_created_dirs, remove_temporaries)
 
 SPECIALS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>",
                 bos_piece="<s>", eos_piece="<EOD>")
@@ -91,11 +96,26 @@ def train(input_path: str, output_prefix: str, vocab_size: int, json_keys=("text
     return output_prefix + ".model"
 
 
+def name_prefix_in_model(model_path: str, prefix: str) -> None:
+    """SentencePiece records the training prefix in the model: record the user's, not the temporary
+    one, so that the file is the same whatever the temporary name was."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = prefix
+    with open(model_path, "wb") as f:
+        f.write(proto.SerializeToString())
+
+
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="JSONL file")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the text")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing <prefix>.model / <prefix>.vocab")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--input-sentence-size", type=int, default=2_000_000,
@@ -113,12 +133,23 @@ def main(argv=None) -> int:
         print(f"error: --vocab-size {args.vocab_size}: must be >= {min_vocab} "
               "(4 special ids and 256 byte-fallback ids come first)", file=sys.stderr)
         return 2
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    outputs = [args.output_prefix + ".model", args.output_prefix + ".vocab"]
+    try:  # existing outputs stay as they were unless --overwrite; a failed run leaves nothing
+        refuse_existing(outputs, "--output-prefix", args.overwrite)
+        created = make_output_dir(args.output_prefix, "--output-prefix")
+        # SentencePiece writes <prefix>.model/.vocab itself: train under a temporary prefix of ours
+        tmp_prefix = create_temporary(args.output_prefix, (".model", ".vocab"))
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    done = False
     try:
-        model = train(args.input, args.output_prefix, args.vocab_size, args.json_keys,
-                      args.model_type, args.input_sentence_size, args.seed, args.num_threads,
-                      args.verbose)
+        train(args.input, tmp_prefix, args.vocab_size, args.json_keys, args.model_type,
+              args.input_sentence_size, args.seed, args.num_threads, args.verbose)
+        name_prefix_in_model(tmp_prefix + ".model", args.output_prefix)
+        for suffix in (".model", ".vocab"):
+            os.replace(tmp_prefix + suffix, args.output_prefix + suffix)
+        done = True
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -128,6 +159,11 @@ def main(argv=None) -> int:
             message = f"--input {args.input}: no text under --json-keys {' '.join(args.json_keys)}"
         print(f"error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if not done:
+            remove_temporaries([tmp_prefix + ".model", tmp_prefix + ".vocab"])
+            remove_created_dirs(args.output_prefix, created)
+    model = outputs[0]
 
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=model)

@@ -189,18 +189,25 @@ def check_split(split: str) -> None:
         raise ValueError(f"--split {split}: expected train,valid,test weights such as 969,30,1")
 
 
-def check_splits_have_tokens(prefixes: Sequence[str], config, GPTDataset, split: str) -> None:
+def check_splits_have_tokens(prefixes: Sequence[str], split: str) -> None:
     """Every split with a weight must get tokens from every dataset: megatron-core builds an empty
     one by adding epochs until its tokens reach the samples asked for, which never ends (a silent
-    hang with small data). Its own ranges of sequences (`config.split_matrix`, rounded as it does)."""
+    hang with small data). Its own ranges of sequences (the split matrix, rounded as it does)."""
+    with warnings.catch_warnings():  # megatron.core warns at import that apex / TE are absent
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for prefix in prefixes:
-        low_level = GPTDataset.build_low_level_dataset(prefix, config)
-        n = GPTDataset.numel_low_level_dataset(low_level)
-        for name, bounds in zip(("train", "valid", "test"), config.split_matrix):
+        dataset = IndexedDataset(prefix)   # kept alive: its lengths are a view of its memory map
+        lengths = dataset.sequence_lengths
+        n = lengths.shape[0]
+        for name, bounds in zip(("train", "valid", "test"), split_matrix):
             if bounds is None:
                 continue
             beg, end = (int(round(b * float(n))) for b in bounds)
-            if end <= beg or int(low_level.sequence_lengths[beg:end].sum()) == 0:
+            if end <= beg or int(lengths[beg:end].sum()) == 0:
                 raise DataError(
                     f"--split {split}: the {name} split of {prefix} gets no tokens (sequences "
                     f"[{beg}, {end}) of {n}); use more data or give {name} weight 0 in --split")
@@ -222,17 +229,30 @@ def default_cache_path(prefixes: Sequence[str]) -> str:
     return os.path.join(user_cache, "megatron_ted", "index-cache")
 
 
-def prepare_cache_dir(path: str) -> None:
-    """Create the index cache directory with mode 0700, or check an existing one. megatron-core reads
-    its cache with numpy's allow_pickle=True, so a file there runs code when training starts: the
-    directory must be this user's and not writable by group or others, and so must its files."""
+def index_cache_path(data_cache_path: Optional[str], prefixes: Optional[Sequence[str]]) -> Optional[str]:
+    """--data-cache-path, else (real data) `default_cache_path`; None for mock data without one."""
+    if data_cache_path or not prefixes:
+        return data_cache_path
+    return default_cache_path(prefixes)
+
+
+def check_cache_dir(path: str) -> None:
+    """The checks of `prepare_cache_dir` without creating anything: run at start-up, before the
+    process group, so that a bad --data-cache-path is one line before any work."""
     where = f"--data-cache-path {path}"
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if probe != os.path.abspath(path):  # to be created: its nearest existing parent must allow it
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            raise DataError(f"{where}: cannot create it ({probe} is not a writable directory); "
+                            "give a directory of your own")
+        return
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
         entries = [(e.name, e.stat(follow_symlinks=False)) for e in os.scandir(path)]
     except OSError as err:
-        raise DataError(f"{where}: cannot create or read it ({err.strerror}); give a directory of your own") from None
+        raise DataError(f"{where}: cannot read it ({err.strerror}); give a directory of your own") from None
     uid = os.getuid()
     if st.st_uid != uid:
         raise DataError(f"{where}: owned by user id {st.st_uid}, not by you; the index cache is unpickled "
@@ -244,6 +264,18 @@ def prepare_cache_dir(path: str) -> None:
     if foreign:
         raise DataError(f"{where}: holds {foreign[0][0]}, owned by user id {foreign[0][1]}; the index cache is "
                         "unpickled when read: remove that file or give another directory")
+
+
+def prepare_cache_dir(path: str) -> None:
+    """Create the index cache directory with mode 0700, or check an existing one. megatron-core reads
+    its cache with numpy's allow_pickle=True, so a file there runs code when training starts: the
+    directory must be this user's and not writable by group or others, and so must its files."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--data-cache-path {path}: cannot create it ({err.strerror}); "
+                        "give a directory of your own") from None
+    check_cache_dir(path)
 
 
 def train_valid_test_num_samples(train_iters: int, eval_interval: int, eval_iters: int,
@@ -343,9 +375,8 @@ def build_train_valid_test_datasets(
         prefixes, weights = parse_data_path(data_path)
         check_prefixes_exist(prefixes)
         blend = (prefixes, weights)
-        cache = data_cache_path or default_cache_path(prefixes)
-    else:
-        cache = data_cache_path  # None: mock indices are rebuilt in memory, nothing written
+    # mock data without --data-cache-path: indices rebuilt in memory, nothing written
+    cache = index_cache_path(data_cache_path, None if mock else prefixes)
     if cache is not None:
         prepare_cache_dir(cache)
 
@@ -364,7 +395,7 @@ def build_train_valid_test_datasets(
         create_attention_mask=False,  # causal masking is the model's job; saves [s, s] per sample
     )
     if not mock:
-        check_splits_have_tokens(prefixes, config, GPTDataset, split)
+        check_splits_have_tokens(prefixes, split)
     builder = Builder(
         MockGPTDataset if mock else GPTDataset,
         [int(n) for n in num_samples],

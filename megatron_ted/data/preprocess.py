@@ -27,6 +27,7 @@ import time
 import warnings
 
 from megatron_ted.cli import OneLineErrorParser
+from megatron_ted.data.output_files import create_temporary, make_output_dir, remove_created_dirs
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
@@ -89,18 +90,6 @@ def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> 
     return f"{output_prefix}_{key}_{level}"
 
 
-def _create_temporary(path: str) -> str:
-    """A new, empty file `<path>.tmp-<pid>-<n>` created by this run (never one that was there)."""
-    for n in range(100):
-        candidate = f"{path}.tmp-{os.getpid()}-{n}"
-        try:
-            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return candidate
-        except FileExistsError:
-            continue
-    raise OSError(f"cannot create a temporary file next to {path}")
-
-
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -127,7 +116,7 @@ class _Writers:
         dtype = DType.optimal_dtype(self.vocab_size)
         for prefix in self.prefixes.values():
             for path in (prefix + ".bin", prefix + ".idx"):
-                self.temporaries[path] = _create_temporary(path)
+                self.temporaries[path] = create_temporary(path)
         self.builders = {key: IndexedDatasetBuilder(self.temporaries[prefix + ".bin"], dtype=dtype)
                          for key, prefix in self.prefixes.items()}
 
@@ -156,40 +145,6 @@ class _Writers:
             if os.path.exists(tmp):
                 os.remove(tmp)
         self.temporaries = {}
-
-
-def _make_output_dir(output_prefix: str) -> str | None:
-    """Create the output directory; returns the topmost directory this run created (None: it existed).
-    A prefix under a regular file or in a directory we cannot write is an InputError."""
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    created = None
-    probe = out_dir
-    while not os.path.exists(probe):
-        created, probe = probe, os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise InputError(f"--output-prefix {output_prefix}: {probe} is a file, not a directory")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"--output-prefix {output_prefix}: cannot create {out_dir} ({err.strerror})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise InputError(f"--output-prefix {output_prefix}: directory {out_dir} is not writable")
-    return created
-
-
-def _remove_created_dirs(output_prefix: str, created: str | None) -> None:
-    """Remove the (now empty) directories `_make_output_dir` created, deepest first."""
-    if created is None:
-        return
-    path = os.path.dirname(os.path.abspath(output_prefix))
-    while True:
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        if path == created:
-            return
-        path = os.path.dirname(path)
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -269,7 +224,10 @@ def preprocess(args: argparse.Namespace) -> dict:
         tokenizer = build_tokenizer(*tokenizer_args)
     except ValueError as err:
         raise InputError(str(err)) from None
-    created = _make_output_dir(args.output_prefix)
+    try:
+        created = make_output_dir(args.output_prefix, "--output-prefix")
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
     init_args = (tokenizer_args, list(args.json_keys),
                  args.append_eod, args.input)
@@ -303,7 +261,7 @@ def preprocess(args: argparse.Namespace) -> dict:
     finally:
         if not done:  # remove only what this run made: its temporaries and the directories it created
             writers.abort()
-            _remove_created_dirs(args.output_prefix, created)
+            remove_created_dirs(args.output_prefix, created)
         progress.close()
         if pool is not None:
             pool.terminate()  # all results are consumed on success; on error, stop the workers

@@ -3,20 +3,19 @@
     model = load_model("runs/x/checkpoints", dtype=torch.bfloat16, device="cuda")
     logits = model(ids_BS)                        # [B, S, V], V the vocabulary without padding
 
-The model is rebuilt from the flags saved with the checkpoint (TP = EP = 1), dropout off and MoE
+The model is rebuilt from the ModelConfig saved with the checkpoint (older checkpoints: from their
+saved flags; training/checkpoint.py `saved_model_config`) at TP = EP = 1, dropout off and MoE
 routing dropless whatever training used.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 
 import torch
 from torch import nn
 
-from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, read_metadata
+from megatron_ted.training.checkpoint import CheckpointError, find_checkpoint, read_metadata
+from megatron_ted.training.saved_model import build_from_checkpoint, inference_config  # noqa: F401
 
 NEEDED = ("padded_vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
           "max_position_embeddings", "tokenizer_type")
@@ -47,24 +46,6 @@ def checkpoint_args(load: str) -> tuple[str, dict]:
     return directory, args
 
 
-def build_from_checkpoint(directory: str, args: dict, device="cpu", dtype=torch.float32,
-                          groups: ParallelGroups | None = None):
-    """The GPTModel of `args` at the layout of `groups` (None: TP = EP = 1) with the checkpoint's
-    weights, in eval mode."""
-    from megatron_ted.training.train import model_configs  # the same flags -> configs mapping as training
-
-    ns = argparse.Namespace(**args)
-    ns.hidden_dropout = ns.attention_dropout = 0.0
-    config, moe = model_configs(ns, args["padded_vocab_size"])
-    if moe is not None:
-        moe.router = dataclasses.replace(moe.router, capacity_factor=None)   # dropless at inference
-    groups = groups or ParallelGroups.single()
-    model = build_gpt(config, moe, groups, int(args.get("seed", 0)))
-    model.to(device=device, dtype=dtype)
-    load_checkpoint(directory, model, None, groups, load_rng=False, restore_rng=False)
-    return model.eval()
-
-
 def load_parallel(path: str, tp: int = 1, ep: int = 1, device="cpu", dtype=torch.float32):
     """(GPTModel, ParallelGroups) of checkpoint `path` at TP x EP on this process of an initialized
     world of TP x EP x DP ranks (torch.distributed; each rank runs every prompt, see engine.py)."""
@@ -84,7 +65,7 @@ def load_parallel(path: str, tp: int = 1, ep: int = 1, device="cpu", dtype=torch
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
     """The model of checkpoint `path` (its latest iteration, or the iteration directory given)."""
-    from megatron_ted.interop.hf_config import true_vocab_size
+    from megatron_ted.data.tokenizer import true_vocab_size
 
     directory, args = checkpoint_args(path)
     vocab = true_vocab_size(args) or _sentencepiece_vocab(directory) or args["padded_vocab_size"]

@@ -17,7 +17,7 @@ Hash routing cannot be pruned this way (a dropped expert's token ids would have 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import ctypes
 import json
 import os
@@ -27,7 +27,7 @@ import tempfile
 
 import torch
 
-from megatron_ted.model.builder import build_gpt
+from megatron_ted.model.builder import build_model
 from megatron_ted.parallel.groups import ParallelGroups
 
 
@@ -138,14 +138,12 @@ def prune_model(model, args: dict, kept: list[list[int]]):
     """(a one-process model with only the kept experts, its training flags). The kept experts'
     weights, router rows and bias entries are copied in their original order; every other
     parameter is copied as is."""
-    from megatron_ted.training.train import model_configs
-
     counts = [len(k) for k in kept]
     new_args = dict(args, num_experts=counts[0] if len(set(counts)) == 1 else counts)
-    ns = argparse.Namespace(**new_args)
-    ns.hidden_dropout = ns.attention_dropout = 0.0
-    config, moe = model_configs(ns, new_args["padded_vocab_size"])
-    pruned = build_gpt(config, moe, ParallelGroups.single(), int(new_args.get("seed", 0)))
+    moe = model.model_config.moe
+    moe = dataclasses.replace(moe, num_experts_per_layer=tuple(counts),
+                              router=dataclasses.replace(moe.router, num_experts=counts[0]))
+    pruned = build_model(dataclasses.replace(model.model_config, moe=moe), ParallelGroups.single())
     pruned.to(next(model.parameters()).dtype)
     source = dict(model.named_parameters())
     done = set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from megatron_ted.data.tokenizer import true_vocab_size  # noqa: F401 (its home: the tokenizer)
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
@@ -219,14 +220,3 @@ def flags_from_hf(cfg: dict, vocab_divisible_by: int = 128, tokenizer_dir: str |
         flags.append("--untie-embeddings-and-output-weights")
     flags += _attention_flags(cfg) + _rope_flags(cfg) + _moe_flags(cfg)
     return [str(f) for f in flags]
-
-
-def true_vocab_size(args: dict) -> int | None:
-    """The vocabulary without the padding rows, from the saved flags (None: unknown)."""
-    if args.get("vocab_size") is None:
-        return None
-    if args.get("tokenizer_type") == "NullTokenizer":
-        return int(args["vocab_size"]) + 1
-    if args.get("tokenizer_type") == "HuggingFaceTokenizer":   # as import-hf writes it: the model's vocabulary
-        return int(args["vocab_size"])
-    return None

@@ -9,11 +9,11 @@ model (interop/hf_config.py is the reverse, and the tests check both against tra
 """
 from __future__ import annotations
 
-import argparse
 
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 from megatron_ted.model.builder import moe_layer_indices
-from megatron_ted.training.arguments import rope_config
+from megatron_ted.config.from_flags import rope_config
+from megatron_ted.training.arguments import flag_defaults
 
 
 def _refusal(args: dict) -> str | None:
@@ -114,7 +114,7 @@ def architecture_for(args: dict, requested: str | None = None) -> str:
 
 
 def _rope_parameters(args: dict) -> dict:
-    rope = rope_config(argparse.Namespace(**args))
+    rope = rope_config({**flag_defaults(), **args})   # flags a checkpoint predates: their defaults
     out = {"rope_theta": rope.base, "rope_type": "default"}
     if rope.yarn:
         out.update(rope_type="yarn", factor=rope.scaling_factor, beta_fast=rope.beta_fast, beta_slow=rope.beta_slow,

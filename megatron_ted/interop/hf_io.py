@@ -109,11 +109,11 @@ def _plan(maps, shapes: dict[str, list[int]], ctx: dict) -> list[tuple[str, list
 
 def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_by: int = 128) -> list[str]:
     """Write `save` (our checkpoint, iteration 0) from the HF model in `hf_dir`; returns the training flags."""
-    from megatron_ted.model.builder import build_gpt
+    from megatron_ted.model.builder import build_model
     from megatron_ted.parallel.groups import ParallelGroups
     from megatron_ted.training.arguments import padded_vocab_size, parse_args
     from megatron_ted.training.checkpoint import save_checkpoint
-    from megatron_ted.training.train import model_configs
+    from megatron_ted.config.from_flags import model_config_from_flags
 
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -131,9 +131,11 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
     if final_tokenizer:
         args.tokenizer_model = final_tokenizer
         flags[flags.index("--tokenizer-model") + 1] = final_tokenizer
-    config, moe = model_configs(args, args.padded_vocab_size)
+    model_config = model_config_from_flags(args)
+    config = model_config.gpt
     dtype = next((hf.get(n).dtype for n in hf.where if hf.get(n).is_floating_point()), torch.float32)
-    model = build_gpt(config, moe, ParallelGroups.single(), args.seed).to(dtype)
+    model = build_model(model_config, ParallelGroups.single()).to(dtype)
+    config = model.config   # with its MoE layers
     params = dict(model.named_parameters())
     maps = mappings(ARCHITECTURES[cfg["model_type"]], config.num_layers, set(config.moe_layers),
                     args.num_experts or 0, config.untie_embeddings_and_output_weights, features_of(vars(args)))

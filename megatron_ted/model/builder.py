@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from dataclasses import dataclass
 
 from torch import nn
 
+from megatron_ted.model.config import ModelConfig
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
 from megatron_ted.moe.experts import GroupedExperts
-from megatron_ted.moe.hierarchical import A2A_ALGORITHMS, HierarchicalTokenDispatcher, create_groups
+from megatron_ted.moe.config import MLP_TYPES, MoEConfig  # noqa: F401 (MLP_TYPES: the builder's public names)
+from megatron_ted.moe.hierarchical import HierarchicalTokenDispatcher, create_groups
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
@@ -18,34 +19,6 @@ from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_ted.tensor_parallel.fp8 import FP8Config
-
-
-@dataclass
-class MoEConfig:
-    router: RouterConfig
-    ffn_hidden_size: int
-    # int N: layer i is MoE when i % N == 0 (Megatron-core); or one 0/1 per layer (1: MoE), as
-    # --moe-layer-freq "([0]+[1]*N)" gives (model/layer_pattern.py)
-    layer_freq: int | tuple[int, ...] = 2
-    duplicate_token_dropping: bool = True
-    # Pyramid-MoE: one expert count per MoE layer, in layer order (None: router.num_experts everywhere)
-    num_experts_per_layer: tuple[int, ...] | None = None
-    mlp_type: str = "standard"               # "residual": dense MLP + MoE mixed by a learned coefficient
-    a2a_algorithm: str = "flat"              # "hierarchical": HetuMoE's node-aggregated EP exchange
-    a2a_node_size: int | None = None         # ranks per node for "hierarchical" (None: the whole world)
-    shared_expert_size: int | None = None    # shared experts' FFN size (None: none)
-    shared_expert_gate: bool = False         # their sigmoid gate
-    shared_expert_overlap: bool = False      # run them while the dispatch all-to-all is in flight
-
-    def __post_init__(self):
-        if self.mlp_type not in MLP_TYPES:
-            raise ValueError(f"--mlp-type must be one of {', '.join(MLP_TYPES)}, got {self.mlp_type!r}")
-        if self.a2a_algorithm not in A2A_ALGORITHMS:
-            raise ValueError(f"--moe-a2a-algorithm must be one of {', '.join(A2A_ALGORITHMS)}, "
-                             f"got {self.a2a_algorithm!r}")
-
-
-MLP_TYPES = ("standard", "residual")
 
 
 def moe_layer_indices(num_layers: int, layer_freq) -> tuple[int, ...]:
@@ -88,13 +61,18 @@ def apply_fp8(model: nn.Module, fp8: FP8Config | None) -> nn.Module:
     return model
 
 
+def build_model(model: ModelConfig, groups: ParallelGroups, fp8: FP8Config | None = None) -> GPTModel:
+    """The GPTModel of a ModelConfig for this rank's groups, its weights drawn from the config's seed."""
+    return build_gpt(model.gpt, model.moe, groups, model.seed, fp8)
+
+
 def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int,
               fp8: FP8Config | None = None, layers: range | None = None, pre_process: bool = True,
               post_process: bool = True) -> GPTModel:
     """layers / pre_process / post_process: one pipeline stage's part (model/gpt.py; default all)."""
     build_moe = None
     if moe is not None:
-        config.moe_layers = moe_layer_indices(config.num_layers, moe.layer_freq)
+        config = dataclasses.replace(config, moe_layers=moe_layer_indices(config.num_layers, moe.layer_freq))
         counts = dict(zip(config.moe_layers, experts_per_layer(moe, config.num_layers)))
         block = ResidualMoE if moe.mlp_type == "residual" else MoELayer
         hierarchy = None
@@ -120,5 +98,6 @@ def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, 
             return block(config.hidden_size, moe.ffn_hidden_size, router, groups.tp, groups.ep,
                          config.swiglu, moe.duplicate_token_dropping, dp=groups.dp, dispatcher=dispatcher, **kwargs)
     model = GPTModel(config, groups.tp, build_moe, layers, pre_process, post_process)
+    model.model_config = ModelConfig(config, moe, seed)   # the identity a checkpoint saves (training/checkpoint.py)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
     return apply_fp8(model, fp8)

@@ -24,7 +24,7 @@ from torch import nn
 
 from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.mla import MLAConfig, MultiLatentAttention
-from megatron_ted.model.mlp import MLP
+from megatron_ted.tensor_parallel.mlp import MLP
 from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RopeConfig, RotaryEmbedding
 from megatron_ted.model.recompute import RecomputeConfig, run_layers
@@ -36,7 +36,7 @@ from megatron_ted.tensor_parallel import VocabParallelEmbedding, vocab_parallel_
 from megatron_ted.parallel import mappings
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     vocab_size: int                 # padded, divisible by TP
     hidden_size: int

@@ -86,6 +86,7 @@ class MultiLatentAttention(nn.Module):
             raise ValueError(f"--num-attention-heads {num_heads} is not divisible by "
                              f"--tensor-model-parallel-size {tp.size}")
         self.mla, self.tp = mla, tp
+        self.hidden_size = hidden_size   # the input width, as SelfAttention's (CUDA graphs size their inputs by it)
         self.local_heads = num_heads // tp.size
         self.dropout = dropout
         self.tp_rank, self.tp_size = tp.rank, tp.size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_ted.model.mlp import activation
+from megatron_ted.tensor_parallel.mlp import activation
 from megatron_ted.moe import fp8_experts
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec

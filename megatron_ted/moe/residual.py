@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ted.model.mlp import MLP
+from megatron_ted.tensor_parallel.mlp import MLP
 from megatron_ted.moe.moe_layer import MoELayer, MoEOutput
 from megatron_ted.parallel.sharding import set_spec
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ted.model.mlp import MLP, activation
+from megatron_ted.tensor_parallel.mlp import MLP, activation
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import set_spec
 

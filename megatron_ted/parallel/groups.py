@@ -92,5 +92,28 @@ def init_process_group(use_cuda: bool, backend: str | None = None, timeout_minut
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=datetime.timedelta(minutes=timeout_minutes))
+    try:
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    except dist.DistError as err:  # the rendezvous failed: a port taken or peers that never came
+        raise RendezvousError(rendezvous_message(err, timeout_minutes)) from None
     return device
+
+
+class RendezvousError(RuntimeError):
+    """The process group could not form; its message is one line for the user."""
+
+
+def rendezvous_message(err: Exception, timeout_minutes: float) -> str:
+    """One line for a failed rendezvous, naming what the user can change (MASTER_PORT, the timeout)."""
+    where = f"MASTER_ADDR:MASTER_PORT {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"{where} is already in use (another run on this machine?); "
+                f"set MASTER_PORT to a free port, e.g. MASTER_PORT=29501 (torchrun: --master_port)")
+    if "timed out" in text.lower():
+        return (f"the process group did not form at {where} within --distributed-timeout-minutes "
+                f"{timeout_minutes:g} ({first}); launch every rank with the same MASTER_ADDR and "
+                f"MASTER_PORT, or raise --distributed-timeout-minutes")
+    return f"the process group could not form at {where} ({first}); check MASTER_ADDR and MASTER_PORT"

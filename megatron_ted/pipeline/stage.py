@@ -36,6 +36,7 @@ class PipelineModel(nn.Module):
         self.stage_indices = list(stage_indices)
         self.num_stages = num_stages
         self.config = chunks[0].config
+        self.model_config = getattr(chunks[0], "model_config", None)   # the whole model's identity (checkpoints)
         self.layers = LayerStack()
         for chunk in chunks:
             for name, child in chunk.named_children():

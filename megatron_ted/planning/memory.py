@@ -81,6 +81,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from megatron_ted.config.run import RunConfig
 from megatron_ted.model.builder import MoEConfig, experts_per_layer, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.param_count import ParamCounts, count_parameters, parameter_shapes
@@ -404,15 +405,19 @@ def check_host_memory(host_per_rank: int, ranks_per_node: int, budget_gib: float
                          f"lower --optimizer-offload-fraction, use more nodes or nodes with more memory")
 
 
+def workload_of(run: RunConfig) -> Workload:
+    """The Workload of a run's configuration."""
+    recompute, opt = run.parallel.recompute, run.training.optimizer
+    return Workload(config=run.model.gpt, moe=run.model.moe, seq_length=run.training.schedule.seq_length,
+                    micro_batch=run.training.schedule.micro_batch_size, precision=run.training.precision.dtype,
+                    recompute=recompute.granularity if recompute else None,
+                    recompute_num_layers=recompute.num_layers if recompute else 1,
+                    cac=bool(recompute and recompute.moe_cac), cac_tp=bool(recompute and recompute.moe_cac_tp),
+                    distributed_optimizer=run.parallel.distributed_optimizer, tile_size=opt.tile_size,
+                    offload_fraction=opt.offload_fraction)
+
+
 def workload_from_args(args) -> Workload:
     """The Workload of validated pretrain_gpt_moe.py flags (arguments.parse_args + padded_vocab_size)."""
-    from megatron_ted.training.train import model_configs   # lazy: train imports dry_run, which imports us
-    config, moe = model_configs(args, args.padded_vocab_size)
-    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
-    return Workload(config=config, moe=moe, seq_length=args.seq_length, micro_batch=args.micro_batch_size,
-                    precision=precision, recompute=args.recompute_granularity,
-                    recompute_num_layers=args.recompute_num_layers or 1, cac=args.moe_cac,
-                    cac_tp=args.moe_cac_tp, distributed_optimizer=args.use_distributed_optimizer,
-                    tile_size=args.optimizer_tile_size,
-                    offload_fraction=(args.optimizer_offload_fraction or 0.0)
-                    if getattr(args, "optimizer_cpu_offload", False) else 0.0)
+    from megatron_ted.config.from_flags import configs_from_args   # the CLI edge
+    return workload_of(configs_from_args(args))

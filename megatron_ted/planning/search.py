@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import Volume, step_comm
-from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_from_args
+from megatron_ted.config.from_flags import configs_from_args
+from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_of
 from megatron_ted.planning.pipeline_memory import stage_memory
 from megatron_ted.planning.throughput import Cluster, StepTime, step_time
 from megatron_ted.training.arguments import padded_vocab_size, validate
-from megatron_ted.training.flops import flops_per_token_of_args
+from megatron_ted.training.flops import flops_per_token_of_model
 
 _COMMON = dict(seq_length=2048, max_position_embeddings=2048, vocab_size=50256, num_experts=[16], moe_layer_freq=2,
                moe_router_topk=1, moe_expert_capacity_factor=1.0, global_batch_size=2048, fp16=True)
@@ -103,7 +104,8 @@ def _divisors(n: int) -> list[int]:
 def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
     """Size and time the run of validated `args` (padded_vocab_size set) on `cluster`."""
     layout = args.layout
-    wl: Workload = workload_from_args(args)
+    run = configs_from_args(args)
+    wl: Workload = workload_of(run)
     counts = count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
     mem = peak_memory(wl, layout, counts)
     volumes = step_comm(wl, layout, args.num_micro_batches, counts)
@@ -117,7 +119,7 @@ def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
         volumes = [v for v in step_comm(wl, layout, args.num_micro_batches, counts) if v.group not in ("tp", "ep")]
         volumes += [replace(v, calls=v.calls // pp, bytes=v.bytes // pp, wire=v.wire / pp)
                     for v in step_comm(wl, layout, args.num_micro_batches) if v.group in ("tp", "ep")]
-    fpt = flops_per_token_of_args(args)
+    fpt = flops_per_token_of_model(run.model, args.seq_length)
     tokens = args.global_batch_size * args.seq_length
     t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
                   args.num_layers // pp * args.num_micro_batches, bubble=(pp - 1) / args.num_micro_batches)

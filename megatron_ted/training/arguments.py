@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from megatron_ted.cli import OneLineErrorParser
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, resolve_tokenizer_type
-from megatron_ted.model.attention import AttentionConfig, check_attention
-from megatron_ted.model.builder import moe_layer_indices
+# the flags -> config mappings (config/from_flags.py); validate() builds the configs, whose
+# constructors hold the checks of their own fields
+from megatron_ted.config.from_flags import (attention_config, fp8_config, mla_config, moe_config,  # noqa: F401
+                                            num_experts_per_layer, recompute_config, rope_config, router_config)
+from megatron_ted.model.attention import check_attention
 from megatron_ted.model.layer_pattern import moe_layer_freq
-from megatron_ted.model.mla import MLAConfig
-from megatron_ted.model.positions import RopeConfig
 from megatron_ted.moe.hierarchical import check_node_size
-from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel import fp8
 from megatron_ted.pipeline import flags as pipeline_flags
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
-    g.add_argument("--position-embedding-type", choices=["learned", "rope"], default="learned")
+    g.add_argument("--position-embedding-type", choices=["learned", "rope", "learned_absolute", "none"],
+                   default="learned", help="Megatron-LM's learned_absolute is learned; none: no position embedding")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
@@ -100,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the shared experts' output by sigmoid(x w), a learned [1, H] gate (Qwen2-MoE)")
     g.add_argument("--moe-shared-expert-overlap", action="store_true",
                    help="run the shared experts while the dispatch all-to-all is in flight, forward and backward")
-    g.add_argument("--moe-layer-freq", default=2,
-                   help="int N: every N-th layer is MoE (the paper: 2); or one 0/1 per layer as Megatron-LM "
+    g.add_argument("--moe-layer-freq", default=None,
+                   help="int N: every N-th layer is MoE (default 2, as the paper; Megatron-DeepSpeed scripts: "
+                        "--expert-interval 2); or one 0/1 per layer as Megatron-LM "
                         "writes it, e.g. \"([0]+[1]*23)\" or \"[0,1,1,1]\" (parsed, not evaluated)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
-    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-router-topk", type=int, default=None,
+                   help="experts per token (default 2; Megatron-DeepSpeed scripts: 1, see training/deepspeed_moe.py)")
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
@@ -218,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "halves it, until the next growth restores the tolerance (Megatron's)")
     g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale (default: dynamic)")
     g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
-                   help="stop (exit 2) at a NaN or Inf loss; the default (an fp16 gradient overflow stays a "
-                        "skipped step)")
+                   help="stop (exit 2) at a NaN or Inf loss, or gradient norm without fp16 loss scaling; the "
+                        "default (an fp16 gradient overflow stays a skipped step)")
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad",
                    help="train on through NaN or Inf losses")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
@@ -359,7 +362,7 @@ NUMERIC_FLAGS: dict[str, Range] = {
     "beta_slow": POSITIVE, "mscale": NON_NEGATIVE, "mscale_all_dim": NON_NEGATIVE,
     # routers and MoE
     "moe_router_num_groups": COUNT, "moe_router_group_topk": COUNT, "moe_router_topk_scaling_factor": POSITIVE,
-    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT,
+    "moe_eval_capacity_factor": POSITIVE, "moe_upcycling_granularity": COUNT, "topk": COUNT, "expert_interval": COUNT,
     # sizes of parallel dimensions we refuse above 1 (training/compat_flags.py)
     "pipeline_model_parallel_size": COUNT, "virtual_pipeline_model_parallel_size": COUNT,
     "context_parallel_size": COUNT, "expert_tensor_parallel_size": COUNT,
@@ -496,8 +499,6 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         counts = num_experts_per_layer(args)
         # canonical form: an int when every MoE layer has the same count (as before), else the list
         args.num_experts = counts[0] if len(set(counts)) == 1 else counts
-        need(args.mlp_type in ("standard", "residual"),
-             f"--mlp-type must be standard or residual, got {args.mlp_type!r}")
         args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
         need(args.moe_ffn_hidden_size % tp == 0,
              f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
@@ -507,6 +508,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                               f"use a multiple of {ep} experts or a smaller EP")
             need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
             router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+            compat_flags.check_eval_capacity(router_config(args, e), args.moe_eval_capacity_factor)
             need(args.moe_router_type != "base" or tokens % e == 0,
                  f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
                  f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
@@ -518,10 +520,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
              "--moe-shared-expert-gate and --moe-shared-expert-overlap need --moe-shared-expert-intermediate-size")
         need(not (args.moe_shared_expert_overlap and args.moe_a2a_algorithm == "hierarchical"),
              "--moe-shared-expert-overlap overlaps the flat all-to-all; drop it with --moe-a2a-algorithm hierarchical")
-        need(args.moe_a2a_algorithm in ("flat", "hierarchical"),
-             f"--moe-a2a-algorithm must be flat or hierarchical, got {args.moe_a2a_algorithm!r}")
         if args.moe_a2a_algorithm == "hierarchical":
             args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        moe_config(args)   # MoEConfig names the flag of a bad --mlp-type or --moe-a2a-algorithm
         if args.moe_a2a_node_size is not None:
             check_node_size(world_size, args.moe_a2a_node_size)
         need(not (args.sequence_parallel and args.moe_no_duplicate_token_dropping),
@@ -537,7 +538,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
     if args.moe_use_upcycling:
-        from megatron_ted.interop.upcycle import check_upcycling
+        from megatron_ted.training.upcycle import check_upcycling
         check_upcycling(args)
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
@@ -576,9 +577,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         args.recompute_method = args.recompute_method or "uniform"
         args.recompute_num_layers = args.recompute_num_layers or 1
     need(not args.moe_cac or args.num_experts is not None, "--moe-cac needs an MoE model (--num-experts)")
-    need(not args.moe_cac or full, "--moe-cac needs --recompute-granularity full (only a recomputed MoE layer "
-                                   "repeats its all-to-alls)")
-    need(not args.moe_cac_tp or args.moe_cac, "--moe-cac-tp needs --moe-cac")
+    recompute_config(args)   # RecomputeConfig names the flag of a bad --moe-cac / --moe-cac-tp
     if args.cuda_graph_impl == "local":
         from megatron_ted.model.cuda_graphs import graph_blocker
         routers = [router_config(args, n) for n in num_experts_per_layer(args)] if args.num_experts else []
@@ -614,75 +613,6 @@ def kd_config(args):
     return KDConfig(args.load_teacher, args.kd_alpha_ce, args.kd_beta_ce, args.kd_temp, args.kd_stop_iter, shape)
 
 
-def num_experts_per_layer(args) -> list[int]:
-    """--num-experts as one count per MoE layer (layers i with i % --moe-layer-freq == 0).
-
-    One value applies to every MoE layer; several must be one per MoE layer (Pyramid-MoE)."""
-    counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
-    n = len(moe_layer_indices(args.num_layers, args.moe_layer_freq))
-    if len(counts) == 1:
-        return list(counts) * n
-    if len(counts) != n:
-        raise ValueError(f"--num-experts has {len(counts)} values but the model has {n} MoE layers "
-                         f"(--num-layers {args.num_layers}, --moe-layer-freq {args.moe_layer_freq}); "
-                         f"give one value or one per MoE layer")
-    return list(counts)
-
-
-def attention_config(args) -> AttentionConfig:
-    """The attention flags (getattr: the saved flags of older checkpoints lack them)."""
-    gqa = getattr(args, "group_query_attention", False)
-    return AttentionConfig(num_query_groups=args.num_query_groups if gqa else None,
-                           kv_channels=getattr(args, "kv_channels", None),
-                           add_qkv_bias=getattr(args, "add_qkv_bias", False),
-                           qk_layernorm=getattr(args, "qk_layernorm", False))
-
-
-def fp8_config(args) -> fp8.FP8Config | None:
-    return fp8.FP8Config(args.fp8_format, args.fp8_recipe) if getattr(args, "fp8_format", None) else None
-
-
-def router_config(args, num_experts: int) -> RouterConfig:
-    """The routing flags as a RouterConfig (flags a checkpoint predates take their defaults)."""
-    return RouterConfig(
-        num_experts=num_experts, topk=args.moe_router_topk, aux_loss_coeff=args.moe_aux_loss_coeff,
-        z_loss_coeff=args.moe_z_loss_coeff, capacity_factor=args.moe_expert_capacity_factor,
-        drop_policy=args.moe_token_drop_policy, min_capacity=args.moe_min_capacity,
-        router_type=getattr(args, "moe_router_type", "topk"),
-        load_balancing_type=getattr(args, "moe_router_load_balancing_type", "aux_loss"),
-        input_jitter_eps=getattr(args, "moe_input_jitter_eps", None),
-        enable_expert_bias=getattr(args, "moe_router_enable_expert_bias", False),
-        bias_update_rate=getattr(args, "moe_router_bias_update_rate", 1e-3),
-        force_load_balancing=getattr(args, "moe_router_force_load_balancing", False),
-        score_function=getattr(args, "moe_router_score_function", "softmax"),
-        pre_softmax=getattr(args, "moe_router_pre_softmax", False),
-        topk_scaling_factor=getattr(args, "moe_router_topk_scaling_factor", None),
-        num_groups=getattr(args, "moe_router_num_groups", None),
-        group_topk=getattr(args, "moe_router_group_topk", None))
-
-
-def rope_config(args) -> RopeConfig:
-    """The RoPE flags as a RopeConfig (flags a checkpoint predates take their defaults)."""
-    mla = getattr(args, "multi_latent_attention", False)
-    return RopeConfig(
-        base=getattr(args, "rotary_base", 10000.0), percent=getattr(args, "rotary_percent", 1.0),
-        rope_type=getattr(args, "rope_type", None) or ("yarn" if mla else "rope"),
-        scaling_factor=getattr(args, "rotary_scaling_factor", 1.0),
-        original_max_position_embeddings=getattr(args, "original_max_position_embeddings", 4096),
-        beta_fast=getattr(args, "beta_fast", 32.0), beta_slow=getattr(args, "beta_slow", 1.0),
-        mscale=getattr(args, "mscale", 1.0), mscale_all_dim=getattr(args, "mscale_all_dim", 0.0),
-        llama3_scaling_factor=args.rope_scaling_factor if getattr(args, "use_rope_scaling", False) else None)
-
-
-def mla_config(args) -> MLAConfig | None:
-    """The multi-latent attention flags as an MLAConfig (None without --multi-latent-attention)."""
-    if not getattr(args, "multi_latent_attention", False):
-        return None
-    return MLAConfig(kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
-                     qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim,
-                     q_lora_rank=args.q_lora_rank)
-
-
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.use_checkpoint_args:
@@ -691,3 +621,8 @@ def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     if world_size is None:
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     return validate(args, world_size)
+
+
+def flag_defaults() -> dict:
+    """Every flag's default: what a run that predates a flag ran with (old checkpoints' flags)."""
+    return vars(build_parser().parse_args([]))

@@ -55,6 +55,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from megatron_ted.config.compare import first_difference
+from megatron_ted.config.serialize import model_config_from_dict, model_config_to_dict
+from megatron_ted.model.config import ModelConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.sharding import first_replica, full_shape, local_slices, spec_of
 
@@ -63,17 +66,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
 OPTIM_KEYS = ("master", "exp_avg", "exp_avg_sq", "step")
 
-# Model-shape flags that must match between a checkpoint and the run that loads it.
-MODEL_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "padded_vocab_size",
-               "num_experts", "moe_ffn_hidden_size", "moe_layer_freq", "position_embedding_type",
-               "normalization", "swiglu", "disable_bias_linear", "untie_embeddings_and_output_weights",
-               "mlp_type", "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
-               "num_query_groups", "kv_channels", "add_qkv_bias", "qk_layernorm", "add_position_embedding")
-# Model-config fields compared at load (GPTConfig): those that change parameter shapes or meaning.
-CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
-                 "position_embedding_type", "normalization", "swiglu", "add_bias_linear",
-                 "untie_embeddings_and_output_weights", "moe_layers", "num_experts", "attention",
-                 "add_position_embedding")
+# The model's identity is its ModelConfig, saved as "model_config" (config/serialize.py) and compared
+# field by field (config/compare.py); checkpoints written before it are upgraded from their saved flags.
 
 
 class CheckpointError(ValueError):
@@ -182,17 +176,33 @@ def _writer(index: int, spec, groups: ParallelGroups) -> bool:
     return groups.tp.rank == index % groups.tp.size
 
 
-def _model_config(model, groups: ParallelGroups) -> dict | None:
-    """The model's config (GPTConfig) plus "num_experts", read off the expert parameters."""
+def model_identity(model) -> ModelConfig | None:
+    """The ModelConfig a model was built from (build_gpt records it); a GPTModel built by hand is its
+    GPTConfig alone; None for other modules."""
+    identity = getattr(model, "model_config", None)
+    if isinstance(identity, ModelConfig):
+        return identity
     config = getattr(model, "config", None)
-    if config is None or not dataclasses.is_dataclass(config):
-        return None
-    out = _jsonable(dataclasses.asdict(config))
-    experts = next((full_shape(p.shape, spec_of(p), groups.tp, groups.ep)[0]
-                    for p in model.parameters() if spec_of(p).expert), None)
-    if experts is not None or not config.moe_layers:   # a pipeline stage without MoE layers cannot tell
-        out["num_experts"] = experts or 0
-    return out
+    from megatron_ted.model.gpt import GPTConfig
+    return ModelConfig(config) if isinstance(config, GPTConfig) else None
+
+
+def saved_model_config(meta: dict, directory: str = "") -> ModelConfig | None:
+    """The ModelConfig of a checkpoint's metadata: the saved one (format version 2), or, for a
+    checkpoint written before it, the one its saved flags give (flags it predates take the parser's
+    defaults); None when it has neither (a model saved without the training flags)."""
+    saved = meta.get("model_config")
+    try:
+        if isinstance(saved, dict) and "version" in saved:
+            return model_config_from_dict(saved)
+        flags = meta.get("args") or {}
+        if "num_layers" not in flags or "padded_vocab_size" not in flags:
+            return None
+        from megatron_ted.config.from_flags import model_config_from_flags
+        from megatron_ted.training.arguments import flag_defaults
+        return model_config_from_flags({**flag_defaults(), **flags})
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {directory}: its model config is unreadable ({_one_line(err)})") from None
 
 
 # ---- RNG ---------------------------------------------------------------------------------------
@@ -272,19 +282,21 @@ def _non_finite(model, final: str, rank: int) -> str | None:
 
 def save_checkpoint(path: str, iteration: int, model, optimizer, groups: ParallelGroups,
                     args_dict: dict | None = None, consumed_samples: int = 0, rng: bool | dict = True,
-                    extra: dict | None = None) -> str:
+                    extra: dict | None = None, model_config: ModelConfig | None = None) -> str:
     """Write `<path>/iter_<iteration>` (collective: every rank of the job calls it) and point the
     tracker at it. Returns the iteration directory.
 
     optimizer: a `MixedPrecisionAdamW` or `TiledAdamW` (its state by logical name and its loss
     scaler) or None.
     args_dict: the training flags (JSON-able values are kept; `generate` rebuilds the model from them).
+    model_config: the model's identity (default: what build_gpt recorded on the model).
     rng: True saves this process's RNG states (one file per data-parallel rank), a dict saves that
     dict, False saves none. extra: JSON-able data stored in metadata.json (e.g. the valid position).
     """
     rank, final = groups.rank, iteration_dir(path, iteration)
     tmp = os.path.join(path, f".iter_{iteration:07d}.tmp")
     args_dict = _clean_args(args_dict)
+    identity = model_config if model_config is not None else model_identity(model)
 
     _agree(_non_finite(model, final, rank), groups)   # a diverged model is no checkpoint to resume from
     error = None
@@ -336,7 +348,7 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
                 "scheduler": {"iteration": int(iteration),
                               **{k: args_dict.get(k) for k in ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
                                                               "lr_decay_style") if k in args_dict}},
-                "model_config": _model_config(model, groups),
+                "model_config": model_config_to_dict(identity) if identity is not None else None,
                 "args": args_dict,
                 "extra": _jsonable(extra or {}),
                 "tensors": index,
@@ -536,8 +548,9 @@ def read_metadata(directory: str) -> dict:
     return meta
 
 
-def check_args_compatible(path: str, args) -> dict | None:
-    """Before any process group: compare the model flags of `args` with the checkpoint's.
+def check_args_compatible(path: str, model) -> dict | None:
+    """Before any process group: compare this run's model (a ModelConfig, or validated flags with
+    padded_vocab_size) with the checkpoint's.
 
     Returns the metadata (None when path holds no checkpoint yet); raises CheckpointError naming
     the flag that differs.
@@ -546,17 +559,17 @@ def check_args_compatible(path: str, args) -> dict | None:
     if directory is None:
         return None
     meta = read_metadata(directory)
-    saved = meta.get("args") or {}
-    for key in MODEL_FLAGS:
-        if key in saved and hasattr(args, key) and saved[key] != getattr(args, key):
-            flag = "--vocab-size/--make-vocab-size-divisible-by (padded vocabulary)" \
-                if key == "padded_vocab_size" else "--" + key.replace("_", "-")
-            raise CheckpointError(f"--load {path}: the checkpoint {directory} has {flag} {saved[key]} but this run "
-                                  f"has {getattr(args, key)}; use the checkpoint's model flags or another --load")
-    if saved.get("position_embedding_type") == "learned" and saved.get("max_position_embeddings") not in (
-            None, getattr(args, "max_position_embeddings", None)):
-        raise CheckpointError(f"--load {path}: the checkpoint {directory} has --max-position-embeddings "
-                              f"{saved['max_position_embeddings']} but this run has {args.max_position_embeddings}")
+    saved = saved_model_config(meta, directory)
+    if saved is None:
+        return meta
+    if not isinstance(model, ModelConfig):
+        from megatron_ted.config.from_flags import model_config_from_flags
+        model = model_config_from_flags(model)
+    diff = first_difference(saved, model)
+    if diff is not None:
+        was, now = diff.flag_values()
+        raise CheckpointError(f"--load {path}: the checkpoint {directory} has {diff.flag} {was} but this run "
+                              f"has {now}; use the checkpoint's model flags or another --load")
     return meta
 
 
@@ -612,14 +625,14 @@ class _Reader:
                                   f"{out.numel()} elements this rank needs (incomplete checkpoint)")
 
 
-def _check_config(directory: str, saved: dict | None, model, groups: ParallelGroups) -> None:
-    current = _model_config(model, groups)
-    if not saved or not current:
+def _check_config(directory: str, meta: dict, model) -> None:
+    saved, current = saved_model_config(meta, directory), model_identity(model)
+    if saved is None or current is None:
         return
-    for key in CONFIG_FIELDS:
-        if key in saved and key in current and saved[key] != current[key]:
-            raise CheckpointError(f"checkpoint {directory}: model {key} is {saved[key]} in the checkpoint but "
-                                  f"{current[key]} in this model")
+    diff = first_difference(saved, current)
+    if diff is not None:
+        raise CheckpointError(f"checkpoint {directory}: model {diff.field} is {diff.saved} in the checkpoint but "
+                              f"{diff.current} in this model ({diff.flag})")
 
 
 def _check_shape(directory: str, key: str, saved: list, want: tuple, expert: bool) -> None:
@@ -766,7 +779,7 @@ def _load_local(path, model, optimizer, groups, strict, load_optim, load_rng) ->
         raise CheckpointError(f"checkpoint {path}: no checkpoint there (no {TRACKER} and no iter_* directory)")
     meta = read_metadata(directory)
     index = meta["tensors"]
-    _check_config(directory, meta.get("model_config"), model, groups)
+    _check_config(directory, meta, model)
     tp, ep = groups.tp, groups.ep
     reader = _Reader(directory, index)
 
@@ -832,7 +845,12 @@ def _load_local(path, model, optimizer, groups, strict, load_optim, load_rng) ->
 
 
 # Flags --use-checkpoint-args takes from the checkpoint (the model's shape and its tokenizer).
-CHECKPOINT_ARGS = tuple(k for k in MODEL_FLAGS if k != "padded_vocab_size") + (
+CHECKPOINT_ARGS = (
+    "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_experts", "moe_ffn_hidden_size",
+    "moe_layer_freq", "position_embedding_type", "normalization", "swiglu", "disable_bias_linear",
+    "untie_embeddings_and_output_weights", "mlp_type", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate", "num_query_groups", "kv_channels", "add_qkv_bias", "qk_layernorm",
+    "add_position_embedding",
     "seq_length", "max_position_embeddings", "layernorm_epsilon", "make_vocab_size_divisible_by", "tokenizer_type",
     "tokenizer_model", "vocab_size", "vocab_file", "merge_file")
 
@@ -845,6 +863,10 @@ def apply_checkpoint_args(args) -> None:
     if directory is None:
         raise ValueError(f"--use-checkpoint-args: --load {args.load} holds no checkpoint")
     saved = read_metadata(directory).get("args") or {}
+    args.checkpoint_args_taken = []   # the flags given otherwise on the command line, for the start-up line
     for key in CHECKPOINT_ARGS:
         if key in saved:
+            mine = getattr(args, key, None)
+            if mine is not None and str(mine) != str(saved[key]) and mine != [saved[key]]:
+                args.checkpoint_args_taken.append(f"--{key.replace('_', '-')} {saved[key]} (not {mine})")
             setattr(args, key, saved[key])

@@ -11,10 +11,10 @@ the Megatron-DeepSpeed switches and returns the no-effect notes for the start-up
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from megatron_ted.pipeline import flags as pipeline_flags
-
-from megatron_ted.training import run_length
+from megatron_ted.training import deepspeed_moe, run_length
 
 _S = argparse.SUPPRESS
 
@@ -23,7 +23,7 @@ ALIASES = {
     "--moe-expert-parallel-size": dict(dest="expert_model_parallel_size", type=int),
     "--moe-loss-coeff": dict(dest="moe_aux_loss_coeff", type=float),
     "--moe-train-capacity-factor": dict(dest="moe_expert_capacity_factor", type=float),
-    "--checkpoint-activations": dict(dest="recompute_granularity", action="store_const", const="full"),
+    "--checkpoint-activations": dict(dest="recompute_granularity", const="full"),
 }
 
 # flag: (accepted values, None for a switch; why it changes nothing here)
@@ -100,7 +100,9 @@ def _dest(flag: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Megatron-LM / Megatron-DeepSpeed compatibility (training/compat_flags.py)")
     for flag, kwargs in ALIASES.items():
-        g.add_argument(flag, default=_S, help=f"alias of --{kwargs['dest'].replace('_', '-')}", **kwargs)
+        g.add_argument(flag, default=_S, action=deepspeed_moe.AliasAction,
+                       help=f"alias of --{kwargs['dest'].replace('_', '-')}", **kwargs)
+    deepspeed_moe.add_arguments(g)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=_S,
                    help="must equal --tensor-model-parallel-size: experts are sliced over the TP group (TED)")
     g.add_argument("--moe-eval-capacity-factor", type=float, default=None,
@@ -156,4 +158,20 @@ def apply(args: argparse.Namespace) -> list[str]:
                          f"group (TED); use --tensor-model-parallel-size {args.tensor_model_parallel_size} or drop it")
     if args.disable_moe_token_dropping:
         args.moe_expert_capacity_factor = None
+    if args.position_embedding_type == "learned_absolute":   # Megatron-LM's spellings
+        args.position_embedding_type = "learned"
+    elif args.position_embedding_type == "none":              # as its --no-position-embedding
+        args.position_embedding_type, args.add_position_embedding = "learned", False
+    deepspeed_moe.resolve(args)   # --topk, --expert-interval, and whose defaults a script gets
     return notes
+
+
+def check_eval_capacity(router, eval_capacity_factor: float | None) -> None:
+    """--moe-eval-capacity-factor gives the routers that capacity at evaluation: a gate that refuses a
+    capacity (BASE) stops here, at start-up, not at the first evaluation."""
+    if eval_capacity_factor is None:
+        return
+    try:
+        dataclasses.replace(router, capacity_factor=eval_capacity_factor)
+    except ValueError as err:
+        raise ValueError(f"--moe-eval-capacity-factor {eval_capacity_factor}: {err}") from None

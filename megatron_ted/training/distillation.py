@@ -127,7 +127,7 @@ def check_teacher(config: KDConfig, padded_vocab: int, vocab_size: int, tokenize
 def _check_vocabulary(path, directory, flags, padded_vocab, vocab_size, tokenizer_model) -> None:
     """The same vocabulary: the same padded size, the same true size where the checkpoint tells it,
     the same SentencePiece model where both have one."""
-    from megatron_ted.interop.hf_config import true_vocab_size
+    from megatron_ted.data.tokenizer import true_vocab_size
 
     teacher_sp = os.path.join(directory, "tokenizer.model")
     teacher_vocab = true_vocab_size(flags)
@@ -145,7 +145,7 @@ def _check_vocabulary(path, directory, flags, padded_vocab, vocab_size, tokenize
 
 def build_teacher(checkpoint: TeacherCheckpoint, groups: ParallelGroups, device, dtype) -> nn.Module:
     """The frozen teacher at this rank's layout (collective: every rank calls it)."""
-    from megatron_ted.inference.model import build_from_checkpoint   # dropout off, dropless routing, eval
+    from megatron_ted.training.saved_model import build_from_checkpoint   # dropout off, dropless routing, eval
 
     teacher = build_from_checkpoint(checkpoint.directory, checkpoint.flags, device, dtype, groups)
     return teacher.requires_grad_(False).eval()

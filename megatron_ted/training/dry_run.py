@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import KINDS, ParallelLayout
 from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, check_host_memory, memory_per_gpu,  # noqa: F401
-                                          peak_memory, weight_bytes, workload_from_args)
+                                          peak_memory, weight_bytes, workload_of)
+from megatron_ted.training.flops import flops_per_token_of_model
 
 GiB = 2**30
 _KIND_NAMES = {"tp": "TP", "dp": "DP", "ep": "EP", "expert_dp": "expert-DP", "pp": "PP",
@@ -60,19 +62,18 @@ def _n(x: int) -> str:
 
 def report(args) -> str:
     """The dry-run text for validated `args` (arguments.parse_args + padded_vocab_size)."""
-    from megatron_ted.training.train import model_configs   # lazy: train imports this module
-
+    run = configs_from_args(args)
     layout = args.layout
-    config, moe = model_configs(args, args.padded_vocab_size)
+    config, moe = run.model.gpt, run.model.moe
     counts = count_parameters(config, moe, layout.tensor_parallel, layout.expert_parallel)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     sections = [["dry run: flags resolved; no process group, no training"] + _model_lines(args, precision),
-                _layout_lines(layout, args.gpus_per_node), _batch_lines(args),
+                _layout_lines(layout, args.gpus_per_node), _batch_lines(args, flops_per_token_of_model(run.model, args.seq_length)),
                 _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
                                                               precision),
-                _peak_lines(peak_memory(workload_from_args(args), layout, counts), args)]
+                _peak_lines(peak_memory(workload_of(run), layout, counts), args)]
     if getattr(args, "pipeline_split", None) is not None:
-        sections.append(_stage_lines(args))
+        sections.append(_stage_lines(args, workload_of(run)))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -113,14 +114,12 @@ def _layout_lines(layout: ParallelLayout, gpus_per_node: int | None) -> list[str
     return lines
 
 
-def _batch_lines(args) -> list[str]:
-    from megatron_ted.training.flops import flops_per_token_of_args
+def _batch_lines(args, fpt: float) -> list[str]:
     layout = args.layout
     tokens = args.global_batch_size * args.seq_length
     recompute = (f"{args.recompute_granularity}/{args.recompute_method or '-'}"
                  f" ({args.recompute_num_layers} layer{'s' * (args.recompute_num_layers > 1)} per checkpoint)"
                  if args.recompute_granularity else "off")
-    fpt = flops_per_token_of_args(args)
     return [f"batch: micro-batch {args.micro_batch_size} x DP {layout.data_parallel} x "
             f"{args.num_micro_batches} micro-batches = global batch {args.global_batch_size} "
             f"({tokens:,} tokens per iteration), {args.train_iters} iterations",
@@ -182,7 +181,7 @@ def _peak_lines(peak: PeakMemory, args) -> list[str]:
     return lines
 
 
-def _stage_lines(args) -> list[str]:
+def _stage_lines(args, wl) -> list[str]:
     """Per pipeline rank (planning/pipeline_memory.py): its layers, parameters and predicted peak
     with the micro-batches its schedule keeps in flight. The sections above are the unsplit model's."""
     from megatron_ted.planning.pipeline_memory import stage_memory
@@ -190,7 +189,7 @@ def _stage_lines(args) -> list[str]:
     lines = [f"pipeline: {split.pipeline_parallel} ranks x {split.chunks} stage{'s' * (split.chunks > 1)} each, "
              f"{args.num_micro_batches} micro-batches per step; per-stage memory per GPU (the sections above "
              f"are the unsplit model's):"]
-    for st in stage_memory(workload_from_args(args), args.layout, split, args.num_micro_batches):
+    for st in stage_memory(wl, args.layout, split, args.num_micro_batches):
         m = st.memory
         where = " + ".join(f"layers {r.start}-{r.stop - 1}" for r in st.layers)
         lines.append(f"  stage {st.pp_rank}: {where}, {_n(st.counts.per_rank)} parameters per GPU, "
@@ -203,13 +202,17 @@ def check_run_inputs(args, vocab_size: int | None = None) -> None:
     """The data files and split that the run reads once its process group is up, checked before any
     (dry run or not); with the tokenizer's vocab_size, also the corpora's token ids. Flags are
     checked in arguments.validate."""
+    from megatron_ted.data import gpt_data
+    prefixes = None
     if args.data_path and not args.mock_data:
-        from megatron_ted.data.gpt_data import check_prefixes_exist, check_split, check_token_ids, parse_data_path
-        prefixes, _ = parse_data_path(args.data_path)
-        check_prefixes_exist(prefixes)
-        check_split(args.split)
+        prefixes, _ = gpt_data.parse_data_path(args.data_path)
+        gpt_data.check_prefixes_exist(prefixes)   # and each .idx/.bin against damage
+        gpt_data.check_split(args.split)
         if vocab_size is not None:
-            check_token_ids(prefixes, vocab_size)
+            gpt_data.check_token_ids(prefixes, vocab_size)
+        gpt_data.check_splits_have_tokens(prefixes, args.split)
+    if cache := gpt_data.index_cache_path(getattr(args, "data_cache_path", None), prefixes):
+        gpt_data.check_cache_dir(cache)
 
 
 def dry_run(args) -> int:

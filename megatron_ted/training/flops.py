@@ -18,7 +18,8 @@ Training = 3 x forward (backward is twice the forward). Recomputation is not cou
 """
 from __future__ import annotations
 
-from megatron_ted.training.arguments import attention_config, mla_config, num_experts_per_layer
+from megatron_ted.model.builder import experts_per_layer
+from megatron_ted.model.config import ModelConfig
 
 
 def attention_flops_per_token(hidden: int, seq_length: int, q_dim: int | None = None,
@@ -75,20 +76,25 @@ def flops_per_token(hidden: int, num_layers: int, seq_length: int, ffn: int, voc
     return 3.0 * forward
 
 
+def flops_per_token_of_model(model: ModelConfig, seq_length: int) -> float:
+    """flops_per_token of a model (the one pretrain_gpt_moe.py builds) at a sequence length."""
+    c, moe = model.gpt, model.moe
+    counts = experts_per_layer(moe, c.num_layers) if moe else []
+    d = c.attention.head_dim(c.hidden_size, c.num_attention_heads)
+    return flops_per_token(c.hidden_size, c.num_layers, seq_length, c.ffn_hidden_size, c.vocab_size, len(counts),
+                           moe.ffn_hidden_size if moe else None, moe.router.topk if moe else 0,
+                           sum(counts) / len(counts) if moe else 0, c.swiglu,
+                           residual=moe is not None and moe.mlp_type == "residual",
+                           shared_ffn=moe.shared_expert_size if moe else None,
+                           shared_gate=moe is not None and moe.shared_expert_gate,
+                           q_dim=c.num_attention_heads * d, kv_dim=c.attention.groups(c.num_attention_heads) * d,
+                           num_heads=c.num_attention_heads, mla=c.mla)
+
+
 def flops_per_token_of_args(args) -> float:
-    """flops_per_token for validated training flags (the model pretrain_gpt_moe.py builds)."""
-    moe = args.num_experts is not None
-    counts = num_experts_per_layer(args) if moe else []
-    attention = attention_config(args)
-    d = attention.head_dim(args.hidden_size, args.num_attention_heads)
-    return flops_per_token(args.hidden_size, args.num_layers, args.seq_length, args.ffn_hidden_size,
-                           args.padded_vocab_size, len(counts), args.moe_ffn_hidden_size if moe else None,
-                           args.moe_router_topk if moe else 0, sum(counts) / len(counts) if moe else 0,
-                           args.swiglu, residual=moe and args.mlp_type == "residual",
-                           shared_ffn=args.moe_shared_expert_intermediate_size if moe else None,
-                           shared_gate=moe and args.moe_shared_expert_gate, q_dim=args.num_attention_heads * d,
-                           kv_dim=attention.groups(args.num_attention_heads) * d,
-                           num_heads=args.num_attention_heads, mla=mla_config(args))
+    """flops_per_token_of_model for validated training flags (padded_vocab_size set)."""
+    from megatron_ted.config.from_flags import model_config_from_flags
+    return flops_per_token_of_model(model_config_from_flags(args), args.seq_length)
 
 
 # Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.

@@ -18,29 +18,30 @@ import torch.distributed as dist
 from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_valid_test_datasets,
                                          check_batch_token_ids, train_valid_test_num_samples)
 from megatron_ted.data.sampler import build_pretraining_data_loader
-from megatron_ted.interop.upcycle import upcycle_and_save
+from megatron_ted.training.upcycle import upcycle_and_save
 from megatron_ted.data.tokenizer import build_tokenizer
-from megatron_ted.model.builder import MoEConfig, build_gpt, moe_layer_indices
+from megatron_ted.model.builder import MoEConfig, build_model
 from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.model.recompute import apply_recompute
 from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups, init_process_group
+from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
 from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
 from megatron_ted.pipeline.stage import build_pipeline_model
 from megatron_ted.tensor_parallel import fp8
-from megatron_ted.training.arguments import (attention_config, fp8_config, kd_config, mla_config,
-                                             num_experts_per_layer, padded_vocab_size, parse_args, report_error,
-                                             rope_config, router_config)
+from megatron_ted.config.from_flags import configs_from_args, model_config_from_flags
+from megatron_ted.config.run import RunConfig
+from megatron_ted.training.arguments import kd_config, padded_vocab_size, parse_args, report_error
 from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
                                               load_checkpoint, save_checkpoint, set_rng_state)
 from megatron_ted.training.distillation import Distillation, build_teacher, check_teacher
 from megatron_ted.training.dry_run import check_run_inputs, dry_run
-from megatron_ted.training.flops import flops_per_token_of_args, peak_tflops
+from megatron_ted.training.flops import flops_per_token_of_model, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
+from megatron_ted.training import deepspeed_moe
 from megatron_ted.training.manual_gc import ManualGC
 from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
@@ -50,8 +51,9 @@ from megatron_ted.training.step import forward_backward
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss of a step is NaN or Inf (--check-for-nan-in-loss-and-grad); every rank sees the same
-    DP-reduced loss, so every rank raises it at the same iteration."""
+    """The loss or (without fp16 loss scaling) the gradient norm of a step is NaN or Inf
+    (--check-for-nan-in-loss-and-grad); every rank sees the same reduced loss and norm, so every rank
+    raises it at the same iteration."""
 
 
 def print_rank0(*args, **kwargs):
@@ -60,31 +62,9 @@ def print_rank0(*args, **kwargs):
 
 
 def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
-    config = GPTConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads, ffn_hidden_size=args.ffn_hidden_size,
-        max_position_embeddings=args.max_position_embeddings,
-        position_embedding_type=args.position_embedding_type, normalization=args.normalization,
-        swiglu=args.swiglu, add_bias_linear=not args.disable_bias_linear,
-        layernorm_epsilon=args.layernorm_epsilon, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        attention=attention_config(args), add_position_embedding=getattr(args, "add_position_embedding", True),
-        rope=rope_config(args), mla=mla_config(args))
-    moe = None
-    if args.num_experts is not None:
-        counts = num_experts_per_layer(args)
-        router = router_config(args, counts[0])
-        freq = args.moe_layer_freq if isinstance(args.moe_layer_freq, int) else tuple(args.moe_layer_freq)
-        moe = MoEConfig(router, args.moe_ffn_hidden_size, freq,
-                        duplicate_token_dropping=not args.moe_no_duplicate_token_dropping,
-                        num_experts_per_layer=tuple(counts), mlp_type=getattr(args, "mlp_type", "standard"),
-                        a2a_algorithm=getattr(args, "moe_a2a_algorithm", "flat"),
-                        a2a_node_size=getattr(args, "moe_a2a_node_size", None),
-                        shared_expert_size=getattr(args, "moe_shared_expert_intermediate_size", None),
-                        shared_expert_gate=getattr(args, "moe_shared_expert_gate", False),
-                        shared_expert_overlap=getattr(args, "moe_shared_expert_overlap", False))
-    return config, moe
+    """(GPTConfig, MoEConfig) of validated flags: the ModelConfig's parts (config/from_flags.py)."""
+    model = model_config_from_flags(args, vocab_size)
+    return model.gpt, model.moe
 
 
 def init_distributed(args) -> torch.device:
@@ -231,7 +211,9 @@ def _sp_seed_offset(args, groups) -> int:
     return 7919 * groups.tp.rank if getattr(args, "sequence_parallel", False) else 0
 
 
-def train(args, tokenizer) -> dict:
+def train(args, tokenizer, run: RunConfig | None = None) -> dict:
+    """Train the model of `run` (default: the configuration of the validated flags `args`)."""
+    run = run or configs_from_args(args)
     start_time = time.time()
     device = init_distributed(args)
     groups = ParallelGroups.create(args.layout)
@@ -240,31 +222,30 @@ def train(args, tokenizer) -> dict:
     try:
         for note in notes:
             print_rank0(note)
-        return _train(args, tokenizer, device, groups, start_time)
+        return _train(args, run, tokenizer, device, groups, start_time)
     finally:
         if save_lock is not None:
             save_lock.release()
 
 
-def _train(args, tokenizer, device, groups, start_time: float) -> dict:
+def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -> dict:
     rank = dist.get_rank()
     print_rank0(args.layout.table())
 
-    vocab = args.padded_vocab_size
-    config, moe = model_configs(args, vocab)
+    vocab = run.model.gpt.vocab_size
     split = getattr(args, "pipeline_split", None)   # --pipeline-model-parallel-size > 1 (megatron_ted/pipeline/)
     if split is not None:
-        model = build_pipeline_model(config, moe, groups, args.seed, split, fp8=fp8_config(args)).to(device)
+        model = build_pipeline_model(run.model.gpt, run.model.moe, groups, run.model.seed, split,
+                                     fp8=run.parallel.fp8).to(device)
     else:
-        model = build_gpt(config, moe, groups, args.seed, fp8=fp8_config(args)).to(device)
-    if fp8_note := fp8.startup_note(fp8_config(args), device):
+        model = build_model(run.model, groups, fp8=run.parallel.fp8).to(device)
+    if fp8_note := fp8.startup_note(run.parallel.fp8, device):
         print_rank0(fp8_note)
     for chunk in getattr(model, "chunks", [model]):   # each pipeline stage of this rank, or the model
-        if getattr(args, "sequence_parallel", False):
+        if run.parallel.sequence_parallel:
             apply_sequence_parallel(chunk, groups.tp)
-        if args.recompute_granularity is not None:
-            apply_recompute(chunk, RecomputeConfig(args.recompute_granularity, args.recompute_method or "uniform",
-                                                   args.recompute_num_layers or 1, args.moe_cac, args.moe_cac_tp))
+        if run.parallel.recompute is not None:
+            apply_recompute(chunk, run.parallel.recompute)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model.to(dtype)
     if args.compile_layers:
@@ -275,6 +256,8 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
+    if run.model.moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
+        print_rank0(deepspeed_moe.summary(args, list(run.model.gpt.moe_layers)))
     if getattr(args, "moe_router_force_load_balancing", False):
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
                     "(a benchmark of balanced load); the model does not learn its routing")
@@ -343,9 +326,9 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
         # (checkpoints hold TP rank 0's states only): fresh dropout streams
         torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration + _sp_seed_offset(args, groups))
 
-    n_moe = len(moe_layer_indices(args.num_layers, args.moe_layer_freq)) if moe else 0
+    n_moe = len(run.model.gpt.moe_layers)
     tokens_per_step = args.global_batch_size * args.seq_length
-    fpt = flops_per_token_of_args(args)
+    fpt = flops_per_token_of_model(run.model, args.seq_length)
     writer = None
     if args.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
@@ -354,7 +337,8 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
 
     def save(it: int) -> None:
         start = time.time()
-        save_checkpoint(args.save, it, model, optimizer, groups, vars(args), consumed_samples=consumed)
+        save_checkpoint(args.save, it, model, optimizer, groups, vars(args), consumed_samples=consumed,
+                        model_config=run.model)
         elapsed = time.time() - start
         log.last += elapsed  # keep the save out of the next logged iteration time
         print_rank0(f"  successfully saved checkpoint from iteration {it:7d} to {args.save} "
@@ -397,6 +381,11 @@ def _train(args, tokenizer, device, groups, start_time: float) -> dict:
             log.last += time.time() - start  # the export is not the iteration's time
             print(f" > rank {rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
         collector.after_step(it)
+        if not applied and optimizer.loss_scaler is None and args.check_for_nan_in_loss_and_grad:
+            # no fp16 loss scaling: a NaN/Inf gradient is not an overflow to skip but a broken step
+            raise NonFiniteLossError(f"iteration {it}: the gradient norm is NaN or Inf (the loss is finite; "
+                                     f"--check-for-nan-in-loss-and-grad); the step was not applied: lower "
+                                     f"--lr or resume from an earlier checkpoint")
         if not applied:
             log.skipped += 1
             result.grad_norm = None
@@ -490,7 +479,7 @@ def _distillation(args, tokenizer, groups, device, dtype, iteration: int) -> Dis
     return Distillation(config, teacher, groups.tp)
 
 
-def _check_checkpoint_flags(args) -> None:
+def _check_checkpoint_flags(args, run: RunConfig) -> None:
     for flag in ("save_interval", "exit_interval"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -498,7 +487,7 @@ def _check_checkpoint_flags(args) -> None:
     if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
         raise ValueError(f"--save {args.save} is a file, not a directory")
     if args.load is not None and not getattr(args, "moe_use_upcycling", False):   # upcycling loads a dense model
-        check_args_compatible(args.load, args)
+        check_args_compatible(args.load, run.model)
 
 
 def main(argv=None) -> int:
@@ -508,10 +497,13 @@ def main(argv=None) -> int:
                                     args.merge_file)
         args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
                                                    args.tensor_model_parallel_size)
-        _check_checkpoint_flags(args)
+        run = configs_from_args(args)   # the typed configuration, built once (config/from_flags.py)
+        _check_checkpoint_flags(args, run)
         _teacher_checkpoint(args, tokenizer)   # --load-teacher: one line here, before any process group
         if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
             print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
+        if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
+            print("--use-checkpoint-args: the checkpoint's " + "; ".join(args.checkpoint_args_taken), flush=True)
         check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
         if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
             return dry_run(args)
@@ -520,8 +512,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         return report_error(e)
     try:
-        train(args, tokenizer)
-    except (CheckpointError, DataError, NonFiniteLossError) as e:  # every rank raises the same one (they agree)
+        train(args, tokenizer, run)
+    except (CheckpointError, DataError, NonFiniteLossError, RendezvousError) as e:  # every rank alike
         code = report_error(e)
         if dist.is_initialized():
             dist.destroy_process_group()
