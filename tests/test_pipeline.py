@@ -287,7 +287,7 @@ def test_bad_pipeline_flags_are_one_line(extra, flag):
     assert flag in str(info.value) and "\n" not in str(info.value)
 
 
-# ---- the per-stage memory model (planning/pipeline_memory.py) -----------------------------------
+# ---- the per-stage memory model (planning/memory.py (stage_memory)) -----------------------------------
 
 @pytest.mark.parametrize("untie, split", [(False, PipelineSplit(4, 2)), (True, PipelineSplit(4, 3, first_stage_layers=2)),
                                           (False, PipelineSplit(4, 2, layers_per_virtual_stage=1))])
@@ -298,7 +298,7 @@ def test_stage_parameter_counts_match_built_stages(untie, split):
     from megatron_ted.parallel.groups import ParallelGroups
     from megatron_ted.pipeline.stage import build_pipeline_model
     from megatron_ted.planning.memory import Workload
-    from megatron_ted.planning.pipeline_memory import in_flight_micro_batches, stage_parameter_counts
+    from megatron_ted.planning.memory import in_flight_micro_batches, stage_parameter_counts
     from parity import tiny_config, tiny_moe
     config, moe = tiny_config(num_layers=4, untie_embeddings_and_output_weights=untie), tiny_moe()
     wl = Workload(config, moe, seq_length=8, micro_batch=2)

@@ -20,8 +20,7 @@ from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import Volume, step_comm
 from megatron_ted.config.from_flags import configs_from_args
-from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_of
-from megatron_ted.planning.pipeline_memory import stage_memory
+from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, stage_memory, workload_of
 from megatron_ted.planning.throughput import Cluster, StepTime, step_time
 from megatron_ted.training.arguments import padded_vocab_size, validate
 from megatron_ted.training.flops import flops_per_token_of_model

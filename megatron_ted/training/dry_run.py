@@ -22,7 +22,7 @@ from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import KINDS, ParallelLayout
 from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, check_host_memory, memory_per_gpu,  # noqa: F401
-                                          peak_memory, weight_bytes, workload_of)
+                                          peak_memory, stage_memory, weight_bytes, workload_of)
 from megatron_ted.training.flops import flops_per_token_of_model
 
 GiB = 2**30
@@ -182,9 +182,8 @@ def _peak_lines(peak: PeakMemory, args) -> list[str]:
 
 
 def _stage_lines(args, wl) -> list[str]:
-    """Per pipeline rank (planning/pipeline_memory.py): its layers, parameters and predicted peak
+    """Per pipeline rank (planning/memory.py (stage_memory)): its layers, parameters and predicted peak
     with the micro-batches its schedule keeps in flight. The sections above are the unsplit model's."""
-    from megatron_ted.planning.pipeline_memory import stage_memory
     split = args.pipeline_split
     lines = [f"pipeline: {split.pipeline_parallel} ranks x {split.chunks} stage{'s' * (split.chunks > 1)} each, "
              f"{args.num_micro_batches} micro-batches per step; per-stage memory per GPU (the sections above "
