@@ -245,9 +245,18 @@ def _cli_worker(rank, world, port, argv):
     from megatron_ted.data.tokenizer import build_tokenizer
     from megatron_ted.training.arguments import padded_vocab_size, parse_args
     from megatron_ted.training.train import train
+    import megatron_ted.training.train as entry
     args = parse_args(argv, world_size=world)
     tok = build_tokenizer(args.tokenizer_type, None, args.vocab_size, None, None)
     args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by, 1)
+    write = entry.save_checkpoint
+
+    def save_and_keep_own(save, it, model, *rest, **kw):   # this rank's parameters as it trained them
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+                   os.path.join(save, f"params_{it}_rank{rank}.pt"))
+        return write(save, it, model, *rest, **kw)
+
+    entry.save_checkpoint = save_and_keep_own
     out = train(args, tok)
     if rank == 0:
         torch.save(out["losses"], os.path.join(argv[argv.index("--save") + 1], "losses.pt"))
@@ -264,14 +273,53 @@ def _cli(world, extra, save):
     return torch.load(os.path.join(save, "losses.pt"))
 
 
+# llama-like (mixtral when exported: MoE on every layer, softmax top-2 renormalised)
+LLAMA = ("--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
+         "--untie-embeddings-and-output-weights --moe-router-topk 2 --moe-layer-freq 1").split()
+
+
 def test_resume_across_pipeline_sizes(tmp_path):
-    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse) continue the curve."""
-    whole = _cli(2, ["--train-iters", "4"], str(tmp_path / "whole"))
+    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse) continue the curve.
+    The PP 2 checkpoint of iteration 2 serves inference and exports to Hugging Face."""
+    whole = _cli(2, ["--train-iters", "4"] + LLAMA, str(tmp_path / "whole"))
     for first, then, name in ((2, 1, "p2p1"), (1, 2, "p1p2")):
         d = str(tmp_path / name)
-        head = _cli(2, ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)], d)
-        tail = _cli(2, ["--train-iters", "4", "--pipeline-model-parallel-size", str(then), "--load", d], d)
+        head = _cli(2, ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)] + LLAMA, d)
+        if first == 2:
+            _check_pipelined_checkpoint(d, tmp_path / "hf")
+        tail = _cli(2, ["--train-iters", "4", "--pipeline-model-parallel-size", str(then), "--load", d] + LLAMA, d)
         assert head + tail == pytest.approx(whole, rel=1e-5), name
+
+
+def _check_pipelined_checkpoint(save, hf_dir):
+    """load_model (one process, P 1) holds exactly the two stages' trained parameters, every layer's;
+    export-hf of the checkpoint loads in transformers with load_model's logits."""
+    import os
+    import subprocess
+    import sys
+    import torch
+    import transformers
+    from megatron_ted.inference import load_model
+    stages = [torch.load(os.path.join(save, f"params_2_rank{r}.pt")) for r in (0, 1)]
+    assert not stages[0].keys() & stages[1].keys()          # two stages, disjoint parts of the model
+    trained = {**stages[0], **stages[1]}
+    assert {n.split(".")[1] for n in trained if n.startswith("layers.")} == {"0", "1", "2", "3"}
+    model = load_model(os.path.join(save, "iter_0000002"), dtype=torch.float32)
+    loaded = dict(model.gpt.named_parameters())
+    assert loaded.keys() == trained.keys()
+    for n, p in trained.items():
+        assert torch.equal(loaded[n], p), n
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), "export-hf",
+                        "--load", save, "--hf-dir", str(hf_dir), "--dtype", "fp32"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), experts_implementation="eager").eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("extra, flag", [
