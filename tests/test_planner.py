@@ -233,12 +233,13 @@ def test_planner_picks_pipeline_when_memory_requires_it():
     PP 2 (DP 1) each holds half the layers, ~52M x 18 bytes = 0.87 GiB, x 1.05 + 0.5 = 1.41 GiB plus
     small activations: the planner picks PP 2."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from plan_ted import plan
+    from plan_ted import commands, plan
     argv = ("--num-layers 8 --hidden-size 1024 --num-attention-heads 1 --seq-length 128 "
             "--max-position-embeddings 128 --global-batch-size 8 --fp16 --vocab-size 1024 "
             "--gpus-per-node 2 --gpu-memory-gib 1.75").split()
     plans, _, _ = plan(argv + ["--max-pipeline-parallel", "1"])
     assert not any(p.fits for p in plans) and {p.knobs["pp"] for p in plans} == {1}
-    plans, _, _ = plan(argv)
+    plans, cluster, _ = plan(argv)
     assert plans[0].fits and plans[0].knobs["pp"] == 2
     assert plans[0].time.bubble > 0 and "--pipeline-model-parallel-size" in plans[0].pretrain_flags()
+    assert " PP=2 " in commands(plans[0], cluster)    # the 40B sbatch script's variable

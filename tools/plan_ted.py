@@ -139,7 +139,7 @@ def commands(p, cluster) -> str:
            f"FFN_HIDDEN={a.ffn_hidden_size}", f"SEQ_LEN={a.seq_length}",
            f"NUM_EXPERTS={a.num_experts if a.num_experts is not None else ''}",
            f"MOE_LAYER_FREQ={a.moe_layer_freq}", f"TOPK={a.moe_router_topk}",
-           f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}", f"GLOBAL_BATCH={a.global_batch_size}",
+           f"PP={k['pp']}", f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}", f"GLOBAL_BATCH={a.global_batch_size}",
            f"RECOMPUTE={k['recompute']}", f"MOE_CAC={int(k['cac'])}", f"DIST_OPT={int(k['dist_opt'])}",
            f"PRECISION={'bf16' if a.bf16 else 'fp16' if a.fp16 else 'fp32'}"]
     sbatch = " ".join(env) + f" sbatch --nodes {cluster.num_nodes} scripts/slurm/pretrain_40b.sbatch"
