@@ -20,7 +20,7 @@ from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_val
 from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.training.upcycle import upcycle_and_save
 from megatron_ted.data.tokenizer import build_tokenizer
-from megatron_ted.model.builder import MoEConfig, build_model
+from megatron_ted.model.builder import MoEConfig, build_model, moe_layer_indices
 from megatron_ted.model.compile import compile_layers
 from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
@@ -246,7 +246,7 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
-    if moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
+    if run.model.moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
         print_rank0(deepspeed_moe.summary(args, moe_layer_indices(args.num_layers, args.moe_layer_freq)))
     if getattr(args, "moe_router_force_load_balancing", False):
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
