@@ -89,9 +89,24 @@ AUX = dict(topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
 STEPS = 3
 
 
+def eval_loss(model, groups, runner=None):
+    """training/train.py's evaluation of 2 validation batches (global batch 8, micro-batch 2) of
+    this rank's data-parallel share; pipelined with the runner."""
+    from types import SimpleNamespace
+    from megatron_ted.training.train import evaluate
+    from parity import global_batches, micro_batches
+    n_micro = 8 // 2 // groups.dp.size
+    mbs = [{k: v for k, v in mb.items() if k != "routing_seed"}
+           for b in global_batches(2, 8, seed=99)
+           for mb in micro_batches(dict(b, loss_mask=b["loss_mask"].double()), groups.dp.rank, groups.dp.size, 2)]
+    args = SimpleNamespace(eval_iters=2, num_micro_batches=n_micro, num_experts=4, moe_eval_capacity_factor=None)
+    return evaluate(model, iter(mbs), args, groups, "cpu", runner=runner)
+
+
 def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, recompute=None, steps=STEPS):
     """parity.train_layout's run (4 layers, the AUX router, global batch 8, micro-batch 2, float64)
-    through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer)."""
+    through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer); "evals":
+    the validation loss after each step but the last (the schedule switches to eval and back)."""
     import torch
     from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
     from megatron_ted.parallel.sharding import spec_of, unshard
@@ -115,7 +130,7 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
     else:
         opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=1e-2, weight_decay=0.1, clip_grad=0.0, pp=groups.pp)
     runner = PipelineRunner(model, groups, 8 // 2 // groups.dp.size, schedule)
-    out = {"losses": [], "aux_losses": [], "grad_norms": [], "grads": None, "loads": []}
+    out = {"losses": [], "aux_losses": [], "grad_norms": [], "grads": None, "loads": [], "evals": []}
     for step, batch in enumerate(global_batches(steps, 8)):
         sync.zero_grad()
         batch = {k: (v.double() if k == "loss_mask" else v) for k, v in batch.items()}
@@ -129,6 +144,8 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
         out["aux_losses"].append(result.aux_loss)
         out["grad_norms"].append(norm)
         out["loads"].append([m["tokens_per_expert"].tolist() for m in result.moe])
+        if step < steps - 1:
+            out["evals"].append(eval_loss(model, groups, runner))
     out["embedding"] = model.embedding.weight.detach().clone() if hasattr(model, "embedding") else None
     out["stages"] = model.stage_indices
     return out
@@ -161,8 +178,9 @@ def reference():
     from megatron_ted.model.builder import build_gpt  # noqa: F401 (warm import)
     from megatron_ted.parallel.groups import ParallelGroups
     from parity import single_thread, tiny_config, tiny_moe, train_layout
-    return single_thread(lambda: train_layout(ParallelGroups.single(), tiny_config(num_layers=4), tiny_moe(**AUX),
-                                              steps=STEPS))
+    single = ParallelGroups.single()
+    return single_thread(lambda: train_layout(single, tiny_config(num_layers=4), tiny_moe(**AUX), steps=STEPS,
+                                              after_step=lambda step, model: eval_loss(model, single)))
 
 
 def _merged_grads(ranks: list[dict], name: str) -> dict:
@@ -188,6 +206,9 @@ def test_pipeline_matches_single_process(pipeline_runs, reference, name):
             assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: loss {a} != {b}"
         for a, b in zip(run["aux_losses"], reference["aux_losses"]):
             assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: aux loss {a} != {b}"
+        assert len(run["evals"]) == STEPS - 1
+        for a, b in zip(run["evals"], reference["after_step"]):
+            assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: validation loss {a} != {b}"
         for a, b in zip(run["grad_norms"], reference["grad_norms"]):
             assert a == pytest.approx(b, rel=1e-10), f"{name} rank {rank}: grad norm {a} != {b}"
         # routing statistics of all 4 MoE layers on every rank (stages gathered), of this rank's
@@ -264,3 +285,30 @@ def test_bad_pipeline_flags_are_one_line(extra, flag):
     with pytest.raises(ValueError) as info:
         parse_args(CLI + ["--train-iters", "1"] + extra, world_size=4)
     assert flag in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- the per-stage memory model (planning/memory.py (stage_memory)) -----------------------------------
+
+@pytest.mark.parametrize("untie, split", [(False, PipelineSplit(4, 2)), (True, PipelineSplit(4, 3, first_stage_layers=2)),
+                                          (False, PipelineSplit(4, 2, layers_per_virtual_stage=1))])
+def test_stage_parameter_counts_match_built_stages(untie, split):
+    """Counted from the shapes per pipeline rank = the elements of the stages pipeline/stage.py builds
+    (the tied copy on the last rank included); the in-flight rule: P - p for 1F1B, P + (P-1)/V first."""
+    from types import SimpleNamespace
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.pipeline.stage import build_pipeline_model
+    from megatron_ted.planning.memory import Workload
+    from megatron_ted.planning.memory import in_flight_micro_batches, stage_parameter_counts
+    from parity import tiny_config, tiny_moe
+    config, moe = tiny_config(num_layers=4, untie_embeddings_and_output_weights=untie), tiny_moe()
+    wl = Workload(config, moe, seq_length=8, micro_batch=2)
+    single = ParallelGroups.single()
+    for p in range(split.pipeline_parallel):
+        groups = SimpleNamespace(pp=SimpleNamespace(rank=p), tp=single.tp, ep=single.ep, dp=single.dp,
+                                 expert_dp=single.expert_dp)
+        built = build_pipeline_model(config, moe, groups, 1, split)
+        counts = stage_parameter_counts(wl, split, p, 1, 1)
+        assert counts.per_rank == sum(t.numel() for t in built.parameters()), p
+    assert [in_flight_micro_batches(4, 1, p, 8) for p in range(4)] == [4, 3, 2, 1]
+    assert in_flight_micro_batches(4, 1, 0, 2) == 2
+    assert in_flight_micro_batches(4, 2, 0, 8) == 4 + 3 / 2    # Megatron: P (1 + (P-1)/(P V))

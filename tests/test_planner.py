@@ -228,3 +228,21 @@ def test_bad_planner_input_is_one_line(argv, message):
                        env={**os.environ, "PYTHONPATH": ROOT})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr
+
+
+def test_planner_picks_pipeline_when_memory_requires_it():
+    """A dense 8-layer model, hidden 1024, one head (so TP 1 only), fp16, 2 GPUs of 1.75 GiB (usable
+    1.575): at PP 1 each GPU holds all ~101M parameters, 2 + 4 bytes each plus at least 6 of Adam
+    state (12 split over DP 2): 1.13 GiB, x 1.05 + 0.5 GiB allowance = 1.69 GiB, so nothing fits; at
+    PP 2 (DP 1) each holds half the layers, ~52M x 18 bytes = 0.87 GiB, x 1.05 + 0.5 = 1.41 GiB plus
+    small activations: the planner picks PP 2."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from plan_ted import plan
+    argv = ("--num-layers 8 --hidden-size 1024 --num-attention-heads 1 --seq-length 128 "
+            "--max-position-embeddings 128 --global-batch-size 8 --fp16 --vocab-size 1024 "
+            "--gpus-per-node 2 --gpu-memory-gib 1.75").split()
+    plans, _, _ = plan(argv + ["--max-pipeline-parallel", "1"])
+    assert not any(p.fits for p in plans) and {p.knobs["pp"] for p in plans} == {1}
+    plans, _, _ = plan(argv)
+    assert plans[0].fits and plans[0].knobs["pp"] == 2
+    assert plans[0].time.bubble > 0 and "--pipeline-model-parallel-size" in plans[0].pretrain_flags()
