@@ -36,12 +36,12 @@ def tiny_config(**overrides) -> GPTConfig:
 
 def tiny_moe(num_experts=4, topk=2, capacity_factor=None, dtd=True, mlp_type="standard", experts_per_layer=None,
              a2a_algorithm="flat", a2a_node_size=None, shared_expert_size=None, shared_expert_gate=False,
-             shared_expert_overlap=False, **router) -> MoEConfig:
+             shared_expert_overlap=False, layer_freq=1, **router) -> MoEConfig:
     """experts_per_layer: a Pyramid-MoE's count per MoE layer; mlp_type "residual": Residual MoE;
     a2a_algorithm "hierarchical" with a2a_node_size ranks per (simulated) node; shared_expert_*:
     shared experts of that FFN size (gated, overlapped with the all-to-all)."""
     return MoEConfig(RouterConfig(num_experts=num_experts, topk=topk, capacity_factor=capacity_factor, **router),
-                     ffn_hidden_size=32, layer_freq=1, duplicate_token_dropping=dtd, mlp_type=mlp_type,
+                     ffn_hidden_size=32, layer_freq=layer_freq, duplicate_token_dropping=dtd, mlp_type=mlp_type,
                      num_experts_per_layer=experts_per_layer, a2a_algorithm=a2a_algorithm,
                      a2a_node_size=a2a_node_size, shared_expert_size=shared_expert_size,
                      shared_expert_gate=shared_expert_gate, shared_expert_overlap=shared_expert_overlap)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.mla import MLAConfig
@@ -32,10 +33,10 @@ PLAN = os.path.join(ROOT, "tools", "plan_ted.py")
 B, S, V, H = 2, 32, 256, 32
 
 
-def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False, mla=None):
-    """mla: an MLAConfig (multi-latent attention, RoPE)."""
+def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False, mla=None, attention=None):
+    """mla: an MLAConfig (multi-latent attention, RoPE); attention: an AttentionConfig (GQA, head dim)."""
     config = GPTConfig(vocab_size=V, hidden_size=H, num_layers=layers, num_attention_heads=4, ffn_hidden_size=4 * H,
-                       max_position_embeddings=S, swiglu=swiglu, mla=mla,
+                       max_position_embeddings=S, swiglu=swiglu, mla=mla, attention=attention or AttentionConfig(),
                        position_embedding_type="rope" if mla else "learned")
     moe_config = MoEConfig(RouterConfig(num_experts=4, topk=2), ffn_hidden_size=3 * H, layer_freq=freq,
                            shared_expert_size=shared, shared_expert_gate=gate) if moe else None
@@ -84,6 +85,9 @@ CASES = {"dense": (dict(moe=False), None, 1), "moe": (dict(), None, 1), "moe-swi
          "moe-gated-shared-experts": (dict(shared=2 * H, gate=True), None, 1),
          "moe-mla-q-latent": (dict(mla=MLAConfig(kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
                                                  v_head_dim=12, q_lora_rank=24)), None, 1),
+         # 2 K/V groups of 4 heads, head dim 16 (heads * D = 2 h): q and SDPA's output weigh 2 h each
+         "moe-gqa-kv-channels": (dict(attention=AttentionConfig(num_query_groups=2, kv_channels=16)), None, 1),
+         "dense-gqa": (dict(moe=False, attention=AttentionConfig(num_query_groups=1)), None, 1),
          "dense-mla": (dict(moe=False, mla=MLAConfig(kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
                                                      v_head_dim=12)), None, 1)}
 

@@ -25,7 +25,9 @@ replicated over TP count whole, TP-sliced ones 1/t:
                               the residual sum (post-attention norm), its normed value (MLP input);
                               + 4*T*a/t (SDPA log-sum-exp, fp32) + norm statistics (fp32 mean and
                               rstd per token and norm: 16*T for LayerNorm, 8*T for RMSNorm);
-                              multi-latent attention: `_mla_bytes`
+                              multi-latent attention: `_mla_bytes`; grouped-query attention or
+                              --kv-channels D: q and SDPA output a*D/t each, k and v D per K/V group
+                              this rank holds (G/t, at least 1) each, in place of h/t (`_qkv_widths`)
   dense MLP                   w*T*F/t*2 (fc1 output, GeLU output) or *4 with SwiGLU (fc1's gate|up,
                               silu(gate), the product)
   MoE MLP                     rows = T*k (every routed assignment reaches one expert; dropless
@@ -184,7 +186,16 @@ def _attention_bytes(wl: Workload, tp: int) -> int:
     norm_stats = (16 if c.normalization == "LayerNorm" else 8) * T      # two norms per layer
     if c.mla is not None:
         return _mla_bytes(wl, tp) + 4 * T * c.num_attention_heads // tp + norm_stats
-    return w * T * c.hidden_size * (4 * tp + 4) // tp + 4 * T * c.num_attention_heads // tp + norm_stats
+    q, kv = _qkv_widths(c, tp)
+    return w * T * (4 * c.hidden_size + 2 * q + kv) + 4 * T * c.num_attention_heads // tp + norm_stats
+
+
+def _qkv_widths(c, tp: int) -> tuple[int, int]:
+    """Elements per token on one rank of q (= of SDPA's output) and of k and v together: heads*D/t,
+    and 2*D per K/V group this rank holds (with TP > G each rank holds one whole group)."""
+    d = c.attention.head_dim(c.hidden_size, c.num_attention_heads)
+    groups = c.attention.groups(c.num_attention_heads)
+    return c.num_attention_heads * d // tp, 2 * d * max(groups // tp, 1)
 
 
 def _mla_bytes(wl: Workload, tp: int) -> int:
@@ -268,7 +279,9 @@ def _largest_layer_parameter(wl: Workload, tp: int, ep: int) -> list[int]:
 def _widest_activation(wl: Workload, tp: int, num_experts: int | None) -> int:
     """Elements of the widest activation of a layer: its gradient and the next one coexist in backward."""
     c, T, g = wl.config, wl.tokens, 2 if wl.config.swiglu else 1
-    attn = T * 3 * c.hidden_size // tp
+    q, kv = _qkv_widths(c, tp)
+    mha = c.attention.groups(c.num_attention_heads) == c.num_attention_heads   # one fused qkv output
+    attn = T * (q + kv if mha else max(q, kv))
     if c.mla is not None:   # q (and k) or the kv up-projection's output
         attn = T * c.num_attention_heads * max(c.mla.q_head_dim, c.mla.qk_head_dim + c.mla.v_head_dim) // tp
     if num_experts is None:
