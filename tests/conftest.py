@@ -18,3 +18,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _free_master_port(monkeypatch):
+    """Entry-point runs in a subprocess inherit a free MASTER_PORT (a test that sets its own wins):
+    the default 29500 is shared by every process of the machine, so two suites, or a suite and a
+    run of the quick start, would otherwise collide at the rendezvous."""
+    from multiproc import free_port
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
