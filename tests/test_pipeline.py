@@ -93,7 +93,7 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
     """parity.train_layout's run (4 layers, the AUX router, global batch 8, micro-batch 2, float64)
     through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer)."""
     import torch
-    from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+    from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
     from megatron_ted.parallel.sharding import spec_of, unshard
     from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
     from megatron_ted.pipeline.split import PipelineSplit

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe import cac
 from megatron_ted.moe.cac import KeptCollectives
 from megatron_ted.parallel.groups import ParallelGroups

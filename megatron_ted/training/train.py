@@ -21,11 +21,9 @@ from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.training.upcycle import upcycle_and_save
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_model
-from megatron_ted.model.compile import compile_layers
-from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
+from megatron_ted.parallelize import parallelize, parallelize_after_load
+from megatron_ted.parallelize.cuda_graphs import release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
-from megatron_ted.model.recompute import apply_recompute
-from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
 from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
@@ -225,29 +223,24 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
     vocab = run.model.gpt.vocab_size
     split = getattr(args, "pipeline_split", None)   # --pipeline-model-parallel-size > 1 (megatron_ted/pipeline/)
     if split is not None:
-        model = build_pipeline_model(run.model.gpt, run.model.moe, groups, run.model.seed, split,
-                                     fp8=run.parallel.fp8).to(device)
+        model = build_pipeline_model(run.model.gpt, run.model.moe, groups, run.model.seed, split).to(device)
     else:
-        model = build_model(run.model, groups, fp8=run.parallel.fp8).to(device)
+        model = build_model(run.model, groups).to(device)
     if fp8_note := fp8.startup_note(run.parallel.fp8, device):
         print_rank0(fp8_note)
     for chunk in getattr(model, "chunks", [model]):   # each pipeline stage of this rank, or the model
-        if run.parallel.sequence_parallel:
-            apply_sequence_parallel(chunk, groups.tp)
-        if run.parallel.recompute is not None:
-            apply_recompute(chunk, run.parallel.recompute)
+        parallelize(chunk, run.parallel, groups.tp)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model.to(dtype)
-    if args.compile_layers:
-        compile_layers(model)
+    if run.parallel.compile_layers:
         print_rank0(f" > torch.compile (inductor): {len(model.layers)} layers, compiled at their first call")
     # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
     # With --sequence-parallel no activation is TP-replicated: every TP rank gets its own stream.
     torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
-    if moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
-        print_rank0(deepspeed_moe.summary(args, moe_layer_indices(args.num_layers, args.moe_layer_freq)))
+    if run.model.moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
+        print_rank0(deepspeed_moe.summary(args, run.model.gpt.moe_layers))
     if getattr(args, "moe_router_force_load_balancing", False):
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
                     "(a benchmark of balanced load); the model does not learn its routing")
@@ -283,11 +276,7 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
         iteration, consumed, rng_state = 0, 0, None
     else:
         iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
-    if args.cuda_graph_impl == "local":   # after the optimizer and the load: the graphs keep the weights' addresses
-        sp = groups.tp.size if getattr(args, "sequence_parallel", False) else 1
-        n = capture_layer_fronts(model.layers, args.micro_batch_size, args.seq_length, dtype, args.cuda_graph_scope,
-                                 rotary=model.rotary, sequence_parallel_size=sp,
-                                 warmup_iters=args.cuda_graph_warmup_steps)
+    if n := parallelize_after_load(model, run.parallel, args.micro_batch_size, args.seq_length, dtype, groups.tp):
         print_rank0(f" > CUDA graphs: the fronts ({' + '.join(args.cuda_graph_scope)}) of {n} layers captured")
 
     distill = _distillation(args, tokenizer, groups, device, dtype, iteration)
