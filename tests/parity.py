@@ -20,7 +20,7 @@ from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from multiproc import _worker, free_port
 
@@ -154,7 +154,7 @@ def assert_same(result, ref, rtol=1e-9, atol=1e-11, what=""):
 
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "megatron_ted.model.builder",
             "megatron_ted.parallelize.sequence_parallel",
-            "megatron_ted.training.optimizer", "multiproc", "parity"]
+            "reference_adamw", "multiproc", "parity"]
 
 
 def single_thread(fn):

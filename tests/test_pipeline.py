@@ -99,7 +99,7 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
     from megatron_ted.pipeline.split import PipelineSplit
     from megatron_ted.pipeline.stage import build_pipeline_model
     from megatron_ted.training.grad_sync import GradientSync
-    from megatron_ted.training.optimizer import MixedPrecisionAdamW
+    from reference_adamw import MixedPrecisionAdamW
     from megatron_ted.training.tiled_optimizer import TiledAdamW
     from parity import global_batches, micro_batches, tiny_config, tiny_moe
 

@@ -24,7 +24,7 @@ from megatron_ted.planning.search import search
 from megatron_ted.planning.throughput import Cluster
 from megatron_ted.training.arguments import build_parser
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.memory import allocation_levels
+from megatron_ted.training.measured_memory import allocation_levels
 from tests.multiproc import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -34,7 +34,7 @@ from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from parity import global_batches, micro_batches, run_forked, single_thread, tiny_config, tiny_moe
 

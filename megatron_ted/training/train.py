@@ -41,7 +41,7 @@ from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training import deepspeed_moe
 from megatron_ted.training.manual_gc import ManualGC
-from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
+from megatron_ted.training.loss_scaler import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.save_dir import check_writable, hold_save_dir
 from megatron_ted.training.tiled_optimizer import TiledAdamW
