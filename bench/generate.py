@@ -10,7 +10,7 @@ transformers loads the export, we load the checkpoint (megatron_ted/inference/en
 left-padded batch). Both decode greedily for exactly --new-tokens tokens (no end-of-document stop)
 from the same random prompts. One result line per batch size:
 
-    generate | <preset> <dtype> <device> | batch B | prompt P | new N | ours X ms/token Y tokens/s
+    generate | <preset> <dtype> <device>[ cuda-graph-decode] | batch B | prompt P | new N | ours X ms/token Y tokens/s
         | hf X' ms/token Y' tokens/s | speedup S x | ids equal: yes|no
 
 ms/token is the whole generate call (prefill included) over the new tokens of one sequence;
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cuda-graph-decode", action="store_true", help="ours: each decode step replayed from a CUDA graph")
     return p
 
 
@@ -83,6 +84,8 @@ def main(argv=None) -> int:
     if args.prompt_length + args.new_tokens > shape["max_position_embeddings"]:
         raise SystemExit(f"error: --prompt-length + --new-tokens exceed the preset's "
                          f"{shape['max_position_embeddings']} positions")
+    if args.cuda_graph_decode and device.type != "cuda":
+        raise SystemExit("error: --cuda-graph-decode needs a CUDA GPU; drop the flag")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         config = transformers.AutoConfig.for_model("mixtral", rope_theta=10000.0, **shape)
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         ids = torch.randint(0, shape["vocab_size"], (batch, args.prompt_length), generator=gen)
         cfg = SamplingConfig(vocab_size=shape["vocab_size"], max_new_tokens=args.new_tokens, temperature=0)
-        t_ours, got = _timed(lambda: generate_batch(ours, ids.tolist(), cfg).ids, args.repeats, sync)
+        t_ours, got = _timed(lambda: generate_batch(ours, ids.tolist(), cfg, cuda_graph_decode=args.cuda_graph_decode).ids, args.repeats, sync)
         hf_in = ids.to(device)
 
         def hf_generate():
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
                                    pad_token_id=0)[:, args.prompt_length:].tolist()
         t_hf, ref = _timed(hf_generate, args.repeats, sync)
         n = args.new_tokens
-        print(f"generate | {args.preset} {args.dtype} {device.type} | batch {batch} | prompt {args.prompt_length} "
+        graphs = " cuda-graph-decode" if args.cuda_graph_decode else ""
+        print(f"generate | {args.preset} {args.dtype} {device.type}{graphs} | batch {batch} | prompt {args.prompt_length} "
               f"| new {n} | ours {1e3 * t_ours / n:.2f} ms/token {batch * n / t_ours:.0f} tokens/s "
               f"| hf {1e3 * t_hf / n:.2f} ms/token {batch * n / t_hf:.0f} tokens/s | speedup {t_hf / t_ours:.2f}x "
               f"| ids equal: {'yes' if got == ref else 'no'}", flush=True)

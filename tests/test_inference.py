@@ -85,6 +85,85 @@ def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(kind):
     assert a != generate_batch(model, PROMPTS, SamplingConfig(**hot, seed=2)).ids
 
 
+def _static_equals_growing(model, prompts, cfg):
+    grown = generate_batch(model, prompts, cfg, keep_logits=True)
+    static = generate_batch(model, prompts, cfg, keep_logits=True, static_cache=True)
+    assert static.ids == grown.ids and len(static.logits) == len(grown.logits)
+    for a, b in zip(static.logits, grown.logits):   # attention over S_max slots sums in another order
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    return grown
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "moe"])
+def test_static_cache_decode_equals_the_growing_cache(kind):
+    """Batched prompts of different lengths; for MoE also batch 1, whose decode gathers the chosen
+    experts' weights (T * K < E) while batch 3 runs every expert (inference/decode_moe.py); and a
+    stop at end-of-document, which the static path checks every STOP_CHECK tokens only."""
+    model = _model(kind)
+    cfg = SamplingConfig(vocab_size=V, max_new_tokens=10, temperature=0)
+    grown = _static_equals_growing(model, PROMPTS, cfg)
+    assert len(set(grown.ids[0])) > 1
+    if kind == "moe":
+        _static_equals_growing(model, PROMPTS[:1], cfg)
+        eod = grown.ids[1][2]   # ends sequence 2 at its third token, the others maybe later or never
+        stopped = _static_equals_growing(model, PROMPTS, SamplingConfig(vocab_size=V, max_new_tokens=10,
+                                                                        temperature=0, eod=eod))
+        assert len(stopped.ids[1]) == 3
+
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+
+def _decode_steps_without_host_reads(model, dispatch: bool, monkeypatch):
+    """Two decode steps on a StaticKVCache with every Tensor-to-Python read raising."""
+    from megatron_ted.inference.decode_step import DecodeStep
+    from megatron_ted.inference.kv_cache import StaticKVCache
+
+    tokens = torch.tensor([[0, 0, 5, 17], [8, 1, 1, 64]])
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    cache = StaticKVCache(2, 8)
+    cache.prefill(valid)
+    with torch.no_grad():
+        model(tokens, (valid.long().cumsum(1) - 1).clamp(min=0), kv_cache=cache)
+        step = DecodeStep(model, cache, valid.sum(1))
+        step.dispatch = dispatch
+        with monkeypatch.context() as m:
+            for name in SYNCS:
+                m.setattr(torch.Tensor, name, lambda *a, _n=name: (_ for _ in ()).throw(RuntimeError(f"host sync: {_n}")))
+            for ids in ([3, 4], [9, 2]):
+                step(torch.tensor(ids))
+
+
+def test_static_decode_step_reads_nothing_on_the_host(monkeypatch):
+    model = _model("moe")
+    _decode_steps_without_host_reads(model, True, monkeypatch)
+    with pytest.raises(RuntimeError, match="host sync"):   # the token dispatcher reads its split sizes
+        _decode_steps_without_host_reads(model, False, monkeypatch)
+
+
+def test_cuda_graph_decode_refused_without_a_gpu(checkpoint, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ValueError, match="--cuda-graph-decode needs a CUDA GPU"):
+        generate_batch(_model("gqa"), PROMPTS, SamplingConfig(vocab_size=V, max_new_tokens=2), cuda_graph_decode=True)
+    r = _run_tool("--load", checkpoint, "--prompt", "3 4", "--cuda-graph-decode", "--max-new-tokens", "2")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "--cuda-graph-decode" in err[0], r.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gqa", "mla", "moe"])
+def test_cuda_graph_decode_replays_what_eager_decode_computes(kind):
+    model = _model(kind).float().cuda()
+    for prompts in (PROMPTS, PROMPTS[:1]):
+        cfg = SamplingConfig(vocab_size=V, max_new_tokens=12, temperature=0)
+        eager = generate_batch(model, prompts, cfg, keep_logits=True, static_cache=True)
+        graphed = generate_batch(model, prompts, cfg, keep_logits=True, cuda_graph_decode=True)
+        assert graphed.ids == eager.ids and len(graphed.logits) == 12
+        for a, b in zip(graphed.logits, eager.logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 MODEL_ARGV = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
               "--max-position-embeddings", "32", "--num-experts", "4", "--moe-router-topk", "2",
               "--moe-layer-freq", "1", "--micro-batch-size", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
@@ -108,18 +187,21 @@ def _generate_at_layout(rank, world, path, cases):
     torch.set_default_dtype(torch.float64)
     model, groups = load_parallel(path, tp=2, ep=2, dtype=torch.float64)
     assert model.layers[0].mlp.dispatcher.dtd and groups.tp.size == 2 and groups.ep.size == 2
-    return [(lambda g: (g.ids, g.logits))(generate_batch(model, prompts, cfg, keep_logits=True))
-            for prompts, cfg in cases]
+    return [(lambda g: (g.ids, g.logits))(generate_batch(model, prompts, cfg, keep_logits=True,
+                                                         static_cache=static))
+            for prompts, cfg, static in cases]
 
 
 def test_tp2_ep2_generates_what_one_process_does(checkpoint):
     """Batch 1 decodes 1 token over 4 ranks (fewer than TP: DTD's split is padded), batch 3 an odd
-    count; greedy and seeded top-p ids and every step's logits equal one process's."""
+    count; greedy and seeded top-p ids and every step's logits equal one process's (growing cache),
+    also on the static cache, whose decode step all-reduces the experts' rows over TP and EP."""
     greedy = SamplingConfig(vocab_size=V, max_new_tokens=6, temperature=0)
     nucleus = SamplingConfig(vocab_size=V, max_new_tokens=6, temperature=1.0, top_p=0.8, seed=4)
-    cases = [([PROMPTS[0]], greedy), (PROMPTS, greedy), (PROMPTS, nucleus)]
+    cases = [([PROMPTS[0]], greedy, False), (PROMPTS, greedy, False), (PROMPTS, nucleus, False),
+             ([PROMPTS[0]], greedy, True), (PROMPTS, nucleus, True)]
     single, _ = load_parallel(checkpoint, dtype=torch.float64)
-    expected = [generate_batch(single, prompts, cfg, keep_logits=True) for prompts, cfg in cases]
+    expected = [generate_batch(single, prompts, cfg, keep_logits=True) for prompts, cfg, _ in cases]
     results = run_distributed(_generate_at_layout, 4, checkpoint, cases)
     for rank_result in results:
         for (ids, logits), ref in zip(rank_result, expected):

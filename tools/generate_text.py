@@ -10,7 +10,8 @@
 A prompts file holds one JSON object per line, {"prompt": "text"} or {"prompt_ids": [ids]}; each
 output line is that object plus "completion" (text) and "completion_ids" (without a final
 end-of-document). Prompts run --batch-size at a time, left-padded, with a KV cache
-(megatron_ted/inference/engine.py). Under torchrun the model is built at TP x EP (one process per
+(megatron_ted/inference/engine.py); --cuda-graph-decode captures each decode step in a CUDA graph on a
+static cache (refused on CPU, and for MoE routers that draw random numbers). Under torchrun the model is built at TP x EP (one process per
 GPU, gloo on CPU) from the checkpoint, whatever layout wrote it; rank 0 prints and writes. The
 tokenizer is the copy saved with the checkpoint (or --tokenizer-model). Bad input (no checkpoint, a
 bad prompts line, an existing --output-file without --overwrite) prints one `error:` line and
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--cuda-graph-decode", action="store_true",
+                   help="decode on a static KV cache, each step replayed from a CUDA graph (GPU only)")
     return p
 
 
@@ -146,6 +149,8 @@ def run(args, rank: int) -> int:
         raise ValueError(f"--tensor-model-parallel-size {tp} x --expert-model-parallel-size {ep} needs a multiple "
                          f"of {tp * ep} processes, got {world}; launch with torchrun --nproc-per-node {tp * ep}")
     use_cuda = torch.cuda.is_available()
+    if args.cuda_graph_decode and not use_cuda:
+        raise ValueError("--cuda-graph-decode needs a CUDA GPU (none is visible); drop the flag")
     device = init_process_group(use_cuda) if world > 1 else torch.device("cuda" if use_cuda else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[args.dtype]
     try:
@@ -153,7 +158,7 @@ def run(args, rank: int) -> int:
         if rows is None:
             for i in range(args.num_samples):
                 ids = generate_batch(model, prompts, SamplingConfig(**{**vars(cfg), "seed": args.seed + i}),
-                                     names=names).ids[0]
+                                     names=names, cuda_graph_decode=args.cuda_graph_decode).ids[0]
                 if args.num_samples > 1 and rank == 0:
                     print(f"--- sample {i + 1} (seed {args.seed + i})")
                 if rank == 0:
@@ -164,7 +169,8 @@ def run(args, rank: int) -> int:
             chunk = slice(start, start + args.batch_size)
             batch_cfg = SamplingConfig(**{**vars(cfg), "seed": args.seed + start})
             for row, prompt, ids in zip(rows[chunk], prompts[chunk],
-                                        generate_batch(model, prompts[chunk], batch_cfg, names=names[chunk]).ids):
+                                        generate_batch(model, prompts[chunk], batch_cfg, names=names[chunk],
+                                                       cuda_graph_decode=args.cuda_graph_decode).ids):
                 if ids and cfg.stop_at_eod and ids[-1] == tokenizer.eod:
                     ids = ids[:-1]
                 out.append({**row, "completion": completion_text(tokenizer, prompt, ids, False),

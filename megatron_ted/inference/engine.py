@@ -11,6 +11,11 @@ tensor-parallel, the experts expert-parallel (dropless; a decode step routes B t
 than TP: moe/dispatcher.py pads DTD's split), and the vocabulary-parallel logits of the last
 position are all-gathered over TP. Rank 0 chooses the tokens and broadcasts them, so all ranks
 feed the same ids even where kernels are not bitwise deterministic.
+
+`static_cache` decodes on a StaticKVCache (inference/kv_cache.py): every step has the same shapes
+and no host synchronisation (inference/decode_step.py; the MoE layers' experts run through
+inference/decode_moe.py), and `cuda_graph_decode` replays that step from a CUDA graph. The host
+then checks for end-of-document every STOP_CHECK tokens instead of every token.
 """
 from __future__ import annotations
 
@@ -19,9 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_ted.inference.kv_cache import KVCache
+from megatron_ted.inference.decode_step import DecodeStep, cuda_graph_blocker
+from megatron_ted.inference.kv_cache import KVCache, StaticKVCache
 from megatron_ted.inference.sampling import SamplingConfig, sample
 from megatron_ted.parallel import mappings
+
+
+STOP_CHECK = 8   # static decode: tokens between the host's checks that every sequence has ended
 
 
 @dataclass
@@ -55,13 +64,21 @@ def check_prompts(prompts: list[list[int]], cfg: SamplingConfig, max_positions: 
 
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, keep_logits: bool = False,
-                   names: list[str] | None = None) -> Generation:
+                   names: list[str] | None = None, static_cache: bool = False,
+                   cuda_graph_decode: bool = False) -> Generation:
     """model: a GPTModel in eval mode (any TP x EP; all ranks call with the same prompts and cfg);
-    names: how an error names each prompt (check_prompts)."""
+    names: how an error names each prompt (check_prompts).
+    static_cache: decode on a StaticKVCache (the same shapes every step, no host sync in the step:
+    inference/decode_step.py); cuda_graph_decode: that step captured in a CUDA graph (implies it)."""
+    device = next(model.parameters()).device
+    if cuda_graph_decode:
+        blocker = cuda_graph_blocker(model, device)
+        if blocker is not None:
+            raise ValueError(blocker)
+        static_cache = True
     prompts = check_prompts(prompts, cfg, model.config.max_position_embeddings, names)
     if not prompts or cfg.max_new_tokens == 0:
         return Generation([[] for _ in prompts])
-    device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
     tokens_BS = torch.zeros(B, L, dtype=torch.long, device=device)      # id 0 on padding: masked out
     valid_BS = torch.zeros(B, L, dtype=torch.bool, device=device)
@@ -70,16 +87,24 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, keep_lo
         valid_BS[b, L - len(p):] = True
     positions_BS = (valid_BS.long().cumsum(1) - 1).clamp(min=0)
     next_position_B = valid_BS.sum(1)
-    cache = KVCache(B, L + cfg.max_new_tokens, device)
+    cache = (StaticKVCache if static_cache else KVCache)(B, L + cfg.max_new_tokens, device)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     new_BN = torch.zeros(B, 0, dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     out = Generation([])
-    for _ in range(cfg.max_new_tokens):
-        cache.begin(valid_BS)
-        logits_BV = model(tokens_BS, positions_BS, kv_cache=cache).logits[:, -1]   # [B, V/TP]
-        cache.end()
-        logits_BV = mappings.gather(logits_BV, model.tp, dim=-1)                   # [B, V]
+    decode = None
+    for step in range(cfg.max_new_tokens):
+        if decode is not None:
+            logits_BV = decode(tokens_BS[:, 0])                                    # [B, V]
+        elif static_cache:                                                         # the prefill
+            cache.prefill(valid_BS)
+            logits_BV = mappings.gather(model(tokens_BS, positions_BS, kv_cache=cache).logits[:, -1], model.tp, dim=-1)
+            decode = DecodeStep(model, cache, next_position_B, cuda_graph_decode)
+        else:
+            cache.begin(valid_BS)
+            logits_BV = model(tokens_BS, positions_BS, kv_cache=cache).logits[:, -1]   # [B, V/TP]
+            cache.end()
+            logits_BV = mappings.gather(logits_BV, model.tp, dim=-1)                   # [B, V]
         if keep_logits:
             out.logits.append(logits_BV.cpu())
         ids_B = sample(logits_BV, cfg, generator)
@@ -88,7 +113,9 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, keep_lo
         new_BN = torch.cat([new_BN, ids_B[:, None]], dim=1)
         if cfg.stop_at_eod and cfg.eod is not None:
             done_B |= ids_B == cfg.eod
-            if bool(done_B.all()):
+            # the static path asks the host every STOP_CHECK tokens only (the ids after a
+            # sequence's end-of-document are cut below, so the result is the same)
+            if (not static_cache or (step + 1) % STOP_CHECK == 0) and bool(done_B.all()):
                 break
         tokens_BS, positions_BS = ids_B[:, None], next_position_B[:, None]
         valid_BS = torch.ones(B, 1, dtype=torch.bool, device=device)
@@ -97,4 +124,5 @@ def generate_batch(model, prompts: list[list[int]], cfg: SamplingConfig, keep_lo
         if cfg.stop_at_eod and cfg.eod in row:
             row = row[:row.index(cfg.eod) + 1]
         out.ids.append(row)
+    del out.logits[max(len(row) for row in out.ids):]   # steps past every end-of-document
     return out

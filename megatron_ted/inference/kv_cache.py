@@ -17,6 +17,9 @@ own slot, so a padded query's softmax row is never empty (no NaN; its output is 
 Each layer's buffers are [B, G, S_max, D] for k and v, allocated on the layer's first write (the
 layer's shapes and dtype are known then). Multi-latent attention stores its expanded per-head k
 and v here like multi-head attention (model/mla.py says why).
+
+StaticKVCache (below) keeps the same layout with shapes that never change, for a decode step
+captured in a CUDA graph (inference/decode_step.py).
 """
 from __future__ import annotations
 
@@ -75,3 +78,78 @@ class KVCache:
     def end(self) -> None:
         self.length += self.step
         self.step, self.mask_BQK = 0, None
+
+
+class StaticLayerCache:
+    """One attention layer's slot in a StaticKVCache: `store` writes this step's k, v at the cache's
+    slot tensor and returns the whole [B, G, S_max, D] buffers (same shapes every step)."""
+
+    def __init__(self, cache: "StaticKVCache", index: int):
+        self.cache, self.index = cache, index
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.cache.mask_BQK
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        buffers = c.buffers.get(self.index)
+        if buffers is None:   # allocated once, by the prefill (before any capture)
+            buffers = c.buffers[self.index] = tuple(
+                t.new_zeros(t.shape[0], t.shape[1], c.max_length, t.shape[3]) for t in (k, v))
+        for buf, t in zip(buffers, (k, v)):
+            buf.index_copy_(2, c.slot_S, t)
+        return buffers
+
+
+class StaticKVCache:
+    """KVCache's layout and masking with shapes that never change: every layer attends over all
+    S_max slots, the step's slots are a device tensor (`slot_S`) and the mask is built from it, so
+    a decode step reads no Python int that changes per token and can be captured in a CUDA graph
+    (inference/decode_step.py). Slots past a sequence's written length, and its padding, are masked.
+
+        cache.prefill(valid_BS)              # slots [0, L): the left-padded prompts
+        model(tokens_BS, positions_BS, kv_cache=cache)
+        cache.decode()                       # one new slot, the one after the last written
+        model(ids_B1, positions_B1, kv_cache=cache)
+        cache.advance()                      # in place, on the device
+    """
+
+    def __init__(self, batch: int, max_length: int, device: torch.device | str = "cpu"):
+        self.batch, self.max_length = batch, max_length
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.valid_BK = torch.zeros(batch, max_length, dtype=torch.bool, device=device)
+        self.slots_K = torch.arange(max_length, device=device)
+        self.next_slot_1 = torch.zeros(1, dtype=torch.long, device=device)   # the slot a decode step writes
+        self.slot_S: torch.Tensor | None = None
+        self.mask_BQK: torch.Tensor | None = None
+
+    def layer(self, index: int) -> StaticLayerCache:
+        return StaticLayerCache(self, index)
+
+    def prefill(self, valid_BS: torch.Tensor) -> None:
+        """The prompts' S = valid_BS.shape[1] slots [0, S) (valid_BS: False on padding)."""
+        s = valid_BS.shape[1]
+        if s >= self.max_length:
+            raise ValueError(f"the KV cache holds {self.max_length} positions; the prompts need {s} and one more")
+        self.valid_BK.zero_()
+        self.valid_BK[:, :s] = valid_BS
+        self.slot_S = self.slots_K[:s]
+        self._mask(self.slot_S)
+        self.next_slot_1.fill_(s)
+
+    def decode(self) -> None:
+        """One valid new position per sequence at next_slot_1 (no host read of it)."""
+        self.slot_S = self.next_slot_1
+        self.valid_BK.index_fill_(1, self.slot_S, True)
+        self._mask(self.slot_S)
+
+    def advance(self) -> None:
+        self.next_slot_1.add_(1)
+
+    def _mask(self, q_S: torch.Tensor) -> None:
+        """[B, 1, S, S_max], True: attend. Causal over slots, padding and unwritten slots out; a
+        query always sees its own slot (a padded query's row is never empty)."""
+        causal_QK = self.slots_K[None, :] <= q_S[:, None]
+        own_QK = self.slots_K[None, :] == q_S[:, None]
+        self.mask_BQK = ((causal_QK[None] & self.valid_BK[:, None]) | own_QK[None]).unsqueeze(1)
