@@ -36,12 +36,12 @@ def tiny_config(**overrides) -> GPTConfig:
 
 def tiny_moe(num_experts=4, topk=2, capacity_factor=None, dtd=True, mlp_type="standard", experts_per_layer=None,
              a2a_algorithm="flat", a2a_node_size=None, shared_expert_size=None, shared_expert_gate=False,
-             shared_expert_overlap=False, **router) -> MoEConfig:
+             shared_expert_overlap=False, layer_freq=1, **router) -> MoEConfig:
     """experts_per_layer: a Pyramid-MoE's count per MoE layer; mlp_type "residual": Residual MoE;
     a2a_algorithm "hierarchical" with a2a_node_size ranks per (simulated) node; shared_expert_*:
     shared experts of that FFN size (gated, overlapped with the all-to-all)."""
     return MoEConfig(RouterConfig(num_experts=num_experts, topk=topk, capacity_factor=capacity_factor, **router),
-                     ffn_hidden_size=32, layer_freq=1, duplicate_token_dropping=dtd, mlp_type=mlp_type,
+                     ffn_hidden_size=32, layer_freq=layer_freq, duplicate_token_dropping=dtd, mlp_type=mlp_type,
                      num_experts_per_layer=experts_per_layer, a2a_algorithm=a2a_algorithm,
                      a2a_node_size=a2a_node_size, shared_expert_size=shared_expert_size,
                      shared_expert_gate=shared_expert_gate, shared_expert_overlap=shared_expert_overlap)
@@ -70,7 +70,8 @@ def micro_batches(batch: dict, dp_rank: int, dp_size: int, micro: int, step: int
 
 def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global_batch=8, micro=2,
                  dtype=torch.float64, lr=1e-2, clip_grad=0.0, seed=1234, sequence_parallel=False,
-                 recompute: dict | None = None, compile_backend: str | None = None, cuda_graph_scope=None):
+                 recompute: dict | None = None, compile_backend: str | None = None, cuda_graph_scope=None,
+                 after_step=None):
     """Returns {"losses": [...], "grads": {name: full grad of step 1}, "stats": comm snapshot of step 1}.
 
     Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
@@ -78,6 +79,7 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
     sequence_parallel: --sequence-parallel; recompute: RecomputeConfig fields (None: off).
     cuda_graph_scope: capture the layers' fronts (parallelize/cuda_graphs.py) through `eager_graphs`, the
     CPU stand-in for torch.cuda.make_graphed_callables; "graph_replays" counts each layer's replays.
+    after_step(step, model): called after each optimizer step; its values are "after_step".
     """
     model = build_gpt(config, moe, groups, seed).to(dtype)
     if sequence_parallel:
@@ -93,7 +95,7 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
         capture_layer_fronts(model.layers, micro, SEQ, dtype, cuda_graph_scope, rotary=model.rotary,
                              sequence_parallel_size=groups.tp.size if sequence_parallel else 1, make_graphed=eager_graphs)
     losses, grads, stats = [], None, None
-    aux_losses, grad_norms, moe_steps = [], [], []
+    aux_losses, grad_norms, moe_steps, after = [], [], [], []
     for step, batch in enumerate(global_batches(steps, global_batch)):
         sync.zero_grad()
         groups.stats.reset()
@@ -109,7 +111,9 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
         aux_losses.append(result.aux_loss)
         grad_norms.append(norm)
         moe_steps.append(result.moe)
-    return {"losses": losses, "grads": grads, "stats": stats, "moe": result.moe,
+        if after_step is not None:
+            after.append(after_step(step, model))
+    return {"after_step": after, "losses": losses, "grads": grads, "stats": stats, "moe": result.moe,
             "aux_losses": aux_losses, "grad_norms": grad_norms, "moe_steps": moe_steps,
             "graph_replays": [layer.graphed_front.replays if layer.graphed_front else 0 for layer in model.layers]}
 

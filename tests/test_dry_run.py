@@ -228,3 +228,15 @@ def test_parameter_shapes_of_moe_variants_equal_the_built_model(variant, tp, ep)
             assert built.keys() == shapes.keys()
             for n, shape in built.items():
                 assert shapes[n].local_shape(tp, ep) == shape, n
+
+
+def test_dry_run_prints_per_stage_memory_with_pipeline(capsys):
+    """PP 2 on the 40B recipe: one line per stage; the stages' parameters add up to the unsplit
+    model's per GPU plus the last stage's tied embedding copy (V/TP x H); 1F1B keeps 2 micro-batches
+    in flight on the first stage, 1 on the last."""
+    assert main(RECIPE_40B + ["--dry-run", "--world-size", "128", "--pipeline-model-parallel-size", "2"]) == 0
+    out = capsys.readouterr().out
+    stages = re.findall(r"^  stage (\d): layers (\d+)-(\d+), ([\d,]+).* (\d+) micro-batches in flight", out, re.M)
+    assert [(s, a, b, k) for s, a, b, _, k in stages] == [("0", "0", "9", "2"), ("1", "10", "19", "1")]
+    whole = count_parameters(*_model_of_recipe(20, 5120, 40), tp=2, ep=16).per_rank
+    assert sum(int(n.replace(",", "")) for *_, n, _ in stages) == whole + 50304 // 2 * 5120

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from megatron_ted.model.builder import router_seed
+from megatron_ted.model.layer_pattern import parse_layer_pattern
 from megatron_ted.moe import gates
 from parity import SEQ, VOCAB, assert_matches, global_batches, job, reference_job, run_forked, run_jobs, single_thread
 
@@ -41,8 +42,12 @@ GATES = {
                                 bias_update_rate=0.05, topk_scaling_factor=2.5, aux_loss_coeff=0.01),
 }
 GLOBAL_AUX = dict(topk=2, aux_loss_coeff=0.01, load_balancing_type="global_aux_loss")
+# DeepSeek-style dense first layer: Megatron's pattern string, the dense FFN (24) unlike the experts' (32)
+DENSE_FIRST = dict(config_kw=dict(num_layers=4, ffn_hidden_size=24), steps=STEPS,
+                   moe_kw=dict(GATES["sigmoid+groups+bias"], layer_freq=parse_layer_pattern("([0]+[1]*3)")))
 
-JOBS = {4: [job(2, 2, moe_kw=kw, steps=STEPS) for kw in GATES.values()] + [job(2, 2, moe_kw=GLOBAL_AUX, steps=STEPS)],
+JOBS = {4: [job(2, 2, moe_kw=kw, steps=STEPS) for kw in GATES.values()] + [job(2, 2, moe_kw=GLOBAL_AUX, steps=STEPS),
+                                                                            job(2, 2, **DENSE_FIRST)],
         2: [job(1, 2, moe_kw=GLOBAL_AUX, steps=STEPS), job(1, 1, moe_kw=GLOBAL_AUX, steps=STEPS)]}
 
 
@@ -64,6 +69,13 @@ def test_gate_is_layout_invariant(runs, refs, gate):
         res = per_rank[jj]
         assert res["sizes"] == dict(tp=2, dp=2, ep=2, expert_dp=1)
         assert_matches(res, refs[gate], f"{gate} (TP 2, EP 2, DP 2) rank {rank}")
+
+
+def test_dense_first_layers_with_the_group_limited_sigmoid_router_are_layout_invariant(runs):
+    ref = single_thread(lambda: reference_job(job(**DENSE_FIRST)))
+    assert ref["grads"].keys() >= {"layers.0.mlp.fc1.weight", "layers.1.mlp.router.weight"}
+    for rank, per_rank in enumerate(runs[4]):
+        assert_matches(per_rank[len(GATES) + 1], ref, f"dense first layers (TP 2, EP 2, DP 2) rank {rank}")
 
 
 def _loads(result, layer):

@@ -110,8 +110,34 @@ def test_imported_logits_equal_hugging_face(imported, model_type):
     assert _rel(expected, ours) < 1e-6
 
 
-def _tp2_ep2_logits(rank, world, ckpts):
-    """Every imported checkpoint built and loaded at TP 2 x EP 2 (DP 2); the full-vocabulary logits."""
+def _upcycled_logits(dense, flags, granularity, tp, ep, world):
+    """The imported dense llama upcycled in process (training/upcycle.upcycle) into 4 experts, top-2,
+    with --moe-upcycling-granularity G, at TP x EP, in float64: its logits (every vocabulary row)."""
+    from megatron_ted.config.from_flags import model_config_from_flags
+    from megatron_ted.model.builder import build_model
+    from megatron_ted.parallel import comm
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.parallel.layout import ParallelLayout
+    from megatron_ted.training.arguments import parse_args
+    from megatron_ted.training.upcycle import upcycle
+
+    args = parse_args([*flags, "--num-experts", "4", "--moe-layer-freq", "1", "--moe-router-topk", "2",
+                       "--moe-ffn-hidden-size", str(COMMON["intermediate_size"] // granularity),
+                       "--moe-use-upcycling", "--moe-upcycling-granularity", str(granularity), "--load", dense,
+                       "--save", "unused", "--mock-data", "--tensor-model-parallel-size", str(tp),
+                       "--expert-model-parallel-size", str(ep), "--seed", "7"], world_size=world)
+    groups = ParallelGroups.single() if world == 1 else ParallelGroups.create(ParallelLayout(world, tp, ep))
+    vocab = read_metadata(find_checkpoint(dense))["args"]["padded_vocab_size"]
+    model = build_model(model_config_from_flags(args, vocab), groups).double().eval()
+    upcycle(model, dense, groups, granularity)
+    with torch.no_grad():
+        local = model(IDS, torch.arange(IDS.shape[1]).expand_as(IDS)).logits
+    return comm.all_gather(local, groups.tp, dim=-1)[..., :VOCAB]
+
+
+def _tp2_ep2_logits(rank, world, ckpts, upcycling=None):
+    """Every imported checkpoint built and loaded at TP 2 x EP 2 (DP 2); the full-vocabulary logits.
+    With `upcycling` (dense checkpoint, its flags): also the upcycled MoE's, per granularity."""
     from megatron_ted.model.builder import build_gpt
     from megatron_ted.parallel import comm
     from megatron_ted.parallel.groups import ParallelGroups
@@ -130,14 +156,60 @@ def _tp2_ep2_logits(rank, world, ckpts):
         with torch.no_grad():
             local = model(IDS, torch.arange(IDS.shape[1]).expand_as(IDS)).logits
         out[mt] = comm.all_gather(local, groups.tp, dim=-1)[..., :VOCAB]
+    for g in (1, 2) if upcycling else ():
+        out[f"upcycled G={g}"] = _upcycled_logits(*upcycling, g, 2, 2, world)
     return out
 
 
+def _llama_flags(imported):
+    from megatron_ted.interop.hf_config import flags_from_hf
+
+    with open(os.path.join(imported["llama"][0], "config.json")) as f:
+        return flags_from_hf(json.load(f))
+
+
 def test_imported_logits_equal_hugging_face_at_tp2_ep2(imported):
-    results = run_distributed(_tp2_ep2_logits, 4, {mt: ck for mt, (_, ck, _) in imported.items()})
+    """... and the upcycled llama (G = 1, 2) computes the dense model's logits at TP 2 x EP 2."""
+    dense = imported["llama"][1]
+    results = run_distributed(_tp2_ep2_logits, 4, {mt: ck for mt, (_, ck, _) in imported.items()},
+                              (dense, _llama_flags(imported)))
     for mt, (_, _, expected) in imported.items():
         for r in results:
             assert _rel(expected, r[mt]) < 1e-6, mt
+    with torch.no_grad():
+        dense_logits = load_model(dense, dtype=torch.float64)(IDS)
+    for r in results:
+        for g in (1, 2):
+            assert _rel(dense_logits, r[f"upcycled G={g}"]) < 1e-12, g
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_granular_upcycling_equals_the_dense_model(imported, granularity):
+    """One process: the MoE of 4 experts of FFN 48 / G, each run of G experts one cut-up copy of the
+    dense MLP (G = 2: the router rows tied in pairs, fc2 scaled by G), computes the dense logits."""
+    dense = imported["llama"][1]
+    with torch.no_grad():
+        dense_logits = load_model(dense, dtype=torch.float64)(IDS)
+    upcycled = _upcycled_logits(dense, _llama_flags(imported), granularity, 1, 1, 1)
+    assert _rel(dense_logits, upcycled) < 1e-12
+
+
+@pytest.mark.parametrize("extra,word", [
+    (["--moe-ffn-hidden-size", "20"], "--moe-ffn-hidden-size 20 x 2 must equal --ffn-hidden-size 48"),
+    (["--num-experts", "3", "--moe-router-topk", "2"], "must divide --num-experts 3"),
+    (["--moe-router-topk", "3"], "--moe-router-topk 3 must be a multiple"),
+    (["--moe-router-pre-softmax"], "--moe-router-pre-softmax"),
+    (["--moe-router-num-groups", "4", "--moe-router-group-topk", "2"], "experts per router group"),
+])
+def test_bad_upcycling_granularity_is_one_line(imported, tmp_path, extra, word):
+    from megatron_ted.training.arguments import parse_args
+
+    argv = [*_llama_flags(imported), "--num-experts", "4", "--moe-layer-freq", "1", "--moe-router-topk", "2",
+            "--moe-ffn-hidden-size", "24", "--moe-use-upcycling", "--moe-upcycling-granularity", "2",
+            "--load", imported["llama"][1], "--save", str(tmp_path / "up"), "--mock-data", *extra]
+    with pytest.raises(ValueError, match=re.escape(word)) as err:
+        parse_args(argv, world_size=1)
+    assert "\n" not in str(err.value) and not (tmp_path / "up").exists()
 
 
 def _read_all(ckpt):
@@ -153,18 +225,23 @@ def _read_all(ckpt):
 
 
 def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
-    """The imported dense llama upcycled into a 4-expert MoE at TP 2 x EP 2: iteration 0 computes the
-    dense model's logits; it trains; its export loads in transformers with our logits; the import of
-    that export holds exactly the trained tensors."""
-    hf_dir, dense, _ = imported["llama"]
-    flags = hf_io.import_hf(hf_dir, str(tmp_path / "dense"))       # (again: for the flags)
-    up = str(tmp_path / "up")
+    """A dense model trained here (the imported llama's flags, 2 steps, one process) upcycled through
+    the entry point into 4 experts with --moe-upcycling-granularity 2 at TP 2 x EP 2: iteration 0 is
+    saved before the first step and computes the dense model's logits; it trains; its export loads in
+    transformers with our logits; the import of that export holds exactly the trained tensors.
+    (The imported dense model's upcycling: test_imported_logits_equal_hugging_face_at_tp2_ep2.)"""
+    flags = _llama_flags(imported)
+    dense, up = str(tmp_path / "dense"), str(tmp_path / "up")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run = [*flags, "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-2"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), *run, "--train-iters", "2",
+                        "--save", dense], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(free_port()),
-            os.path.join(ROOT, "pretrain_gpt_moe.py"), *flags, "--num-experts", "4", "--moe-layer-freq", "1",
-            "--moe-ffn-hidden-size", "48", "--moe-router-topk", "2", "--moe-use-upcycling", "--load", dense,
-            "--save", up, "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
-            "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "3", "--lr", "1e-2"]
+            os.path.join(ROOT, "pretrain_gpt_moe.py"), *run, "--num-experts", "4", "--moe-layer-freq", "1",
+            "--moe-ffn-hidden-size", "24", "--moe-upcycling-granularity", "2", "--moe-router-topk", "2",
+            "--moe-use-upcycling", "--load", dense, "--save", up, "--tensor-model-parallel-size", "2",
+            "--expert-model-parallel-size", "2", "--train-iters", "3"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [float(m) for m in re.findall(r"lm loss: ([0-9.E+-]+)", r.stdout)]
@@ -174,6 +251,7 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
         dense_logits = load_model(dense, dtype=torch.float32)(IDS)
         step0 = load_model(os.path.join(up, "iter_0000000"), dtype=torch.float32)(IDS)
         trained = load_model(up, dtype=torch.float32)(IDS)
+    assert read_metadata(find_checkpoint(dense))["iteration"] == 2      # trained here, not imported
     assert _rel(dense_logits, step0) < 1e-5
     assert _rel(dense_logits, trained) > 1e-3            # it did train
 
@@ -331,3 +409,37 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
                        (dict(mla, moe_router_num_groups=2, moe_router_group_topk=2), "deepseek_v3 scores a group")):
         with pytest.raises(ValueError, match=re.escape(word)):
             architecture_for(args)
+
+
+def test_import_streams_one_tensor_at_a_time_in_the_checkpoint_format(tmp_path):
+    """A 12-layer llama: the import's peak of torch allocations stays far below the model's bytes (it
+    never holds the model), and what it wrote is what save_checkpoint writes of the same model: the
+    checkpoint loaded into a built model and saved again has the same metadata and bit-identical tensors."""
+    from megatron_ted.model.builder import build_model
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.training.checkpoint import load_checkpoint, saved_model_config, save_checkpoint
+    from megatron_ted.training.measured_memory import allocation_levels
+
+    model = _hf_model("llama", num_hidden_layers=12)
+    model.save_pretrained(tmp_path / "hf")
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    # safe_open maps each file as one torch storage (file-backed pages, read lazily): the profiler counts
+    # the mapping as allocated; those bytes are the file's, not the import's working memory
+    mapped = sum(os.path.getsize(p) for p in (tmp_path / "hf").glob("*.safetensors"))
+    _, _, peak = allocation_levels(lambda: hf_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "ours")))
+    assert peak - mapped < total / 3, (peak, mapped, total)
+
+    directory = find_checkpoint(str(tmp_path / "ours"))
+    meta = read_metadata(directory)
+    built = build_model(saved_model_config(meta, directory), ParallelGroups.single()).double()
+    load_checkpoint(directory, built, None, ParallelGroups.single(), load_rng=False, restore_rng=False)
+    save_checkpoint(str(tmp_path / "resaved"), 0, built, None, ParallelGroups.single(), meta["args"], rng=False,
+                    extra=meta["extra"])
+    again = read_metadata(find_checkpoint(str(tmp_path / "resaved")))
+    for key in set(meta) - {"saved_at", "tensors"}:
+        assert meta[key] == again[key], key
+    assert {k: (v["shape"], v["dtype"]) for k, v in meta["tensors"].items()} == \
+        {k: (v["shape"], v["dtype"]) for k, v in again["tensors"].items()}
+    ours, resaved = _read_all(str(tmp_path / "ours")), _read_all(str(tmp_path / "resaved"))
+    assert ours.keys() == resaved.keys() and all(torch.equal(ours[k], resaved[k]) for k in ours)

@@ -52,6 +52,17 @@ def test_40b_sbatch_sizes_come_from_the_environment():
     assert "world 4: TP 2, DP 2, EP 2, expert-DP 1" in r.stdout
     assert "2 layers x hidden 64 x 4 heads" in r.stdout and "bf16" in r.stdout
     assert "activation recomputation: off" in r.stdout and "applies: replicated" in r.stdout
+    r = run_script(SBATCH, {"DRY_RUN": "1", "NNODES": "1", "GPUS_PER_NODE": "8", "PP": "2", "TP": "2", "NUM_LAYERS": "2",
+                            "HIDDEN": "64", "HEADS": "4", "NUM_EXPERTS": "4", "EP": "2", "GLOBAL_BATCH": "16",
+                            "SEQ_LEN": "64", "VOCAB_SIZE": "250"})
+    assert r.returncode == 0, r.stderr
+    assert "world 8: PP 2, TP 2, DP 2, EP 2, expert-DP 1" in r.stdout
+    # NUM_EXPERTS set but empty (plan_ted.py's sbatch line for a dense model): no MoE, EP 1
+    r = run_script(SBATCH, {"DRY_RUN": "1", "NNODES": "1", "GPUS_PER_NODE": "2", "PP": "2", "NUM_LAYERS": "2",
+                            "HIDDEN": "64", "HEADS": "4", "NUM_EXPERTS": "", "GLOBAL_BATCH": "16", "SEQ_LEN": "64",
+                            "VOCAB_SIZE": "250"})
+    assert r.returncode == 0, r.stderr
+    assert "world 2: PP 2, TP 1, DP 1, EP 1, expert-DP 1" in r.stdout and "MoE:" not in r.stdout
 
 
 @pytest.mark.parametrize("env,message", [

@@ -89,9 +89,24 @@ AUX = dict(topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
 STEPS = 3
 
 
+def eval_loss(model, groups, runner=None):
+    """training/train.py's evaluation of 2 validation batches (global batch 8, micro-batch 2) of
+    this rank's data-parallel share; pipelined with the runner."""
+    from types import SimpleNamespace
+    from megatron_ted.training.train import evaluate
+    from parity import global_batches, micro_batches
+    n_micro = 8 // 2 // groups.dp.size
+    mbs = [{k: v for k, v in mb.items() if k != "routing_seed"}
+           for b in global_batches(2, 8, seed=99)
+           for mb in micro_batches(dict(b, loss_mask=b["loss_mask"].double()), groups.dp.rank, groups.dp.size, 2)]
+    args = SimpleNamespace(eval_iters=2, num_micro_batches=n_micro, num_experts=4, moe_eval_capacity_factor=None)
+    return evaluate(model, iter(mbs), args, groups, "cpu", runner=runner)
+
+
 def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, recompute=None, steps=STEPS):
     """parity.train_layout's run (4 layers, the AUX router, global batch 8, micro-batch 2, float64)
-    through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer)."""
+    through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer); "evals":
+    the validation loss after each step but the last (the schedule switches to eval and back)."""
     import torch
     from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
     from megatron_ted.parallel.sharding import spec_of, unshard
@@ -115,7 +130,7 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
     else:
         opt = MixedPrecisionAdamW(model, groups.tp, groups.ep, lr=1e-2, weight_decay=0.1, clip_grad=0.0, pp=groups.pp)
     runner = PipelineRunner(model, groups, 8 // 2 // groups.dp.size, schedule)
-    out = {"losses": [], "aux_losses": [], "grad_norms": [], "grads": None, "loads": []}
+    out = {"losses": [], "aux_losses": [], "grad_norms": [], "grads": None, "loads": [], "evals": []}
     for step, batch in enumerate(global_batches(steps, 8)):
         sync.zero_grad()
         batch = {k: (v.double() if k == "loss_mask" else v) for k, v in batch.items()}
@@ -129,6 +144,8 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
         out["aux_losses"].append(result.aux_loss)
         out["grad_norms"].append(norm)
         out["loads"].append([m["tokens_per_expert"].tolist() for m in result.moe])
+        if step < steps - 1:
+            out["evals"].append(eval_loss(model, groups, runner))
     out["embedding"] = model.embedding.weight.detach().clone() if hasattr(model, "embedding") else None
     out["stages"] = model.stage_indices
     return out
@@ -161,8 +178,9 @@ def reference():
     from megatron_ted.model.builder import build_gpt  # noqa: F401 (warm import)
     from megatron_ted.parallel.groups import ParallelGroups
     from parity import single_thread, tiny_config, tiny_moe, train_layout
-    return single_thread(lambda: train_layout(ParallelGroups.single(), tiny_config(num_layers=4), tiny_moe(**AUX),
-                                              steps=STEPS))
+    single = ParallelGroups.single()
+    return single_thread(lambda: train_layout(single, tiny_config(num_layers=4), tiny_moe(**AUX), steps=STEPS,
+                                              after_step=lambda step, model: eval_loss(model, single)))
 
 
 def _merged_grads(ranks: list[dict], name: str) -> dict:
@@ -188,6 +206,9 @@ def test_pipeline_matches_single_process(pipeline_runs, reference, name):
             assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: loss {a} != {b}"
         for a, b in zip(run["aux_losses"], reference["aux_losses"]):
             assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: aux loss {a} != {b}"
+        assert len(run["evals"]) == STEPS - 1
+        for a, b in zip(run["evals"], reference["after_step"]):
+            assert a == pytest.approx(b, rel=1e-11), f"{name} rank {rank}: validation loss {a} != {b}"
         for a, b in zip(run["grad_norms"], reference["grad_norms"]):
             assert a == pytest.approx(b, rel=1e-10), f"{name} rank {rank}: grad norm {a} != {b}"
         # routing statistics of all 4 MoE layers on every rank (stages gathered), of this rank's
@@ -224,9 +245,18 @@ def _cli_worker(rank, world, port, argv):
     from megatron_ted.data.tokenizer import build_tokenizer
     from megatron_ted.training.arguments import padded_vocab_size, parse_args
     from megatron_ted.training.train import train
+    import megatron_ted.training.train as entry
     args = parse_args(argv, world_size=world)
     tok = build_tokenizer(args.tokenizer_type, None, args.vocab_size, None, None)
     args.padded_vocab_size = padded_vocab_size(tok.vocab_size, args.make_vocab_size_divisible_by, 1)
+    write = entry.save_checkpoint
+
+    def save_and_keep_own(save, it, model, *rest, **kw):   # this rank's parameters as it trained them
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+                   os.path.join(save, f"params_{it}_rank{rank}.pt"))
+        return write(save, it, model, *rest, **kw)
+
+    entry.save_checkpoint = save_and_keep_own
     out = train(args, tok)
     if rank == 0:
         torch.save(out["losses"], os.path.join(argv[argv.index("--save") + 1], "losses.pt"))
@@ -243,14 +273,53 @@ def _cli(world, extra, save):
     return torch.load(os.path.join(save, "losses.pt"))
 
 
+# llama-like (mixtral when exported: MoE on every layer, softmax top-2 renormalised)
+LLAMA = ("--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
+         "--untie-embeddings-and-output-weights --moe-router-topk 2 --moe-layer-freq 1").split()
+
+
 def test_resume_across_pipeline_sizes(tmp_path):
-    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse) continue the curve."""
-    whole = _cli(2, ["--train-iters", "4"], str(tmp_path / "whole"))
+    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse) continue the curve.
+    The PP 2 checkpoint of iteration 2 serves inference and exports to Hugging Face."""
+    whole = _cli(2, ["--train-iters", "4"] + LLAMA, str(tmp_path / "whole"))
     for first, then, name in ((2, 1, "p2p1"), (1, 2, "p1p2")):
         d = str(tmp_path / name)
-        head = _cli(2, ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)], d)
-        tail = _cli(2, ["--train-iters", "4", "--pipeline-model-parallel-size", str(then), "--load", d], d)
+        head = _cli(2, ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)] + LLAMA, d)
+        if first == 2:
+            _check_pipelined_checkpoint(d, tmp_path / "hf")
+        tail = _cli(2, ["--train-iters", "4", "--pipeline-model-parallel-size", str(then), "--load", d] + LLAMA, d)
         assert head + tail == pytest.approx(whole, rel=1e-5), name
+
+
+def _check_pipelined_checkpoint(save, hf_dir):
+    """load_model (one process, P 1) holds exactly the two stages' trained parameters, every layer's;
+    export-hf of the checkpoint loads in transformers with load_model's logits."""
+    import os
+    import subprocess
+    import sys
+    import torch
+    import transformers
+    from megatron_ted.inference import load_model
+    stages = [torch.load(os.path.join(save, f"params_2_rank{r}.pt")) for r in (0, 1)]
+    assert not stages[0].keys() & stages[1].keys()          # two stages, disjoint parts of the model
+    trained = {**stages[0], **stages[1]}
+    assert {n.split(".")[1] for n in trained if n.startswith("layers.")} == {"0", "1", "2", "3"}
+    model = load_model(os.path.join(save, "iter_0000002"), dtype=torch.float32)
+    loaded = dict(model.gpt.named_parameters())
+    assert loaded.keys() == trained.keys()
+    for n, p in trained.items():
+        assert torch.equal(loaded[n], p), n
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), "export-hf",
+                        "--load", save, "--hf-dir", str(hf_dir), "--dtype", "fp32"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), experts_implementation="eager").eval()
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("extra, flag", [
@@ -264,3 +333,30 @@ def test_bad_pipeline_flags_are_one_line(extra, flag):
     with pytest.raises(ValueError) as info:
         parse_args(CLI + ["--train-iters", "1"] + extra, world_size=4)
     assert flag in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- the per-stage memory model (planning/memory.py (stage_memory)) -----------------------------------
+
+@pytest.mark.parametrize("untie, split", [(False, PipelineSplit(4, 2)), (True, PipelineSplit(4, 3, first_stage_layers=2)),
+                                          (False, PipelineSplit(4, 2, layers_per_virtual_stage=1))])
+def test_stage_parameter_counts_match_built_stages(untie, split):
+    """Counted from the shapes per pipeline rank = the elements of the stages pipeline/stage.py builds
+    (the tied copy on the last rank included); the in-flight rule: P - p for 1F1B, P + (P-1)/V first."""
+    from types import SimpleNamespace
+    from megatron_ted.parallel.groups import ParallelGroups
+    from megatron_ted.pipeline.stage import build_pipeline_model
+    from megatron_ted.planning.memory import Workload
+    from megatron_ted.planning.memory import in_flight_micro_batches, stage_parameter_counts
+    from parity import tiny_config, tiny_moe
+    config, moe = tiny_config(num_layers=4, untie_embeddings_and_output_weights=untie), tiny_moe()
+    wl = Workload(config, moe, seq_length=8, micro_batch=2)
+    single = ParallelGroups.single()
+    for p in range(split.pipeline_parallel):
+        groups = SimpleNamespace(pp=SimpleNamespace(rank=p), tp=single.tp, ep=single.ep, dp=single.dp,
+                                 expert_dp=single.expert_dp)
+        built = build_pipeline_model(config, moe, groups, 1, split)
+        counts = stage_parameter_counts(wl, split, p, 1, 1)
+        assert counts.per_rank == sum(t.numel() for t in built.parameters()), p
+    assert [in_flight_micro_batches(4, 1, p, 8) for p in range(4)] == [4, 3, 2, 1]
+    assert in_flight_micro_batches(4, 1, 0, 2) == 2
+    assert in_flight_micro_batches(4, 2, 0, 8) == 4 + 3 / 2    # Megatron: P (1 + (P-1)/(P V))

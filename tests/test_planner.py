@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.mla import MLAConfig
@@ -32,10 +33,10 @@ PLAN = os.path.join(ROOT, "tools", "plan_ted.py")
 B, S, V, H = 2, 32, 256, 32
 
 
-def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False, mla=None):
-    """mla: an MLAConfig (multi-latent attention, RoPE)."""
+def tiny(moe=True, swiglu=False, layers=4, freq=2, shared=None, gate=False, mla=None, attention=None):
+    """mla: an MLAConfig (multi-latent attention, RoPE); attention: an AttentionConfig (GQA, head dim)."""
     config = GPTConfig(vocab_size=V, hidden_size=H, num_layers=layers, num_attention_heads=4, ffn_hidden_size=4 * H,
-                       max_position_embeddings=S, swiglu=swiglu, mla=mla,
+                       max_position_embeddings=S, swiglu=swiglu, mla=mla, attention=attention or AttentionConfig(),
                        position_embedding_type="rope" if mla else "learned")
     moe_config = MoEConfig(RouterConfig(num_experts=4, topk=2), ffn_hidden_size=3 * H, layer_freq=freq,
                            shared_expert_size=shared, shared_expert_gate=gate) if moe else None
@@ -84,6 +85,9 @@ CASES = {"dense": (dict(moe=False), None, 1), "moe": (dict(), None, 1), "moe-swi
          "moe-gated-shared-experts": (dict(shared=2 * H, gate=True), None, 1),
          "moe-mla-q-latent": (dict(mla=MLAConfig(kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
                                                  v_head_dim=12, q_lora_rank=24)), None, 1),
+         # 2 K/V groups of 4 heads, head dim 16 (heads * D = 2 h): q and SDPA's output weigh 2 h each
+         "moe-gqa-kv-channels": (dict(attention=AttentionConfig(num_query_groups=2, kv_channels=16)), None, 1),
+         "dense-gqa": (dict(moe=False, attention=AttentionConfig(num_query_groups=1)), None, 1),
          "dense-mla": (dict(moe=False, mla=MLAConfig(kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
                                                      v_head_dim=12)), None, 1)}
 
@@ -224,3 +228,22 @@ def test_bad_planner_input_is_one_line(argv, message):
                        env={**os.environ, "PYTHONPATH": ROOT})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), r.stderr
+
+
+def test_planner_picks_pipeline_when_memory_requires_it():
+    """A dense 8-layer model, hidden 1024, one head (so TP 1 only), fp16, 2 GPUs of 1.75 GiB (usable
+    1.575): at PP 1 each GPU holds all ~101M parameters, 2 + 4 bytes each plus at least 6 of Adam
+    state (12 split over DP 2): 1.13 GiB, x 1.05 + 0.5 GiB allowance = 1.69 GiB, so nothing fits; at
+    PP 2 (DP 1) each holds half the layers, ~52M x 18 bytes = 0.87 GiB, x 1.05 + 0.5 = 1.41 GiB plus
+    small activations: the planner picks PP 2."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from plan_ted import commands, plan
+    argv = ("--num-layers 8 --hidden-size 1024 --num-attention-heads 1 --seq-length 128 "
+            "--max-position-embeddings 128 --global-batch-size 8 --fp16 --vocab-size 1024 "
+            "--gpus-per-node 2 --gpu-memory-gib 1.75").split()
+    plans, _, _ = plan(argv + ["--max-pipeline-parallel", "1"])
+    assert not any(p.fits for p in plans) and {p.knobs["pp"] for p in plans} == {1}
+    plans, cluster, _ = plan(argv)
+    assert plans[0].fits and plans[0].knobs["pp"] == 2
+    assert plans[0].time.bubble > 0 and "--pipeline-model-parallel-size" in plans[0].pretrain_flags()
+    assert " PP=2 " in commands(plans[0], cluster)    # the 40B sbatch script's variable

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ted.cli import OneLineErrorParser, one_line_errors  # noqa: E402
 from megatron_ted.data.tokenizer import build_tokenizer, resolve_tokenizer_type  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
-from megatron_ted.planning.search import PRESETS, evaluate, made_possible_by_offload, search  # noqa: E402
+from megatron_ted.planning.search import PIPELINE_SIZES, PRESETS, evaluate, made_possible_by_offload, search  # noqa: E402
 from megatron_ted.planning.throughput import Cluster  # noqa: E402
 from megatron_ted.training.arguments import build_parser, padded_vocab_size, validate  # noqa: E402
 
@@ -53,6 +53,8 @@ def build_planner_parser(preset: str | None, cluster: str | None) -> argparse.Ar
     g.add_argument("--tp-efficiency", type=float, default=0.85,
                    help="per-GPU compute rate kept per doubling of TP (fitted on H200: planning/throughput.py)")
     g.add_argument("--top", type=int, default=10, help="layouts to list")
+    g.add_argument("--max-pipeline-parallel", type=int, default=8,
+                   help="largest PP searched (powers of 2 up to it; 1: no pipeline)")
     g.add_argument("--fixed-layout", action="store_true",
                    help="evaluate only the given --tensor-model-parallel-size/--expert-model-parallel-size/"
                         "--micro-batch-size/recompute flags instead of searching")
@@ -100,7 +102,10 @@ def plan(argv=None):
     probe = copy.deepcopy(args)           # model errors first, at TP 1 / EP 1, with the trainer's messages
     probe.tensor_model_parallel_size = probe.expert_model_parallel_size = 1
     validate(probe, cluster.world_size)
-    return search(args, cluster, tokenizer.vocab_size), cluster, args
+    if args.max_pipeline_parallel < 1:
+        raise ValueError(f"--max-pipeline-parallel {args.max_pipeline_parallel} must be at least 1")
+    pps = [p for p in PIPELINE_SIZES if p <= args.max_pipeline_parallel]
+    return search(args, cluster, tokenizer.vocab_size, pps=pps), cluster, args
 
 
 def _g(x: float) -> str:
@@ -108,7 +113,7 @@ def _g(x: float) -> str:
 
 
 def table(plans, top: int) -> str:
-    head = (f"{'#':>3} {'TP':>3} {'EP':>3} {'eDP':>4} {'mb':>3} {'recomp':>6} {'CAC':>3} {'ZeRO':>4} | "
+    head = (f"{'#':>3} {'PP':>3} {'TP':>3} {'EP':>3} {'eDP':>4} {'mb':>3} {'recomp':>6} {'CAC':>3} {'ZeRO':>4} | "
             f"{'peak':>6} {'w+g+opt':>7} {'act':>5} {'buf':>4} {'spike':>5} | {'a2a':>6} {'TP':>6} {'DP':>6} GiB/step | "
             f"{'step s':>7} {'tok/s/GPU':>9} fits  off")
     lines = [head, "-" * len(head)]
@@ -117,7 +122,7 @@ def table(plans, top: int) -> str:
 
         def vol(groups):
             return sum(v.bytes for v in p.comm if v.group in groups) / GiB
-        lines.append(f"{i:>3} {k['tp']:>3} {k['ep']:>3} {k['expert_dp']:>4} {k['micro_batch']:>3} "
+        lines.append(f"{i:>3} {k['pp']:>3} {k['tp']:>3} {k['ep']:>3} {k['expert_dp']:>4} {k['micro_batch']:>3} "
                      f"{k['recompute']:>6} {'yes' if k['cac'] else '-':>3} {'yes' if k['dist_opt'] else '-':>4} | "
                      f"{_g(m.total):>6} {_g(m.static):>7} {_g(m.activations):>5} {_g(m.comm_buffers):>4} "
                      f"{_g(m.spike):>5} | {vol(('ep',)):>6.1f} {vol(('tp',)):>6.1f} {vol(('dp', 'expert_dp')):>6.1f}"
@@ -134,7 +139,7 @@ def commands(p, cluster) -> str:
            f"FFN_HIDDEN={a.ffn_hidden_size}", f"SEQ_LEN={a.seq_length}",
            f"NUM_EXPERTS={a.num_experts if a.num_experts is not None else ''}",
            f"MOE_LAYER_FREQ={a.moe_layer_freq}", f"TOPK={a.moe_router_topk}",
-           f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}", f"GLOBAL_BATCH={a.global_batch_size}",
+           f"PP={k['pp']}", f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}", f"GLOBAL_BATCH={a.global_batch_size}",
            f"RECOMPUTE={k['recompute']}", f"MOE_CAC={int(k['cac'])}", f"DIST_OPT={int(k['dist_opt'])}",
            f"PRECISION={'bf16' if a.bf16 else 'fp16' if a.fp16 else 'fp32'}"]
     sbatch = " ".join(env) + f" sbatch --nodes {cluster.num_nodes} scripts/slurm/pretrain_40b.sbatch"
@@ -182,7 +187,9 @@ def main(argv=None) -> int:
           f" + optimizer {_g(m.optimizer)} + max(activations {_g(m.activations)} + buffers {_g(m.comm_buffers)},"
           f" spike {_g(m.spike)}) + allowance {_g(m.allowance)}")
     print(f"  predicted step {best.time.total:.2f} s (compute {best.time.compute:.2f}, TP+a2a {best.time.tp_and_a2a:.2f},"
-          f" exposed grad reduce {best.time.grad_reduce_exposed:.2f}, param gather {best.time.param_gather:.2f}); "
+          f" exposed grad reduce {best.time.grad_reduce_exposed:.2f}, param gather {best.time.param_gather:.2f}"
+          + (f", pipeline bubble {best.time.bubble:.2f}: (P - 1) / m = {best.knobs['pp'] - 1}/"
+             f"{best.args.num_micro_batches}" if best.knobs["pp"] > 1 else "") + "); "
           f"{best.tokens_per_second:,.0f} tokens/s")
     print(commands(best, cluster))
     return 0

@@ -151,7 +151,8 @@ def hf_from_args(args: dict, arch: str, vocab: int, dtype: str, generation: dict
     layers, k = _moe_layers(args), args.get("moe_router_topk")
     norm = bool(k and k > 1 and not args.get("moe_router_pre_softmax"))
     if arch == "mixtral":
-        cfg.update(num_local_experts=args["num_experts"], num_experts_per_tok=k,
+        cfg.update(num_local_experts=args["num_experts"], num_experts_per_tok=k,   # every layer's FFN an expert's
+                   intermediate_size=args.get("moe_ffn_hidden_size") or args["ffn_hidden_size"],
                    router_jitter_noise=args.get("moe_input_jitter_eps") or 0.0)
     if arch in ("qwen2_moe", "qwen3_moe"):
         cfg.update(num_experts=args["num_experts"], num_experts_per_tok=k, norm_topk_prob=norm,

@@ -1,15 +1,17 @@
 """Import a Hugging Face model into our checkpoint format, and export ours to Hugging Face.
 
-Import builds the model of the HF config's flags (hf_config.flags_from_hf) in one process, fills
-every logical tensor through the architecture's table (hf_weights) and saves it with the ordinary
-`save_checkpoint`, so the result loads at any TP/EP/DP layout and pretrain_gpt_moe.py --load takes
-it. Export reads the checkpoint (written at any layout) one logical tensor at a time and streams the
+Import plans the parameters of the HF config's flags (hf_config.flags_from_hf; their names and shapes
+from model/param_count.py, no model is built), then reads, transforms (the architecture's table,
+hf_weights) and writes one logical tensor at a time with `checkpoint.save_tensors`, in the format of
+`save_checkpoint`, so memory stays at the largest tensor, the result loads at any TP/EP/DP layout and
+pretrain_gpt_moe.py --load takes it. Export reads the checkpoint (written at any layout) one logical tensor at a time and streams the
 HF tensors into safetensors files whose headers are planned first, so memory stays at the largest
 tensor, not the model. Both write into a temporary sibling and rename it into place at the end;
 an existing non-empty destination is refused unless `overwrite`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 HF_SUBDIR = "hf"          # in an iteration directory: the tokenizer files and generation_config.json
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_FLOAT_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
 
 
 # ---- destinations ------------------------------------------------------------------------------
@@ -92,6 +95,10 @@ class HFTensors:
     def shape(self, name: str) -> list[int]:
         return list(self.handles[self.where[name]].get_slice(name).get_shape())
 
+    def float_dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's floating dtype from the file's header (without reading it); None: not floating."""
+        return _FLOAT_DTYPES.get(self.handles[self.where[name]].get_slice(name).get_dtype())
+
     def get(self, name: str) -> torch.Tensor:
         return self.handles[self.where[name]].get_tensor(name)
 
@@ -109,11 +116,10 @@ def _plan(maps, shapes: dict[str, list[int]], ctx: dict) -> list[tuple[str, list
 
 def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_by: int = 128) -> list[str]:
     """Write `save` (our checkpoint, iteration 0) from the HF model in `hf_dir`; returns the training flags."""
-    from megatron_ted.model.builder import build_model
-    from megatron_ted.parallel.groups import ParallelGroups
-    from megatron_ted.training.arguments import padded_vocab_size, parse_args
-    from megatron_ted.training.checkpoint import save_checkpoint
     from megatron_ted.config.from_flags import model_config_from_flags
+    from megatron_ted.model.param_count import parameter_shapes
+    from megatron_ted.training.arguments import padded_vocab_size, parse_args
+    from megatron_ted.training.checkpoint import save_tensors
 
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -132,16 +138,17 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
         args.tokenizer_model = final_tokenizer
         flags[flags.index("--tokenizer-model") + 1] = final_tokenizer
     model_config = model_config_from_flags(args)
-    config = model_config.gpt
-    dtype = next((hf.get(n).dtype for n in hf.where if hf.get(n).is_floating_point()), torch.float32)
-    model = build_model(model_config, ParallelGroups.single()).to(dtype)
-    config = model.config   # with its MoE layers
-    params = dict(model.named_parameters())
+    moe = model_config.moe   # the identity build_gpt records: the GPTConfig with its MoE layers
+    config = dataclasses.replace(model_config.gpt, moe_layers=moe_layer_indices(model_config.gpt.num_layers,
+                                                                                moe.layer_freq) if moe else ())
+    model_config = dataclasses.replace(model_config, gpt=config)
+    dtype = next((hf.float_dtype(n) for n in hf.where if hf.float_dtype(n)), torch.float32)
+    params = {s.name: list(s.shape) for s in parameter_shapes(config, moe)}   # no model is built
     maps = mappings(ARCHITECTURES[cfg["model_type"]], config.num_layers, set(config.moe_layers),
                     args.num_experts or 0, config.untie_embeddings_and_output_weights, features_of(vars(args)))
     assert {m.ours for m in maps} == set(params), "table and model disagree"
     ctx = _context(vars(args), cfg["vocab_size"], cfg.get("rope_interleave", True))
-    expected = dict(_plan(maps, {n: list(p.shape) for n, p in params.items()}, ctx))
+    expected = dict(_plan(maps, params, ctx))
     for name, shape in expected.items():       # every check before any tensor is read
         if name not in hf.where:
             raise ValueError(f"--hf-dir {hf_dir}: tensor {name} is missing ({cfg['model_type']} with this config.json "
@@ -156,14 +163,18 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
     if extra:
         raise ValueError(f"--hf-dir {hf_dir}: {len(extra)} tensor(s) this converter does not map, e.g. {extra[0]} "
                          f"(a feature of the model it does not support)")
-    with torch.no_grad():
+
+    def tensors():   # one logical tensor at a time, as the model would hold it (dtype: Router._apply's rule)
         for m in maps:
-            params[m.ours].copy_(m.transform.to_ours([hf.get(n).to(dtype) for n in m.hf], ctx))
+            keep32 = m.ours.endswith("expert_bias") and dtype in (torch.float16, torch.bfloat16)
+            t = m.transform.to_ours([hf.get(n).to(dtype) for n in m.hf], ctx).to(torch.float32 if keep32 else dtype)
+            assert list(t.shape) == params[m.ours], m.ours
+            yield m.ours, t
 
     tmp = _temporary(save)
     try:
-        directory = save_checkpoint(tmp, 0, model, None, ParallelGroups.single(), vars(args), rng=False,
-                                    extra={"hf_import": {"model_type": cfg["model_type"], "config": cfg}})
+        directory = save_tensors(tmp, 0, tensors(), model_config, vars(args),
+                                 extra={"hf_import": {"model_type": cfg["model_type"], "config": cfg}})
         keep = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
         if keep:
             os.makedirs(os.path.join(directory, HF_SUBDIR))

@@ -40,7 +40,4 @@ def resolve(args: argparse.Namespace) -> PipelineSplit | None:
         if value not in (off, None):
             raise ValueError(f"--{dest.replace('_', '-')} does not run with --pipeline-model-parallel-size {p} yet; "
                              f"drop one of them")
-    if args.eval_interval and args.eval_iters:
-        raise ValueError(f"evaluation does not run through the pipeline yet (--pipeline-model-parallel-size {p}); "
-                         f"set --eval-iters 0")
     return split

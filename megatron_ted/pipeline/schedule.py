@@ -100,20 +100,32 @@ class PipelineRunner:
 
     def run(self, micro_batches: list[dict], global_tokens: float, loss_scale: float, aux_scale: float) -> list:
         """One schedule step; returns the last stage's scaled micro-batch losses ([] elsewhere)."""
-        if self.schedule is None:
-            self._build(micro_batches[0])
         self.loss_fn.global_tokens, self.loss_fn.loss_scale = global_tokens, loss_scale
         for module in self.modules:
             module.aux_grad_scale = aux_scale
+        return self._call("step", micro_batches)
+
+    def eval_loss_sum(self, micro_batches: list[dict]) -> float:
+        """Forward only (the schedule's eval): the sum of the micro-batches' masked token losses on
+        the last stage, 0.0 elsewhere. Call under torch.no_grad(), the model in eval mode."""
+        self.loss_fn.global_tokens, self.loss_fn.loss_scale = 1.0, 1.0
+        losses = self._call("eval", micro_batches)
+        return float(sum(float(l.detach().double()) for l in losses))
+
+    def _call(self, method: str, micro_batches: list[dict]) -> list:
+        """The schedule's `step` (forward and backward) or `eval` (forward only) over the micro-batches."""
+        if self.schedule is None:
+            self._build(micro_batches[0])
+        for module in self.modules:
             module.reset_stats()
         cat = {k: torch.cat([mb[k] for mb in micro_batches]) for k in ("tokens", "position_ids", "labels", "loss_mask")}
         seeds = torch.cat([torch.full((mb["tokens"].shape[0],), mb.get("routing_seed", -1), dtype=torch.int64)
                            for mb in micro_batches])
         args = (cat["tokens"],) if self.model.first else ()
         losses: list = []
-        self.schedule.step(*args, position_ids=cat["position_ids"], token_ids=cat["tokens"], routing_seed=seeds,
-                           labels=cat["labels"], target=cat["loss_mask"] if self.model.last else None,
-                           losses=losses)
+        getattr(self.schedule, method)(*args, position_ids=cat["position_ids"], token_ids=cat["tokens"], routing_seed=seeds,
+                                       labels=cat["labels"], target=cat["loss_mask"] if self.model.last else None,
+                                       losses=losses)
         return losses
 
 

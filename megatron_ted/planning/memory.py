@@ -25,7 +25,9 @@ replicated over TP count whole, TP-sliced ones 1/t:
                               the residual sum (post-attention norm), its normed value (MLP input);
                               + 4*T*a/t (SDPA log-sum-exp, fp32) + norm statistics (fp32 mean and
                               rstd per token and norm: 16*T for LayerNorm, 8*T for RMSNorm);
-                              multi-latent attention: `_mla_bytes`
+                              multi-latent attention: `_mla_bytes`; grouped-query attention or
+                              --kv-channels D: q and SDPA output a*D/t each, k and v D per K/V group
+                              this rank holds (G/t, at least 1) each, in place of h/t (`_qkv_widths`)
   dense MLP                   w*T*F/t*2 (fc1 output, GeLU output) or *4 with SwiGLU (fc1's gate|up,
                               silu(gate), the product)
   MoE MLP                     rows = T*k (every routed assignment reaches one expert; dropless
@@ -86,6 +88,7 @@ from megatron_ted.model.builder import MoEConfig, experts_per_layer, moe_layer_i
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.param_count import ParamCounts, count_parameters, parameter_shapes
 from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.pipeline.split import PipelineSplit
 
 GiB = 2**30
 ALLOWANCE_FRACTION = 0.05
@@ -183,7 +186,16 @@ def _attention_bytes(wl: Workload, tp: int) -> int:
     norm_stats = (16 if c.normalization == "LayerNorm" else 8) * T      # two norms per layer
     if c.mla is not None:
         return _mla_bytes(wl, tp) + 4 * T * c.num_attention_heads // tp + norm_stats
-    return w * T * c.hidden_size * (4 * tp + 4) // tp + 4 * T * c.num_attention_heads // tp + norm_stats
+    q, kv = _qkv_widths(c, tp)
+    return w * T * (4 * c.hidden_size + 2 * q + kv) + 4 * T * c.num_attention_heads // tp + norm_stats
+
+
+def _qkv_widths(c, tp: int) -> tuple[int, int]:
+    """Elements per token on one rank of q (= of SDPA's output) and of k and v together: heads*D/t,
+    and 2*D per K/V group this rank holds (with TP > G each rank holds one whole group)."""
+    d = c.attention.head_dim(c.hidden_size, c.num_attention_heads)
+    groups = c.attention.groups(c.num_attention_heads)
+    return c.num_attention_heads * d // tp, 2 * d * max(groups // tp, 1)
 
 
 def _mla_bytes(wl: Workload, tp: int) -> int:
@@ -267,7 +279,9 @@ def _largest_layer_parameter(wl: Workload, tp: int, ep: int) -> list[int]:
 def _widest_activation(wl: Workload, tp: int, num_experts: int | None) -> int:
     """Elements of the widest activation of a layer: its gradient and the next one coexist in backward."""
     c, T, g = wl.config, wl.tokens, 2 if wl.config.swiglu else 1
-    attn = T * 3 * c.hidden_size // tp
+    q, kv = _qkv_widths(c, tp)
+    mha = c.attention.groups(c.num_attention_heads) == c.num_attention_heads   # one fused qkv output
+    attn = T * (q + kv if mha else max(q, kv))
     if c.mla is not None:   # q (and k) or the kv up-projection's output
         attn = T * c.num_attention_heads * max(c.mla.q_head_dim, c.mla.qk_head_dim + c.mla.v_head_dim) // tp
     if num_experts is None:
@@ -275,31 +289,37 @@ def _widest_activation(wl: Workload, tp: int, num_experts: int | None) -> int:
     return max(attn, T * wl.moe.router.topk * g * wl.moe.ffn_hidden_size // tp)
 
 
-def activation_memory(wl: Workload, tp: int, ep: int = 1) -> ActivationEstimate:
+def activation_memory(wl: Workload, tp: int, ep: int = 1, layers: list[int] | range | None = None,
+                      last: bool = True) -> ActivationEstimate:
     """Activations of one micro-batch on one rank of TP size `tp` and EP size `ep` (module docstring).
 
     The peak is the largest of the phases of backward: the loss (every activation saved, plus the
     logits' gradients) and each layer (or recomputed chunk) with what is still saved below it and
-    its backward transient (its largest weight gradient and one activation gradient)."""
+    its backward transient (its largest weight gradient and one activation gradient).
+
+    A pipeline stage (stage_memory below): `layers` its layers; not `last`: no final norm,
+    loss or output layer, but the stage output the schedule keeps for its backward (w*T*h)."""
     c, T, w, h = wl.config, wl.tokens, wl.w, wl.config.hidden_size
     v = c.vocab_size // tp
-    kinds = wl.layer_kinds()
+    index = range(c.num_layers) if layers is None else layers
+    kinds = [wl.layer_kinds()[i] for i in index]
     layers = [_layer_bytes(wl, tp, e) for e in kinds]
     if wl.recompute == "selective":
         layers = [b - 4 * T * c.num_attention_heads // tp for b in layers]
-    backward = [w * p + w * _widest_activation(wl, tp, e)
-                for p, e in zip(_largest_layer_parameter(wl, tp, ep), kinds)]
+    largest = _largest_layer_parameter(wl, tp, ep)
+    backward = [w * largest[i] + w * _widest_activation(wl, tp, e) for i, e in zip(index, kinds)]
     dropout_mask = T * h if c.hidden_dropout > 0 else 0
-    outside = 2 * w * T * h + 4 * T * v + dropout_mask
+    outside = 2 * w * T * h + 4 * T * v + dropout_mask if last else w * T * h
     parts = {"outside layers": outside}
     # Once backward is inside the layers, the loss's and final norm's saved tensors are freed; what
     # stays is the gradient entering the stack and, with tied embeddings, the output layer's
     # weight gradient (held until the embedding's backward adds its part, at the very end).
-    tied = 0 if c.untie_embeddings_and_output_weights else w * v * h
+    # (a pipeline's last stage uses its tied copy once: its gradient is not held)
+    tied = 0 if c.untie_embeddings_and_output_weights or len(index) < c.num_layers else w * v * h
     below = w * T * h + dropout_mask + tied
     # the loss (tensor_parallel/vocab.py): beside its saved fp32 softmax, the logits in the model's
     # dtype while it is built, and their gradient (written in that dtype) in backward
-    loss_transient = w * T * v
+    loss_transient = w * T * v if last else 0
     if wl.recompute == "full":
         n = wl.recompute_num_layers
         kept = _cac_kept_bytes(wl, tp) if ep > 1 else 0
@@ -373,10 +393,12 @@ class PeakMemory:
         return self.static + max(self.activations + self.comm_buffers, self.spike) + self.allowance
 
 
-def peak_memory(wl: Workload, layout: ParallelLayout, counts: ParamCounts | None = None) -> PeakMemory:
+def peak_memory(wl: Workload, layout: ParallelLayout, counts: ParamCounts | None = None,
+                activations: ActivationEstimate | None = None) -> PeakMemory:
+    """activations: given for a pipeline rank (stage_memory below), else the whole model's."""
     counts = counts or count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
     static = memory_per_gpu(counts, layout, wl.precision)
-    act = activation_memory(wl, layout.tensor_parallel, layout.expert_parallel)
+    act = activations or activation_memory(wl, layout.tensor_parallel, layout.expert_parallel)
     spike = optimizer_spike_bytes(wl, layout, counts)
     optimizer = static.optimizer_distributed if wl.distributed_optimizer else static.optimizer_replicated
     offloaded, host = offload_bytes(wl, layout, counts, optimizer)
@@ -413,3 +435,82 @@ def workload_from_args(args) -> Workload:
     """The Workload of validated pretrain_gpt_moe.py flags (arguments.parse_args + padded_vocab_size)."""
     from megatron_ted.config.from_flags import configs_from_args   # the CLI edge
     return workload_of(configs_from_args(args))
+
+
+# ---- pipeline parallelism: per-stage memory ----------------------------------------------------
+# Per-GPU memory of each pipeline stage: what planning/memory.py models for one rank, restricted to
+# the layers (and ends) a pipeline rank holds, with the activations of the micro-batches in flight.
+#
+#     stages = stage_memory(wl, layout, split, n_micro)    # one StageMemory per pipeline rank
+#
+# Parameters: rank p holds its stages' layers; the first stage the embedding (and learned positions),
+# the last the final norm and the output layer, or with tied embeddings a copy of the embedding
+# (pipeline/stage.py: it has weights, main grads and optimizer states like any parameter).
+#
+# Micro-batches in flight (activations saved at once; m micro-batches per step, P ranks, V chunks
+# per rank). 1F1B: rank p runs P - 1 - p warm-up forwards, then one more before its first backward,
+# so min(P - p, m) micro-batches: P on the first rank (Megatron's rule). Interleaved 1F1B (torch's
+# ScheduleInterleaved1F1B, Megatron's warm-up): rank p runs 2 (P - 1 - p) + (V - 1) P chunk forwards
+# before the steady state, plus one, each holding 1/V of the rank's layers: on the first rank
+# (2 (P - 1) + (V - 1) P + 1) / V = P + (P - 1) / V micro-batches' worth, i.e. Megatron's factor
+# 1 + (P - 1) / (P V) over plain 1F1B. The first rank is the peak of the pipeline unless the end
+# stages hold much larger parameters (a large vocabulary on the last stage): the report shows each.
+#
+# Activations of one micro-batch of a rank: planning/memory.activation_memory over its layers
+# (the loss terms on the last stage only); in flight: peak of one + (k - 1) x saved of one.
+
+
+def in_flight_micro_batches(pipeline_parallel: int, chunks: int, pp_rank: int, n_micro: int) -> float:
+    """Micro-batches' worth of this rank's activations saved at once (module docstring)."""
+    p, v = pipeline_parallel, chunks
+    if v == 1:
+        return min(p - pp_rank, n_micro)
+    return min(2 * (p - 1 - pp_rank) + (v - 1) * p + 1, n_micro * v) / v
+
+
+def stage_parameter_counts(wl: Workload, split: PipelineSplit, pp_rank: int, tp: int, ep: int) -> ParamCounts:
+    """The parameters pipeline rank `pp_rank` builds (pipeline/stage.py), counted by name."""
+    ranges = split.stage_layers()
+    stages = split.stages_of_rank(pp_rank)
+    layers = {i for s in stages for i in ranges[s]}
+    first, last = 0 in stages, split.num_stages - 1 in stages
+    tied_copy = last and not first and not wl.config.untie_embeddings_and_output_weights
+
+    def held(name: str) -> bool:
+        if name.startswith("layers."):
+            return int(name.split(".")[1]) in layers
+        if name == "embedding.weight":
+            return first or tied_copy
+        if name == "position_embedding.weight":
+            return first
+        return last                      # final_norm.*, output_weight
+    shapes = [s for s in parameter_shapes(wl.config, wl.moe) if held(s.name)]
+    dense = [s for s in shapes if not s.expert]
+    expert = [s for s in shapes if s.expert]
+    return ParamCounts(dense=sum(s.numel for s in dense), expert=sum(s.numel for s in expert),
+                       dense_per_rank=sum(s.local_numel(tp, ep) for s in dense),
+                       expert_per_rank=sum(s.local_numel(tp, ep) for s in expert), active=0)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    pp_rank: int
+    layers: list[range]            # the global layer indices of each of its stages
+    counts: ParamCounts
+    in_flight: float               # micro-batches whose activations are saved at once
+    memory: PeakMemory             # activations: all in-flight micro-batches
+
+
+def stage_memory(wl: Workload, layout: ParallelLayout, split: PipelineSplit, n_micro: int) -> list[StageMemory]:
+    tp, ep = layout.tensor_parallel, layout.expert_parallel
+    ranges = split.stage_layers()
+    out = []
+    for p in range(split.pipeline_parallel):
+        stages = split.stages_of_rank(p)
+        counts = stage_parameter_counts(wl, split, p, tp, ep)
+        layers = sorted(i for s in stages for i in ranges[s])
+        act = activation_memory(wl, tp, ep, layers, last=split.num_stages - 1 in stages)
+        k = in_flight_micro_batches(split.pipeline_parallel, split.chunks, p, n_micro)
+        mem = peak_memory(wl, layout, counts, activations=replace(act, peak=act.peak + int((k - 1) * act.saved)))
+        out.append(StageMemory(p, [ranges[s] for s in stages], counts, k, mem))
+    return out

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import Volume, step_comm
 from megatron_ted.config.from_flags import configs_from_args
-from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, workload_of
+from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, stage_memory, workload_of
 from megatron_ted.planning.throughput import Cluster, StepTime, step_time
 from megatron_ted.training.arguments import padded_vocab_size, validate
 from megatron_ted.training.flops import flops_per_token_of_model
@@ -43,6 +43,7 @@ PRESETS = {
 PRESETS = {name: {**_COMMON, **shape, "ffn_hidden_size": 4 * shape["hidden_size"]} for name, shape in PRESETS.items()}
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+PIPELINE_SIZES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Plan:
     def knobs(self) -> dict:
         a = self.args
         return dict(tp=a.tensor_model_parallel_size, ep=a.expert_model_parallel_size,
+                    pp=a.pipeline_model_parallel_size,
                     expert_dp=self.layout.expert_data_parallel, micro_batch=a.micro_batch_size,
                     recompute=a.recompute_granularity or "none", cac=bool(a.moe_cac),
                     dist_opt=bool(a.use_distributed_optimizer), offload=bool(getattr(a, "optimizer_cpu_offload", False)))
@@ -77,6 +79,8 @@ class Plan:
                       "--moe-router-topk", a.moe_router_topk, "--moe-ffn-hidden-size", a.moe_ffn_hidden_size]
             if a.moe_expert_capacity_factor is not None:
                 flags += ["--moe-expert-capacity-factor", a.moe_expert_capacity_factor]
+        if k["pp"] > 1:
+            flags += ["--pipeline-model-parallel-size", k["pp"]]
         flags += ["--tensor-model-parallel-size", k["tp"], "--expert-model-parallel-size", k["ep"],
                   "--micro-batch-size", k["micro_batch"], "--global-batch-size", a.global_batch_size]
         if k["recompute"] == "full":
@@ -104,10 +108,20 @@ def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
     counts = count_parameters(wl.config, wl.moe, layout.tensor_parallel, layout.expert_parallel)
     mem = peak_memory(wl, layout, counts)
     volumes = step_comm(wl, layout, args.num_micro_batches, counts)
+    pp, split = layout.pipeline_parallel, getattr(args, "pipeline_split", None)
+    if split is not None:
+        # the largest stage's memory decides; each rank runs 1/P of the layers' TP and EP collectives
+        # and reduces its own stage's gradients (the stage-to-stage sends are not modelled: T x H per
+        # micro-batch, small beside the layers' collectives)
+        worst = max(stage_memory(wl, layout, split, args.num_micro_batches), key=lambda st: st.memory.total)
+        mem, counts = worst.memory, worst.counts
+        volumes = [v for v in step_comm(wl, layout, args.num_micro_batches, counts) if v.group not in ("tp", "ep")]
+        volumes += [replace(v, calls=v.calls // pp, bytes=v.bytes // pp, wire=v.wire / pp)
+                    for v in step_comm(wl, layout, args.num_micro_batches) if v.group in ("tp", "ep")]
     fpt = flops_per_token_of_model(run.model, args.seq_length)
     tokens = args.global_batch_size * args.seq_length
     t = step_time(fpt * tokens / layout.world_size, args.recompute_granularity == "full", volumes, layout, cluster,
-                  args.num_layers * args.num_micro_batches)
+                  args.num_layers // pp * args.num_micro_batches, bubble=(pp - 1) / args.num_micro_batches)
     budget = getattr(args, "host_memory_per_node_gib", None)
     host_fits = budget is None or mem.host * min(cluster.gpus_per_node, layout.world_size) <= budget * GiB
     return Plan(args, layout, counts, mem, volumes, t, tokens / t.total,
@@ -115,20 +129,23 @@ def evaluate(args: argparse.Namespace, cluster: Cluster) -> Plan:
 
 
 def candidates(base: argparse.Namespace, cluster: Cluster, vocab_size: int, tps=None, eps=None,
-               micro_batches=MICRO_BATCHES):
+               micro_batches=MICRO_BATCHES, pps=PIPELINE_SIZES):
     """Every valid variant of `base` (parsed, not yet validated flags) over the planned knobs."""
     world = cluster.world_size
     moe = base.num_experts is not None
     # --optimizer-cpu-offload: every layout with and without it (the time model does not charge the CPU step)
     offloads = (False, True) if getattr(base, "optimizer_cpu_offload", False) else (False,)
-    for tp in tps or _divisors(world):
-        for ep in eps or (_divisors(world // tp) if moe else [1]):
+    for pp, tp in [(pp, tp) for pp in pps if world % pp == 0 for tp in tps or _divisors(world // pp)]:
+        for ep in eps or (_divisors(world // pp // tp) if moe else [1]):
             for mb in micro_batches:
                 recomputes = [(None, False), ("full", False)] + ([("full", True)] if moe and ep > 1 else [])
                 for recompute, cac in recomputes:
                     for dist_opt, offload in [(d, o) for d in (False, True) for o in offloads]:
                         a = copy.deepcopy(base)
                         a.tensor_model_parallel_size, a.expert_model_parallel_size = tp, ep
+                        a.pipeline_model_parallel_size, a.num_layers_per_virtual_pipeline_stage = pp, None
+                        a.decoder_first_pipeline_num_layers = a.decoder_last_pipeline_num_layers = None
+                        a.pipeline_schedule = None
                         a.micro_batch_size, a.use_distributed_optimizer = mb, dist_opt
                         a.optimizer_cpu_offload = offload
                         a.optimizer_offload_fraction = base.optimizer_offload_fraction if offload else None

@@ -17,7 +17,11 @@
                 the layers' matmuls); DP / expert-DP gradient reductions overlap with backward
                 (2/3 of the compute): only the part longer than it; the distributed optimizer's
                 parameter all-gather after the step: all of it.
-    overhead  = 0.5 ms per transformer layer per micro-batch (kernel launches, the dispatcher's host
+    bubble    = with P pipeline stages and m micro-batches per step, 1F1B idles every rank for
+                (P - 1) forward-backward slots of one micro-batch: (P - 1) / m x (compute, TP
+                collectives, all-to-alls, overhead) more (Megatron's bubble fraction; interleaving
+                divides it by V, not searched here)
+    overhead  = 0.5 ms per transformer layer (of this pipeline rank) per micro-batch (kernel launches, the dispatcher's host
                 synchronisations): what makes tiny micro-batches slower at equal FLOPs.
 Node membership comes from ParallelLayout's groups and --gpus-per-node, so the rank order and
 which degree crosses nodes decide what runs on the slow links.
@@ -89,18 +93,22 @@ class StepTime:
     grad_reduce_exposed: float
     param_gather: float
     overhead: float = 0.0
+    bubble: float = 0.0            # pipeline idle time
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp_and_a2a + self.grad_reduce_exposed + self.param_gather + self.overhead
+        return (self.compute + self.tp_and_a2a + self.grad_reduce_exposed + self.param_gather + self.overhead
+                + self.bubble)
 
 
 LAYER_OVERHEAD_S = 0.5e-3
 
 
 def step_time(model_flops_per_gpu: float, recompute_full: bool, volumes: list[Volume],
-              layout: ParallelLayout, cluster: Cluster, layer_micro_batches: int = 0) -> StepTime:
-    """layer_micro_batches: transformer layers x micro-batches per step (the overhead term)."""
+              layout: ParallelLayout, cluster: Cluster, layer_micro_batches: int = 0,
+              bubble: float = 0.0) -> StepTime:
+    """layer_micro_batches: transformer layers x micro-batches per step (the overhead term);
+    bubble: the pipeline's bubble fraction (P - 1) / m (0 without PP)."""
     rate = cluster.achievable_tflops * 1e12 * cluster.tp_efficiency ** math.log2(layout.tensor_parallel)
     compute = model_flops_per_gpu * (4 / 3 if recompute_full else 1) / rate
     crit = grad = gather = 0.0
@@ -112,4 +120,6 @@ def step_time(model_flops_per_gpu: float, recompute_full: bool, volumes: list[Vo
             gather += s
         else:
             grad += s
-    return StepTime(compute, crit, max(0.0, grad - compute * 2 / 3), gather, LAYER_OVERHEAD_S * layer_micro_batches)
+    overhead = LAYER_OVERHEAD_S * layer_micro_batches
+    return StepTime(compute, crit, max(0.0, grad - compute * 2 / 3), gather, overhead,
+                    bubble * (compute + crit + overhead))

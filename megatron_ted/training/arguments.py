@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start this MoE from the dense checkpoint of --load: every expert a copy of the dense MLP, a "
                         "fresh router and optimizer; saved to --save as iteration 0 (interop/upcycle.py)")
     g.add_argument("--moe-upcycling-granularity", type=int, default=1,
-                   help="experts per dense MLP slice in granular upcycling (only 1 is supported)")
+                   help="granular upcycling: each dense MLP cut into this many experts of FFN --ffn-hidden-size / G "
+                        "(megatron-core's; training/upcycle.py)")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="DeepSpeed's min capacity per expert")
     g.add_argument("--moe-no-duplicate-token-dropping", action="store_true",
                    help="send every TP rank's full token copy through the all-to-all (DTD off)")

@@ -333,40 +333,79 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
     if rank == 0:
         try:
             index = _build_index(all_entries, final)
-            metadata = {
-                "format": FORMAT,
-                "iteration": int(iteration),
-                "consumed_samples": int(consumed_samples),
-                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "layout": {"world_size": groups.layout.world_size, "tp": groups.tp.size, "ep": groups.ep.size,
-                           "dp": groups.dp.size, "expert_dp": groups.expert_dp.size, "order": groups.layout.order,
-                           "pp": groups.pp.size},
-                "rng": rng is not False,
-                "optimizer": optimizer is not None,
-                "loss_scaler": (optimizer.loss_scaler.state_dict()
-                                if optimizer is not None and getattr(optimizer, "loss_scaler", None) else None),
-                "scheduler": {"iteration": int(iteration),
-                              **{k: args_dict.get(k) for k in ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
-                                                              "lr_decay_style") if k in args_dict}},
-                "model_config": model_config_to_dict(identity) if identity is not None else None,
-                "args": args_dict,
-                "extra": _jsonable(extra or {}),
-                "tensors": index,
-            }
-            tok = args_dict.get("tokenizer_model")
-            if tok and os.path.isfile(tok):
-                shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-                _fsync_file(os.path.join(tmp, "tokenizer.model"))
-            with open(os.path.join(tmp, METADATA), "w") as f:
-                json.dump(metadata, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            _publish(path, tmp, final, iteration)
+            metadata = _metadata(iteration, consumed_samples, groups, rng is not False, optimizer, args_dict,
+                                 identity, extra, index)
+            _finish(path, tmp, final, iteration, metadata)
         except Exception as err:  # noqa: BLE001
             error = f"checkpoint {final}: {_one_line(err)}"
             shutil.rmtree(tmp, ignore_errors=True)
     _agree(error, groups)
+    return final
+
+
+def _metadata(iteration: int, consumed_samples: int, groups: ParallelGroups, rng: bool, optimizer, args_dict: dict,
+              identity: ModelConfig | None, extra: dict | None, index: dict) -> dict:
+    return {
+        "format": FORMAT,
+        "iteration": int(iteration),
+        "consumed_samples": int(consumed_samples),
+        "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "layout": {"world_size": groups.layout.world_size, "tp": groups.tp.size, "ep": groups.ep.size,
+                   "dp": groups.dp.size, "expert_dp": groups.expert_dp.size, "order": groups.layout.order,
+                   "pp": groups.pp.size},
+        "rng": rng,
+        "optimizer": optimizer is not None,
+        "loss_scaler": (optimizer.loss_scaler.state_dict()
+                        if optimizer is not None and getattr(optimizer, "loss_scaler", None) else None),
+        "scheduler": {"iteration": int(iteration),
+                      **{k: args_dict.get(k) for k in ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters",
+                                                      "lr_decay_style") if k in args_dict}},
+        "model_config": model_config_to_dict(identity) if identity is not None else None,
+        "args": args_dict,
+        "extra": _jsonable(extra or {}),
+        "tensors": index,
+    }
+
+
+def _finish(path: str, tmp: str, final: str, iteration: int, metadata: dict) -> None:
+    """Rank 0, every shard in tmp: the tokenizer copy and metadata.json, then tmp becomes `final`."""
+    tok = metadata["args"].get("tokenizer_model")
+    if tok and os.path.isfile(tok):
+        shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
+        _fsync_file(os.path.join(tmp, "tokenizer.model"))
+    with open(os.path.join(tmp, METADATA), "w") as f:
+        json.dump(metadata, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    _publish(path, tmp, final, iteration)
+
+
+def save_tensors(path: str, iteration: int, tensors, model_config: ModelConfig, args_dict: dict | None = None,
+                 extra: dict | None = None) -> str:
+    """One process, no model: write `<path>/iter_<iteration>` from `tensors`, an iterable of (parameter
+    name, full logical tensor) consumed one at a time, each into its own shard file, so memory stays at
+    the largest tensor (Hugging Face import). The same format as `save_checkpoint` at TP = EP = DP = 1
+    without optimizer or RNG state (the same metadata, the same logical tensors), loadable at any layout."""
+    final, tmp = iteration_dir(path, iteration), os.path.join(path, f".iter_{iteration:07d}.tmp")
+    os.makedirs(path, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save
+    os.makedirs(tmp)
+    try:
+        entries = []
+        for i, (name, t) in enumerate(tensors):
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"checkpoint {final}: not saved, parameter {name} holds NaN or Inf values")
+            key, fname = f"model/{name}", f"shards_t{i:05d}.pt"
+            _save_file({key: t.detach().to("cpu", copy=True).contiguous()}, os.path.join(tmp, fname))
+            entries.append((key, list(t.shape), str(t.dtype), fname, [0] * t.dim(), list(t.shape)))
+        args_dict = _clean_args(args_dict)
+        metadata = _metadata(iteration, 0, ParallelGroups.single(), False, None, args_dict, model_config, extra,
+                             _build_index([entries], final))
+        _finish(path, tmp, final, iteration, metadata)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

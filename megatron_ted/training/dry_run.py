@@ -22,7 +22,7 @@ from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.model.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import KINDS, ParallelLayout
 from megatron_ted.planning.memory import (MemoryEstimate, PeakMemory, check_host_memory, memory_per_gpu,  # noqa: F401
-                                          peak_memory, weight_bytes, workload_of)
+                                          peak_memory, stage_memory, weight_bytes, workload_of)
 from megatron_ted.training.flops import flops_per_token_of_model
 
 GiB = 2**30
@@ -72,6 +72,8 @@ def report(args) -> str:
                 _parameter_lines(args, counts), _memory_lines(args, memory_per_gpu(counts, layout, precision),
                                                               precision),
                 _peak_lines(peak_memory(workload_of(run), layout, counts), args)]
+    if getattr(args, "pipeline_split", None) is not None:
+        sections.append(_stage_lines(args, workload_of(run)))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -176,6 +178,22 @@ def _peak_lines(peak: PeakMemory, args) -> list[str]:
         lines.append(f"optimizer offload (--optimizer-cpu-offload, fraction {args.optimizer_offload_fraction:g}): "
                      f"{peak.host / GiB:.2f} GiB of host memory per GPU (state + staging), "
                      f"{ranks * peak.host / GiB:.2f} GiB per node of {ranks} GPUs")
+    return lines
+
+
+def _stage_lines(args, wl) -> list[str]:
+    """Per pipeline rank (planning/memory.py (stage_memory)): its layers, parameters and predicted peak
+    with the micro-batches its schedule keeps in flight. The sections above are the unsplit model's."""
+    split = args.pipeline_split
+    lines = [f"pipeline: {split.pipeline_parallel} ranks x {split.chunks} stage{'s' * (split.chunks > 1)} each, "
+             f"{args.num_micro_batches} micro-batches per step; per-stage memory per GPU (the sections above "
+             f"are the unsplit model's):"]
+    for st in stage_memory(wl, args.layout, split, args.num_micro_batches):
+        m = st.memory
+        where = " + ".join(f"layers {r.start}-{r.stop - 1}" for r in st.layers)
+        lines.append(f"  stage {st.pp_rank}: {where}, {_n(st.counts.per_rank)} parameters per GPU, "
+                     f"{st.in_flight:g} micro-batches in flight | static {m.static / GiB:.2f} GiB, "
+                     f"activations {m.activations / GiB:.2f} GiB, peak {m.total / GiB:.2f} GiB")
     return lines
 
 

@@ -168,21 +168,29 @@ def capacity_factor(model, factor: float | None):
             m.config = config
 
 
-def evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "") -> float:
+def evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "",
+             runner: PipelineRunner | None = None) -> float:
     factor = getattr(args, "moe_eval_capacity_factor", None)
     if factor is not None and args.num_experts is not None:
         with capacity_factor(model, factor):
-            return _evaluate(model, loader_iter, args, groups, device, vocab_size, where)
-    return _evaluate(model, loader_iter, args, groups, device, vocab_size, where)
+            return _evaluate(model, loader_iter, args, groups, device, vocab_size, where, runner)
+    return _evaluate(model, loader_iter, args, groups, device, vocab_size, where, runner)
 
 
-def _evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "") -> float:
+def _evaluate(model, loader_iter, args, groups, device, vocab_size: int | None = None, where: str = "",
+              runner: PipelineRunner | None = None) -> float:
+    """The mean token loss over --eval-iters batches. Pipelined (runner): forward only through the
+    schedule; the last stage holds the sums, the pipeline's all-reduce hands them to every rank."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(args.eval_iters):
             mbs = _micro_batches(loader_iter, args.num_micro_batches, device, vocab_size=vocab_size,
                                  where=f"{where}, evaluation batch {i + 1}")
+            if runner is not None:
+                total += runner.eval_loss_sum(mbs)
+                count += float(sum(mb["loss_mask"].sum() for mb in mbs)) if runner.model.last else 0.0
+                continue
             for mb in mbs:
                 out = model(mb["tokens"], mb["position_ids"], mb["labels"])
                 total += float((out.loss * mb["loss_mask"]).sum())
@@ -190,6 +198,8 @@ def _evaluate(model, loader_iter, args, groups, device, vocab_size: int | None =
     model.train()
     t = torch.tensor([total, count], dtype=torch.float64, device=device)
     from megatron_ted.parallel import comm
+    if runner is not None:
+        comm.all_reduce(t, groups.pp)
     comm.all_reduce(t, groups.dp)
     return (t[0] / t[1]).item()
 
@@ -445,7 +455,7 @@ class _Loop:
             return
         self.collector.around_evaluation()
         loss = evaluate(self.model, valid_iter, self.args, self.groups, self.device, self.tokenizer.vocab_size,
-                        f"iteration {it}")
+                        f"iteration {it}", self.runner)
         self.collector.around_evaluation()
         print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
                     f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")

@@ -5,11 +5,22 @@ Every expert of a MoE layer is a copy of that layer's dense MLP, the router is t
 MoE model was built with, and the optimizer starts fresh. With top-k weights that sum to 1 (k > 1:
 they are renormalised) the mix of identical experts is the dense MLP, so the upcycled model's
 logits equal the dense model's. Works at any layout: the dense checkpoint is loaded into a dense
-twin of the model on the same groups, whose MLP shards ([2, F/TP, H] and [H, F/TP]) are the TP
-slices the local experts ([E_l, H, 2, F/TP] and [E_l, F/TP, H]) need.
+twin of the model on the same groups; its MLP is gathered over TP ([2, F, H] and [H, F], one layer
+at a time) and each local expert takes its TP slice of its piece.
 
-Granular upcycling (--moe-upcycling-granularity > 1: each dense MLP split into finer experts with
-their router scaled to match) is refused for now.
+Granular upcycling (--moe-upcycling-granularity G, megatron-core's upcycling_utils; He et al.,
+arXiv 2410.07524): the dense FFN of size F = G * --moe-ffn-hidden-size is cut into G slices of F/G
+rows (SwiGLU: gate and up cut alike) and expert e holds slice e mod G, so each run of G consecutive
+experts is the whole MLP. Their router rows are made equal (expert e takes the fresh router's row
+e // G, as megatron-core), so their logits tie; the top-k (K a multiple of G; ties go to the lower
+index) then picks whole runs, each of the run's G experts weighted w_j / G where the run weights
+w_j sum to 1. The mix is thus the dense MLP divided by G: megatron-core multiplies the expert
+weights by G (its activation scale without pre-softmax; split as G^(1/3) over fc1 and fc2 for GLUs),
+which is exact only for a homogeneous activation; here all of G goes into fc2 (linear: exact for
+every activation), and a --moe-router-topk-scaling-factor s is divided out of fc2 as well.
+Pre-softmax routing (its weights do not sum to 1; megatron-core rescales by E*G/K, exact only for
+uniform router scores) and top-1 gates whose weight is a probability break the equality for G > 1
+and are refused.
 """
 from __future__ import annotations
 
@@ -22,9 +33,6 @@ from megatron_ted.model.gpt import GPTModel
 
 def check_upcycling(args) -> None:
     """Flag checks before any process group (ValueError naming the flag)."""
-    if getattr(args, "moe_upcycling_granularity", 1) != 1:
-        raise ValueError(f"--moe-upcycling-granularity {args.moe_upcycling_granularity}: only 1 (each expert a whole "
-                         f"copy of the dense MLP) is supported")
     if args.num_experts is None:
         raise ValueError("--moe-use-upcycling needs --num-experts (the MoE to build from the dense checkpoint)")
     if args.load is None:
@@ -36,19 +44,45 @@ def check_upcycling(args) -> None:
                          "--moe-shared-expert-intermediate-size")
     if not args.disable_bias_linear:
         raise ValueError("--moe-use-upcycling: experts have no biases; the dense model must have --disable-bias-linear")
-    if args.moe_ffn_hidden_size != args.ffn_hidden_size:
-        raise ValueError(f"--moe-use-upcycling copies the dense MLP: --moe-ffn-hidden-size {args.moe_ffn_hidden_size} "
-                         f"must equal --ffn-hidden-size {args.ffn_hidden_size}")
+    _check_granularity(args)
     from megatron_ted.training.checkpoint import find_checkpoint
     if args.save and find_checkpoint(args.save) is not None:
         raise ValueError(f"--moe-use-upcycling: --save {args.save} already holds a checkpoint; to resume the "
                          f"upcycled run drop --moe-use-upcycling and pass --load {args.save}")
 
 
+def _check_granularity(args) -> None:
+    G = getattr(args, "moe_upcycling_granularity", 1)
+    if args.moe_ffn_hidden_size * G != args.ffn_hidden_size:
+        raise ValueError(f"--moe-use-upcycling cuts the dense MLP into --moe-upcycling-granularity {G} experts: "
+                         f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} x {G} must equal --ffn-hidden-size "
+                         f"{args.ffn_hidden_size}")
+    if G == 1:
+        return
+    counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
+    K = args.moe_router_topk
+    if any(e % G for e in counts):
+        raise ValueError(f"--moe-upcycling-granularity {G} must divide --num-experts {' '.join(map(str, counts))} "
+                         f"(each run of {G} experts holds one copy of the dense MLP)")
+    if K % G:
+        raise ValueError(f"--moe-upcycling-granularity {G}: --moe-router-topk {K} must be a multiple of it, so that "
+                         f"each token picks whole copies of the dense MLP")
+    if getattr(args, "moe_router_type", "topk") != "topk" or getattr(args, "moe_router_pre_softmax", False):
+        raise ValueError(f"--moe-upcycling-granularity {G} needs --moe-router-type topk without "
+                         f"--moe-router-pre-softmax (their weights do not sum to 1, so the upcycled MoE would not "
+                         f"compute the dense MLP)")
+    groups = getattr(args, "moe_router_num_groups", None)
+    if groups and any((e // groups) % G for e in counts):
+        raise ValueError(f"--moe-upcycling-granularity {G} must divide the experts per router group (--num-experts / "
+                         f"--moe-router-num-groups {groups}), so that no copy of the dense MLP straddles two groups")
+
+
 @torch.no_grad()
-def upcycle(model: GPTModel, dense_path: str, groups) -> None:
+def upcycle(model: GPTModel, dense_path: str, groups, granularity: int = 1) -> None:
     """Fill `model` (an MoE GPTModel, this rank's shards) from the dense checkpoint at `dense_path`
-    (collective: every rank calls it). Everything but the MoE layers' routers comes from it."""
+    (collective: every rank calls it). Everything but the MoE layers' routers comes from it; with
+    granularity G > 1 the routers' rows are tied in runs of G (module docstring)."""
+    from megatron_ted.parallel import comm
     from megatron_ted.training.checkpoint import load_checkpoint
 
     dense = GPTModel(dataclasses.replace(model.config, moe_layers=()), groups.tp)
@@ -59,11 +93,21 @@ def upcycle(model: GPTModel, dense_path: str, groups) -> None:
         if name in source:
             p.copy_(source[name])
     for i in model.config.moe_layers:
-        mlp, dense_mlp = model.layers[i].mlp, dense.layers[i].mlp
-        fc1, fc2 = dense_mlp.fc1.weight, dense_mlp.fc2.weight      # [2, F/TP, H] or [1, F/TP, H]; [H, F/TP]
-        w1 = fc1.permute(2, 0, 1) if mlp.experts.fc1.dim() == 4 else fc1[0].t()   # [H, 2, F/TP] or [H, F/TP]
-        mlp.experts.fc1.copy_(w1.expand_as(mlp.experts.fc1))
-        mlp.experts.fc2.copy_(fc2.t().expand_as(mlp.experts.fc2))
+        mlp, dense_mlp, G = model.layers[i].mlp, dense.layers[i].mlp, granularity
+        fc1 = comm.all_gather(dense_mlp.fc1.weight, groups.tp, dim=1)     # [2, F, H] (SwiGLU) or [1, F, H]
+        fc2 = comm.all_gather(dense_mlp.fc2.weight, groups.tp, dim=1)     # [H, F]
+        experts, t, tp = mlp.experts, groups.tp.rank, groups.tp.size
+        f = fc1.shape[1] // G // tp                                      # this rank's rows of one slice
+        scale = G / (mlp.router.config.topk_scaling_factor or 1.0)
+        for local in range(experts.num_local_experts):
+            start = (groups.ep.rank * experts.num_local_experts + local) % G * f * tp + t * f
+            rows = slice(start, start + f)                               # slice e mod G, TP rank t's part
+            w1 = fc1[:, rows].permute(2, 0, 1)                           # [H, 2 or 1, F/G/TP]
+            experts.fc1[local].copy_(w1 if experts.fc1.dim() == 4 else w1[:, 0])
+            experts.fc2[local].copy_(fc2[:, rows].t() * scale)
+        if G > 1:   # expert e routes with the fresh router's row e // G: runs of G tied logits
+            w = mlp.router.weight
+            w.copy_(w[: w.shape[0] // G].repeat_interleave(G, dim=0))
 
 
 def upcycle_and_save(args, model: GPTModel, optimizer, groups) -> None:
@@ -73,7 +117,7 @@ def upcycle_and_save(args, model: GPTModel, optimizer, groups) -> None:
 
     from megatron_ted.training.checkpoint import save_checkpoint
 
-    upcycle(model, args.load, groups)
+    upcycle(model, args.load, groups, getattr(args, "moe_upcycling_granularity", 1))
     optimizer.sync_master_from_model()
     save_checkpoint(args.save, 0, model, optimizer, groups, vars(args))
     if not dist.is_initialized() or dist.get_rank() == 0:
