@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_ted.model.builder import build_gpt  # noqa: E402
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute  # noqa: E402
+from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute  # noqa: E402
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group  # noqa: E402
 from megatron_ted.planning.memory import GiB, peak_memory, workload_from_args  # noqa: E402
 from megatron_ted.training.arguments import padded_vocab_size, parse_args  # noqa: E402

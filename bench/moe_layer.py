@@ -25,11 +25,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_ted.model.builder import apply_fp8
-from megatron_ted.model.compile import compile_layer
-from megatron_ted.model.cuda_graphs import capture_layer_fronts
+from megatron_ted.parallelize.fp8 import apply_fp8
+from megatron_ted.parallelize.compile import compile_layer
+from megatron_ted.parallelize.cuda_graphs import capture_layer_fronts
 from megatron_ted.model.init import init_parameters
-from megatron_ted.model.sequence_parallel import apply_sequence_parallel
+from megatron_ted.parallelize.sequence_parallel import apply_sequence_parallel
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
@@ -72,7 +72,7 @@ def main():
                    help="torch.compile the router module or the whole layer (--compile-layers in training)")
     p.add_argument("--cuda-graph-scope", nargs="*", choices=["attn", "moe_router"], default=[],
                    help="capture the layer's front in CUDA graphs, as --cuda-graph-impl local in training "
-                        "(model/cuda_graphs.py); none given: eager")
+                        "(parallelize/cuda_graphs.py); none given: eager")
     p.add_argument("--accumulate-grads", action="store_true",
                    help="add each iteration's gradients into .grad (session 1-5 figures); default: set to None "
                         "first, as a training step's first micro-batch (later ones add inside the weight-gradient "
@@ -109,7 +109,7 @@ def main():
     if args.compile == "router":
         moe.router = torch.compile(moe.router)
     elif args.compile == "layer":
-        compile_layer(layer)     # as --compile-layers does in training (model/compile.py)
+        compile_layer(layer)     # as --compile-layers does in training (parallelize/compile.py)
     batch = s["tokens"] // args.seq
     if args.cuda_graph_scope:
         if args.accumulate_grads:   # a graph's weight gradient is a static buffer: training hands it on at once

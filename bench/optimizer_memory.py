@@ -12,7 +12,7 @@ For each optimizer: build the model (bf16 on GPU), fill the fp32 gradient buffer
 values and reduce them (all-reduce, or reduce-scatter when partitioned), take one step (so lazily
 created state exists), refill, then measure the second step: on CUDA `torch.cuda.max_memory_allocated`
 over the step minus the memory allocated before it (reset just before), on CPU the peak of torch's
-counted allocations over the step (`megatron_ted.training.memory`). Prints one line per optimizer:
+counted allocations over the step (`megatron_ted.training.measured_memory`). Prints one line per optimizer:
 the step's extra (transient) memory, the optimizer state held per rank, and the step time (the
 largest over ranks). Gradients and parameters themselves are not part of either figure.
 """
@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from megatron_ted.model.builder import MoEConfig, build_gpt
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from megatron_ted.model.builder import MoEConfig, build_gpt  # noqa: E402
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.memory import peak_extra_bytes
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from megatron_ted.training.measured_memory import peak_extra_bytes
+from reference_adamw import MixedPrecisionAdamW  # noqa: E402 (the tests' reference: tests/)
 from megatron_ted.training.tiled_optimizer import DEFAULT_TILE_SIZE, TiledAdamW
 
 MiB = 2**20

@@ -10,17 +10,17 @@ import torch
 import torch.multiprocessing as mp
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
-from megatron_ted.model.compile import compile_layers
-from megatron_ted.model.cuda_graphs import capture_layer_fronts
+from megatron_ted.parallelize.compile import compile_layers
+from megatron_ted.parallelize.cuda_graphs import capture_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
-from megatron_ted.model.sequence_parallel import apply_sequence_parallel
+from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.parallelize.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from multiproc import _worker, free_port
 
@@ -77,7 +77,7 @@ def train_layout(groups: ParallelGroups, config: GPTConfig, moe, steps=1, global
     Also "aux_losses" (StepResult.aux_loss per step), "grad_norms" (the optimizer's global grad
     norm per step) and "moe_steps" (StepResult.moe per step); "moe" is the last step's.
     sequence_parallel: --sequence-parallel; recompute: RecomputeConfig fields (None: off).
-    cuda_graph_scope: capture the layers' fronts (model/cuda_graphs.py) through `eager_graphs`, the
+    cuda_graph_scope: capture the layers' fronts (parallelize/cuda_graphs.py) through `eager_graphs`, the
     CPU stand-in for torch.cuda.make_graphed_callables; "graph_replays" counts each layer's replays.
     after_step(step, model): called after each optimizer step; its values are "after_step".
     """
@@ -157,8 +157,8 @@ def assert_same(result, ref, rtol=1e-9, atol=1e-11, what=""):
 # ---- helpers for the parallel test files ------------------------------------------------------
 
 _PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.optim", "megatron_ted.model.builder",
-            "megatron_ted.model.sequence_parallel",
-            "megatron_ted.training.optimizer", "multiproc", "parity"]
+            "megatron_ted.parallelize.sequence_parallel",
+            "reference_adamw", "multiproc", "parity"]
 
 
 def single_thread(fn):
@@ -192,7 +192,7 @@ def job(tp=1, ep=1, config_kw=None, moe_kw=None, steps=1, micro=2, global_batch=
     """One training run to do in a layout: (tp, ep) of the world it runs in, model and batch shape.
 
     recompute: RecomputeConfig fields (activation checkpointing, CAC), or None.
-    compile_backend: compile the layers with this torch.compile backend (model/compile.py), or None.
+    compile_backend: compile the layers with this torch.compile backend (parallelize/compile.py), or None.
     cuda_graph_scope: capture the layers' fronts with the CPU stand-in (`train_layout`), or None.
 
     local_grads: also return this rank's gradient contribution before the data-parallel reduction

@@ -31,7 +31,8 @@ from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training import checkpoint as ckpt
 from megatron_ted.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW
+from megatron_ted.training.loss_scaler import DynamicLossScaler
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from multiproc import free_port
 from parity import assert_same_state, global_batches, micro_batches, tiny_config, tiny_moe

@@ -1,4 +1,4 @@
-"""Compiled layers (model/compile.py, --compile-layers) give the eager numbers on CPU.
+"""Compiled layers (parallelize/compile.py, --compile-layers) give the eager numbers on CPU.
 
 Dynamo traces each layer and breaks its graph at the dispatcher's host sync, the collectives and
 the CAC bookkeeping; a wrong break (a Python side effect dropped, a guard missing when the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.compile import compile_layers
+from megatron_ted.parallelize.compile import compile_layers
 from parity import assert_matches, job, reference_job, run_forked, run_jobs, tiny_config, tiny_moe
 
 CAC = dict(granularity="full", moe_cac=True)

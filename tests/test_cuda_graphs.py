@@ -1,4 +1,4 @@
-"""--cuda-graph-impl local (model/cuda_graphs.py): the layers' fronts (norms, attention, residual, and
+"""--cuda-graph-impl local (parallelize/cuda_graphs.py): the layers' fronts (norms, attention, residual, and
 the MoE router) as separate graphed callables.
 
 On CPU the capture goes through `parity.eager_graphs`, a stand-in for torch.cuda.make_graphed_callables
@@ -14,7 +14,7 @@ from parity import (SEQ, eager_graphs, global_batches, job, micro_batches, refer
                     single_thread, tiny_config, tiny_moe, assert_matches)
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.cuda_graphs import capture_layer_fronts, graph_blocker, router_graph_blocker
+from megatron_ted.parallelize.cuda_graphs import capture_layer_fronts, graph_blocker, router_graph_blocker
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import parse_args

@@ -51,8 +51,8 @@ VARIANTS = {"dtd": dict(), "sp+recompute": dict(sequence_parallel=True,
 def distil_step(groups, sequence_parallel=False, recompute=None):
     """One KD step of the student (2 micro-batches per DP rank) with a teacher of another shape:
     the LM and KD losses and the student's full gradients."""
-    from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
-    from megatron_ted.model.sequence_parallel import apply_sequence_parallel
+    from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
+    from megatron_ted.parallelize.sequence_parallel import apply_sequence_parallel
 
     model = build_gpt(tiny_config(**STUDENT["config"]), tiny_moe(**STUDENT["moe"]), groups, 1234).double()
     if sequence_parallel:

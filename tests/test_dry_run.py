@@ -20,7 +20,7 @@ from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import full_shape, spec_of
 from megatron_ted.training.dry_run import memory_per_gpu
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.train import main
 
 CONFIGS = {

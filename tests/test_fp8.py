@@ -18,8 +18,9 @@ from multiproc import run_distributed
 from parity import SEQ, global_batches, tiny_config, tiny_moe
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
-from megatron_ted.model.sequence_parallel import apply_sequence_parallel
+from megatron_ted.parallelize.fp8 import apply_fp8
+from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.parallelize.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe import fp8_experts
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.groups import ParallelGroups
@@ -116,7 +117,7 @@ def test_rowwise_keeps_small_rows_that_tensorwise_flushes():
 def _grads(groups, recipe, sequence_parallel=False, recompute=False):
     """Step gradients (unsharded) and loss when every data-parallel rank trains on the same
     micro-batch: amaxes are maxima, so duplicated tokens leave every scale as one process has it."""
-    model = build_gpt(tiny_config(), tiny_moe(), groups, 1234, fp8=FP8Config("hybrid", recipe)).to(torch.float64)
+    model = apply_fp8(build_gpt(tiny_config(), tiny_moe(), groups, 1234), FP8Config("hybrid", recipe)).to(torch.float64)
     if sequence_parallel:
         apply_sequence_parallel(model, groups.tp)
     if recompute:

@@ -17,7 +17,7 @@ from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
 from megatron_ted.training.checkpoint import save_checkpoint
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from megatron_ted.training.train import model_configs
 

@@ -7,8 +7,8 @@ import torch
 from multiproc import run_distributed
 
 from megatron_ted.model.builder import MoEConfig, build_gpt
-from megatron_ted.model.compile import compile_layers
-from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
+from megatron_ted.parallelize.compile import compile_layers
+from megatron_ted.parallelize.cuda_graphs import capture_layer_fronts, release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.router import RouterConfig
@@ -196,7 +196,7 @@ def test_bf16_compiled_close_to_eager():
 @pytest.mark.parametrize("tp,ep,scope", [(1, WORLD, ("attn", "moe_router")), (2, WORLD // 2, ("attn", "moe_router")),
                                          (WORLD, 1, ("attn",))])
 def test_nccl_cuda_graphed_fronts_match_reference(tp, ep, scope):
-    """Layer fronts replayed from CUDA graphs (model/cuda_graphs.py; with TP > 1 the graphs hold
+    """Layer fronts replayed from CUDA graphs (parallelize/cuda_graphs.py; with TP > 1 the graphs hold
     NCCL all-reduces) over 2-4 micro-batches per rank equal the CPU reference (fp64): a weight gradient left
     to the fused main-gradient path, or a static buffer read after its next replay, would not."""
     ref_loss, ref = _grads(ParallelGroups.single(), torch.device("cpu"), torch.float64)
@@ -216,7 +216,7 @@ def test_bf16_cuda_graphed_fronts_close_to_eager():
 
 def _fp8_layer_outputs(fp8, recipe):
     """One MoE TransformerLayer's output and input gradient in bf16, with the GEMMs in FP8 or not."""
-    from megatron_ted.model.builder import apply_fp8
+    from megatron_ted.parallelize.fp8 import apply_fp8
     from megatron_ted.model.init import init_parameters
     from megatron_ted.model.transformer import TransformerLayer
     from megatron_ted.tensor_parallel.fp8 import FP8Config

@@ -418,7 +418,7 @@ def test_import_streams_one_tensor_at_a_time_in_the_checkpoint_format(tmp_path):
     from megatron_ted.model.builder import build_model
     from megatron_ted.parallel.groups import ParallelGroups
     from megatron_ted.training.checkpoint import load_checkpoint, saved_model_config, save_checkpoint
-    from megatron_ted.training.memory import allocation_levels
+    from megatron_ted.training.measured_memory import allocation_levels
 
     model = _hf_model("llama", num_hidden_layers=12)
     model.save_pretrained(tmp_path / "hf")

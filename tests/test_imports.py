@@ -18,6 +18,7 @@ LAYERS = [
     {"moe"},                                  # the MoE block: router, dispatch, experts
     {"model"},                                # the GPT model and its builder (uses moe)
     {"config"},                               # the typed configuration of a run
+    {"parallelize"},                          # whole-model parallel transformations (SP, recompute, FP8, ...)
     {"data"},
     {"training", "pipeline"},                 # the loop, and its pipelined step (which returns a StepResult)
     {"planning", "inference", "interop"},

@@ -10,7 +10,8 @@ from megatron_ted.model.builder import build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW, StaticLossScaler
+from megatron_ted.training.loss_scaler import DynamicLossScaler, StaticLossScaler
+from reference_adamw import MixedPrecisionAdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 O, C = True, False   # an overflowing step, a clean step

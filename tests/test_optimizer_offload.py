@@ -21,7 +21,7 @@ from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of
 from megatron_ted.planning.memory import Workload, peak_memory
 from megatron_ted.training.checkpoint import load_checkpoint, save_checkpoint
-from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.loss_scaler import DynamicLossScaler
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.optimizer_offload import choose_offloaded
 from megatron_ted.training.tiled_optimizer import TiledAdamW

@@ -108,13 +108,13 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
     through the pipeline; "grads" of step 1 (unsharded, with the replicated optimizer); "evals":
     the validation loss after each step but the last (the schedule switches to eval and back)."""
     import torch
-    from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+    from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
     from megatron_ted.parallel.sharding import spec_of, unshard
     from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
     from megatron_ted.pipeline.split import PipelineSplit
     from megatron_ted.pipeline.stage import build_pipeline_model
     from megatron_ted.training.grad_sync import GradientSync
-    from megatron_ted.training.optimizer import MixedPrecisionAdamW
+    from reference_adamw import MixedPrecisionAdamW
     from megatron_ted.training.tiled_optimizer import TiledAdamW
     from parity import global_batches, micro_batches, tiny_config, tiny_moe
 

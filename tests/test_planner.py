@@ -15,7 +15,7 @@ from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.mla import MLAConfig
 from megatron_ted.model.param_count import count_parameters
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
@@ -25,7 +25,7 @@ from megatron_ted.planning.search import search
 from megatron_ted.planning.throughput import Cluster
 from megatron_ted.training.arguments import build_parser
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.memory import allocation_levels
+from megatron_ted.training.measured_memory import allocation_levels
 from tests.multiproc import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

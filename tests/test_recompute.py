@@ -27,14 +27,14 @@ import pytest
 import torch
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.recompute import RecomputeConfig, apply_recompute
+from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe import cac
 from megatron_ted.moe.cac import KeptCollectives
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.optimizer import MixedPrecisionAdamW
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from parity import global_batches, micro_batches, run_forked, single_thread, tiny_config, tiny_moe
 

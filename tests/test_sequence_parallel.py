@@ -1,4 +1,4 @@
-"""--sequence-parallel (model/sequence_parallel.py) against the single-process float64 reference.
+"""--sequence-parallel (parallelize/sequence_parallel.py) against the single-process float64 reference.
 
 Layouts (TP, EP, world): (2, 1, 2), (2, 2, 4), (4, 1, 4), (2, 1, 4); dense GPT and GPT-MoE (top-2
 and top-1 dropless): every loss of a 3-step AdamW curve and every parameter's full gradient after
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.sequence_parallel import apply_sequence_parallel, sequence_parallel_params
+from megatron_ted.parallelize.sequence_parallel import apply_sequence_parallel, sequence_parallel_params
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.arguments import parse_args

@@ -26,8 +26,9 @@ from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
 from megatron_ted.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_ted.training.grad_sync import GradientSync
-from megatron_ted.training.memory import peak_extra_bytes
-from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW
+from megatron_ted.training.measured_memory import peak_extra_bytes
+from megatron_ted.training.loss_scaler import DynamicLossScaler
+from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
 from megatron_ted.training.arguments import parse_args
 from megatron_ted.training.tiled_optimizer import DEFAULT_TILE_SIZE, TiledAdamW

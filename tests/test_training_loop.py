@@ -14,7 +14,8 @@ from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
-from megatron_ted.training.optimizer import DynamicLossScaler, MixedPrecisionAdamW
+from megatron_ted.training.loss_scaler import DynamicLossScaler
+from reference_adamw import MixedPrecisionAdamW
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,7 +22,7 @@ from megatron_ted.model.config import ModelConfig
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.mla import MLAConfig
 from megatron_ted.model.positions import RopeConfig
-from megatron_ted.model.recompute import RecomputeConfig
+from megatron_ted.model.activation_checkpointing import RecomputeConfig
 from megatron_ted.moe.config import MoEConfig
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.tensor_parallel import fp8

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_ted.model.recompute import RecomputeConfig
+from megatron_ted.model.activation_checkpointing import RecomputeConfig
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel.fp8 import FP8Config
 

@@ -71,7 +71,7 @@ class DecodeDispatcher:
 
 def decode_blocker(model) -> str | None:
     """Why the MoE layers of `model` cannot run a decode step without a host sync, or None."""
-    from megatron_ted.model.cuda_graphs import router_graph_blocker
+    from megatron_ted.parallelize.cuda_graphs import router_graph_blocker
 
     for layer in model.layers:
         mlp = layer.mlp

@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
             self.q_layernorm = build_norm(norm, d, eps, tp_shared=tp)
             self.k_layernorm = build_norm(norm, d, eps, tp_shared=tp)
         self.proj = RowParallelLinear(num_heads * d, hidden_size, tp, bias=bias)
-        self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
+        self.recompute_core = False   # --recompute-granularity selective (parallelize/recompute.py)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache=None) -> torch.Tensor:

@@ -4,12 +4,9 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
-from torch import nn
-
 from megatron_ted.model.config import ModelConfig
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
-from megatron_ted.moe.experts import GroupedExperts
 from megatron_ted.moe.config import MLP_TYPES, MoEConfig  # noqa: F401 (MLP_TYPES: the builder's public names)
 from megatron_ted.moe.hierarchical import HierarchicalTokenDispatcher, create_groups
 from megatron_ted.moe.moe_layer import MoELayer
@@ -17,8 +14,6 @@ from megatron_ted.moe.residual import ResidualMoE
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron_ted.tensor_parallel.fp8 import FP8Config
 
 
 def moe_layer_indices(num_layers: int, layer_freq) -> tuple[int, ...]:
@@ -48,26 +43,14 @@ def experts_per_layer(moe: MoEConfig, num_layers: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def apply_fp8(model: nn.Module, fp8: FP8Config | None) -> nn.Module:
-    """FP8 GEMMs (--fp8-format) in the tensor-parallel linears (attention's QKV and projection, the
-    dense and shared-expert MLPs, MLA's projections that are TP layers) and the grouped experts.
-    The router, norms, the attention core (SDPA), the embedding and the output layer with the loss
-    are not these modules and keep the model's precision: they are a small share of the FLOPs and
-    the most sensitive to rounding (routing decisions, softmax, logits)."""
-    if fp8 is not None:
-        for m in model.modules():
-            if isinstance(m, (ColumnParallelLinear, RowParallelLinear, GroupedExperts)):
-                m.fp8 = fp8
-    return model
-
-
-def build_model(model: ModelConfig, groups: ParallelGroups, fp8: FP8Config | None = None) -> GPTModel:
-    """The GPTModel of a ModelConfig for this rank's groups, its weights drawn from the config's seed."""
-    return build_gpt(model.gpt, model.moe, groups, model.seed, fp8)
+def build_model(model: ModelConfig, groups: ParallelGroups) -> GPTModel:
+    """The GPTModel of a ModelConfig for this rank's groups, its weights drawn from the config's seed
+    (plain: parallelize/ applies SP, recompute, FP8, ...)."""
+    return build_gpt(model.gpt, model.moe, groups, model.seed)
 
 
 def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int,
-              fp8: FP8Config | None = None, layers: range | None = None, pre_process: bool = True,
+              layers: range | None = None, pre_process: bool = True,
               post_process: bool = True) -> GPTModel:
     """layers / pre_process / post_process: one pipeline stage's part (model/gpt.py; default all)."""
     build_moe = None
@@ -100,4 +83,4 @@ def build_gpt(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, 
     model = GPTModel(config, groups.tp, build_moe, layers, pre_process, post_process)
     model.model_config = ModelConfig(config, moe, seed)   # the identity a checkpoint saves (training/checkpoint.py)
     init_parameters(model, seed, config.init_method_std, config.num_layers, groups.tp, groups.ep)
-    return apply_fp8(model, fp8)
+    return model

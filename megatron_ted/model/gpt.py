@@ -2,7 +2,7 @@
 
 Shapes: B micro-batch, S sequence, H hidden, V padded vocabulary (sliced over TP).
 
-With --sequence-parallel (model/sequence_parallel.py) the embedding reduce-scatters its output to
+With --sequence-parallel (parallelize/sequence_parallel.py) the embedding reduce-scatters its output to
 this rank's sequence shard [B, S/TP, H], positions are those of the shard, every layer runs on the
 shard between its tensor-parallel matmuls, and the final norm's output is all-gathered along the
 sequence before the vocab-parallel output layer.
@@ -27,7 +27,7 @@ from megatron_ted.model.mla import MLAConfig, MultiLatentAttention
 from megatron_ted.tensor_parallel.mlp import MLP
 from megatron_ted.model.norms import build_norm
 from megatron_ted.model.positions import LearnedPositionEmbedding, RopeConfig, RotaryEmbedding
-from megatron_ted.model.recompute import RecomputeConfig, run_layers
+from megatron_ted.model.activation_checkpointing import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.router import RouteInputs
 from megatron_ted.parallel.comm import Group
@@ -136,8 +136,8 @@ class GPTModel(nn.Module):
             self.output_weight = set_spec(nn.Parameter(torch.empty(c.vocab_size // tp.size, c.hidden_size)), tp_dim=0)
         else:
             self.output_weight = None
-        self.recompute: RecomputeConfig | None = None   # full activation checkpointing: model/recompute.py
-        self.sequence_parallel = False                   # model/sequence_parallel.py
+        self.recompute: RecomputeConfig | None = None   # full activation checkpointing: parallelize/recompute.py
+        self.sequence_parallel = False                   # parallelize/sequence_parallel.py
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 routing_seed: int | None = None, kv_cache=None, keep_logits: bool = False) -> GPTOutput:

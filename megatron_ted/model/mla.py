@@ -14,7 +14,7 @@ whole heads. The replicated outputs reach each rank's heads through `copy_to` (i
 layers, and explicitly for k_pe), whose backward sums the heads' gradients over TP, so the
 replicated weights get the full gradient on every rank. Under --sequence-parallel the column layers
 and k_pe all-gather the sequence instead (backward: reduce-scatter), and the replicated weights'
-gradients are partial sums that GradientSync all-reduces (model/sequence_parallel.py).
+gradients are partial sums that GradientSync all-reduces (parallelize/sequence_parallel.py).
 
 Parameter names follow Hugging Face's DeepseekV3Attention, so an importer copies each tensor and
 slices it: q_proj / q_b_proj / kv_b_proj weights [1, n * d, in] (HF's [n * d, in] with a leading 1),
@@ -102,7 +102,7 @@ class MultiLatentAttention(nn.Module):
         self.kv_b_proj = ColumnParallelLinear(mla.kv_lora_rank, num_heads * (mla.qk_head_dim + mla.v_head_dim), tp,
                                               bias=False)
         self.o_proj = RowParallelLinear(num_heads * mla.v_head_dim, hidden_size, tp, bias=bias)
-        self.recompute_core = False   # --recompute-granularity selective (model/recompute.py)
+        self.recompute_core = False   # --recompute-granularity selective (parallelize/recompute.py)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache=None) -> torch.Tensor:

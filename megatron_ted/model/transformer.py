@@ -7,7 +7,7 @@ ignores it.
 
 `attention_block` is the layer's front, the part with the same shapes every micro-batch; with
 --cuda-graph-impl local it (and a MoE layer's router) is replayed from a CUDA graph
-(`graphed_front`, model/cuda_graphs.py) in training.
+(`graphed_front`, parallelize/cuda_graphs.py) in training.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class TransformerLayer(nn.Module):
         self.post_attention_norm = build_norm(norm, hidden_size, eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(hidden_dropout)
-        self.graphed_front = None   # model/cuda_graphs.py: GraphedFront (a plain object, not a submodule)
+        self.graphed_front = None   # parallelize/cuda_graphs.py: GraphedFront (a plain object, not a submodule)
 
     def attention_block(self, x: torch.Tensor, rotary=None, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x + attn(norm(x)), and the MLP's input: its post-attention norm."""

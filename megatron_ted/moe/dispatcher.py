@@ -138,7 +138,7 @@ class TokenDispatcher:
         self.num_local_experts = num_experts // ep.size
         self.dtd = duplicate_token_dropping and tp.size > 1
         self.early_send_order = early_send_order
-        self.sequence_parallel = False   # set by model/sequence_parallel.py: tokens arrive as this rank's shard
+        self.sequence_parallel = False   # set by parallelize/sequence_parallel.py: tokens arrive as this rank's shard
         self.kept: cac.KeptCollectives | None = None   # set only while checkpoint runs this layer
 
     @property

@@ -49,7 +49,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor, route: RouteInputs | None = None,
                 routing: RoutingResult | None = None) -> tuple[torch.Tensor, MoEOutput]:
-        """routing: this layer's router already ran on x_BSH (a CUDA-graphed front, model/cuda_graphs.py)."""
+        """routing: this layer's router already ran on x_BSH (a CUDA-graphed front, parallelize/cuda_graphs.py)."""
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
         if routing is None:
             routing = self.router(x_BSH, route)

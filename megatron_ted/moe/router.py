@@ -46,7 +46,7 @@ gives each micro-batch of the global batch its own key, the same in every layout
 stay layout invariant; without one the router counts its calls. Every TP rank routes the same
 replicated tokens with the same generator, so routing never differs over TP.
 
---sequence-parallel (`sp_group`, set by model/sequence_parallel.py): a TP rank holds only its
+--sequence-parallel (`sp_group`, set by parallelize/sequence_parallel.py): a TP rank holds only its
 sequence shard [B, S/TP, H]. The router computes the logits of its shard and all-gathers them
 along the sequence over TP ([T/TP, E] per rank, E << H), so the gate, its capacity, its random draws
 and its losses see the micro-batch's full T tokens exactly as without SP; the MoE layer then keeps

@@ -84,7 +84,7 @@ _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-# Collectives run eagerly under torch.compile (model/compile.py): traced, they would become
+# Collectives run eagerly under torch.compile (parallelize/compile.py): traced, they would become
 # functional collectives that Inductor may schedule against the compute, and CommStats' counting
 # (a Python side effect) would not run per call.
 _eager = torch.compiler.disable

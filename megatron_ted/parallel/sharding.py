@@ -15,7 +15,7 @@ Every parameter carries a `ParamSpec` (attribute `param.spec`):
   sequence_parallel
            replicated over TP but used on this rank's sequence shard only (--sequence-parallel: norms,
            row-parallel biases, position embeddings, routers): its gradient is a partial sum that
-           training/grad_sync.py all-reduces over TP. Set by model/sequence_parallel.py.
+           training/grad_sync.py all-reduces over TP. Set by parallelize/sequence_parallel.py.
   tied_copy
            the last pipeline stage's copy of a tied embedding (model/gpt.py): equal to the first
            stage's, so counted once in the gradient norm and written once to checkpoints (theirs).

@@ -58,11 +58,11 @@ class PipelineModel(nn.Module):
 
 
 def build_pipeline_model(config: GPTConfig, moe: MoEConfig | None, groups: ParallelGroups, seed: int,
-                         split: PipelineSplit, fp8=None) -> PipelineModel:
+                         split: PipelineSplit) -> PipelineModel:
     """This rank's chunks, each drawn from the seed on the full logical tensors (model/init.py)."""
     layers = split.stage_layers()
     indices = split.stages_of_rank(groups.pp.rank)
-    chunks = [build_gpt(config, moe, groups, seed, fp8, layers[s], pre_process=s == 0,
+    chunks = [build_gpt(config, moe, groups, seed, layers[s], pre_process=s == 0,
                         post_process=s == split.num_stages - 1) for s in indices]
     first = next((c for c in chunks if c.pre_process), None)
     for chunk in chunks:

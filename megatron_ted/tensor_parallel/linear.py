@@ -4,7 +4,7 @@ ColumnParallelLinear: weight [out/TP, in], output features sliced over TP.
 RowParallelLinear:    weight [out, in/TP], input features sliced over TP, outputs summed over TP.
 A column layer followed by a row layer needs one all-reduce forward and one backward.
 
-With `sequence_parallel` (set by model/sequence_parallel.py) the activations outside the pair are
+With `sequence_parallel` (set by parallelize/sequence_parallel.py) the activations outside the pair are
 this rank's 1/TP of the sequence (dim 1 of [B, S, H]): the column layer all-gathers its input along
 the sequence (backward: reduce-scatter) and the row layer reduce-scatters its output (backward:
 all-gather) instead of all-reducing it. Same bytes per rank, and the regions between the pairs run on
@@ -49,7 +49,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = set_spec(nn.Parameter(torch.empty(fused, out_local)), tp_dim=1, init="zeros",
                              tp_replicas=tp_replicas) if bias else None
         self.sequence_parallel = False   # input [B, S/TP, H]: all-gather the sequence first
-        self.fp8: fp8.FP8Config | None = None   # GEMMs in FP8 (tensor_parallel/fp8.py apply_fp8)
+        self.fp8: fp8.FP8Config | None = None   # GEMMs in FP8 (parallelize/fp8.py apply_fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias

@@ -238,10 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --manual-gc: do not collect before and after each evaluation")
     g.add_argument("--compile-layers", action="store_true",
                    help="torch.compile (Inductor) each transformer layer: fuses the router, permutation and "
-                        "elementwise kernels (model/compile.py); first steps pay the compile time")
+                        "elementwise kernels (parallelize/compile.py); first steps pay the compile time")
     g.add_argument("--cuda-graph-impl", choices=["none", "local"], default="none",
                    help="local: capture each layer's static-shape front (--cuda-graph-scope) in CUDA graphs "
-                        "with torch.cuda.make_graphed_callables and replay it in training (model/cuda_graphs.py)")
+                        "with torch.cuda.make_graphed_callables and replay it in training (parallelize/cuda_graphs.py)")
     g.add_argument("--cuda-graph-scope", "--cuda-graph-modules", dest="cuda_graph_scope", nargs="+",
                    choices=["attn", "moe_router"], default=["attn"],
                    help="attn: norms, attention and residual; moe_router: also the MoE router (dropless MoE: "
@@ -580,7 +580,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(not args.moe_cac or args.num_experts is not None, "--moe-cac needs an MoE model (--num-experts)")
     recompute_config(args)   # RecomputeConfig names the flag of a bad --moe-cac / --moe-cac-tp
     if args.cuda_graph_impl == "local":
-        from megatron_ted.model.cuda_graphs import graph_blocker
+        from megatron_ted.parallelize.cuda_graphs import graph_blocker
         routers = [router_config(args, n) for n in num_experts_per_layer(args)] if args.num_experts else []
         why = graph_blocker(args.cuda_graph_scope, recompute=args.recompute_granularity is not None,
                             compiled=args.compile_layers, attention_dropout=args.attention_dropout, tp=tp,

@@ -54,7 +54,7 @@ from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import first_replica, spec_of
 from megatron_ted.training.grad_sync import Bucket, GradBuffer, GradientSync
-from megatron_ted.training.optimizer import DynamicLossScaler
+from megatron_ted.training.loss_scaler import DynamicLossScaler
 from megatron_ted.training.optimizer_offload import OFFLOAD_POLICIES, HostStaging, choose_offloaded, host_tensor
 
 DEFAULT_TILE_SIZE = 2**24   # elements: a 64 MiB fp32 temporary; see docs/OPTIMIZER.md

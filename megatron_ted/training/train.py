@@ -20,12 +20,10 @@ from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_val
 from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.training.upcycle import upcycle_and_save
 from megatron_ted.data.tokenizer import build_tokenizer
-from megatron_ted.model.builder import MoEConfig, build_model, moe_layer_indices
-from megatron_ted.model.compile import compile_layers
-from megatron_ted.model.cuda_graphs import capture_layer_fronts, release_layer_fronts
+from megatron_ted.model.builder import MoEConfig, build_model
+from megatron_ted.parallelize import parallelize, parallelize_after_load
+from megatron_ted.parallelize.cuda_graphs import release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
-from megatron_ted.model.recompute import apply_recompute
-from megatron_ted.model.sequence_parallel import apply_sequence_parallel
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
 from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
@@ -43,7 +41,7 @@ from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training import deepspeed_moe
 from megatron_ted.training.manual_gc import ManualGC
-from megatron_ted.training.optimizer import DynamicLossScaler, StaticLossScaler
+from megatron_ted.training.loss_scaler import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
 from megatron_ted.training.save_dir import check_writable, hold_save_dir
 from megatron_ted.training.tiled_optimizer import TiledAdamW
@@ -206,9 +204,12 @@ def _evaluate(model, loader_iter, args, groups, device, vocab_size: int | None =
     return (t[0] / t[1]).item()
 
 
-def _sp_seed_offset(args, groups) -> int:
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _sp_seed_offset(run: RunConfig, groups) -> int:
     """Dropout seed offset of this TP rank under --sequence-parallel (0 otherwise)."""
-    return 7919 * groups.tp.rank if getattr(args, "sequence_parallel", False) else 0
+    return 7919 * groups.tp.rank if run.parallel.sequence_parallel else 0
 
 
 def train(args, tokenizer, run: RunConfig | None = None) -> dict:
@@ -229,204 +230,269 @@ def train(args, tokenizer, run: RunConfig | None = None) -> dict:
 
 
 def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -> dict:
-    rank = dist.get_rank()
     print_rank0(args.layout.table())
+    model, dtype = build_parallel_model(args, run, groups, device)
+    sync, optimizer = build_optimizer(args, run, model, groups)
+    runner = None if getattr(args, "pipeline_split", None) is None else PipelineRunner(
+        model, groups, run.training.schedule.num_micro_batches, getattr(args, "pipeline_schedule", None),
+        run.parallel.sequence_parallel)
+    iteration, consumed, rng_state = resume_or_upcycle(args, model, optimizer, groups)  # before the data: fail fast
+    if n := parallelize_after_load(model, run.parallel, args.micro_batch_size, args.seq_length, dtype, groups.tp):
+        print_rank0(f" > CUDA graphs: the fronts ({' + '.join(args.cuda_graph_scope)}) of {n} layers captured")
+    distill = _distillation(args, tokenizer, groups, device, dtype, iteration)
+    train_iter, valid_iter = build_data(args, run, tokenizer, groups, iteration, consumed)
+    restore_or_reseed_rng(args, run, groups, iteration, rng_state)   # after the loaders, which draw a seed
+    log = _megatron_log(args, run, device, dist.get_rank())
+    loop = _Loop(args, run, model, optimizer, sync, runner, distill, groups, device, tokenizer, log,
+                 consumed, start_time)
+    it = loop.run(iteration, train_iter, valid_iter)
+    if log.writer is not None:
+        log.writer.close()
+    loop.collector.close()
+    release_layer_fronts(model.layers)
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"losses": loop.history, "iteration": it}
 
-    vocab = run.model.gpt.vocab_size
+
+def build_parallel_model(args, run: RunConfig, groups, device) -> tuple[torch.nn.Module, torch.dtype]:
+    """This rank's model (its pipeline chunks under PP), parallelized, in the run's precision; the
+    dropout streams seeded."""
     split = getattr(args, "pipeline_split", None)   # --pipeline-model-parallel-size > 1 (megatron_ted/pipeline/)
     if split is not None:
-        model = build_pipeline_model(run.model.gpt, run.model.moe, groups, run.model.seed, split,
-                                     fp8=run.parallel.fp8).to(device)
+        model = build_pipeline_model(run.model.gpt, run.model.moe, groups, run.model.seed, split).to(device)
     else:
-        model = build_model(run.model, groups, fp8=run.parallel.fp8).to(device)
+        model = build_model(run.model, groups).to(device)
     if fp8_note := fp8.startup_note(run.parallel.fp8, device):
         print_rank0(fp8_note)
     for chunk in getattr(model, "chunks", [model]):   # each pipeline stage of this rank, or the model
-        if run.parallel.sequence_parallel:
-            apply_sequence_parallel(chunk, groups.tp)
-        if run.parallel.recompute is not None:
-            apply_recompute(chunk, run.parallel.recompute)
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        parallelize(chunk, run.parallel, groups.tp)
+    dtype = _DTYPES[run.training.precision.dtype]
     model.to(dtype)
-    if args.compile_layers:
-        compile_layers(model)
+    if run.parallel.compile_layers:
         print_rank0(f" > torch.compile (inductor): {len(model.layers)} layers, compiled at their first call")
     # Dropout: identical over TP (replicated activations), different over data-parallel replicas.
     # With --sequence-parallel no activation is TP-replicated: every TP rank gets its own stream.
-    torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(args, groups))
+    torch.manual_seed(args.seed + 1000 * groups.dp.rank + _sp_seed_offset(run, groups))
     n_params = sum(p.numel() for p in model.parameters())
-    print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {vocab})")
+    print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {run.model.gpt.vocab_size})")
     if run.model.moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
-        print_rank0(deepspeed_moe.summary(args, moe_layer_indices(args.num_layers, args.moe_layer_freq)))
+        print_rank0(deepspeed_moe.summary(args, run.model.gpt.moe_layers))
     if getattr(args, "moe_router_force_load_balancing", False):
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
                     "(a benchmark of balanced load); the model does not learn its routing")
+    return model, dtype
 
-    # --use-distributed-optimizer: gradients reduce-scattered, optimizer state partitioned (ZeRO-1)
-    sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=not args.no_overlap_grad_reduce,
-                        reduce_scatter=args.use_distributed_optimizer,
-                        tp=groups.tp if getattr(args, "sequence_parallel", False) else None,
-                        gradient_accumulation_fusion=not args.no_gradient_accumulation_fusion)
+
+def build_optimizer(args, run: RunConfig, model, groups) -> tuple[GradientSync, TiledAdamW]:
+    """The gradient sync (--use-distributed-optimizer: reduce-scattered gradients, partitioned state:
+    ZeRO-1) and the tiled AdamW with its fp16 loss scaler."""
+    par, opt, precision = run.parallel, run.training.optimizer, run.training.precision
+    sync = GradientSync(model, groups.dp, groups.expert_dp, overlap=par.overlap_grad_reduce,
+                        reduce_scatter=par.distributed_optimizer, tp=groups.tp if par.sequence_parallel else None,
+                        gradient_accumulation_fusion=par.gradient_accumulation_fusion)
     scaler = None
-    if args.fp16:
-        scaler = StaticLossScaler(args.loss_scale) if args.loss_scale else DynamicLossScaler(
-            args.initial_loss_scale, args.loss_scale_window, args.min_loss_scale, args.hysteresis)
-    optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=args.lr, weight_decay=args.weight_decay,
-                           betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
-                           loss_scaler=scaler, tile_size=args.optimizer_tile_size,
-                           offload_fraction=args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0,
-                           offload_policy=args.optimizer_offload_policy, pp=groups.pp)
-    runner = None if split is None else PipelineRunner(model, groups, args.num_micro_batches,
-                                                       getattr(args, "pipeline_schedule", None),
-                                                       getattr(args, "sequence_parallel", False))
+    if precision.dtype == "fp16":
+        scaler = StaticLossScaler(precision.loss_scale) if precision.loss_scale else DynamicLossScaler(
+            precision.initial_loss_scale, precision.loss_scale_window, precision.min_loss_scale, precision.hysteresis)
+    optimizer = TiledAdamW(model, sync, groups.tp, groups.dp, lr=opt.lr, weight_decay=opt.weight_decay,
+                           betas=opt.betas, eps=opt.eps, clip_grad=opt.clip_grad, loss_scaler=scaler,
+                           tile_size=opt.tile_size, offload_fraction=opt.offload_fraction,
+                           offload_policy=opt.offload_policy, pp=groups.pp)
     state = optimizer.state_numel()
-    print_rank0(f" > optimizer: AdamW, {'partitioned over DP / expert-DP' if args.use_distributed_optimizer else 'replicated'}"
-                f", tiles of {args.optimizer_tile_size or 'the whole partition'} elements; state on rank 0: "
+    print_rank0(f" > optimizer: AdamW, {'partitioned over DP / expert-DP' if par.distributed_optimizer else 'replicated'}"
+                f", tiles of {opt.tile_size or 'the whole partition'} elements; state on rank 0: "
                 f"{4 * state.get('dense', 0) / 2**20:.1f} MiB dense, {4 * state.get('expert', 0) / 2**20:.1f} MiB expert")
     if args.optimizer_cpu_offload:
         host = optimizer.state_numel(host=True)
-        print_rank0(f" > optimizer offload ({args.optimizer_offload_policy}, fraction {args.optimizer_offload_fraction:g}): "
+        print_rank0(f" > optimizer offload ({opt.offload_policy}, fraction {args.optimizer_offload_fraction:g}): "
                     f"state in host memory on rank 0: {4 * host.get('dense', 0) / 2**20:.1f} MiB dense, "
                     f"{4 * host.get('expert', 0) / 2**20:.1f} MiB expert")
-    if getattr(args, "moe_use_upcycling", False):   # a dense --load becomes this MoE (interop/upcycle.py)
+    return sync, optimizer
+
+
+def resume_or_upcycle(args, model, optimizer, groups) -> tuple[int, int, dict | None]:
+    """(iteration, consumed samples, RNG state to set once the loaders exist): a dense --load becomes
+    this MoE (--moe-use-upcycling, training/upcycle.py), or --load resumes."""
+    if getattr(args, "moe_use_upcycling", False):
         upcycle_and_save(args, model, optimizer, groups)
-        iteration, consumed, rng_state = 0, 0, None
-    else:
-        iteration, consumed, rng_state = _resume(args, model, optimizer, groups)  # before the data: fail fast
-    if args.cuda_graph_impl == "local":   # after the optimizer and the load: the graphs keep the weights' addresses
-        sp = groups.tp.size if getattr(args, "sequence_parallel", False) else 1
-        n = capture_layer_fronts(model.layers, args.micro_batch_size, args.seq_length, dtype, args.cuda_graph_scope,
-                                 rotary=model.rotary, sequence_parallel_size=sp,
-                                 warmup_iters=args.cuda_graph_warmup_steps)
-        print_rank0(f" > CUDA graphs: the fronts ({' + '.join(args.cuda_graph_scope)}) of {n} layers captured")
+        return 0, 0, None
+    return _resume(args, model, optimizer, groups)
 
-    distill = _distillation(args, tokenizer, groups, device, dtype, iteration)
 
+def build_data(args, run: RunConfig, tokenizer, groups, iteration: int, consumed: int):
+    """(train, validation) batch iterators; on a resume they start at the consumed samples (validation
+    at the evaluations done so far). None past --train-iters, and validation None without evaluation."""
+    schedule, logging = run.training.schedule, run.training.logging
     train_ds, valid_ds, _ = build_train_valid_test_datasets(
-        args.data_path, args.split, args.seq_length, args.seed, tokenizer,
-        train_valid_test_num_samples(args.train_iters, args.eval_interval or 0, args.eval_iters,
-                                     args.global_batch_size),
+        args.data_path, args.split, schedule.seq_length, args.seed, tokenizer,
+        train_valid_test_num_samples(schedule.train_iters, logging.eval_interval or 0, logging.eval_iters,
+                                     schedule.global_batch_size),
         mock=args.mock_data, data_cache_path=args.data_cache_path)
+    if iteration >= schedule.train_iters:
+        return None, None
+    mb, workers = schedule.micro_batch_size, getattr(args, "num_workers", 0)
+    train_iter = iter(build_pretraining_data_loader(train_ds, consumed, mb, groups.dp.rank, groups.dp.size, workers))
+    valid_iter = None
+    if valid_ds is not None and logging.eval_interval:
+        consumed_valid = (iteration // logging.eval_interval) * logging.eval_iters * schedule.global_batch_size
+        valid_iter = iter(build_pretraining_data_loader(valid_ds, consumed_valid, mb, groups.dp.rank,
+                                                        groups.dp.size, workers))
+    return train_iter, valid_iter
 
-    # Resume: the loaders start at the consumed samples (validation at the evaluations done so far).
-    mb = args.micro_batch_size
-    train_iter = valid_iter = None
-    if iteration < args.train_iters:
-        workers = getattr(args, "num_workers", 0)
-        train_iter = iter(build_pretraining_data_loader(train_ds, consumed, mb, groups.dp.rank, groups.dp.size, workers))
-        if valid_ds is not None and args.eval_interval:
-            consumed_valid = (iteration // args.eval_interval) * args.eval_iters * args.global_batch_size
-            valid_iter = iter(build_pretraining_data_loader(valid_ds, consumed_valid, mb, groups.dp.rank,
-                                                            groups.dp.size, workers))
-    # ... and the RNG continues where the checkpoint left it (set after the loaders, which draw a seed).
+
+def restore_or_reseed_rng(args, run: RunConfig, groups, iteration: int, rng_state: dict | None) -> None:
+    """The RNG continues where the checkpoint left it; fresh dropout streams where it cannot."""
     if rng_state is not None:
         set_rng_state(rng_state)
-    if iteration > 0 and (rng_state is None or _sp_seed_offset(args, groups)):
+    sp = _sp_seed_offset(run, groups)
+    if iteration > 0 and (rng_state is None or sp):
         # not restored (--no-load-rng, or another DP size), or a TP rank > 0 under --sequence-parallel
         # (checkpoints hold TP rank 0's states only): fresh dropout streams
-        torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration + _sp_seed_offset(args, groups))
+        torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration + sp)
 
-    n_moe = len(run.model.gpt.moe_layers)
-    tokens_per_step = args.global_batch_size * args.seq_length
-    fpt = flops_per_token_of_model(run.model, args.seq_length)
+
+def _megatron_log(args, run: RunConfig, device, rank: int) -> MegatronLog:
+    """The iteration log, with the FLOPs of a step and (on the last rank) TensorBoard."""
+    schedule = run.training.schedule
+    tokens_per_step = schedule.global_batch_size * schedule.seq_length
+    fpt = flops_per_token_of_model(run.model, schedule.seq_length)
     writer = None
-    if args.tensorboard_dir and rank == args.world_size - 1:
+    if run.training.logging.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(args.tensorboard_dir, max_queue=getattr(args, "tensorboard_queue_size", 10))
-    log = MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer, n_moe)
+        writer = SummaryWriter(run.training.logging.tensorboard_dir,
+                               max_queue=getattr(args, "tensorboard_queue_size", 10))
+    return MegatronLog(args, tokens_per_step, fpt * tokens_per_step, device, writer, len(run.model.gpt.moe_layers))
 
-    def save(it: int) -> None:
-        start = time.time()
-        save_checkpoint(args.save, it, model, optimizer, groups, vars(args), consumed_samples=consumed,
-                        model_config=run.model)
-        elapsed = time.time() - start
-        log.last += elapsed  # keep the save out of the next logged iteration time
-        print_rank0(f"  successfully saved checkpoint from iteration {it:7d} to {args.save} "
-                    f"[ t {elapsed:.2f}s ]")
 
-    profiler = StepProfiler(args, rank, device)
-    collector = ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
-    memory_reported = False      # after the first logged iteration (a resume may start off the interval)
-    history = []
-    last_saved = None
-    it = iteration
-    model.train()
-    if iteration >= args.train_iters:
-        print_rank0(f" > the checkpoint is at iteration {iteration}, --train-iters is {args.train_iters}: "
-                    f"nothing to train")
-    for it in range(iteration + 1, args.train_iters + 1):
-        lr = learning_rate(it - 1, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters, args.lr_decay_style)
-        sync.zero_grad()
+class _Loop:
+    """The training iterations: each runs, is checked and logged, and may evaluate, save or stop."""
+
+    def __init__(self, args, run: RunConfig, model, optimizer, sync, runner, distill, groups, device, tokenizer,
+                 log: MegatronLog, consumed: int, start_time: float):
+        self.args, self.config, self.model, self.optimizer, self.sync = args, run, model, optimizer, sync
+        self.runner, self.distill, self.groups, self.device, self.tokenizer = runner, distill, groups, device, tokenizer
+        self.log, self.consumed, self.start_time = log, consumed, start_time
+        self.rank = dist.get_rank()
+        self.profiler = StepProfiler(args, self.rank, device)
+        self.collector = ManualGC(args.manual_gc, args.manual_gc_interval, args.manual_gc_eval)
+        self.memory_reported = False      # after the first logged iteration (a resume may start off the interval)
+        self.history: list[float] = []
+
+    def run(self, iteration: int, train_iter, valid_iter) -> int:
+        """Iterations iteration + 1 ... --train-iters (or until an exit flag); returns the last one."""
+        args, train_iters = self.args, self.config.training.schedule.train_iters
+        last_saved, it = None, iteration
+        self.model.train()
+        if iteration >= train_iters:
+            print_rank0(f" > the checkpoint is at iteration {iteration}, --train-iters is {train_iters}: "
+                        f"nothing to train")
+        for it in range(iteration + 1, train_iters + 1):
+            lr, result = self.run_iteration(it, train_iter)
+            if it % self.config.training.logging.log_interval == 0:
+                self.log_iteration(it, lr, result)
+            self.maybe_evaluate(it, valid_iter)
+            if self.maybe_save(it):
+                last_saved = it
+            if self.should_exit(it):
+                break
+        if args.save and it > iteration and last_saved != it:
+            self.save(it)
+        return it
+
+    def run_iteration(self, it: int, train_iter):
+        """One step: the micro-batches forward and backward, the optimizer step; (lr, StepResult)."""
+        args, sched, groups = self.args, self.config.training.schedule, self.groups
+        opt = self.config.training.optimizer
+        lr = learning_rate(it - 1, opt.lr, opt.min_lr, sched.lr_warmup_iters, sched.lr_decay_iters, sched.lr_decay_style)
+        self.sync.zero_grad()
         groups.stats.reset()
-        first_key = (it - 1) * args.num_micro_batches * groups.dp.size
-        mbs = _micro_batches(train_iter, args.num_micro_batches, device, first_key, groups.dp.rank, groups.dp.size,
-                             tokenizer.vocab_size, f"iteration {it}")
-        profiler.before(it)
+        first_key = (it - 1) * sched.num_micro_batches * groups.dp.size
+        mbs = _micro_batches(train_iter, sched.num_micro_batches, self.device, first_key, groups.dp.rank,
+                             groups.dp.size, self.tokenizer.vocab_size, f"iteration {it}")
+        self.profiler.before(it)
         with torch.profiler.record_function("forward-backward"):
-            kd = distill.for_iteration(it) if distill is not None else None
-            if runner is not None:
-                result = pipeline_forward_backward(runner, mbs, groups, sync, loss_scale=optimizer.loss_scale)
+            kd = self.distill.for_iteration(it) if self.distill is not None else None
+            if self.runner is not None:
+                result = pipeline_forward_backward(self.runner, mbs, groups, self.sync,
+                                                   loss_scale=self.optimizer.loss_scale)
             else:
-                result = forward_backward(model, mbs, groups, sync, loss_scale=optimizer.loss_scale, kd=kd)
+                result = forward_backward(self.model, mbs, groups, self.sync, loss_scale=self.optimizer.loss_scale,
+                                          kd=kd)
         if args.check_for_nan_in_loss_and_grad and not math.isfinite(result.lm_loss):
             # an fp16 overflow in the gradients is a skipped step; a non-finite loss is a diverged run
-            raise NonFiniteLossError(f"iteration {it}: the lm loss is {result.lm_loss} on rank {rank} "
+            raise NonFiniteLossError(f"iteration {it}: the lm loss is {result.lm_loss} on rank {self.rank} "
                                      f"(--check-for-nan-in-loss-and-grad); the run diverged, nothing saved "
                                      f"after it: lower --lr or resume from an earlier checkpoint")
         with torch.profiler.record_function("optimizer-step"):
-            applied, result.grad_norm = optimizer.step(lr)
+            applied, result.grad_norm = self.optimizer.step(lr)
         start = time.time()
-        table = profiler.after(it)
+        table = self.profiler.after(it)
         if table:
-            log.last += time.time() - start  # the export is not the iteration's time
-            print(f" > rank {rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
-        collector.after_step(it)
-        if not applied and optimizer.loss_scaler is None and args.check_for_nan_in_loss_and_grad:
+            self.log.last += time.time() - start  # the export is not the iteration's time
+            print(f" > rank {self.rank}: profile of iterations {args.profile_step_start}..{it} in {table}", flush=True)
+        self.collector.after_step(it)
+        if not applied and self.optimizer.loss_scaler is None and args.check_for_nan_in_loss_and_grad:
             # no fp16 loss scaling: a NaN/Inf gradient is not an overflow to skip but a broken step
             raise NonFiniteLossError(f"iteration {it}: the gradient norm is NaN or Inf (the loss is finite; "
                                      f"--check-for-nan-in-loss-and-grad); the step was not applied: lower "
                                      f"--lr or resume from an earlier checkpoint")
         if not applied:
-            log.skipped += 1
+            self.log.skipped += 1
             result.grad_norm = None
-        history.append(result.lm_loss)
-        consumed += args.global_batch_size
-        if it % args.log_interval == 0:
-            log.iteration(it, lr, result, optimizer.loss_scale, groups.stats)
-            if not memory_reported and device.type == "cuda" and groups.dp.rank == 0:
-                print(memory_report(it, rank), flush=True)   # Megatron-LM's line, once, per model-parallel rank
-            memory_reported = True
-        if valid_iter is not None and it % args.eval_interval == 0:
-            collector.around_evaluation()
-            loss = evaluate(model, valid_iter, args, groups, device, tokenizer.vocab_size, f"iteration {it}",
-                            runner)
-            collector.around_evaluation()
-            print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
-                        f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")
-        if args.save and args.save_interval and it % args.save_interval == 0:
-            save(it)
-            last_saved = it
+        self.history.append(result.lm_loss)
+        self.consumed += sched.global_batch_size
+        return lr, result
+
+    def log_iteration(self, it: int, lr: float, result) -> None:
+        self.log.iteration(it, lr, result, self.optimizer.loss_scale, self.groups.stats)
+        if not self.memory_reported and self.device.type == "cuda" and self.groups.dp.rank == 0:
+            print(memory_report(it, self.rank), flush=True)   # Megatron-LM's line, once, per model-parallel rank
+        self.memory_reported = True
+
+    def maybe_evaluate(self, it: int, valid_iter) -> None:
+        if valid_iter is None or it % self.config.training.logging.eval_interval != 0:
+            return
+        self.collector.around_evaluation()
+        loss = evaluate(self.model, valid_iter, self.args, self.groups, self.device, self.tokenizer.vocab_size,
+                        f"iteration {it}", self.runner)
+        self.collector.around_evaluation()
+        print_rank0(f" validation loss at iteration {it} | lm loss value: {loss:.6E} | "
+                    f"lm loss PPL: {torch.tensor(loss).exp().item():.6E} |")
+
+    def maybe_save(self, it: int) -> bool:
+        """Save on --save-interval; whether it saved."""
+        ckpt = self.config.training.checkpoint
+        if ckpt.save and ckpt.save_interval and it % ckpt.save_interval == 0:
+            self.save(it)
+            return True
+        return False
+
+    def save(self, it: int) -> None:
+        start = time.time()
+        save_checkpoint(self.args.save, it, self.model, self.optimizer, self.groups, vars(self.args),
+                        consumed_samples=self.consumed, model_config=self.config.model)
+        elapsed = time.time() - start
+        self.log.last += elapsed  # keep the save out of the next logged iteration time
+        print_rank0(f"  successfully saved checkpoint from iteration {it:7d} to {self.args.save} "
+                    f"[ t {elapsed:.2f}s ]")
+
+    def should_exit(self, it: int) -> bool:
+        """--exit-interval, or --exit-duration-in-mins on the slowest rank's clock."""
+        args = self.args
         if args.exit_interval and it % args.exit_interval == 0:
             print_rank0(f" exiting program at iteration {it} (--exit-interval {args.exit_interval})")
-            break
+            return True
         if getattr(args, "exit_duration_in_mins", None):
             # every rank stops at the same iteration: the slowest clock decides
-            done = torch.tensor([time.time() - start_time > 60 * args.exit_duration_in_mins], dtype=torch.int32,
-                                device=device)
+            done = torch.tensor([time.time() - self.start_time > 60 * args.exit_duration_in_mins], dtype=torch.int32,
+                                device=self.device)
             dist.all_reduce(done, op=dist.ReduceOp.MAX)
             if done.item():
-                print_rank0(f" exiting program after {(time.time() - start_time) / 60:.2f} minutes at iteration {it} "
-                            f"(--exit-duration-in-mins {args.exit_duration_in_mins})")
-                break
-    if args.save and it > iteration and last_saved != it:
-        save(it)
-    if writer is not None:
-        writer.close()
-    collector.close()
-    release_layer_fronts(model.layers)
-    dist.barrier()
-    dist.destroy_process_group()
-    return {"losses": history, "iteration": it}
+                print_rank0(f" exiting program after {(time.time() - self.start_time) / 60:.2f} minutes at "
+                            f"iteration {it} (--exit-duration-in-mins {args.exit_duration_in_mins})")
+                return True
+        return False
 
 
 def _resume(args, model, optimizer, groups) -> tuple[int, int, dict | None]:

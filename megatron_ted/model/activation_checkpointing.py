@@ -1,4 +1,5 @@
-"""Activation checkpointing (Megatron's --recompute-granularity/-method/-num-layers) and where CAC hooks in.
+"""How a GPTModel runs its layers under activation checkpointing (Megatron's
+--recompute-granularity/-method/-num-layers) and where CAC hooks in; parallelize/recompute.py turns it on.
 
   full, uniform  the transformer layers are cut into chunks of --recompute-num-layers consecutive
                  layers; a chunk stores only its input and runs again in backward
@@ -20,7 +21,7 @@ chunk's forward and restores both for its recompute, so every dropout mask (atte
 and any randomness in routing) is drawn again identically. TP ranks draw from the same stream
 (train.py seeds by DP rank), so masks on TP-replicated activations stay identical over TP in the
 recompute too. With --sequence-parallel nothing random is TP-replicated, and train.py gives each
-TP rank its own stream (model/sequence_parallel.py).
+TP rank its own stream (parallelize/sequence_parallel.py).
 """
 from __future__ import annotations
 
@@ -56,15 +57,6 @@ class RecomputeConfig:
                              "repeats its all-to-alls)")
         if self.moe_cac_tp and not self.moe_cac:
             raise ValueError("--moe-cac-tp needs --moe-cac")
-
-
-def apply_recompute(model: nn.Module, config: RecomputeConfig | None) -> nn.Module:
-    """Turn activation checkpointing on (or, with None / granularity None, off) for a GPTModel."""
-    full = config is not None and config.granularity == "full"
-    model.recompute = config if full else None
-    for layer in model.layers:
-        layer.attention.recompute_core = config is not None and config.granularity == "selective"
-    return model
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, rotary, config: RecomputeConfig | None, route=None):

@@ -1,8 +1,10 @@
-"""Mixed-precision AdamW with fp32 master weights, a global gradient norm, clipping and loss scaling.
+"""The reference optimizer of the tests: torch.optim.AdamW on per-parameter fp32 master copies, with a
+global gradient norm, clipping and loss scaling (production: training/tiled_optimizer.py TiledAdamW,
+checked against this one).
 
-Gradients arrive in fp32 `param.main_grad` (see grad_sync.py), already reduced over DP/expert-DP.
-The global norm counts every logical parameter element exactly once: tensor-parallel shards are
-summed over TP, expert shards over TP and EP, and replicated copies are counted once.
+Gradients arrive in fp32 `param.main_grad` (see training/grad_sync.py), already reduced over
+DP/expert-DP. The global norm counts every logical parameter element exactly once: tensor-parallel
+shards are summed over TP, expert shards over TP and EP, and replicated copies are counted once.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from megatron_ted.parallel import comm
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.sharding import first_replica, spec_of
+from megatron_ted.training.loss_scaler import DynamicLossScaler
 
 
 def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group, pp: Group | None = None) -> torch.Tensor:
@@ -37,65 +40,6 @@ def global_grad_norm(params: list[nn.Parameter], tp: Group, ep: Group, pp: Group
     if pp is not None:
         comm.all_reduce(total, pp)
     return total[0].sqrt()
-
-
-class DynamicLossScaler:
-    """fp16: multiply the loss by `scale`; a step whose gradients overflow is skipped.
-
-    Megatron's schedule: the hysteresis tracker starts at `hysteresis`; each overflow decrements it
-    and, once it is <= 0, halves the scale (down to `min_scale`), so the first hysteresis - 1
-    overflows are tolerated and every later one halves. `growth_interval` consecutive clean steps
-    double the scale and restore the tracker to `hysteresis`.
-    """
-
-    def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000, min_scale: float = 1.0,
-                 hysteresis: int = 2):
-        self.scale = initial_scale
-        self.growth_interval, self.min_scale, self.hysteresis = growth_interval, min_scale, hysteresis
-        self._clean_steps, self._hysteresis_tracker = 0, hysteresis
-
-    def update(self, overflow: bool) -> None:
-        if overflow:
-            self._clean_steps = 0
-            self._hysteresis_tracker -= 1
-            if self._hysteresis_tracker <= 0:
-                self.scale = max(self.scale / 2.0, self.min_scale)
-        else:
-            self._clean_steps += 1
-            if self._clean_steps >= self.growth_interval:   # >=: a checkpoint may carry a longer window's count
-                self._clean_steps = 0
-                self._hysteresis_tracker = self.hysteresis
-                self.scale *= 2.0
-
-    def state_dict(self):
-        return {"scale": self.scale, "clean_steps": self._clean_steps, "hysteresis_tracker": self._hysteresis_tracker}
-
-    def load_state_dict(self, sd):
-        self.scale = sd["scale"]
-        if "hysteresis_tracker" in sd:
-            self._clean_steps, self._hysteresis_tracker = sd["clean_steps"], sd["hysteresis_tracker"]
-        elif "overflows" in sd:
-            # the old scaler: "overflows" absorbed since its last halving, "clean_steps" since the last
-            # overflow, growing at each multiple of the window
-            self._hysteresis_tracker = self.hysteresis - sd["overflows"]
-            self._clean_steps = sd["clean_steps"] % self.growth_interval
-        # else a static scaler's state (--loss-scale): only its scale carries over
-
-
-class StaticLossScaler:
-    """fp16 with --loss-scale: a fixed scale; a step whose gradients overflow is still skipped."""
-
-    def __init__(self, scale: float):
-        self.scale = scale
-
-    def update(self, overflow: bool) -> None:
-        pass
-
-    def state_dict(self):
-        return {"scale": self.scale}
-
-    def load_state_dict(self, sd):
-        pass   # the flag sets the scale, not the checkpoint
 
 
 class MixedPrecisionAdamW:
