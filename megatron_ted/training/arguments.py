@@ -437,43 +437,94 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return padded
 
 
-def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
-    """Fill defaults and check combinations; raises ValueError naming the flag."""
-    def need(cond, msg):
-        if not cond:
-            raise ValueError(msg)
+def need(cond, msg) -> None:
+    """Raise the user error `msg` unless `cond` holds."""
+    if not cond:
+        raise ValueError(msg)
 
+
+def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
+    """Fill defaults and check combinations; raises ValueError naming the flag.
+    The steps run in this order (later ones read what earlier ones derive)."""
     check_ranges(args)
     args.accepted_no_effect = compat_flags.apply(args)   # refuses what we lack; lists what changes nothing
+    resolve_layout(args, world_size)
+    tp = args.tensor_model_parallel_size
+    check_attention_flags(args, tp)
+    resolve_model_sizes(args, tp)
+    check_position_flags(args)
+    check_precision_flags(args)
+    resolve_sequence_parallel(args, tp)
+    resolve_batch_sizes(args, args.layout.data_parallel)
+    args.pipeline_split = pipeline_flags.resolve(args)   # None without PP (megatron_ted/pipeline/flags.py)
+    run_length.resolve(args)   # --train-iters/-samples/-tokens and the schedule, in iterations
+    check_optimizer_flags(args)
+    args.moe_layer_freq = moe_layer_freq(args.moe_layer_freq, args.num_layers)  # int, or a 0/1 list per layer
+    if args.num_experts is not None:
+        check_moe_flags(args, tp, world_size)
+    else:
+        check_dense_flags(args)
+    if args.moe_use_upcycling:
+        from megatron_ted.training.upcycle import check_upcycling
+        check_upcycling(args)
+    check_data_flags(args)
+    check_tokenizer_flags(args)
+    check_io_flags(args, world_size)
+    resolve_recompute(args)
+    check_cuda_graph_flags(args, tp)
+    check_distillation_flags(args)
+    return args
+
+
+def resolve_layout(args, world_size: int) -> None:
     args.world_size = world_size
     args.layout = ParallelLayout(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size,
                                  args.rank_order, pipeline_parallel=args.pipeline_model_parallel_size)
-    tp, dp = args.tensor_model_parallel_size, args.layout.data_parallel
+
+
+def check_attention_flags(args, tp: int) -> None:
     if not args.group_query_attention:
         args.num_query_groups = None   # Megatron-LM ignores --num-query-groups without --group-query-attention
     check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
+
+
+def resolve_model_sizes(args, tp: int) -> None:
+    """--ffn-hidden-size and --max-position-embeddings: their defaults, then their checks."""
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     need(args.ffn_hidden_size % tp == 0,
          f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
     need(args.max_position_embeddings >= args.seq_length,
          f"--max-position-embeddings {args.max_position_embeddings} is smaller than --seq-length {args.seq_length}")
+
+
+def check_position_flags(args) -> None:
+    """RoPE, and multi-latent attention (which rotates its own dims)."""
     rope_config(args)   # the RoPE flags: RopeConfig names the flag of any bad value
     if args.multi_latent_attention:
         need(args.position_embedding_type == "rope", "--multi-latent-attention needs --position-embedding-type rope")
         need(args.rotary_percent == 1.0, "--multi-latent-attention rotates all --qk-pos-emb-head-dim dims; "
                                          "drop --rotary-percent")
         mla_config(args)
+
+
+def check_precision_flags(args) -> None:
     need(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one")
     need(not (args.fp8_format and args.fp16), "--fp8-format runs with --bf16 (the FP8 kernels write bf16); "
                                               "drop --fp16")
     fp8_config(args)   # FP8Config names the flag of an unknown format or recipe
+
+
+def resolve_sequence_parallel(args, tp: int) -> None:
     if tp == 1:
         args.sequence_parallel = False   # as Megatron-LM: nothing to split the sequence over
     need(not args.sequence_parallel or args.seq_length % tp == 0,
          f"--sequence-parallel splits --seq-length {args.seq_length} over --tensor-model-parallel-size {tp}; "
          f"use a multiple of {tp}")
 
+
+def resolve_batch_sizes(args, dp: int) -> None:
+    """--global-batch-size (default: one micro-batch per DP rank) and the micro-batches per step."""
     per_step = args.micro_batch_size * dp
     if args.global_batch_size is None:
         args.global_batch_size = per_step
@@ -481,8 +532,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
          f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
          f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}")
     args.num_micro_batches = args.global_batch_size // per_step
-    args.pipeline_split = pipeline_flags.resolve(args)   # None without PP (megatron_ted/pipeline/flags.py)
-    run_length.resolve(args)   # --train-iters/-samples/-tokens and the schedule, in iterations
+
+
+def check_optimizer_flags(args) -> None:
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
     need(args.optimizer_tile_size >= 0, f"--optimizer-tile-size {args.optimizer_tile_size} must be >= 0 (0: no tiling)")
     if args.optimizer_cpu_offload and args.optimizer_offload_fraction is None:
@@ -494,57 +546,83 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     need(args.host_memory_per_node_gib is None or args.host_memory_per_node_gib > 0,
          f"--host-memory-per-node-gib {args.host_memory_per_node_gib} must be positive")
 
-    args.moe_layer_freq = moe_layer_freq(args.moe_layer_freq, args.num_layers)  # int, or a 0/1 list per layer
-    if args.num_experts is not None:
-        ep, k = args.expert_model_parallel_size, args.moe_router_topk
-        counts = num_experts_per_layer(args)
-        # canonical form: an int when every MoE layer has the same count (as before), else the list
-        args.num_experts = counts[0] if len(set(counts)) == 1 else counts
-        args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
-        need(args.moe_ffn_hidden_size % tp == 0,
-             f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
-        tokens = args.micro_batch_size * args.seq_length
-        for e in sorted(set(counts)):
-            need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
-                              f"use a multiple of {ep} experts or a smaller EP")
-            need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
-            router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
-            compat_flags.check_eval_capacity(router_config(args, e), args.moe_eval_capacity_factor)
-            need(args.moe_router_type != "base" or tokens % e == 0,
-                 f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
-                 f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
-        shared = args.moe_shared_expert_intermediate_size
-        need(shared is None or (shared > 0 and shared % tp == 0),
-             f"--moe-shared-expert-intermediate-size {shared} must be positive and divisible by "
-             f"--tensor-model-parallel-size {tp}")
-        need(shared is not None or not (args.moe_shared_expert_gate or args.moe_shared_expert_overlap),
-             "--moe-shared-expert-gate and --moe-shared-expert-overlap need --moe-shared-expert-intermediate-size")
-        need(not (args.moe_shared_expert_overlap and args.moe_a2a_algorithm == "hierarchical"),
-             "--moe-shared-expert-overlap overlaps the flat all-to-all; drop it with --moe-a2a-algorithm hierarchical")
-        if args.moe_a2a_algorithm == "hierarchical":
-            args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        moe_config(args)   # MoEConfig names the flag of a bad --mlp-type or --moe-a2a-algorithm
-        if args.moe_a2a_node_size is not None:
-            check_node_size(world_size, args.moe_a2a_node_size)
-        need(not (args.sequence_parallel and args.moe_no_duplicate_token_dropping),
-             "--sequence-parallel already gives each TP rank its own tokens; drop --moe-no-duplicate-token-dropping")
-        if tp > 1 and not args.moe_no_duplicate_token_dropping:
-            need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
-                                   f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "
-                                   f"or pass --moe-no-duplicate-token-dropping")
-    else:
-        need(args.expert_model_parallel_size == 1,
-             "--expert-model-parallel-size > 1 needs --num-experts")
-        need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
-        need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
 
-    if args.moe_use_upcycling:
-        from megatron_ted.training.upcycle import check_upcycling
-        check_upcycling(args)
+def check_moe_flags(args, tp: int, world_size: int) -> None:
+    """An MoE model (--num-experts given): experts, gates, shared expert, all-to-all, token dropping."""
+    check_expert_counts(args, tp)
+    check_shared_expert_flags(args, tp)
+    resolve_moe_a2a(args, world_size)
+    check_token_dropping_flags(args, tp)
+
+
+def check_expert_counts(args, tp: int) -> None:
+    """Canonical --num-experts, --moe-ffn-hidden-size, and each distinct expert count against EP and the gate."""
+    ep, k = args.expert_model_parallel_size, args.moe_router_topk
+    counts = num_experts_per_layer(args)
+    # canonical form: an int when every MoE layer has the same count (as before), else the list
+    args.num_experts = counts[0] if len(set(counts)) == 1 else counts
+    args.moe_ffn_hidden_size = args.moe_ffn_hidden_size or args.ffn_hidden_size
+    need(args.moe_ffn_hidden_size % tp == 0,
+         f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    tokens = args.micro_batch_size * args.seq_length
+    for e in sorted(set(counts)):
+        need(e % ep == 0, f"--num-experts {e} is not divisible by --expert-model-parallel-size {ep}; "
+                          f"use a multiple of {ep} experts or a smaller EP")
+        need(1 <= k <= e, f"--moe-router-topk {k} must be between 1 and --num-experts {e}")
+        router_config(args, e)   # the gate flags: RouterConfig names the flag of any bad combination
+        compat_flags.check_eval_capacity(router_config(args, e), args.moe_eval_capacity_factor)
+        need(args.moe_router_type != "base" or tokens % e == 0,
+             f"--moe-router-type base gives every expert the same share of a micro-batch's {tokens} tokens "
+             f"(--micro-batch-size x --seq-length), which is not divisible by --num-experts {e}")
+
+
+def check_shared_expert_flags(args, tp: int) -> None:
+    shared = args.moe_shared_expert_intermediate_size
+    need(shared is None or (shared > 0 and shared % tp == 0),
+         f"--moe-shared-expert-intermediate-size {shared} must be positive and divisible by "
+         f"--tensor-model-parallel-size {tp}")
+    need(shared is not None or not (args.moe_shared_expert_gate or args.moe_shared_expert_overlap),
+         "--moe-shared-expert-gate and --moe-shared-expert-overlap need --moe-shared-expert-intermediate-size")
+    need(not (args.moe_shared_expert_overlap and args.moe_a2a_algorithm == "hierarchical"),
+         "--moe-shared-expert-overlap overlaps the flat all-to-all; drop it with --moe-a2a-algorithm hierarchical")
+
+
+def resolve_moe_a2a(args, world_size: int) -> None:
+    """The all-to-all algorithm and, for the hierarchical one, the node size (default: the launcher's)."""
+    if args.moe_a2a_algorithm == "hierarchical":
+        args.moe_a2a_node_size = args.moe_a2a_node_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    moe_config(args)   # MoEConfig names the flag of a bad --mlp-type or --moe-a2a-algorithm
+    if args.moe_a2a_node_size is not None:
+        check_node_size(world_size, args.moe_a2a_node_size)
+
+
+def check_token_dropping_flags(args, tp: int) -> None:
+    need(not (args.sequence_parallel and args.moe_no_duplicate_token_dropping),
+         "--sequence-parallel already gives each TP rank its own tokens; drop --moe-no-duplicate-token-dropping")
+    tokens = args.micro_batch_size * args.seq_length
+    if tp > 1 and not args.moe_no_duplicate_token_dropping:
+        need(tokens % tp == 0, f"duplicate token dropping splits the {tokens} tokens of a micro-batch over "
+                               f"--tensor-model-parallel-size {tp}; change --micro-batch-size/--seq-length "
+                               f"or pass --moe-no-duplicate-token-dropping")
+
+
+def check_dense_flags(args) -> None:
+    """A dense model (no --num-experts): no flag that needs experts."""
+    need(args.expert_model_parallel_size == 1,
+         "--expert-model-parallel-size > 1 needs --num-experts")
+    need(args.mlp_type == "standard", "--mlp-type residual needs --num-experts")
+    need(args.moe_shared_expert_intermediate_size is None, "--moe-shared-expert-intermediate-size needs --num-experts")
+
+
+def check_data_flags(args) -> None:
     if args.mock_data:
         need(args.data_path is None, "--mock-data and --data-path are exclusive; pick one")
     elif not args.dry_run:
         need(args.data_path, "no data: pass --data-path PREFIX (see tools/preprocess_data.py) or --mock-data")
+
+
+def check_tokenizer_flags(args) -> None:
+    """--tokenizer-type (derived from --vocab-file when not given) and the files it needs."""
     args.tokenizer_type = resolve_tokenizer_type(args.tokenizer_type, args.vocab_file)
     if args.tokenizer_type == "NullTokenizer":
         need(args.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size N")
@@ -557,6 +635,10 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     else:
         need(args.tokenizer_model is not None, f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model PATH")
         need(os.path.exists(args.tokenizer_model), f"--tokenizer-model {args.tokenizer_model} does not exist")
+
+
+def check_io_flags(args, world_size: int) -> None:
+    """--load, the profiler and TensorBoard."""
     if args.load is not None:
         need(os.path.isdir(args.load) or args.load == args.save,
              f"--load {args.load} is not a directory")
@@ -570,6 +652,10 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         import importlib.util
         need(importlib.util.find_spec("tensorboard") is not None,
              "--tensorboard-dir needs the tensorboard package: pip install tensorboard (or pip install -e .[tensorboard])")
+
+
+def resolve_recompute(args) -> None:
+    """The recompute flags (full recompute's defaults) and CAC."""
     full = args.recompute_granularity == "full"
     need(args.recompute_method is None or full,
          f"--recompute-method {args.recompute_method} needs --recompute-granularity full")
@@ -579,6 +665,9 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
         args.recompute_num_layers = args.recompute_num_layers or 1
     need(not args.moe_cac or args.num_experts is not None, "--moe-cac needs an MoE model (--num-experts)")
     recompute_config(args)   # RecomputeConfig names the flag of a bad --moe-cac / --moe-cac-tp
+
+
+def check_cuda_graph_flags(args, tp: int) -> None:
     if args.cuda_graph_impl == "local":
         from megatron_ted.parallelize.cuda_graphs import graph_blocker
         routers = [router_config(args, n) for n in num_experts_per_layer(args)] if args.num_experts else []
@@ -586,8 +675,6 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
                             compiled=args.compile_layers, attention_dropout=args.attention_dropout, tp=tp,
                             router_configs=routers)
         need(why is None, why)
-    check_distillation_flags(args)
-    return args
 
 
 def check_distillation_flags(args) -> None:

@@ -299,8 +299,33 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
     identity = model_config if model_config is not None else model_identity(model)
 
     _agree(_non_finite(model, final, rank), groups)   # a diverged model is no checkpoint to resume from
+    _make_tmp_dir(path, tmp, final, groups)
+    entries, error = _write_rank_files(tmp, final, model, optimizer, groups, rng)
+    all_entries = _gather_entries(entries, error, tmp, groups)
+    _index_and_publish(path, tmp, final, iteration, all_entries, groups,
+                       lambda index: _metadata(iteration, consumed_samples, groups, rng is not False, optimizer,
+                                               args_dict, identity, extra, index))
+    return final
+
+
+def _index_and_publish(path: str, tmp: str, final: str, iteration: int, all_entries: list[list],
+                       groups: ParallelGroups, metadata_for) -> None:
+    """Rank 0 writes the index and metadata and publishes `tmp` as `final`, or removes `tmp`
+    (collective: every rank raises on failure). metadata_for(index) builds metadata.json's content."""
     error = None
-    if rank == 0:
+    if groups.rank == 0:
+        try:
+            _finish(path, tmp, final, iteration, metadata_for(_build_index(all_entries, final)))
+        except Exception as err:  # noqa: BLE001
+            error = f"checkpoint {final}: {_one_line(err)}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    _agree(error, groups)
+
+
+def _make_tmp_dir(path: str, tmp: str, final: str, groups: ParallelGroups) -> None:
+    """Rank 0 creates an empty `tmp` (collective: every rank learns whether it could)."""
+    error = None
+    if groups.rank == 0:
         try:
             os.makedirs(path, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)   # left by a crashed save
@@ -309,7 +334,11 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
             error = f"checkpoint {final}: cannot create {tmp}: {_one_line(err)}"
     _agree(error, groups)
 
-    error, entries = None, []
+
+def _write_rank_files(tmp: str, final: str, model, optimizer, groups: ParallelGroups,
+                      rng: bool | dict) -> tuple[list, str | None]:
+    """This rank's shards (and RNG file) into `tmp`: (its index entries, None) or ([], the error)."""
+    rank, entries = groups.rank, []
     try:
         tensors, entries = _local_shards(model, optimizer, groups)
         fname = f"shards_r{rank:05d}.pt"
@@ -319,28 +348,21 @@ def save_checkpoint(path: str, iteration: int, model, optimizer, groups: Paralle
         if rng is not False and groups.tp.rank == 0 and groups.pp.rank == 0:   # one file per DP rank
             state = rng if isinstance(rng, dict) else get_rng_state()
             _save_file(state, os.path.join(tmp, f"rng_dp{groups.dp.rank:05d}.pt"))
-    except Exception as err:  # noqa: BLE001 -- reported on every rank below
-        error = f"checkpoint {final}: rank {rank} failed to write its shards: {_one_line(err)}"
+    except Exception as err:  # noqa: BLE001 -- reported on every rank by _gather_entries
+        return entries, f"checkpoint {final}: rank {rank} failed to write its shards: {_one_line(err)}"
+    return entries, None
+
+
+def _gather_entries(entries: list, error: str | None, tmp: str, groups: ParallelGroups) -> list[list]:
+    """Every rank's index entries, once every rank has written its files (collective); on any rank's
+    failure rank 0 removes `tmp` and every rank raises."""
     try:
         _agree(error, groups)
-        all_entries = _allgather(entries, groups)
+        return _allgather(entries, groups)
     except CheckpointError:
-        if rank == 0:
+        if groups.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-    error = None
-    if rank == 0:
-        try:
-            index = _build_index(all_entries, final)
-            metadata = _metadata(iteration, consumed_samples, groups, rng is not False, optimizer, args_dict,
-                                 identity, extra, index)
-            _finish(path, tmp, final, iteration, metadata)
-        except Exception as err:  # noqa: BLE001
-            error = f"checkpoint {final}: {_one_line(err)}"
-            shutil.rmtree(tmp, ignore_errors=True)
-    _agree(error, groups)
-    return final
 
 
 def _metadata(iteration: int, consumed_samples: int, groups: ParallelGroups, rng: bool, optimizer, args_dict: dict,
