@@ -75,3 +75,12 @@ def remove_temporaries(paths) -> None:
     for p in paths:
         if os.path.exists(p):
             os.remove(p)
+
+
+def fsync_file(path: str) -> None:
+    """Flush a written file to disk (before the rename that publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ import time
 import warnings
 
 from megatron_ted.cli import OneLineErrorParser
-from megatron_ted.data.output_files import create_temporary, make_output_dir, remove_created_dirs
+from megatron_ted.data.output_files import create_temporary, fsync_file, make_output_dir, remove_created_dirs
 from megatron_ted.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 
@@ -90,14 +90,6 @@ def output_prefix_for(output_prefix: str, key: str, level: str = "document") -> 
     return f"{output_prefix}_{key}_{level}"
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Writers:
     """One IndexedDatasetBuilder per key, writing temporaries next to the outputs; `finalize` renames
     them into place at the very end, `abort` removes them: a failed run leaves any existing dataset
@@ -132,7 +124,7 @@ class _Writers:
         for key, builder in self.builders.items():
             builder.finalize(self.temporaries[self.prefixes[key] + ".idx"])
         for tmp in self.temporaries.values():
-            _fsync(tmp)
+            fsync_file(tmp)
         for final, tmp in self.temporaries.items():  # each rename atomic, all of them back to back
             os.replace(tmp, final)
         self.temporaries = {}

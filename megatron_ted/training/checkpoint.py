@@ -41,7 +41,6 @@ rank is left waiting in a collective.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
+from megatron_ted.data.output_files import fsync_file
 from megatron_ted.config.compare import first_difference
 from megatron_ted.config.serialize import model_config_from_dict, model_config_to_dict
 from megatron_ted.model.config import ModelConfig
@@ -98,24 +98,16 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}".strip()
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: str) -> None:
     try:
-        _fsync_file(path)
+        fsync_file(path)
     except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
         pass
 
 
 def _save_file(obj, path: str) -> None:
     torch.save(obj, path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _world(groups: ParallelGroups) -> int:
@@ -394,7 +386,7 @@ def _finish(path: str, tmp: str, final: str, iteration: int, metadata: dict) -> 
     tok = metadata["args"].get("tokenizer_model")
     if tok and os.path.isfile(tok):
         shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-        _fsync_file(os.path.join(tmp, "tokenizer.model"))
+        fsync_file(os.path.join(tmp, "tokenizer.model"))
     with open(os.path.join(tmp, METADATA), "w") as f:
         json.dump(metadata, f, indent=1)
         f.flush()
