@@ -36,13 +36,19 @@ class LayerCache:
     def mask(self) -> torch.Tensor:
         return self.cache.mask_BQK
 
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k [B, G, S, Dk], v [B, G, S, Dv] of the new positions -> k, v [B, G, length + S, D] so far."""
+    def _buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's [B, G, S_max, D] k and v buffers, allocated at its first store (the prefill)."""
         c = self.cache
         buffers = c.buffers.get(self.index)
         if buffers is None:
             buffers = c.buffers[self.index] = tuple(
                 t.new_zeros(t.shape[0], t.shape[1], c.max_length, t.shape[3]) for t in (k, v))
+        return buffers
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k [B, G, S, Dk], v [B, G, S, Dv] of the new positions -> k, v [B, G, length + S, D] so far."""
+        c = self.cache
+        buffers = self._buffers(k, v)
         start, end = c.length, c.length + k.shape[2]
         for buf, t in zip(buffers, (k, v)):
             buf[:, :, start:end] = t
@@ -80,25 +86,14 @@ class KVCache:
         self.step, self.mask_BQK = 0, None
 
 
-class StaticLayerCache:
+class StaticLayerCache(LayerCache):
     """One attention layer's slot in a StaticKVCache: `store` writes this step's k, v at the cache's
     slot tensor and returns the whole [B, G, S_max, D] buffers (same shapes every step)."""
 
-    def __init__(self, cache: "StaticKVCache", index: int):
-        self.cache, self.index = cache, index
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.cache.mask_BQK
-
     def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.cache
-        buffers = c.buffers.get(self.index)
-        if buffers is None:   # allocated once, by the prefill (before any capture)
-            buffers = c.buffers[self.index] = tuple(
-                t.new_zeros(t.shape[0], t.shape[1], c.max_length, t.shape[3]) for t in (k, v))
+        buffers = self._buffers(k, v)   # allocated by the prefill, before any capture
         for buf, t in zip(buffers, (k, v)):
-            buf.index_copy_(2, c.slot_S, t)
+            buf.index_copy_(2, self.cache.slot_S, t)
         return buffers
 
 
