@@ -7,7 +7,7 @@ See docs/TRAINING.md for the flags and docs/LAUNCH.md for the launchers in scrip
 """
 import sys
 
-from megatron_ted.training.train import main
+from megatron_ted.launch.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main())

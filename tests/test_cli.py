@@ -210,7 +210,7 @@ def test_ids_past_the_start_up_check_stop_the_run_at_their_batch(tmp_path):
         "--train-iters", "60", "--log-interval", "1", "--eval-iters", "0"]
     # the start-up check reads the first 40 ids here (16M in a run), so only the batch check can see it
     code = ("import sys; from megatron_ted.data import gpt_data; gpt_data.check_token_ids.__defaults__ = (40,); "
-            "from megatron_ted.training.train import main; sys.exit(main(sys.argv[1:]))")
+            "from megatron_ted.launch.pretrain import main; sys.exit(main(sys.argv[1:]))")
     env = dict(os.environ, WORLD_SIZE="1", PYTHONPATH=ROOT)
     # first with the default split 969,30,1, which leaves 20 sequences' test split empty (sequences
     # [round(19.98), 20)): found once the process group is up, on every rank alike, still one line

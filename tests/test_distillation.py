@@ -254,7 +254,7 @@ def test_teacher_is_frozen_and_staged_kd_drops_it(trained_teacher):
 # ---- bad input: one line, exit 2, before any process group -------------------------------------
 
 def test_bad_distillation_input_is_one_line(trained_teacher, tmp_path, capsys):
-    from megatron_ted.training.train import main
+    from megatron_ted.launch.pretrain import main
     teacher, work = trained_teacher["teacher"], trained_teacher["work"]
     sp = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", os.path.join(work, "tok.model")]
     base = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--num-experts", "2",

@@ -21,7 +21,7 @@ from megatron_ted.parallel.sharding import full_shape, spec_of
 from megatron_ted.training.dry_run import memory_per_gpu
 from megatron_ted.training.grad_sync import GradientSync
 from reference_adamw import MixedPrecisionAdamW
-from megatron_ted.training.train import main
+from megatron_ted.launch.pretrain import main
 
 CONFIGS = {
     "moe-every-2nd": (dict(), dict(layer_freq=2)),

@@ -161,7 +161,7 @@ CLI = ["--mock-data", "--vocab-size", "100", "--num-layers", "2", "--hidden-size
 
 
 def test_flags_train_three_iterations_and_say_fp8_is_emulated(capsys):
-    from megatron_ted.training.train import main
+    from megatron_ted.launch.pretrain import main
     assert main(CLI + ["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "rowwise"]) == 0
     out = capsys.readouterr().out
     losses = [float(line.split("lm loss: ")[1].split()[0]) for line in out.splitlines() if "lm loss: " in line]
@@ -175,7 +175,7 @@ def test_flags_train_three_iterations_and_say_fp8_is_emulated(capsys):
     (["--fp8-format", "e4m3", "--fp8-recipe", "delayed"], "--fp8-recipe"),
 ])
 def test_bad_fp8_input_is_one_line(extra, flag, capsys):
-    from megatron_ted.training.train import main
+    from megatron_ted.launch.pretrain import main
     assert main(CLI + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0], err

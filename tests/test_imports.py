@@ -22,6 +22,7 @@ LAYERS = [
     {"data"},
     {"training", "pipeline"},                 # the loop, and its pipelined step (which returns a StepResult)
     {"planning", "inference", "interop"},
+    {"launch"},                               # the entry points: flags -> configuration -> dry run or training
 ]
 # Known upward imports, each with its reason (none may be added).
 KNOWN_UPWARD = {

@@ -180,7 +180,7 @@ def test_exclusive_run_lengths_are_one_line(extra, flag):
     (["--expert-tensor-parallel-size", "2"], "--expert-tensor-parallel-size"),
 ])
 def test_features_we_lack_stop_with_one_line(extra, flag, capsys):
-    from megatron_ted.training.train import main
+    from megatron_ted.launch.pretrain import main
     assert main(BASE + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: " + flag), err

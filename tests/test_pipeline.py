@@ -2,7 +2,7 @@
 torch.distributed.pipelining at PP x TP x EP against the single-process reference (float64)."""
 import pytest
 
-from megatron_ted.pipeline.split import PipelineSplit
+from megatron_ted.parallel.pipeline_split import PipelineSplit
 
 
 # ---- the split (pure arithmetic) ----------------------------------------------------------------
@@ -111,7 +111,7 @@ def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, 
     from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
     from megatron_ted.parallel.sharding import spec_of, unshard
     from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
-    from megatron_ted.pipeline.split import PipelineSplit
+    from megatron_ted.parallel.pipeline_split import PipelineSplit
     from megatron_ted.pipeline.stage import build_pipeline_model
     from megatron_ted.training.grad_sync import GradientSync
     from reference_adamw import MixedPrecisionAdamW

@@ -416,7 +416,7 @@ def test_log_line_reports_all_to_alls_per_moe_layer(capsys):
 
     from megatron_ted.parallel.comm import CommStats
     from megatron_ted.training.step import StepResult
-    from megatron_ted.training.train import MegatronLog
+    from megatron_ted.training.megatron_log import MegatronLog
     args = SimpleNamespace(log_interval=1, world_size=4, train_iters=10, global_batch_size=8, log_comm=False,
                            expert_model_parallel_size=2, num_micro_batches=2)
     stats = CommStats()

@@ -139,7 +139,8 @@ def parallel_config(args) -> ParallelConfig:
         overlap_grad_reduce=not f["no_overlap_grad_reduce"], distributed_optimizer=f["use_distributed_optimizer"],
         compile_layers=f["compile_layers"], cuda_graph_impl=f["cuda_graph_impl"],
         cuda_graph_scope=tuple(f["cuda_graph_scope"]), cuda_graph_warmup_steps=f["cuda_graph_warmup_steps"],
-        fp8=fp8_config(f), gpus_per_node=f["gpus_per_node"])
+        fp8=fp8_config(f), gpus_per_node=f["gpus_per_node"], pipeline=f.get("pipeline_split"),
+        pipeline_schedule=f.get("pipeline_schedule"))
 
 
 def training_config(args) -> TrainingConfig:

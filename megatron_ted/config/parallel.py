@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from megatron_ted.model.activation_checkpointing import RecomputeConfig
 from megatron_ted.parallel.layout import ParallelLayout
+from megatron_ted.parallel.pipeline_split import PipelineSplit
 from megatron_ted.tensor_parallel.fp8 import FP8Config
 
 
@@ -22,5 +23,7 @@ class ParallelConfig:
     cuda_graph_warmup_steps: int = 3
     fp8: FP8Config | None = None
     gpus_per_node: int | None = None           # for the dry run and the planner: which groups cross nodes
+    pipeline: PipelineSplit | None = None      # the layers of each pipeline stage (None without PP)
+    pipeline_schedule: str | None = None       # --pipeline-schedule (None: the split's default)
     # duplicate token dropping and the all-to-all algorithm are built into the MoE blocks:
     # ModelConfig.moe.duplicate_token_dropping / a2a_algorithm (not part of the model's identity)

@@ -1,2 +1,2 @@
-"""Pipeline parallelism: the layer split (split.py), the stage modules (stage.py) and a training
+"""Pipeline parallelism: the stage modules (stage.py) of a layer split (parallel/pipeline_split.py) and a training
 step through torch.distributed.pipelining's schedules (schedule.py)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_ted.pipeline.schedule import SCHEDULES, check_micro_batches, schedule_name
-from megatron_ted.pipeline.split import PipelineSplit
+from megatron_ted.parallel.pipeline_split import PipelineSplit
 
 
 def add_arguments(g) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig, GPTModel, LayerStack
 from megatron_ted.parallel.groups import ParallelGroups
-from megatron_ted.pipeline.split import PipelineSplit
+from megatron_ted.parallel.pipeline_split import PipelineSplit
 
 
 class PipelineModel(nn.Module):

@@ -88,7 +88,7 @@ from megatron_ted.model.builder import MoEConfig, experts_per_layer, moe_layer_i
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.param_count import ParamCounts, count_parameters, parameter_shapes
 from megatron_ted.parallel.layout import ParallelLayout
-from megatron_ted.pipeline.split import PipelineSplit
+from megatron_ted.parallel.pipeline_split import PipelineSplit
 
 GiB = 2**30
 ALLOWANCE_FRACTION = 0.05

@@ -95,14 +95,3 @@ def flops_per_token_of_args(args) -> float:
     """flops_per_token_of_model for validated training flags (padded_vocab_size set)."""
     from megatron_ted.config.from_flags import model_config_from_flags
     return flops_per_token_of_model(model_config_from_flags(args), args.seq_length)
-
-
-# Dense bf16 datasheet peaks (TFLOP/s) of the GPUs we run on, for MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    for key, value in PEAK_TFLOPS.items():
-        if key in device_name:
-            return value
-    return None

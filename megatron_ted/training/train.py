@@ -8,42 +8,37 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from megatron_ted.data.gpt_data import (DataError, TokenIdError, build_train_valid_test_datasets,
-                                         check_batch_token_ids, train_valid_test_num_samples)
+from megatron_ted.data.gpt_data import (build_train_valid_test_datasets, check_batch_token_ids,
+                                         train_valid_test_num_samples)
 from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.training.upcycle import upcycle_and_save
-from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.model.builder import MoEConfig, build_model
 from megatron_ted.parallelize import parallelize, parallelize_after_load
 from megatron_ted.parallelize.cuda_graphs import release_layer_fronts
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.router import RouterConfig
-from megatron_ted.parallel.groups import ParallelGroups, RendezvousError, init_process_group
+from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
 from megatron_ted.pipeline.stage import build_pipeline_model
 from megatron_ted.tensor_parallel import fp8
 from megatron_ted.config.from_flags import configs_from_args, model_config_from_flags
 from megatron_ted.config.run import RunConfig
-from megatron_ted.training.arguments import kd_config, padded_vocab_size, parse_args, report_error
-from megatron_ted.training.checkpoint import (CheckpointError, check_args_compatible, find_checkpoint,
-                                              load_checkpoint, save_checkpoint, set_rng_state)
+from megatron_ted.training.arguments import kd_config
+from megatron_ted.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from megatron_ted.training.distillation import Distillation, build_teacher, check_teacher
-from megatron_ted.training.dry_run import check_run_inputs, dry_run
-from megatron_ted.training.flops import flops_per_token_of_model, peak_tflops
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.lr_schedule import learning_rate
 from megatron_ted.training import deepspeed_moe
 from megatron_ted.training.manual_gc import ManualGC
+from megatron_ted.training.megatron_log import MegatronLog, memory_report, print_rank0
 from megatron_ted.training.loss_scaler import DynamicLossScaler, StaticLossScaler
 from megatron_ted.training.profiling import StepProfiler
-from megatron_ted.training.save_dir import check_writable, hold_save_dir
+from megatron_ted.training.save_dir import hold_save_dir
 from megatron_ted.training.tiled_optimizer import TiledAdamW
 from megatron_ted.training.step import forward_backward
 
@@ -52,11 +47,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss or (without fp16 loss scaling) the gradient norm of a step is NaN or Inf
     (--check-for-nan-in-loss-and-grad); every rank sees the same reduced loss and norm, so every rank
     raises it at the same iteration."""
-
-
-def print_rank0(*args, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
 
 
 def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
@@ -68,72 +58,6 @@ def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
 def init_distributed(args) -> torch.device:
     use_cuda = torch.cuda.is_available() and args.distributed_backend != "gloo"
     return init_process_group(use_cuda, args.distributed_backend, getattr(args, "distributed_timeout_minutes", 10))
-
-
-class MegatronLog:
-    """One line per logged iteration in Megatron-LM's shape, plus throughput and MoE load."""
-
-    def __init__(self, args, tokens_per_step: int, flops_per_step: float, device: torch.device, writer=None,
-                 num_moe_layers: int = 0):
-        self.args, self.tokens_per_step, self.flops_per_step = args, tokens_per_step, flops_per_step
-        self.num_moe_layers = num_moe_layers
-        self.peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-        self.writer = writer
-        self.skipped = 0
-        self.last = time.time()
-
-    def iteration(self, it: int, lr: float, result, loss_scale: float, stats):
-        a = self.args
-        now = time.time()
-        dt = (now - self.last) / a.log_interval
-        self.last = now
-        tflops = self.flops_per_step / dt / 1e12 / a.world_size
-        parts = [f"iteration {it:8d}/{a.train_iters:8d}",
-                 f"consumed samples: {it * a.global_batch_size:12d}",
-                 f"elapsed time per iteration (ms): {dt * 1000:.1f}",
-                 f"throughput per GPU (TFLOP/s/GPU): {tflops:.2f}",
-                 f"tokens per second: {self.tokens_per_step / dt:.0f}"]
-        if self.peak:
-            parts.append(f"MFU: {100 * tflops / self.peak:.1f}%")
-        parts += [f"learning rate: {lr:.6E}", f"global batch size: {a.global_batch_size:5d}",
-                  f"lm loss: {result.lm_loss:.6E}"]
-        if result.kd_loss is not None:
-            parts.append(f"kd loss: {result.kd_loss:.6E}")
-        if result.moe:
-            parts.append(f"moe aux loss: {result.aux_loss:.6E}")
-            loads = [(int(m["tokens_per_expert"].min()), int(m["tokens_per_expert"].max())) for m in result.moe]
-            parts.append("expert load min/max: " + " ".join(f"{lo}/{hi}" for lo, hi in loads))
-            dropped = sum(m["dropped"] for m in result.moe) / max(1, sum(m["assigned"] for m in result.moe))
-            parts.append(f"dropped tokens: {100 * dropped:.2f}%")
-            if a.expert_model_parallel_size > 1 and self.num_moe_layers:
-                # 4 without checkpointing, 6 with full recompute, 4 with --moe-cac (moe/cac.py)
-                per = stats.count("all_to_all", "ep") / (self.num_moe_layers * a.num_micro_batches)
-                parts.append(f"all-to-alls per MoE layer per micro-batch: {per:g}")
-        parts += [f"loss scale: {loss_scale:.1f}",
-                  f"grad norm: {result.grad_norm:.3f}" if result.grad_norm is not None else "grad norm: nan",
-                  f"number of skipped iterations: {self.skipped:3d}"]
-        if a.log_comm:
-            parts.append(f"comm/step: {stats.summary()}")
-        print_rank0(" " + " | ".join(parts) + " |")
-        if self.writer is not None:
-            self.writer.add_scalar("lm loss", result.lm_loss, it)
-            if result.kd_loss is not None:
-                self.writer.add_scalar("kd loss", result.kd_loss, it)
-            self.writer.add_scalar("learning-rate", lr, it)
-            self.writer.add_scalar("grad-norm", result.grad_norm or float("nan"), it)
-            self.writer.add_scalar("throughput/tflops-per-gpu", tflops, it)
-            if result.moe:
-                self.writer.add_scalar("moe/aux-loss", result.aux_loss, it)
-
-
-def memory_report(iteration: int, rank: int) -> str:
-    """Megatron-LM's report of this CUDA device's allocator after the first logged iteration."""
-    mib = 2**20
-    return (f"[Rank {rank}] (after {iteration} iterations) memory (MB) | "
-            f"allocated: {torch.cuda.memory_allocated() / mib:.1f} | "
-            f"max allocated: {torch.cuda.max_memory_allocated() / mib:.1f} | "
-            f"reserved: {torch.cuda.memory_reserved() / mib:.1f} | "
-            f"max reserved: {torch.cuda.max_memory_reserved() / mib:.1f}")
 
 
 def _micro_batches(iterator, n: int, device, first_key: int | None = None, dp_rank: int = 0,
@@ -212,8 +136,10 @@ def _sp_seed_offset(run: RunConfig, groups) -> int:
     return 7919 * groups.tp.rank if run.parallel.sequence_parallel else 0
 
 
-def train(args, tokenizer, run: RunConfig | None = None) -> dict:
-    """Train the model of `run` (default: the configuration of the validated flags `args`)."""
+def train(args, tokenizer, run: RunConfig | None = None, flops_per_token: float = 0.0) -> dict:
+    """Train the model of `run` (default: the configuration of the validated flags `args`).
+    flops_per_token: the model's training FLOPs per token, for the log's TFLOP/s and MFU
+    (planning/flops.py; the entry point, launch/pretrain.py, passes it)."""
     run = run or configs_from_args(args)
     start_time = time.time()
     device = init_distributed(args)
@@ -223,18 +149,18 @@ def train(args, tokenizer, run: RunConfig | None = None) -> dict:
     try:
         for note in notes:
             print_rank0(note)
-        return _train(args, run, tokenizer, device, groups, start_time)
+        return _train(args, run, tokenizer, device, groups, start_time, flops_per_token)
     finally:
         if save_lock is not None:
             save_lock.release()
 
 
-def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -> dict:
+def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float, flops_per_token: float) -> dict:
     print_rank0(args.layout.table())
     model, dtype = build_parallel_model(args, run, groups, device)
     sync, optimizer = build_optimizer(args, run, model, groups)
-    runner = None if getattr(args, "pipeline_split", None) is None else PipelineRunner(
-        model, groups, run.training.schedule.num_micro_batches, getattr(args, "pipeline_schedule", None),
+    runner = None if run.parallel.pipeline is None else PipelineRunner(
+        model, groups, run.training.schedule.num_micro_batches, run.parallel.pipeline_schedule,
         run.parallel.sequence_parallel)
     iteration, consumed, rng_state = resume_or_upcycle(args, model, optimizer, groups)  # before the data: fail fast
     if n := parallelize_after_load(model, run.parallel, args.micro_batch_size, args.seq_length, dtype, groups.tp):
@@ -242,7 +168,7 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
     distill = _distillation(args, tokenizer, groups, device, dtype, iteration)
     train_iter, valid_iter = build_data(args, run, tokenizer, groups, iteration, consumed)
     restore_or_reseed_rng(args, run, groups, iteration, rng_state)   # after the loaders, which draw a seed
-    log = _megatron_log(args, run, device, dist.get_rank())
+    log = _megatron_log(args, run, device, dist.get_rank(), flops_per_token)
     loop = _Loop(args, run, model, optimizer, sync, runner, distill, groups, device, tokenizer, log,
                  consumed, start_time)
     it = loop.run(iteration, train_iter, valid_iter)
@@ -258,7 +184,7 @@ def _train(args, run: RunConfig, tokenizer, device, groups, start_time: float) -
 def build_parallel_model(args, run: RunConfig, groups, device) -> tuple[torch.nn.Module, torch.dtype]:
     """This rank's model (its pipeline chunks under PP), parallelized, in the run's precision; the
     dropout streams seeded."""
-    split = getattr(args, "pipeline_split", None)   # --pipeline-model-parallel-size > 1 (megatron_ted/pipeline/)
+    split = run.parallel.pipeline   # --pipeline-model-parallel-size > 1 (megatron_ted/pipeline/)
     if split is not None:
         model = build_pipeline_model(run.model.gpt, run.model.moe, groups, run.model.seed, split).to(device)
     else:
@@ -352,11 +278,10 @@ def restore_or_reseed_rng(args, run: RunConfig, groups, iteration: int, rng_stat
         torch.manual_seed(args.seed + 1000 * groups.dp.rank + 1_000_003 * iteration + sp)
 
 
-def _megatron_log(args, run: RunConfig, device, rank: int) -> MegatronLog:
+def _megatron_log(args, run: RunConfig, device, rank: int, fpt: float) -> MegatronLog:
     """The iteration log, with the FLOPs of a step and (on the last rank) TensorBoard."""
     schedule = run.training.schedule
     tokens_per_step = schedule.global_batch_size * schedule.seq_length
-    fpt = flops_per_token_of_model(run.model, schedule.seq_length)
     writer = None
     if run.training.logging.tensorboard_dir and rank == args.world_size - 1:
         from torch.utils.tensorboard import SummaryWriter
@@ -521,7 +446,7 @@ def _resume(args, model, optimizer, groups) -> tuple[int, int, dict | None]:
     return loaded.iteration, loaded.consumed_samples, loaded.rng
 
 
-def _teacher_checkpoint(args, tokenizer):
+def teacher_checkpoint(args, tokenizer):
     """--kd/--mos: the teacher checkpoint, checked against the student (None without distillation)."""
     config = kd_config(args)
     if config is None:
@@ -535,7 +460,7 @@ def _distillation(args, tokenizer, groups, device, dtype, iteration: int) -> Dis
     config = kd_config(args)
     if config is None or not config.active(iteration + 1):
         return None
-    checkpoint = _teacher_checkpoint(args, tokenizer)
+    checkpoint = teacher_checkpoint(args, tokenizer)
     teacher = build_teacher(checkpoint, groups, device, dtype)
     f = checkpoint.flags
     print_rank0(f" > teacher {checkpoint.directory}: {f['num_layers']} layers, hidden {f['hidden_size']}, "
@@ -543,48 +468,3 @@ def _distillation(args, tokenizer, groups, device, dtype, iteration: int) -> Dis
                 f"parameters on rank 0, frozen; KD loss x {config.beta:g} at temperature {config.temperature:g}"
                 + (f" until iteration {config.stop_iter}" if config.stop_iter is not None else ""))
     return Distillation(config, teacher, groups.tp)
-
-
-def _check_checkpoint_flags(args, run: RunConfig) -> None:
-    for flag in ("save_interval", "exit_interval"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} {value} must be at least 1")
-    if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise ValueError(f"--save {args.save} is a file, not a directory")
-    if args.load is not None and not getattr(args, "moe_use_upcycling", False):   # upcycling loads a dense model
-        check_args_compatible(args.load, run.model)
-
-
-def main(argv=None) -> int:
-    try:  # every user error surfaces here, before any process group or heavy work
-        args = parse_args(argv)
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size, args.vocab_file,
-                                    args.merge_file)
-        args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by,
-                                                   args.tensor_model_parallel_size)
-        run = configs_from_args(args)   # the typed configuration, built once (config/from_flags.py)
-        _check_checkpoint_flags(args, run)
-        _teacher_checkpoint(args, tokenizer)   # --load-teacher: one line here, before any process group
-        if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
-            print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
-        if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
-            print("--use-checkpoint-args: the checkpoint's " + "; ".join(args.checkpoint_args_taken), flush=True)
-        check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
-        if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
-            return dry_run(args)
-        if args.save is not None:
-            check_writable(args.save)   # not found out at the first save, after hours of training
-    except ValueError as e:
-        return report_error(e)
-    try:
-        train(args, tokenizer, run)
-    except (CheckpointError, DataError, NonFiniteLossError, RendezvousError) as e:  # every rank alike
-        code = report_error(e)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return code
-    except TokenIdError as e:  # only the rank that read the batch: it exits, and the launcher stops the rest
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
