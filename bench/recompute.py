@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_ted.model.init import init_parameters
-from megatron_ted.model.mlp import MLP
+from megatron_ted.tensor_parallel.mlp import MLP
 from megatron_ted.model.activation_checkpointing import RecomputeConfig, run_layers
 from megatron_ted.model.transformer import TransformerLayer
 from megatron_ted.moe.moe_layer import MoELayer

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-from megatron_ted.data.tokenizer import true_vocab_size  # noqa: F401 (its home: the tokenizer)
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")

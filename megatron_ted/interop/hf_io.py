@@ -20,7 +20,8 @@ import struct
 
 import torch
 
-from megatron_ted.interop.hf_config import flags_from_hf, true_vocab_size
+from megatron_ted.data.tokenizer import true_vocab_size
+from megatron_ted.interop.hf_config import flags_from_hf
 from megatron_ted.interop.hf_export import architecture_for, hf_from_args
 from megatron_ted.interop.hf_weights import ARCHITECTURES, IGNORED_SUFFIXES, features_of, mappings
 from megatron_ted.model.builder import moe_layer_indices

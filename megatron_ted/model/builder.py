@@ -7,11 +7,10 @@ import zlib
 from megatron_ted.model.config import ModelConfig
 from megatron_ted.model.gpt import GPTConfig, GPTModel
 from megatron_ted.model.init import init_parameters
-from megatron_ted.moe.config import MLP_TYPES, MoEConfig  # noqa: F401 (MLP_TYPES: the builder's public names)
+from megatron_ted.moe.config import MoEConfig
 from megatron_ted.moe.hierarchical import HierarchicalTokenDispatcher, create_groups
 from megatron_ted.moe.moe_layer import MoELayer
 from megatron_ted.moe.residual import ResidualMoE
-from megatron_ted.moe.router import RouterConfig
 from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups
 

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group-limited routing: the top-k is chosen among the experts of this many best groups")
     g.add_argument("--moe-use-upcycling", action="store_true",
                    help="start this MoE from the dense checkpoint of --load: every expert a copy of the dense MLP, a "
-                        "fresh router and optimizer; saved to --save as iteration 0 (interop/upcycle.py)")
+                        "fresh router and optimizer; saved to --save as iteration 0 (training/upcycle.py)")
     g.add_argument("--moe-upcycling-granularity", type=int, default=1,
                    help="granular upcycling: each dense MLP cut into this many experts of FFN --ffn-hidden-size / G "
                         "(megatron-core's; training/upcycle.py)")
