@@ -1,4 +1,4 @@
-"""The iteration log line in Megatron-LM's shape (DESIGN.md section 3: a public interface), with
+"""The iteration log line in Megatron-LM's shape (a public interface: docs/TRAINING.md, docs/DESIGN.md section 7), with
 throughput, MFU and MoE load; and Megatron-LM's memory report."""
 from __future__ import annotations
 
