@@ -1,5 +1,5 @@
-"""The iteration log line in Megatron-LM's shape (a public interface: docs/TRAINING.md, docs/DESIGN.md section 7), with
-throughput, MFU and MoE load; and Megatron-LM's memory report."""
+"""The iteration log line in Megatron-LM's shape, with throughput, MFU and MoE load (a public
+interface: docs/TRAINING.md, docs/DESIGN.md section 7); and Megatron-LM's memory report."""
 from __future__ import annotations
 
 import time
