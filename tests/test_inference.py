@@ -285,3 +285,45 @@ def test_greedy_ids_equal_transformers_generate_on_an_exported_model(tmp_path):
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert ids == ref
     assert len(set(got[0])) > 1
+
+
+def _decode_experts_with_disagreeing_routing(rank, world, fc1, fc2, x_TH, routings):
+    """Each EP rank hands the decode dispatcher its own top-k (they differ on purpose, as a near tie
+    broken differently by two TP groups' rounding would); returns this rank's rows."""
+    from types import SimpleNamespace
+    from megatron_ted.inference.decode_moe import DecodeDispatcher
+    from megatron_ted.moe.experts import GroupedExperts
+    from megatron_ted.parallel.layout import ParallelLayout
+    groups = ParallelGroups.create(ParallelLayout(world_size=world, expert_parallel=world), rank)
+    L = fc1.shape[0] // world
+    experts = GroupedExperts(L, fc1.shape[1], fc1.shape[2], groups.tp).double()
+    with torch.no_grad():
+        experts.fc1.copy_(fc1[rank * L:(rank + 1) * L])
+        experts.fc2.copy_(fc2[rank * L:(rank + 1) * L])
+    dispatcher = DecodeDispatcher(SimpleNamespace(tp=groups.tp, ep=groups.ep, num_local_experts=L))
+    idx_TK, weight_TK = routings[rank]
+    y_TH, _ = dispatcher(x_TH, None, None, experts, topk_TK=(idx_TK, weight_TK))
+    return y_TH, groups.stats.count("broadcast", "ep")
+
+
+def test_decode_experts_follow_one_routing_when_ep_ranks_disagree():
+    """Token t's row is sum_k w[t, k] * expert_{idx[t, k]}(x_t) of EP rank 0's routing on every EP
+    rank, computed here from the full weights; without the broadcast rank 1's experts would add
+    its own choices (tokens 0 and 2 would get three or one expert instead of two)."""
+    from megatron_ted.tensor_parallel.mlp import activation
+    g = torch.Generator().manual_seed(0)
+    E, H, F, T = 4, 6, 8, 3
+    fc1, fc2 = torch.randn(E, H, F, generator=g, dtype=torch.float64), torch.randn(E, F, H, generator=g,
+                                                                                 dtype=torch.float64)
+    x_TH = torch.randn(T, H, generator=g, dtype=torch.float64)
+    rank0 = (torch.tensor([[0, 2], [1, 3], [3, 0]]), torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.55, 0.45]],
+                                                                  dtype=torch.float64))
+    rank1 = (torch.tensor([[1, 2], [1, 3], [2, 0]]), torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.5, 0.5]],
+                                                                  dtype=torch.float64))
+    expected = torch.stack([sum(w * (activation(x_TH[t] @ fc1[e], False) @ fc2[e])
+                                for e, w in zip(rank0[0][t].tolist(), rank0[1][t]))
+                            for t in range(T)])
+    results = run_distributed(_decode_experts_with_disagreeing_routing, 2, fc1, fc2, x_TH, [rank0, rank1])
+    for y_TH, broadcasts in results:
+        torch.testing.assert_close(y_TH, expected, rtol=0, atol=1e-12)
+        assert broadcasts == 2    # the top-k ids and weights, once each

@@ -16,8 +16,11 @@ in one batched matmul (only the chosen experts are read); else every local exper
 tokens (a decode step is bound by reading the weights, all of them are read anyway when
 T * K >= L) and each slot picks its expert's row.
 
-The routing of a token is the same on every rank only if the ranks' hidden states are; they are
-computed from the same ids by the same kernels (rank 0 broadcasts the ids).
+Every EP rank routes the batch itself, from hidden states computed from the same ids by the same
+kernels; but its TP all-reduces run in another TP group, which may round differently, and a near
+tie could then send a token to experts on two ranks (or none). So the routing of EP rank 0 is
+broadcast over EP before the experts run: one small collective per MoE layer, which a CUDA graph
+holds (it has static shapes).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 
 from megatron_ted.moe.experts import GroupedExperts
 from megatron_ted.moe.moe_layer import MoELayer
-from megatron_ted.parallel import mappings
+from megatron_ted.parallel import comm, mappings
 from megatron_ted.tensor_parallel.mlp import activation
 
 
@@ -41,6 +44,7 @@ class DecodeDispatcher:
 
     def __call__(self, x_TH, probs_TE, map_TE, experts, experts_per_token=None, overlap=None, topk_TK=None):
         L, first = self.num_local_experts, self.ep.rank * self.num_local_experts
+        probs_TE, topk_TK = self._routing_of_ep_rank0(probs_TE, topk_TK)
         fc1, fc2 = experts.fc1.flatten(2), experts.fc2                  # [L, H, F'], [L, F, H]
         if topk_TK is None:   # a gate that does not fix K (expert choice): the weights of every expert
             w_TL = probs_TE[:, first:first + L].to(x_TH.dtype)
@@ -67,6 +71,16 @@ class DecodeDispatcher:
             next(overlap)
             side = next(overlap)
         return y_TH, side
+
+
+    def _routing_of_ep_rank0(self, probs_TE, topk_TK):
+        """EP rank 0's routing on every EP rank (module docstring): every token's experts agree."""
+        if self.ep.size == 1:
+            return probs_TE, topk_TK
+        if topk_TK is None:
+            return comm.broadcast(probs_TE.detach().clone(), self.ep), None
+        idx_TK, weight_TK = (comm.broadcast(t.detach().clone(), self.ep) for t in topk_TK)
+        return probs_TE, (idx_TK, weight_TK)
 
 
 def decode_blocker(model) -> str | None:
