@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from multiproc import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
         "--micro-batch-size", "2", "--mock-data", "--vocab-size", "200"]
@@ -136,7 +138,7 @@ def test_an_unknown_flag_under_torchrun_is_one_line_from_rank_0_and_in_the_launc
     """World size 2: our line comes once, first, from rank 0; the launcher's failure summary shows
     it as rank 0's root cause (from its error file) instead of a link; no usage block."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             os.path.join(ROOT, "pretrain_gpt_moe.py"), *TINY, "--hiden-size", "32"]
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0
@@ -151,7 +153,7 @@ def test_an_unknown_flag_under_torchrun_is_one_line_from_rank_0_and_in_the_launc
 
 def test_torchrun_tp2_ep2_trains_and_reports_expert_load():
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29531",
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(free_port()),
             os.path.join(ROOT, "pretrain_gpt_moe.py"), "--tensor-model-parallel-size", "2",
             "--expert-model-parallel-size", "2", "--num-experts", "4", "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "8",
@@ -228,7 +230,7 @@ def test_ids_past_the_start_up_check_stop_the_run_at_their_batch(tmp_path):
     assert re.search(r"iteration +1/ +60", r.stdout)         # it trained until the batch with the id came
     # over 2 data-parallel ranks only the rank that read the id raises; the launcher stops the other,
     # which waits in a collective, rather than leaving it hung
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     script = tmp_path / "entry.py"
     script.write_text(code.replace("; ", "\n"))
     argv[argv.index("--global-batch-size") + 1] = "4"

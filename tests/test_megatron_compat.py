@@ -13,6 +13,7 @@ from megatron_ted.model.builder import moe_layer_indices
 from megatron_ted.model.layer_pattern import moe_layer_freq, parse_layer_pattern
 from megatron_ted.training.arguments import parse_args
 from megatron_ted.training.lr_schedule import learning_rate
+from multiproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--mock-data", "--vocab-size", "100", "--num-layers", "4", "--hidden-size", "16", "--num-attention-heads", "2",
@@ -378,7 +379,7 @@ def test_an_eval_capacity_factor_on_a_gate_without_capacity_stops_at_start_up():
 def _entry(argv, nproc=1):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", WORLD_SIZE="1")
     cmd = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py")] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29583",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
          os.path.join(ROOT, "pretrain_gpt_moe.py")]
     return subprocess.run(cmd + [str(a) for a in argv], env=env, capture_output=True, text=True, timeout=300)
 
