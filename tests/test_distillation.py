@@ -12,7 +12,8 @@ from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of, unshard
-from megatron_ted.training.distillation import Distillation, KDConfig, build_teacher, check_teacher
+from megatron_ted.config.distillation import KDConfig
+from megatron_ted.training.distillation import Distillation, build_teacher, check_teacher
 from megatron_ted.training.grad_sync import GradientSync
 from megatron_ted.training.step import forward_backward
 from parity import global_batches, micro_batches, run_forked, tiny_config, tiny_moe

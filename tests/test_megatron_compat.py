@@ -346,7 +346,6 @@ def test_megatron_deepspeed_moe_script(tmp_path):
 def test_eval_capacity_factor_changes_the_capacity_at_evaluation_only():
     """A tiny eval capacity drops tokens (another loss); an ample one routes as dropless; the routers
     keep their training capacity (None: dropless) after the evaluation."""
-    import argparse
     import torch
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from parity import global_batches, micro_batches, tiny_config, tiny_moe
@@ -359,9 +358,9 @@ def test_eval_capacity_factor_changes_the_capacity_at_evaluation_only():
     batch = global_batches(1, 4)[0]
 
     def eval_loss(factor):
-        args = argparse.Namespace(eval_iters=1, num_micro_batches=2, num_experts=4, moe_eval_capacity_factor=factor)
         mbs = [{k: v for k, v in mb.items() if k != "routing_seed"} for mb in micro_batches(batch, 0, 1, 2)]
-        return evaluate(model, iter(mbs), args, groups, torch.device("cpu"))
+        return evaluate(model, iter(mbs), groups, torch.device("cpu"), eval_iters=1, num_micro_batches=2,
+                        eval_capacity_factor=factor)
 
     dropless = eval_loss(None)
     assert eval_loss(0.05) != dropless

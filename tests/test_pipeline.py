@@ -92,15 +92,13 @@ STEPS = 3
 def eval_loss(model, groups, runner=None):
     """training/train.py's evaluation of 2 validation batches (global batch 8, micro-batch 2) of
     this rank's data-parallel share; pipelined with the runner."""
-    from types import SimpleNamespace
     from megatron_ted.training.train import evaluate
     from parity import global_batches, micro_batches
     n_micro = 8 // 2 // groups.dp.size
     mbs = [{k: v for k, v in mb.items() if k != "routing_seed"}
            for b in global_batches(2, 8, seed=99)
            for mb in micro_batches(dict(b, loss_mask=b["loss_mask"].double()), groups.dp.rank, groups.dp.size, 2)]
-    args = SimpleNamespace(eval_iters=2, num_micro_batches=n_micro, num_experts=4, moe_eval_capacity_factor=None)
-    return evaluate(model, iter(mbs), args, groups, "cpu", runner=runner)
+    return evaluate(model, iter(mbs), groups, "cpu", eval_iters=2, num_micro_batches=n_micro, runner=runner)
 
 
 def train_pipeline(groups, vp=None, schedule=None, distributed_optimizer=False, recompute=None, steps=STEPS):
@@ -242,6 +240,7 @@ def _cli_worker(rank, world, port, argv):
                       MASTER_PORT=str(port))
     import torch
     torch.set_num_threads(1)
+    from megatron_ted.config.from_flags import configs_from_args
     from megatron_ted.data.tokenizer import build_tokenizer
     from megatron_ted.training.arguments import padded_vocab_size, parse_args
     from megatron_ted.training.train import train
@@ -257,7 +256,7 @@ def _cli_worker(rank, world, port, argv):
         return write(save, it, model, *rest, **kw)
 
     entry.save_checkpoint = save_and_keep_own
-    out = train(args, tok)
+    out = train(configs_from_args(args), tok)
     if rank == 0:
         torch.save(out["losses"], os.path.join(argv[argv.index("--save") + 1], "losses.pt"))
 

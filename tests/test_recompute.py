@@ -412,18 +412,19 @@ def test_recompute_flags_resolve():
 def test_log_line_reports_all_to_alls_per_moe_layer(capsys):
     """3 MoE layers, 2 micro-batches per step, 36 all-to-alls counted in the step: 6 per MoE layer
     per micro-batch, as with plain full recompute."""
-    from types import SimpleNamespace
-
+    from megatron_ted.config.training import LoggingConfig, ScheduleConfig
     from megatron_ted.parallel.comm import CommStats
+    from megatron_ted.parallel.layout import ParallelLayout
     from megatron_ted.training.step import StepResult
     from megatron_ted.training.megatron_log import MegatronLog
-    args = SimpleNamespace(log_interval=1, world_size=4, train_iters=10, global_batch_size=8, log_comm=False,
-                           expert_model_parallel_size=2, num_micro_batches=2)
+    schedule = ScheduleConfig(train_iters=10, micro_batch_size=2, global_batch_size=8, num_micro_batches=2,
+                              seq_length=16)
     stats = CommStats()
     for _ in range(36):
         stats.record("all_to_all", "ep", 64)
     stats.record("counts", "ep", 8)
     moe = [{"tokens_per_expert": torch.tensor([3, 5]), "dropped": 0, "assigned": 8}] * 3
-    log = MegatronLog(args, 128, 1e9, torch.device("cpu"), num_moe_layers=3)
+    log = MegatronLog(schedule, LoggingConfig(log_interval=1), ParallelLayout(4, expert_parallel=2), 1e9,
+                      torch.device("cpu"), num_moe_layers=3)
     log.iteration(1, 1e-3, StepResult(lm_loss=2.0, aux_loss=0.0, num_tokens=128, moe=moe, grad_norm=1.0), 1.0, stats)
     assert "all-to-alls per MoE layer per micro-batch: 6 |" in capsys.readouterr().out

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from megatron_ted.config.distillation import KDConfig, TeacherShape
 from megatron_ted.config.parallel import ParallelConfig
 from megatron_ted.config.run import RunConfig
-from megatron_ted.config.training import (CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig,
-                                          PrecisionConfig, ScheduleConfig, TrainingConfig)
+from megatron_ted.config.training import (CheckpointConfig, DataConfig, LoggingConfig, ManualGCConfig, OptimizerConfig,
+                                          PrecisionConfig, ProfileConfig, ScheduleConfig, TrainingConfig,
+                                          UpcyclingConfig)
 from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.builder import experts_per_layer, moe_layer_indices
 from megatron_ted.model.config import ModelConfig
@@ -140,7 +142,34 @@ def parallel_config(args) -> ParallelConfig:
         compile_layers=f["compile_layers"], cuda_graph_impl=f["cuda_graph_impl"],
         cuda_graph_scope=tuple(f["cuda_graph_scope"]), cuda_graph_warmup_steps=f["cuda_graph_warmup_steps"],
         fp8=fp8_config(f), gpus_per_node=f["gpus_per_node"], pipeline=f.get("pipeline_split"),
-        pipeline_schedule=f.get("pipeline_schedule"))
+        pipeline_schedule=f.get("pipeline_schedule"), distributed_backend=f["distributed_backend"],
+        distributed_timeout_minutes=f["distributed_timeout_minutes"])
+
+
+def distillation_config(args) -> KDConfig | None:
+    """The distillation flags as a KDConfig (None without --kd/--mos)."""
+    f = _flags(args)
+    if not (f.get("kd", False) or f.get("mos", False)):
+        return None
+    shape = TeacherShape(f["num_layers_teacher"], f["hidden_size_teacher"], f["num_attention_heads_teacher"],
+                         tuple(f["num_experts_teacher"]) if f["num_experts_teacher"] else None)
+    return KDConfig(f["load_teacher"], f["kd_alpha_ce"], f["kd_beta_ce"], f["kd_temp"], f["kd_stop_iter"], shape)
+
+
+def profile_config(args) -> ProfileConfig | None:
+    f = _flags(args)
+    if not f["profile"]:
+        return None
+    return ProfileConfig(tuple(f["profile_ranks"]), f["profile_step_start"], f["profile_step_end"],
+                         f["use_pytorch_profiler"], f["profile_dir"] or f["tensorboard_dir"] or "profile")
+
+
+def moe_summary(args, moe_layers) -> str:
+    """The start-up line: the top-k and MoE layers this run uses, and which defaults set them
+    (training/deepspeed_moe.py resolve)."""
+    f = _flags(args)
+    line = f" > MoE: top-{f['moe_router_topk']} routing, MoE layers {list(moe_layers)} (0-based) of {f['num_layers']}"
+    return line + (f"; {f['moe_defaults_from']}" if f.get("moe_defaults_from") else "")
 
 
 def training_config(args) -> TrainingConfig:
@@ -151,7 +180,8 @@ def training_config(args) -> TrainingConfig:
             lr=f["lr"], min_lr=f["min_lr"], weight_decay=f["weight_decay"], betas=(f["adam_beta1"], f["adam_beta2"]),
             eps=f["adam_eps"], clip_grad=f["clip_grad"], tile_size=f["optimizer_tile_size"],
             offload_fraction=(f["optimizer_offload_fraction"] or 0.0) if f["optimizer_cpu_offload"] else 0.0,
-            offload_policy=f["optimizer_offload_policy"], host_memory_per_node_gib=f["host_memory_per_node_gib"]),
+            offload_policy=f["optimizer_offload_policy"], host_memory_per_node_gib=f["host_memory_per_node_gib"],
+            cpu_offload=f["optimizer_cpu_offload"]),
         schedule=ScheduleConfig(
             train_iters=f["train_iters"], micro_batch_size=f["micro_batch_size"],
             global_batch_size=f["global_batch_size"], num_micro_batches=f["num_micro_batches"],
@@ -162,14 +192,23 @@ def training_config(args) -> TrainingConfig:
             loss_scale_window=f["loss_scale_window"], min_loss_scale=f["min_loss_scale"], hysteresis=f["hysteresis"]),
         data=DataConfig(data_path=tuple(f["data_path"]) if f["data_path"] else None, split=f["split"],
                         mock_data=f["mock_data"], tokenizer_type=f["tokenizer_type"],
-                        tokenizer_model=f["tokenizer_model"], vocab_size=f["vocab_size"]),
+                        tokenizer_model=f["tokenizer_model"], vocab_size=f["vocab_size"],
+                        data_cache_path=f["data_cache_path"], num_workers=f["num_workers"]),
         logging=LoggingConfig(log_interval=f["log_interval"], eval_interval=f["eval_interval"],
-                              eval_iters=f["eval_iters"], tensorboard_dir=f["tensorboard_dir"], log_comm=f["log_comm"]),
+                              eval_iters=f["eval_iters"], tensorboard_dir=f["tensorboard_dir"], log_comm=f["log_comm"],
+                              tensorboard_queue_size=f["tensorboard_queue_size"],
+                              eval_capacity_factor=f["moe_eval_capacity_factor"]),
         checkpoint=CheckpointConfig(save=f["save"], load=f["load"], save_interval=f["save_interval"],
                                     load_optim=not f["no_load_optim"], load_rng=not f["no_load_rng"],
-                                    exit_interval=f["exit_interval"]))
+                                    exit_interval=f["exit_interval"], exit_duration_in_mins=f["exit_duration_in_mins"]),
+        check_for_nan=f["check_for_nan_in_loss_and_grad"], distillation=distillation_config(f),
+        upcycling=UpcyclingConfig(f["moe_upcycling_granularity"]) if f["moe_use_upcycling"] else None,
+        profile=profile_config(f),
+        manual_gc=ManualGCConfig(f["manual_gc"], f["manual_gc_interval"], f["manual_gc_eval"]))
 
 
 def configs_from_args(args) -> RunConfig:
     """The run's configuration from the validated flags (padded_vocab_size set): built once, here."""
-    return RunConfig(model_config_from_flags(args), parallel_config(args), training_config(args))
+    model = model_config_from_flags(args)
+    return RunConfig(model, parallel_config(args), training_config(args), flags=dict(_flags(args)),
+                     moe_summary=moe_summary(args, model.gpt.moe_layers) if model.moe is not None else None)

@@ -25,5 +25,7 @@ class ParallelConfig:
     gpus_per_node: int | None = None           # for the dry run and the planner: which groups cross nodes
     pipeline: PipelineSplit | None = None      # the layers of each pipeline stage (None without PP)
     pipeline_schedule: str | None = None       # --pipeline-schedule (None: the split's default)
+    distributed_backend: str | None = None     # None: nccl on CUDA, gloo on CPU
+    distributed_timeout_minutes: float = 10    # of the process group's collectives
     # duplicate token dropping and the all-to-all algorithm are built into the MoE blocks:
     # ModelConfig.moe.duplicate_token_dropping / a2a_algorithm (not part of the model's identity)

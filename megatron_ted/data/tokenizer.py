@@ -240,12 +240,12 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
     )
 
 
-def true_vocab_size(args: dict) -> int | None:
+def true_vocab_size(flags: dict) -> int | None:
     """The vocabulary without the padding rows, from the saved flags (None: unknown)."""
-    if args.get("vocab_size") is None:
+    if flags.get("vocab_size") is None:
         return None
-    if args.get("tokenizer_type") == "NullTokenizer":
-        return int(args["vocab_size"]) + 1
-    if args.get("tokenizer_type") == "HuggingFaceTokenizer":   # as import-hf writes it: the model's vocabulary
-        return int(args["vocab_size"])
+    if flags.get("tokenizer_type") == "NullTokenizer":
+        return int(flags["vocab_size"]) + 1
+    if flags.get("tokenizer_type") == "HuggingFaceTokenizer":   # as import-hf writes it: the model's vocabulary
+        return int(flags["vocab_size"])
     return None

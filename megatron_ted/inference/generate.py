@@ -44,7 +44,7 @@ def load_for_inference(load: str, tokenizer_model: str | None = None, device: st
     """(model in eval mode, tokenizer, saved training flags) from `--load` (save or iteration directory)."""
     directory, args = checkpoint_args(load)
     tokenizer = load_tokenizer(load, tokenizer_model)
-    return build_from_checkpoint(directory, args, device, dtype), tokenizer, args
+    return build_from_checkpoint(directory, device, dtype), tokenizer, args
 
 
 def load_tokenizer(load: str, tokenizer_model: str | None = None):

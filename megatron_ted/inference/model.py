@@ -60,7 +60,7 @@ def load_parallel(path: str, tp: int = 1, ep: int = 1, device="cpu", dtype=torch
                          f"the {world} processes; launch TP x EP processes (torchrun --nproc-per-node)")
     groups = (ParallelGroups.single() if world == 1
               else ParallelGroups.create(ParallelLayout(world, tensor_parallel=tp, expert_parallel=ep)))
-    return build_from_checkpoint(directory, args, device, dtype, groups), groups
+    return build_from_checkpoint(directory, device, dtype, groups), groups
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CausalLM:
@@ -69,7 +69,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
 
     directory, args = checkpoint_args(path)
     vocab = true_vocab_size(args) or _sentencepiece_vocab(directory) or args["padded_vocab_size"]
-    return CausalLM(build_from_checkpoint(directory, args, device, dtype), vocab).eval()
+    return CausalLM(build_from_checkpoint(directory, device, dtype), vocab).eval()
 
 
 def _sentencepiece_vocab(directory: str) -> int | None:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                                                    args.tensor_model_parallel_size)
         run = configs_from_args(args)   # the typed configuration, built once (config/from_flags.py)
         check_checkpoint_flags(args, run)
-        teacher_checkpoint(args, tokenizer)   # --load-teacher: one line here, before any process group
+        teacher_checkpoint(run, tokenizer)   # --load-teacher: one line here, before any process group
         if args.accepted_no_effect and int(os.environ.get("RANK", "0")) == 0:
             print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
         if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         return report_error(e)
     try:
-        train(args, tokenizer, run, flops_per_token_of_model(run.model, run.training.schedule.seq_length))
+        train(run, tokenizer, flops_per_token_of_model(run.model, run.training.schedule.seq_length))
     except (CheckpointError, DataError, NonFiniteLossError, RendezvousError) as e:  # every rank alike
         code = report_error(e)
         if dist.is_initialized():

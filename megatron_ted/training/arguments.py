@@ -465,7 +465,7 @@ def validate(args: argparse.Namespace, world_size: int) -> argparse.Namespace:
     else:
         check_dense_flags(args)
     if args.moe_use_upcycling:
-        from megatron_ted.training.upcycle import check_upcycling
+        from megatron_ted.training.upcycle_flags import check_upcycling
         check_upcycling(args)
     check_data_flags(args)
     check_tokenizer_flags(args)
@@ -691,20 +691,10 @@ def check_distillation_flags(args) -> None:
         raise ValueError(f"--{given[0].replace('_', '-')} needs --kd or --mos (distillation is off)")
 
 
-def kd_config(args):
-    """The distillation flags as a KDConfig (None without --kd/--mos)."""
-    if not (getattr(args, "kd", False) or getattr(args, "mos", False)):
-        return None
-    from megatron_ted.training.distillation import KDConfig, TeacherShape
-    shape = TeacherShape(args.num_layers_teacher, args.hidden_size_teacher, args.num_attention_heads_teacher,
-                         tuple(args.num_experts_teacher) if args.num_experts_teacher else None)
-    return KDConfig(args.load_teacher, args.kd_alpha_ce, args.kd_beta_ce, args.kd_temp, args.kd_stop_iter, shape)
-
-
 def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.use_checkpoint_args:
-        from megatron_ted.training.checkpoint import apply_checkpoint_args
+        from megatron_ted.training.checkpoint_args import apply_checkpoint_args
         apply_checkpoint_args(args)
     if world_size is None:
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))

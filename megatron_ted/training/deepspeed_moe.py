@@ -9,7 +9,7 @@ layer `n` (1-based) experts when `n % expert_interval == 0`, so with 2 the MoE l
 The defaults follow the script's dialect: when `--moe-router-topk` / `--topk` or `--moe-layer-freq` /
 `--expert-interval` is not given, a script with any Megatron-DeepSpeed-only flag (DEEPSPEED_ONLY)
 gets Megatron-DeepSpeed's defaults, any other script ours. `resolve(args)` applies this once (it is
-idempotent) and `summary(args)` is the start-up line that states the result.
+idempotent) and config/from_flags.py `moe_summary` is the start-up line that states the result.
 """
 from __future__ import annotations
 
@@ -99,8 +99,3 @@ def resolve(args: argparse.Namespace) -> None:
     elif not hasattr(args, "moe_defaults_from"):
         args.moe_defaults_from = None
 
-
-def summary(args: argparse.Namespace, moe_layers: list[int]) -> str:
-    """The start-up line: the top-k and MoE layers this run uses, and which defaults set them."""
-    line = f" > MoE: top-{args.moe_router_topk} routing, MoE layers {list(moe_layers)} (0-based) of {args.num_layers}"
-    return line + (f"; {args.moe_defaults_from}" if getattr(args, "moe_defaults_from", None) else "")

@@ -30,42 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megatron_ted.config.distillation import KDConfig
 from megatron_ted.parallel.comm import Group
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.tensor_parallel import vocab_parallel_kl_div
 from megatron_ted.training.checkpoint import find_checkpoint, read_metadata
-
-
-@dataclass(frozen=True)
-class TeacherShape:
-    """The --*-teacher flags (None: not given). Checked against the checkpoint's own flags."""
-    num_layers: int | None = None
-    hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_experts: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class KDConfig:
-    teacher_path: str                     # --load-teacher
-    alpha: float = 1.0                    # --kd-alpha-ce: weight of the LM loss
-    beta: float = 1.0                     # --kd-beta-ce: weight of the KD term
-    temperature: float = 1.0              # --kd-temp
-    stop_iter: int | None = None          # --kd-stop-iter: KD on iterations 1..stop_iter (None: always)
-    teacher: TeacherShape = TeacherShape()
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"--kd-temp {self.temperature} must be positive")
-        for flag, v in (("--kd-alpha-ce", self.alpha), ("--kd-beta-ce", self.beta)):
-            if not v >= 0:
-                raise ValueError(f"{flag} {v} must be >= 0")
-        if self.stop_iter is not None and self.stop_iter < 0:
-            raise ValueError(f"--kd-stop-iter {self.stop_iter} must be >= 0")
-
-    def active(self, iteration: int) -> bool:
-        """Does training iteration `iteration` (1-based) distil?"""
-        return self.stop_iter is None or iteration <= self.stop_iter
 
 
 @dataclass(frozen=True)
@@ -147,7 +116,7 @@ def build_teacher(checkpoint: TeacherCheckpoint, groups: ParallelGroups, device,
     """The frozen teacher at this rank's layout (collective: every rank calls it)."""
     from megatron_ted.training.saved_model import build_from_checkpoint   # dropout off, dropless routing, eval
 
-    teacher = build_from_checkpoint(checkpoint.directory, checkpoint.flags, device, dtype, groups)
+    teacher = build_from_checkpoint(checkpoint.directory, device, dtype, groups)
     return teacher.requires_grad_(False).eval()
 
 

@@ -16,17 +16,21 @@ import os
 
 import torch
 
+from megatron_ted.config.training import ProfileConfig
+
 PHASES = ("forward-backward", "optimizer-step")
 
 
 class StepProfiler:
-    def __init__(self, args, rank: int, device: torch.device):
-        self.enabled = bool(args.profile) and rank in args.profile_ranks
-        self.start, self.end = args.profile_step_start, args.profile_step_end
-        self.torch_profiler = args.use_pytorch_profiler
+    def __init__(self, config: ProfileConfig | None, rank: int, device: torch.device):
+        """config None: --profile is off."""
+        self.enabled = config is not None and rank in config.ranks
+        config = config or ProfileConfig()
+        self.start, self.end = config.step_start, config.step_end
+        self.torch_profiler = config.use_pytorch_profiler
         self.cuda = device.type == "cuda"
         self.rank = rank
-        self.dir = args.profile_dir or args.tensorboard_dir or "profile"
+        self.dir = config.directory
         self._prof = None
 
     def before(self, iteration: int) -> None:

@@ -20,10 +20,9 @@ def inference_config(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, gpt=gpt, moe=moe)
 
 
-def build_from_checkpoint(directory: str, args: dict | None = None, device="cpu", dtype=torch.float32,
-                          groups: ParallelGroups | None = None):
+def build_from_checkpoint(directory: str, device="cpu", dtype=torch.float32, groups: ParallelGroups | None = None):
     """The GPTModel of the checkpoint in `directory` at the layout of `groups` (None: TP = EP = 1)
-    with its weights, in eval mode (`args`: unused, the saved model config says what to build)."""
+    with its weights, in eval mode (its saved model config says what to build)."""
     saved = saved_model_config(read_metadata(directory), directory)
     if saved is None:
         raise CheckpointError(f"checkpoint {directory}: holds no model config; it was not written by "

@@ -28,53 +28,9 @@ import dataclasses
 
 import torch
 
+from megatron_ted.config.run import RunConfig
+from megatron_ted.model.builder import experts_per_layer
 from megatron_ted.model.gpt import GPTModel
-
-
-def check_upcycling(args) -> None:
-    """Flag checks before any process group (ValueError naming the flag)."""
-    if args.num_experts is None:
-        raise ValueError("--moe-use-upcycling needs --num-experts (the MoE to build from the dense checkpoint)")
-    if args.load is None:
-        raise ValueError("--moe-use-upcycling needs --load DENSE_CHECKPOINT")
-    if args.save is None:
-        raise ValueError("--moe-use-upcycling needs --save (the upcycled model is saved there as iteration 0)")
-    if getattr(args, "mlp_type", "standard") != "standard" or args.moe_shared_expert_intermediate_size:
-        raise ValueError("--moe-use-upcycling copies the dense MLP into plain experts; drop --mlp-type residual and "
-                         "--moe-shared-expert-intermediate-size")
-    if not args.disable_bias_linear:
-        raise ValueError("--moe-use-upcycling: experts have no biases; the dense model must have --disable-bias-linear")
-    _check_granularity(args)
-    from megatron_ted.training.checkpoint import find_checkpoint
-    if args.save and find_checkpoint(args.save) is not None:
-        raise ValueError(f"--moe-use-upcycling: --save {args.save} already holds a checkpoint; to resume the "
-                         f"upcycled run drop --moe-use-upcycling and pass --load {args.save}")
-
-
-def _check_granularity(args) -> None:
-    G = getattr(args, "moe_upcycling_granularity", 1)
-    if args.moe_ffn_hidden_size * G != args.ffn_hidden_size:
-        raise ValueError(f"--moe-use-upcycling cuts the dense MLP into --moe-upcycling-granularity {G} experts: "
-                         f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} x {G} must equal --ffn-hidden-size "
-                         f"{args.ffn_hidden_size}")
-    if G == 1:
-        return
-    counts = args.num_experts if isinstance(args.num_experts, (list, tuple)) else [args.num_experts]
-    K = args.moe_router_topk
-    if any(e % G for e in counts):
-        raise ValueError(f"--moe-upcycling-granularity {G} must divide --num-experts {' '.join(map(str, counts))} "
-                         f"(each run of {G} experts holds one copy of the dense MLP)")
-    if K % G:
-        raise ValueError(f"--moe-upcycling-granularity {G}: --moe-router-topk {K} must be a multiple of it, so that "
-                         f"each token picks whole copies of the dense MLP")
-    if getattr(args, "moe_router_type", "topk") != "topk" or getattr(args, "moe_router_pre_softmax", False):
-        raise ValueError(f"--moe-upcycling-granularity {G} needs --moe-router-type topk without "
-                         f"--moe-router-pre-softmax (their weights do not sum to 1, so the upcycled MoE would not "
-                         f"compute the dense MLP)")
-    groups = getattr(args, "moe_router_num_groups", None)
-    if groups and any((e // groups) % G for e in counts):
-        raise ValueError(f"--moe-upcycling-granularity {G} must divide the experts per router group (--num-experts / "
-                         f"--moe-router-num-groups {groups}), so that no copy of the dense MLP straddles two groups")
 
 
 @torch.no_grad()
@@ -110,16 +66,19 @@ def upcycle(model: GPTModel, dense_path: str, groups, granularity: int = 1) -> N
             w.copy_(w[: w.shape[0] // G].repeat_interleave(G, dim=0))
 
 
-def upcycle_and_save(args, model: GPTModel, optimizer, groups) -> None:
+def upcycle_and_save(run: RunConfig, model: GPTModel, optimizer, groups) -> None:
     """The training hook: fill the model from --load's dense checkpoint, reset the optimizer's master
     weights from it (fresh moments), and save it to --save as iteration 0 before the first step."""
     import torch.distributed as dist
 
     from megatron_ted.training.checkpoint import save_checkpoint
 
-    upcycle(model, args.load, groups, getattr(args, "moe_upcycling_granularity", 1))
+    ckpt = run.training.checkpoint
+    upcycle(model, ckpt.load, groups, run.training.upcycling.granularity)
     optimizer.sync_master_from_model()
-    save_checkpoint(args.save, 0, model, optimizer, groups, vars(args))
+    save_checkpoint(ckpt.save, 0, model, optimizer, groups, run.flags)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f" > upcycled the dense checkpoint {args.load} into {len(model.config.moe_layers)} MoE layers of "
-              f"{args.num_experts} experts; saved to {args.save} as iteration 0", flush=True)
+        counts = experts_per_layer(run.model.moe, run.model.gpt.num_layers)   # one per MoE layer
+        experts = counts[0] if len(set(counts)) == 1 else list(counts)   # as validated --num-experts reads
+        print(f" > upcycled the dense checkpoint {ckpt.load} into {len(model.config.moe_layers)} MoE layers of "
+              f"{experts} experts; saved to {ckpt.save} as iteration 0", flush=True)
