@@ -50,7 +50,7 @@ from megatron_ted.training.flops import attention_flops_per_token, mla_flops_per
 
 SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4096),
           "B": dict(hidden=4096, heads=32, ffn=16384, experts=16, topk=2, tokens=2048),
-          "tiny": dict(hidden=64, heads=4, ffn=128, experts=4, topk=2, tokens=128)}
+          "tiny": dict(hidden=64, heads=8, ffn=128, experts=4, topk=2, tokens=128)}
 
 
 def layer_flops(hidden, ffn, experts, topk, tokens, seq, shared_ffn=None, attention=None):
