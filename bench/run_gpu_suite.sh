@@ -32,7 +32,7 @@
 #       --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.16.1
 #   and, for fp8-converge, the quick start's corpus under data/ (ignored too: docs/DATA.md).
 #   run(kind="nvidia-h200", timeout_s=600, carry=[".whl", "data"],
-#       command="bash bench/run_gpu_suite.sh lease1 $OUT")
+#       command="DATA=data/stdlib_text_document bash bench/run_gpu_suite.sh lease1 $OUT")
 #   then again with the parts its last line names: "... lease1 $OUT offload fp8-converge".
 # A .whl/ folder with the megatron-core wheel is installed under /tmp/site when megatron.core is
 # not importable (the device image has no megatron-core; the data side and the CLI need it).
