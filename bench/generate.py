@@ -3,6 +3,7 @@
     python bench/generate.py                      # GPU: preset mixtral-1.7b, bf16, prompt 512, 128 new tokens
     python bench/generate.py --dtype fp32         # the id check: greedy ids equal in fp32
     python bench/generate.py --smoke              # CPU: a tiny model, prompt 16, 8 new tokens, batches 1 and 4
+    python bench/generate.py --decode eager,static,graph   # ours three ways against one transformers timing
 
 A random Mixtral of the preset's shape is saved by transformers, imported into a checkpoint of ours
 (megatron_ted/interop, as tools/convert_checkpoint.py import-hf) and exported back (export-hf);
@@ -10,7 +11,7 @@ transformers loads the export, we load the checkpoint (megatron_ted/inference/en
 left-padded batch). Both decode greedily for exactly --new-tokens tokens (no end-of-document stop)
 from the same random prompts. One result line per batch size:
 
-    generate | <preset> <dtype> <device>[ cuda-graph-decode] | batch B | prompt P | new N | ours X ms/token Y tokens/s
+    generate | <preset> <dtype> <device>[ static-cache| cuda-graph-decode] | batch B | prompt P | new N | ours X ms/token Y tokens/s
         | hf X' ms/token Y' tokens/s | speedup S x | ids equal: yes|no
 
 ms/token is the whole generate call (prefill included) over the new tokens of one sequence;
@@ -50,7 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cuda-graph-decode", action="store_true", help="ours: each decode step replayed from a CUDA graph")
+    p.add_argument("--decode", default=None,
+                   help="comma-separated ways ours decodes, each timed against the same transformers run: eager "
+                        "(a growing KV cache), static (a static cache, no host sync in the step), graph (that step "
+                        "replayed from a CUDA graph); default: graph with --cuda-graph-decode, else eager")
     return p
+
+
+DECODE = {"eager": dict(), "static": dict(static_cache=True), "graph": dict(cuda_graph_decode=True)}
+LABEL = {"eager": "", "static": " static-cache", "graph": " cuda-graph-decode"}
+
+
+def decode_modes(args) -> list[str]:
+    modes = (args.decode or ("graph" if args.cuda_graph_decode else "eager")).split(",")
+    bad = [m for m in modes if m not in DECODE]
+    if bad:
+        raise SystemExit(f"error: --decode {bad[0]} is not one of {','.join(DECODE)}")
+    return modes
 
 
 def _timed(fn, repeats: int, sync) -> tuple[float, object]:
@@ -67,6 +84,7 @@ def _timed(fn, repeats: int, sync) -> tuple[float, object]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    modes = decode_modes(args)
     if args.smoke:
         args.preset, args.prompt_length, args.new_tokens, args.repeats = "smoke", 16, 8, 1
         args.batch_sizes, args.dtype = "1,4", "fp32"
@@ -84,8 +102,8 @@ def main(argv=None) -> int:
     if args.prompt_length + args.new_tokens > shape["max_position_embeddings"]:
         raise SystemExit(f"error: --prompt-length + --new-tokens exceed the preset's "
                          f"{shape['max_position_embeddings']} positions")
-    if args.cuda_graph_decode and device.type != "cuda":
-        raise SystemExit("error: --cuda-graph-decode needs a CUDA GPU; drop the flag")
+    if "graph" in modes and device.type != "cuda":
+        raise SystemExit("error: --cuda-graph-decode (--decode graph) needs a CUDA GPU; drop the flag")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         config = transformers.AutoConfig.for_model("mixtral", rope_theta=10000.0, **shape)
@@ -101,7 +119,6 @@ def main(argv=None) -> int:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         ids = torch.randint(0, shape["vocab_size"], (batch, args.prompt_length), generator=gen)
         cfg = SamplingConfig(vocab_size=shape["vocab_size"], max_new_tokens=args.new_tokens, temperature=0)
-        t_ours, got = _timed(lambda: generate_batch(ours, ids.tolist(), cfg, cuda_graph_decode=args.cuda_graph_decode).ids, args.repeats, sync)
         hf_in = ids.to(device)
 
         def hf_generate():
@@ -111,11 +128,12 @@ def main(argv=None) -> int:
                                    pad_token_id=0)[:, args.prompt_length:].tolist()
         t_hf, ref = _timed(hf_generate, args.repeats, sync)
         n = args.new_tokens
-        graphs = " cuda-graph-decode" if args.cuda_graph_decode else ""
-        print(f"generate | {args.preset} {args.dtype} {device.type}{graphs} | batch {batch} | prompt {args.prompt_length} "
-              f"| new {n} | ours {1e3 * t_ours / n:.2f} ms/token {batch * n / t_ours:.0f} tokens/s "
-              f"| hf {1e3 * t_hf / n:.2f} ms/token {batch * n / t_hf:.0f} tokens/s | speedup {t_hf / t_ours:.2f}x "
-              f"| ids equal: {'yes' if got == ref else 'no'}", flush=True)
+        for mode in modes:
+            t_ours, got = _timed(lambda: generate_batch(ours, ids.tolist(), cfg, **DECODE[mode]).ids, args.repeats, sync)
+            print(f"generate | {args.preset} {args.dtype} {device.type}{LABEL[mode]} | batch {batch} | prompt {args.prompt_length} "
+                  f"| new {n} | ours {1e3 * t_ours / n:.2f} ms/token {batch * n / t_ours:.0f} tokens/s "
+                  f"| hf {1e3 * t_hf / n:.2f} ms/token {batch * n / t_hf:.0f} tokens/s | speedup {t_hf / t_ours:.2f}x "
+                  f"| ids equal: {'yes' if got == ref else 'no'}", flush=True)
     return 0
 
 
