@@ -12,13 +12,13 @@ from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.mla import MLAConfig
-from megatron_ted.model.param_count import count_parameters, parameter_shapes
+from megatron_ted.planning.param_count import count_parameters, parameter_shapes
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import CommStats, Group
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import full_shape, spec_of
-from megatron_ted.training.dry_run import memory_per_gpu
+from megatron_ted.planning.memory import memory_per_gpu
 from megatron_ted.training.grad_sync import GradientSync
 from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.launch.pretrain import main
@@ -218,7 +218,7 @@ def test_parameter_shapes_of_moe_variants_equal_the_built_model(variant, tp, ep)
     shard shape."""
     from parity import tiny_config, tiny_moe
     from megatron_ted.model.builder import build_gpt
-    from megatron_ted.model.param_count import parameter_shapes
+    from megatron_ted.planning.param_count import parameter_shapes
     config, moe = tiny_config(), tiny_moe(**variant)
     shapes = {s.name: s for s in parameter_shapes(config, moe)}
     for tp_rank in range(tp):

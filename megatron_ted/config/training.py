@@ -48,6 +48,7 @@ class DataConfig:
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
     vocab_size: int | None = None
+    data_cache_path: str | None = None           # megatron-core's index cache (None: next to the data)
 
 
 @dataclass(frozen=True)
