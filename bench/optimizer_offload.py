@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ted.model.builder import build_gpt  # noqa: E402
-from megatron_ted.model.param_count import count_parameters  # noqa: E402
+from megatron_ted.planning.param_count import count_parameters  # noqa: E402
 from megatron_ted.parallel.groups import ParallelGroups  # noqa: E402
 from megatron_ted.planning.memory import GiB, peak_memory, workload_from_args  # noqa: E402
 from megatron_ted.training.arguments import padded_vocab_size, parse_args  # noqa: E402

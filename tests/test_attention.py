@@ -209,7 +209,7 @@ def test_flops_count_the_smaller_kv_projections():
     """Llama-2-70B-like attention (H 8192, 64 heads of 128, 8 K/V groups), seq 4096, per token
     forward: q and output projections 2 * 2 * H * H, k and v 2 * 2 * H * (8 * 128), scores and
     values 2 * 2 * S * H."""
-    from megatron_ted.training.flops import flops_per_token_of_args
+    from megatron_ted.planning.flops import flops_per_token_of_args
     h, s = 8192, 4096
     args = _parse("--num-attention-heads", "64", "--group-query-attention", "--num-query-groups", "8",
                   "--seq-length", str(s), "--hidden-size", str(h), "--num-layers", "1", world=1)

@@ -111,8 +111,8 @@ def test_parser_handles_nesting_without_eval():
 def test_a_pattern_reaches_the_counts_and_flops():
     """Dense first layer: one MoE MLP (2 experts of FFN 4 plus the router) becomes a dense MLP of
     FFN 16 in layer 0. Hidden 8, no biases: dense 2*8*16, experts 2*(2*8*4), router 2*8."""
-    from megatron_ted.model.param_count import count_parameters
-    from megatron_ted.training.flops import flops_per_token_of_args
+    from megatron_ted.planning.param_count import count_parameters
+    from megatron_ted.planning.flops import flops_per_token_of_args
     from megatron_ted.training.train import model_configs
     flags = ["--num-experts", "2", "--hidden-size", "8", "--ffn-hidden-size", "16", "--moe-ffn-hidden-size", "4",
              "--disable-bias-linear"]

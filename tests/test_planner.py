@@ -14,7 +14,7 @@ from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.mla import MLAConfig
-from megatron_ted.model.param_count import count_parameters
+from megatron_ted.planning.param_count import count_parameters
 from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups

@@ -3,7 +3,7 @@
 Each candidate is the run's own flags with the planned knobs set (TP, EP, micro-batch,
 recompute none/full, --moe-cac, --use-distributed-optimizer), validated by
 `training.arguments.validate` — the same checks as `pretrain_gpt_moe.py`, so a candidate the planner
-lists is one the trainer accepts. Then: parameter counts (model/param_count.py), peak memory
+lists is one the trainer accepts. Then: parameter counts (planning/param_count.py), peak memory
 (memory.py), communication (comm.py) and step time (throughput.py).
 
 Ranking: layouts that fit (predicted peak <= 90% of the GPU memory: the memory model's validated
@@ -16,14 +16,14 @@ import argparse
 import copy
 from dataclasses import dataclass, replace
 
-from megatron_ted.model.param_count import ParamCounts, count_parameters
+from megatron_ted.planning.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import Volume, step_comm
 from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.planning.memory import GiB, PeakMemory, Workload, peak_memory, stage_memory, workload_of
 from megatron_ted.planning.throughput import Cluster, StepTime, step_time
 from megatron_ted.training.arguments import padded_vocab_size, validate
-from megatron_ted.training.flops import flops_per_token_of_model
+from megatron_ted.planning.flops import flops_per_token_of_model
 
 _COMMON = dict(seq_length=2048, max_position_embeddings=2048, vocab_size=50256, num_experts=[16], moe_layer_freq=2,
                moe_router_topk=1, moe_expert_capacity_factor=1.0, global_batch_size=2048, fp16=True)
