@@ -123,10 +123,12 @@ def test_flops_formula_counts_the_module(q_lora_rank):
 
 def test_training_flops_of_flags_count_mla():
     """The FLOPs of a run's flags (MFU logging, dry run) swap the classic attention for MLA's."""
-    from megatron_ted.planning.flops import attention_flops_per_token, flops_per_token_of_args, mla_flops_per_token
+    from megatron_ted.config.from_flags import configs_from_args
+    from megatron_ted.planning.flops import attention_flops_per_token, flops_per_token_of_model, mla_flops_per_token
     plain = parse_args(BASE[:-3], world_size=1)
     args = parse_args(BASE + ["--q-lora-rank", "16"], world_size=1)
     plain.padded_vocab_size = args.padded_vocab_size = 128   # set by the trainer from the tokenizer
     mla = MLAConfig(8, 128, 64, 128, 16)   # Megatron's head-dim defaults
     per_layer = mla_flops_per_token(32, args.seq_length, 4, mla) - attention_flops_per_token(32, args.seq_length)
-    assert flops_per_token_of_args(args) - flops_per_token_of_args(plain) == pytest.approx(3 * per_layer)
+    f = [flops_per_token_of_model(configs_from_args(a).model, a.seq_length) for a in (args, plain)]
+    assert f[0] - f[1] == pytest.approx(3 * per_layer)

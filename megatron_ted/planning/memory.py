@@ -431,12 +431,6 @@ def workload_of(run: RunConfig) -> Workload:
                     offload_fraction=opt.offload_fraction)
 
 
-def workload_from_args(args) -> Workload:
-    """The Workload of validated pretrain_gpt_moe.py flags (arguments.parse_args + padded_vocab_size)."""
-    from megatron_ted.config.from_flags import configs_from_args   # the CLI edge
-    return workload_of(configs_from_args(args))
-
-
 # ---- pipeline parallelism: per-stage memory ----------------------------------------------------
 # Per-GPU memory of each pipeline stage: what planning/memory.py models for one rank, restricted to
 # the layers (and ends) a pipeline rank holds, with the activations of the micro-batches in flight.

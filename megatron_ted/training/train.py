@@ -49,12 +49,6 @@ class NonFiniteLossError(RuntimeError):
     raises it at the same iteration."""
 
 
-def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
-    """(GPTConfig, MoEConfig) of validated flags: the ModelConfig's parts (config/from_flags.py)."""
-    model = model_config_from_flags(args, vocab_size)
-    return model.gpt, model.moe
-
-
 def init_distributed(args) -> torch.device:
     use_cuda = torch.cuda.is_available() and args.distributed_backend != "gloo"
     return init_process_group(use_cuda, args.distributed_backend, getattr(args, "distributed_timeout_minutes", 10))
