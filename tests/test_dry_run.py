@@ -240,3 +240,20 @@ def test_dry_run_prints_per_stage_memory_with_pipeline(capsys):
     assert [(s, a, b, k) for s, a, b, _, k in stages] == [("0", "0", "9", "2"), ("1", "10", "19", "1")]
     whole = count_parameters(*_model_of_recipe(20, 5120, 40), tp=2, ep=16).per_rank
     assert sum(int(n.replace(",", "")) for *_, n, _ in stages) == whole + 50304 // 2 * 5120
+
+
+SMALL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 "
+         "--micro-batch-size 2 --global-batch-size 16 --lr 1e-4 --vocab-size 1000 --dry-run --world-size 8").split()
+
+
+@pytest.mark.parametrize("extra,line", [
+    # selective recompute has no method and no chunk of layers
+    ("--num-experts 8 --expert-model-parallel-size 4 --recompute-granularity selective",
+     "activation recomputation: selective;"),
+    # Pyramid-MoE (4 experts in layer 0, 8 in layer 2) over EP 2: 2 and 4 experts per GPU
+    ("--num-experts 4 8 --moe-layer-freq 2 --expert-model-parallel-size 2",
+     "(2/4 of 4/8 experts per GPU by MoE layer, each sliced over TP 1)"),
+])
+def test_dry_run_of_selective_recompute_and_pyramid_moe(capsys, extra, line):
+    assert main(SMALL + extra.split()) == 0
+    assert line in capsys.readouterr().out
