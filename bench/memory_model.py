@@ -26,15 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_ted.config.from_flags import configs_from_args  # noqa: E402
 from megatron_ted.model.builder import build_gpt  # noqa: E402
 from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute  # noqa: E402
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group  # noqa: E402
-from megatron_ted.planning.memory import GiB, peak_memory, workload_from_args  # noqa: E402
+from megatron_ted.planning.memory import GiB, peak_memory, workload_of  # noqa: E402
 from megatron_ted.training.arguments import padded_vocab_size, parse_args  # noqa: E402
 from megatron_ted.training.grad_sync import GradientSync  # noqa: E402
 from megatron_ted.training.step import forward_backward  # noqa: E402
 from megatron_ted.training.tiled_optimizer import TiledAdamW  # noqa: E402
-from megatron_ted.training.train import model_configs  # noqa: E402
 
 MOE_1_3B = ("--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --num-experts 16 --seq-length 2048 "
             "--vocab-size 50256 --bf16 --micro-batch-size 2")
@@ -64,7 +64,8 @@ def run_case(flags: str, world: int, device, iters: int):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)   # whatever is still held (NCCL, leftovers): not ours
-    config, moe = model_configs(args, args.padded_vocab_size)
+    run = configs_from_args(args)
+    config, moe = run.model.gpt, run.model.moe
     model = build_gpt(config, moe, groups, args.seed).to(device)
     if args.recompute_granularity:
         apply_recompute(model, RecomputeConfig(args.recompute_granularity, "uniform", args.recompute_num_layers or 1,
@@ -101,7 +102,7 @@ def run_case(flags: str, world: int, device, iters: int):
         print("  phases (GiB above the level at the start of the case, rank 0): "
               + ", ".join(f"{k} {v / GiB:.2f}" for k, v in phases.items()) + f"; level at start {base / GiB:.2f}",
               flush=True)
-    predicted = peak_memory(workload_from_args(args), args.layout).total
+    predicted = peak_memory(workload_of(run), args.layout).total
     t = torch.tensor([float(measured)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     del model, opt, sync

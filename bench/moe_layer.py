@@ -46,7 +46,7 @@ from megatron_ted.moe.shared_experts import SharedExperts
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel.fp8 import FP8Config, startup_note
-from megatron_ted.training.flops import attention_flops_per_token, mla_flops_per_token, moe_mlp_flops_per_token
+from megatron_ted.planning.flops import attention_flops_per_token, mla_flops_per_token, moe_mlp_flops_per_token
 
 SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4096),
           "B": dict(hidden=4096, heads=32, ffn=16384, experts=16, topk=2, tokens=2048),
@@ -54,7 +54,7 @@ SHAPES = {"A": dict(hidden=2048, heads=16, ffn=8192, experts=8, topk=2, tokens=4
 
 
 def layer_flops(hidden, ffn, experts, topk, tokens, seq, shared_ffn=None, attention=None):
-    """Training FLOPs of one attention + MoE-MLP layer (training/flops.py's model); attention: its
+    """Training FLOPs of one attention + MoE-MLP layer (planning/flops.py's model); attention: its
     forward FLOPs per token where not multi-head attention."""
     per_token = (attention or attention_flops_per_token(hidden, seq)) + moe_mlp_flops_per_token(
         hidden, ffn, topk, experts, shared_ffn=shared_ffn)

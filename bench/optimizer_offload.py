@@ -31,15 +31,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ted.config.from_flags import configs_from_args  # noqa: E402
 from megatron_ted.model.builder import build_gpt  # noqa: E402
-from megatron_ted.model.param_count import count_parameters  # noqa: E402
+from megatron_ted.planning.param_count import count_parameters  # noqa: E402
 from megatron_ted.parallel.groups import ParallelGroups  # noqa: E402
-from megatron_ted.planning.memory import GiB, peak_memory, workload_from_args  # noqa: E402
+from megatron_ted.planning.memory import GiB, peak_memory, workload_of  # noqa: E402
 from megatron_ted.training.arguments import padded_vocab_size, parse_args  # noqa: E402
 from megatron_ted.training.grad_sync import GradientSync  # noqa: E402
 from megatron_ted.training.step import forward_backward  # noqa: E402
 from megatron_ted.training.tiled_optimizer import TiledAdamW  # noqa: E402
-from megatron_ted.training.train import model_configs  # noqa: E402
 
 
 def run_args(o, layers: int, fraction: float):
@@ -58,7 +58,7 @@ def run_args(o, layers: int, fraction: float):
 
 def predicted(o, layers: int, fraction: float):
     args = run_args(o, layers, fraction)
-    return peak_memory(workload_from_args(args), args.layout), args
+    return peak_memory(workload_of(configs_from_args(args)), args.layout), args
 
 
 FRACTIONS = [i / 20 for i in range(1, 21)]
@@ -87,7 +87,8 @@ def largest_fit(o, offload: bool) -> int:
 
 def build(o, args, device):
     g = ParallelGroups.single()
-    config, moe = model_configs(args, args.padded_vocab_size)
+    m = configs_from_args(args).model
+    config, moe = m.gpt, m.moe
     model = build_gpt(config, moe, g, seed=1234).to(device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     sync = GradientSync(model, g.dp, g.expert_dp, reduce_scatter=True)
     fraction = args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
             return 1
         fraction = fitting_fraction(o, layers, offload)
         peak, args = predicted(o, layers, fraction)
-        counts = count_parameters(*model_configs(args, args.padded_vocab_size), 1, 1)
+        m = configs_from_args(args).model
+        counts = count_parameters(m.gpt, m.moe, 1, 1)
         measured = train_steps(o, args, device, 1)[1]
         fits[offload] = (layers, counts.total)
         print(f"optimizer_offload fit offload={'on' if offload else 'off'} layers={layers} params={counts.total} "

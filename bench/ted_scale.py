@@ -6,7 +6,7 @@ speed of both where both fit.
     python bench/ted_scale.py --nproc 8 --sizes gpt3-6.7b-16e gpt3-13b-16e
     python bench/ted_scale.py --nproc 4 --dry-run                        # the planned runs only
 
-For each size and family the planner (planning/search.py, the same memory and time models as
+For each size and family the planner (launch/plan.py, the same memory and time models as
 tools/plan_ted.py) picks the layout it ranks first among those it predicts to fit, or, when none
 does, the one with the smallest predicted peak. That layout trains a few steps on mock data
 through pretrain_gpt_moe.py; the table gives the predicted and measured peak (Megatron-LM's memory
@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 from train_throughput import median_iteration  # noqa: E402  (bench/ is this script's directory)
 
 from megatron_ted.planning.memory import GiB  # noqa: E402
-from megatron_ted.planning.search import PRESETS, search  # noqa: E402
+from megatron_ted.launch.plan import PRESETS, search  # noqa: E402
 from megatron_ted.planning.throughput import Cluster  # noqa: E402
 from megatron_ted.training.arguments import build_parser  # noqa: E402
 

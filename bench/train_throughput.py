@@ -11,7 +11,7 @@
 --moe-router-force-load-balancing routes on random logits: the load of a balanced router, which
 the first steps of a real run do not have (routers collapse early in training, docs/PERFORMANCE.md).
 Launches torchrun, prints the layout table, and one result line: median over the logged iterations
-after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (training/flops.py).
+after warm-up of ms per iteration, tokens/s, model TFLOP/s per GPU and MFU (planning/flops.py).
 Presets:
   moe-1.3b-16e  GPT-3 1.3B base (24 x 2048, 16 heads), 16 experts every other layer, top-2,
                 seq 2048, micro-batch 4 (megatron-core's reference point in docs/PERFORMANCE.md)

@@ -288,10 +288,11 @@ def save_model_of_flags(argv: list[str], path: str):
     its end-of-document token) and save it as a checkpoint at iteration 1. Returns (model, args)."""
     from megatron_ted.training.arguments import padded_vocab_size, parse_args
     from megatron_ted.training.checkpoint import save_checkpoint
-    from megatron_ted.training.train import model_configs
+    from megatron_ted.config.from_flags import configs_from_args
     args = parse_args(argv, world_size=1)
     args.padded_vocab_size = padded_vocab_size(args.vocab_size + 1, args.make_vocab_size_divisible_by, 1)
-    config, moe = model_configs(args, args.padded_vocab_size)
+    m = configs_from_args(args).model
+    config, moe = m.gpt, m.moe
     model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
     save_checkpoint(path, 1, model, None, ParallelGroups.single(), vars(args))
     return model, args

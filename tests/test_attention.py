@@ -183,16 +183,16 @@ def test_bad_attention_flags_are_one_line(argv, flag):
 
 
 def test_attention_flags_reach_the_model():
-    from megatron_ted.training.train import model_configs
+    from megatron_ted.config.from_flags import model_config_from_flags
     args = _parse("--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
                   "--kv-channels", "16", "--add-qkv-bias", "--qk-layernorm", "--norm-epsilon", "1e-6",
                   "--position-embedding-type", "rope", "--no-position-embedding", "--disable-bias-linear")
-    config, _ = model_configs(args, 128)
+    config = model_config_from_flags(args, 128).gpt
     assert config.attention == AttentionConfig(num_query_groups=2, kv_channels=16, add_qkv_bias=True,
                                                qk_layernorm=True)
     assert config.layernorm_epsilon == 1e-6 and not config.add_position_embedding
     # Megatron-LM ignores --num-query-groups without --group-query-attention: multi-head attention
-    config, _ = model_configs(_parse("--num-attention-heads", "4", "--num-query-groups", "2"), 128)
+    config = model_config_from_flags(_parse("--num-attention-heads", "4", "--num-query-groups", "2"), 128).gpt
     assert config.attention.num_query_groups is None
 
 
@@ -209,11 +209,12 @@ def test_flops_count_the_smaller_kv_projections():
     """Llama-2-70B-like attention (H 8192, 64 heads of 128, 8 K/V groups), seq 4096, per token
     forward: q and output projections 2 * 2 * H * H, k and v 2 * 2 * H * (8 * 128), scores and
     values 2 * 2 * S * H."""
-    from megatron_ted.training.flops import flops_per_token_of_args
+    from megatron_ted.config.from_flags import configs_from_args
+    from megatron_ted.planning.flops import flops_per_token_of_model
     h, s = 8192, 4096
     args = _parse("--num-attention-heads", "64", "--group-query-attention", "--num-query-groups", "8",
                   "--seq-length", str(s), "--hidden-size", str(h), "--num-layers", "1", world=1)
     args.padded_vocab_size = 128
     attention = 2 * 2 * h * h + 2 * 2 * h * 1024 + 2 * 2 * s * h
     mlp, logits = 2 * 2 * h * args.ffn_hidden_size, 2 * h * 128
-    assert flops_per_token_of_args(args) == 3 * (attention + mlp + logits)
+    assert flops_per_token_of_model(configs_from_args(args).model, s) == 3 * (attention + mlp + logits)

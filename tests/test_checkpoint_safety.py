@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from megatron_ted.config.from_flags import model_config_from_flags
 from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
@@ -24,7 +25,6 @@ from megatron_ted.training.arguments import padded_vocab_size, parse_args
 from megatron_ted.training.checkpoint import (CheckpointError, load_checkpoint, recover_interrupted_saves,
                                               save_checkpoint)
 from megatron_ted.training.save_dir import hold_save_dir
-from megatron_ted.training.train import model_configs
 from multiproc import free_port
 from parity import run_forked, tiny_config, tiny_moe
 
@@ -105,7 +105,8 @@ def _one_error_line(rc, out, err, *needles):
 def _load(path, argv=TINY):
     """Load `path` into the one-process model of the entry point's flags (NullTokenizer: vocab + 1)."""
     args = parse_args(argv, world_size=1)
-    config, moe = model_configs(args, padded_vocab_size(args.vocab_size + 1, args.make_vocab_size_divisible_by, 1))
+    m = model_config_from_flags(args, padded_vocab_size(args.vocab_size + 1, args.make_vocab_size_divisible_by, 1))
+    config, moe = m.gpt, m.moe
     model = build_gpt(config, moe, ParallelGroups.single(), seed=99)
     return load_checkpoint(path, model, None, ParallelGroups.single())
 

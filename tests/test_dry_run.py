@@ -12,13 +12,13 @@ from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.mla import MLAConfig
-from megatron_ted.model.param_count import count_parameters, parameter_shapes
+from megatron_ted.planning.param_count import count_parameters, parameter_shapes
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.comm import CommStats, Group
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import full_shape, spec_of
-from megatron_ted.training.dry_run import memory_per_gpu
+from megatron_ted.planning.memory import memory_per_gpu
 from megatron_ted.training.grad_sync import GradientSync
 from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.launch.pretrain import main
@@ -218,7 +218,7 @@ def test_parameter_shapes_of_moe_variants_equal_the_built_model(variant, tp, ep)
     shard shape."""
     from parity import tiny_config, tiny_moe
     from megatron_ted.model.builder import build_gpt
-    from megatron_ted.model.param_count import parameter_shapes
+    from megatron_ted.planning.param_count import parameter_shapes
     config, moe = tiny_config(), tiny_moe(**variant)
     shapes = {s.name: s for s in parameter_shapes(config, moe)}
     for tp_rank in range(tp):
@@ -240,3 +240,20 @@ def test_dry_run_prints_per_stage_memory_with_pipeline(capsys):
     assert [(s, a, b, k) for s, a, b, _, k in stages] == [("0", "0", "9", "2"), ("1", "10", "19", "1")]
     whole = count_parameters(*_model_of_recipe(20, 5120, 40), tp=2, ep=16).per_rank
     assert sum(int(n.replace(",", "")) for *_, n, _ in stages) == whole + 50304 // 2 * 5120
+
+
+SMALL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 "
+         "--micro-batch-size 2 --global-batch-size 16 --lr 1e-4 --vocab-size 1000 --dry-run --world-size 8").split()
+
+
+@pytest.mark.parametrize("extra,line", [
+    # selective recompute has no method and no chunk of layers
+    ("--num-experts 8 --expert-model-parallel-size 4 --recompute-granularity selective",
+     "activation recomputation: selective;"),
+    # Pyramid-MoE (4 experts in layer 0, 8 in layer 2) over EP 2: 2 and 4 experts per GPU
+    ("--num-experts 4 8 --moe-layer-freq 2 --expert-model-parallel-size 2",
+     "(2/4 of 4/8 experts per GPU by MoE layer, each sliced over TP 1)"),
+])
+def test_dry_run_of_selective_recompute_and_pyramid_moe(capsys, extra, line):
+    assert main(SMALL + extra.split()) == 0
+    assert line in capsys.readouterr().out

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.inference import generate_ids, generate_text, load_for_inference
 from megatron_ted.model.builder import build_gpt
@@ -19,7 +20,6 @@ from megatron_ted.training.checkpoint import save_checkpoint
 from megatron_ted.training.grad_sync import GradientSync
 from reference_adamw import MixedPrecisionAdamW
 from megatron_ted.training.step import forward_backward
-from megatron_ted.training.train import model_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
@@ -30,7 +30,8 @@ MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 def build(argv, tokenizer):
     args = parse_args(argv, world_size=1)
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, 1)
-    config, moe = model_configs(args, args.padded_vocab_size)
+    m = configs_from_args(args).model
+    config, moe = m.gpt, m.moe
     return args, build_gpt(config, moe, ParallelGroups.single(), args.seed)
 
 

@@ -6,7 +6,6 @@ model's dtype (the softmax of the Qwen routers, DeepSeek-V3's router logits and 
 cos/sin tables), so float32's rounding is what is reachable."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -143,13 +142,14 @@ def _tp2_ep2_logits(rank, world, ckpts, upcycling=None):
     from megatron_ted.parallel.groups import ParallelGroups
     from megatron_ted.parallel.layout import ParallelLayout
     from megatron_ted.training.checkpoint import load_checkpoint
-    from megatron_ted.training.train import model_configs
+    from megatron_ted.config.from_flags import model_config_from_flags
 
     groups = ParallelGroups.create(ParallelLayout(world, 2, 2))
     out = {}
     for mt, ckpt in ckpts.items():
         args = read_metadata(find_checkpoint(ckpt))["args"]
-        config, moe = model_configs(argparse.Namespace(**args), args["padded_vocab_size"])
+        m = model_config_from_flags(args)   # the saved flags, with their padded vocabulary
+        config, moe = m.gpt, m.moe
         model = build_gpt(config, moe, groups, 0).double()
         load_checkpoint(ckpt, model, None, groups, load_rng=False, restore_rng=False)
         model.eval()

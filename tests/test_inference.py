@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.inference.engine import generate_batch
 from megatron_ted.inference.model import load_parallel
@@ -23,7 +24,6 @@ from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
 from megatron_ted.training.checkpoint import save_checkpoint
-from megatron_ted.training.train import model_configs
 from multiproc import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +177,8 @@ def checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("inf") / "ck")
     args = parse_args(MODEL_ARGV, world_size=1)
     args.padded_vocab_size = padded_vocab_size(V + 1, args.make_vocab_size_divisible_by, 1)
-    config, moe = model_configs(args, args.padded_vocab_size)
+    m = configs_from_args(args).model
+    config, moe = m.gpt, m.moe
     model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
     save_checkpoint(path, 1, model, None, ParallelGroups.single(), vars(args))
     return path

@@ -112,18 +112,19 @@ def test_parser_handles_nesting_without_eval():
 def test_a_pattern_reaches_the_counts_and_flops():
     """Dense first layer: one MoE MLP (2 experts of FFN 4 plus the router) becomes a dense MLP of
     FFN 16 in layer 0. Hidden 8, no biases: dense 2*8*16, experts 2*(2*8*4), router 2*8."""
-    from megatron_ted.model.param_count import count_parameters
-    from megatron_ted.training.flops import flops_per_token_of_args
-    from megatron_ted.training.train import model_configs
+    from megatron_ted.planning.param_count import count_parameters
+    from megatron_ted.config.from_flags import configs_from_args
+    from megatron_ted.planning.flops import flops_per_token_of_model
     flags = ["--num-experts", "2", "--hidden-size", "8", "--ffn-hidden-size", "16", "--moe-ffn-hidden-size", "4",
              "--disable-bias-linear"]
     every = parse(*flags, "--moe-layer-freq", "1")
     first_dense = parse(*flags, "--moe-layer-freq", "([0]+[1]*3)")
     for a in (every, first_dense):
         a.padded_vocab_size = 128
-    n = [count_parameters(*model_configs(a, 128)).total for a in (every, first_dense)]
+    models = [configs_from_args(a).model for a in (every, first_dense)]
+    n = [count_parameters(m.gpt, m.moe).total for m in models]
     assert n[1] - n[0] == 2 * 8 * 16 - (2 * (2 * 8 * 4) + 2 * 8)
-    f = [flops_per_token_of_args(a) for a in (every, first_dense)]
+    f = [flops_per_token_of_model(m, every.seq_length) for m in models]
     # forward x3: the dense MLP 2*2*8*16 replaces top-2 experts 2*(2*2*8*4) and the router 2*8*2
     assert f[1] - f[0] == 3 * (2 * 2 * 8 * 16 - 2 * (2 * 2 * 8 * 4) - 2 * 8 * 2)
 

@@ -111,7 +111,7 @@ def test_bad_mla_flags_are_one_line(argv, world, flag):
 def test_flops_formula_counts_the_module(q_lora_rank):
     """torch's FLOP counter over one forward (matmuls and SDPA's full S x S) = the analytic count."""
     from torch.utils.flop_counter import FlopCounterMode
-    from megatron_ted.training.flops import mla_flops_per_token
+    from megatron_ted.planning.flops import mla_flops_per_token
     mla = MLAConfig(KV_RANK, NOPE, ROPE, V, q_lora_rank)
     module = MultiLatentAttention(HIDDEN, HEADS, mla, ParallelGroups.single().tp, bias=False)
     x, positions = torch.randn(2, SEQ, HIDDEN), torch.arange(SEQ).expand(2, SEQ)
@@ -123,10 +123,12 @@ def test_flops_formula_counts_the_module(q_lora_rank):
 
 def test_training_flops_of_flags_count_mla():
     """The FLOPs of a run's flags (MFU logging, dry run) swap the classic attention for MLA's."""
-    from megatron_ted.training.flops import attention_flops_per_token, flops_per_token_of_args, mla_flops_per_token
+    from megatron_ted.config.from_flags import configs_from_args
+    from megatron_ted.planning.flops import attention_flops_per_token, flops_per_token_of_model, mla_flops_per_token
     plain = parse_args(BASE[:-3], world_size=1)
     args = parse_args(BASE + ["--q-lora-rank", "16"], world_size=1)
     plain.padded_vocab_size = args.padded_vocab_size = 128   # set by the trainer from the tokenizer
     mla = MLAConfig(8, 128, 64, 128, 16)   # Megatron's head-dim defaults
     per_layer = mla_flops_per_token(32, args.seq_length, 4, mla) - attention_flops_per_token(32, args.seq_length)
-    assert flops_per_token_of_args(args) - flops_per_token_of_args(plain) == pytest.approx(3 * per_layer)
+    f = [flops_per_token_of_model(configs_from_args(a).model, a.seq_length) for a in (args, plain)]
+    assert f[0] - f[1] == pytest.approx(3 * per_layer)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_ted.model.builder import build_gpt
-from megatron_ted.model.param_count import count_parameters
+from megatron_ted.planning.param_count import count_parameters
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.sharding import spec_of

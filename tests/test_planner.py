@@ -4,6 +4,7 @@ bytes equal CommStats of real gloo runs, only valid layouts are enumerated, the 
 memory and node boundaries, and bad input is one line."""
 import gc
 import os
+import re
 import subprocess
 import sys
 
@@ -14,14 +15,14 @@ from megatron_ted.model.attention import AttentionConfig
 from megatron_ted.model.builder import MoEConfig, build_gpt
 from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.model.mla import MLAConfig
-from megatron_ted.model.param_count import count_parameters
+from megatron_ted.planning.param_count import count_parameters
 from megatron_ted.parallelize.recompute import RecomputeConfig, apply_recompute
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.comm import micro_batch_comm, total_bytes
-from megatron_ted.planning.memory import Workload, activation_memory
-from megatron_ted.planning.search import search
+from megatron_ted.planning.memory import Workload, activation_memory, workload_of
+from megatron_ted.launch.plan import search
 from megatron_ted.planning.throughput import Cluster
 from megatron_ted.training.arguments import build_parser
 from megatron_ted.training.grad_sync import GradientSync
@@ -30,6 +31,7 @@ from tests.multiproc import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = os.path.join(ROOT, "tools", "plan_ted.py")
+SBATCH = os.path.join(ROOT, "scripts", "slurm", "pretrain_40b.sbatch")
 B, S, V, H = 2, 32, 256, 32
 
 
@@ -164,10 +166,9 @@ def test_enumeration_yields_only_valid_layouts_and_counts_match_the_model():
     for p in plans[:40]:
         tp, ep = p.layout.tensor_parallel, p.layout.expert_parallel
         assert 8 % tp == 0 and 8 % ep == 0 and p.layout.data_parallel % ep == 0 and 16 % tp == 0
-        assert 64 % (p.args.micro_batch_size * p.layout.data_parallel) == 0
+        assert 64 % (p.run.training.schedule.micro_batch_size * p.layout.data_parallel) == 0
     p = plans[0]
-    from megatron_ted.planning.memory import workload_from_args
-    wl = workload_from_args(p.args)
+    wl = workload_of(p.run)
     assert p.counts == count_parameters(wl.config, wl.moe, p.layout.tensor_parallel, p.layout.expert_parallel)
 
 
@@ -176,8 +177,7 @@ def test_planner_parameter_counts_equal_a_built_model():
     a = _base("--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
               "--global-batch-size", "16")
     p = search(a, _cluster(num_nodes=1, gpus_per_node=1), vocab_size=1001, micro_batches=(1,))[0]
-    from megatron_ted.planning.memory import workload_from_args
-    wl = workload_from_args(p.args)
+    wl = workload_of(p.run)
     model = build_gpt(wl.config, wl.moe, ParallelGroups.single(), seed=1)
     assert p.counts.total == sum(t.numel() for t in model.parameters())
 
@@ -247,3 +247,31 @@ def test_planner_picks_pipeline_when_memory_requires_it():
     assert plans[0].fits and plans[0].knobs["pp"] == 2
     assert plans[0].time.bubble > 0 and "--pipeline-model-parallel-size" in plans[0].pretrain_flags()
     assert " PP=2 " in commands(plans[0], cluster)    # the 40B sbatch script's variable
+
+
+@pytest.mark.parametrize("capacity,expected", [([], "dropless"), (["--moe-expert-capacity-factor", "1.5"],
+                                                                 "capacity factor 1.5 (min 4")])
+def test_a_plans_launch_lines_keep_its_routing(capacity, expected):
+    """The sbatch line and the torchrun flags the planner prints for a plan launch its routing: the
+    40B script's own default capacity factor (1.0) must not replace a dropless plan's; each line's
+    --dry-run states the plan's routing."""
+    import shlex
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from plan_ted import commands, plan
+    argv = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 --moe-router-topk 1 "
+            "--seq-length 64 --max-position-embeddings 64 --global-batch-size 8 --vocab-size 250 "
+            "--gpus-per-node 2 --fixed-layout --expert-model-parallel-size 2").split() + capacity
+    plans, cluster, _ = plan(argv)
+    sbatch, torchrun = (line.split(":", 1)[1] for line in commands(plans[0], cluster).splitlines())
+    env = dict(w.split("=", 1) for w in shlex.split(sbatch) if "=" in w and not w.startswith("-"))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", SBATCH], env={**base, **env, "DRY_RUN": "1", "PYTHON": sys.executable,
+                                             "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^MoE: 4 experts, top-1, .*" + re.escape(expected), r.stdout, re.M), r.stdout
+    flags = shlex.split(torchrun)[shlex.split(torchrun).index("pretrain_gpt_moe.py") + 1:-3]   # less --data-path ...
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), *flags, "--dry-run",
+                        "--world-size", "2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^MoE: 4 experts, top-1, .*" + re.escape(expected), r.stdout, re.M), r.stdout

@@ -13,6 +13,7 @@ import numpy
 import pytest
 import torch
 
+from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.inference import generate_text, load_for_inference
 from megatron_ted.inference.prune import choose_experts, expert_usage, prune_model, sample_sequences
@@ -20,7 +21,6 @@ from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.training.arguments import padded_vocab_size, parse_args
 from megatron_ted.training.checkpoint import find_checkpoint, read_metadata, save_checkpoint
-from megatron_ted.training.train import model_configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "prune_experts.py")
@@ -37,7 +37,8 @@ def checkpoint(path, extra=()):
     tokenizer = build_tokenizer("NullTokenizer", vocab_size=200)
     args = parse_args(MODEL + list(extra), world_size=1)
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by, 1)
-    config, moe = model_configs(args, args.padded_vocab_size)
+    m = configs_from_args(args).model
+    config, moe = m.gpt, m.moe
     model = build_gpt(config, moe, ParallelGroups.single(), args.seed)
     save_checkpoint(str(path), 7, model, None, ParallelGroups.single(), vars(args))
     return str(path)

@@ -25,7 +25,7 @@ from megatron_ted.parallel import comm, mappings
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.training.arguments import parse_args
-from megatron_ted.training.flops import flops_per_token, mlp_flops_per_token
+from megatron_ted.planning.flops import flops_per_token, mlp_flops_per_token
 from parity import assert_matches, job, reference_job, run_forked, run_jobs, save_model_of_flags, single_thread
 
 STEPS = 3

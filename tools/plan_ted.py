@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,9 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ted.cli import OneLineErrorParser, one_line_errors  # noqa: E402
 from megatron_ted.data.tokenizer import build_tokenizer, resolve_tokenizer_type  # noqa: E402
 from megatron_ted.planning.memory import GiB  # noqa: E402
-from megatron_ted.planning.search import PIPELINE_SIZES, PRESETS, evaluate, made_possible_by_offload, search  # noqa: E402
+from megatron_ted.launch.plan import PIPELINE_SIZES, PRESETS, run_config_of, search  # noqa: E402
+from megatron_ted.model.builder import experts_per_layer  # noqa: E402
+from megatron_ted.planning.search import evaluate, made_possible_by_offload  # noqa: E402
 from megatron_ted.planning.throughput import Cluster  # noqa: E402
-from megatron_ted.training.arguments import build_parser, padded_vocab_size, validate  # noqa: E402
+from megatron_ted.training.arguments import build_parser, validate  # noqa: E402
 
 # per GPU: memory GiB, intra-node GB/s (one direction), inter-node GB/s (its NIC share),
 # achievable model TFLOP/s (40% of the fp16/bf16 dense peak)
@@ -95,10 +98,7 @@ def plan(argv=None):
     if tokenizer is None:
         raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size N (or use a --preset)")
     if args.fixed_layout:
-        a = validate(copy.deepcopy(args), cluster.world_size)
-        a.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, a.make_vocab_size_divisible_by,
-                                                a.tensor_model_parallel_size)
-        return [evaluate(a, cluster)], cluster, args
+        return [evaluate(run_config_of(args, cluster.world_size, tokenizer.vocab_size), cluster)], cluster, args
     probe = copy.deepcopy(args)           # model errors first, at TP 1 / EP 1, with the trainer's messages
     probe.tensor_model_parallel_size = probe.expert_model_parallel_size = 1
     validate(probe, cluster.world_size)
@@ -133,15 +133,20 @@ def table(plans, top: int) -> str:
 
 def commands(p, cluster) -> str:
     """The exact launch of a plan: the 40B Slurm script's environment, and torchrun on one node."""
-    a, k = p.args, p.knobs
+    c, moe, t, k = p.run.model.gpt, p.run.model.moe, p.run.training, p.knobs
+    counts = experts_per_layer(moe, c.num_layers) if moe else ()
+    num_experts = shlex.quote(" ".join(map(str, counts[:1] if len(set(counts)) == 1 else counts)))
     env = [f"NNODES={cluster.num_nodes}", f"GPUS_PER_NODE={cluster.gpus_per_node}",
-           f"NUM_LAYERS={a.num_layers}", f"HIDDEN={a.hidden_size}", f"HEADS={a.num_attention_heads}",
-           f"FFN_HIDDEN={a.ffn_hidden_size}", f"SEQ_LEN={a.seq_length}",
-           f"NUM_EXPERTS={a.num_experts if a.num_experts is not None else ''}",
-           f"MOE_LAYER_FREQ={a.moe_layer_freq}", f"TOPK={a.moe_router_topk}",
-           f"PP={k['pp']}", f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}", f"GLOBAL_BATCH={a.global_batch_size}",
-           f"RECOMPUTE={k['recompute']}", f"MOE_CAC={int(k['cac'])}", f"DIST_OPT={int(k['dist_opt'])}",
-           f"PRECISION={'bf16' if a.bf16 else 'fp16' if a.fp16 else 'fp32'}"]
+           f"NUM_LAYERS={c.num_layers}", f"HIDDEN={c.hidden_size}", f"HEADS={c.num_attention_heads}",
+           f"FFN_HIDDEN={c.ffn_hidden_size}", f"SEQ_LEN={t.schedule.seq_length}",
+           f"NUM_EXPERTS={num_experts}"]   # empty: a dense model
+    if moe is not None:   # the script's default capacity factor is not dropless: stated either way (empty: dropless)
+        cf, freq = moe.router.capacity_factor, moe.layer_freq
+        freq = freq if isinstance(freq, int) else "[" + ",".join(map(str, freq)) + "]"
+        env += [f"MOE_LAYER_FREQ={freq}", f"TOPK={moe.router.topk}", f"CAPACITY_FACTOR={cf if cf is not None else ''}"]
+    env += [f"PP={k['pp']}", f"TP={k['tp']}", f"EP={k['ep']}", f"MICRO_BATCH={k['micro_batch']}",
+            f"GLOBAL_BATCH={t.schedule.global_batch_size}", f"RECOMPUTE={k['recompute']}",
+            f"MOE_CAC={int(k['cac'])}", f"DIST_OPT={int(k['dist_opt'])}", f"PRECISION={t.precision.dtype}"]
     sbatch = " ".join(env) + f" sbatch --nodes {cluster.num_nodes} scripts/slurm/pretrain_40b.sbatch"
     torchrun = (f"torchrun --nnodes {cluster.num_nodes} --nproc_per_node {cluster.gpus_per_node} "
                 f"pretrain_gpt_moe.py " + " ".join(p.pretrain_flags()) + " --data-path <prefix> ...")
@@ -189,7 +194,7 @@ def main(argv=None) -> int:
     print(f"  predicted step {best.time.total:.2f} s (compute {best.time.compute:.2f}, TP+a2a {best.time.tp_and_a2a:.2f},"
           f" exposed grad reduce {best.time.grad_reduce_exposed:.2f}, param gather {best.time.param_gather:.2f}"
           + (f", pipeline bubble {best.time.bubble:.2f}: (P - 1) / m = {best.knobs['pp'] - 1}/"
-             f"{best.args.num_micro_batches}" if best.knobs["pp"] > 1 else "") + "); "
+             f"{best.run.training.schedule.num_micro_batches}" if best.knobs["pp"] > 1 else "") + "); "
           f"{best.tokens_per_second:,.0f} tokens/s")
     print(commands(best, cluster))
     return 0

@@ -52,7 +52,7 @@ class DataConfig:
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
     vocab_size: int | None = None
-    data_cache_path: str | None = None
+    data_cache_path: str | None = None           # megatron-core's index cache (None: next to the data)
     num_workers: int = 0                         # data-loader worker processes
 
 

@@ -38,6 +38,8 @@ from typing import Callable, Optional, Sequence
 
 import torch.distributed as dist
 
+from megatron_ted.config.training import DataConfig
+
 
 def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], Optional[list[float]]]:
     """Megatron's `--data-path`: `[prefix, ...]` or `[weight, prefix, weight, prefix, ...]`.
@@ -264,6 +266,22 @@ def check_cache_dir(path: str) -> None:
     if foreign:
         raise DataError(f"{where}: holds {foreign[0][0]}, owned by user id {foreign[0][1]}; the index cache is "
                         "unpickled when read: remove that file or give another directory")
+
+
+def check_data_inputs(data: DataConfig, vocab_size: Optional[int] = None) -> None:
+    """The data files, split and index cache directory a run reads once its process group is up,
+    checked before any (dry run or not); with the tokenizer's vocab_size, also the corpora's token
+    ids. The flags themselves are checked in training/arguments.py."""
+    prefixes = None
+    if data.data_path and not data.mock_data:
+        prefixes, _ = parse_data_path(data.data_path)
+        check_prefixes_exist(prefixes)   # and each .idx/.bin against damage
+        check_split(data.split)
+        if vocab_size is not None:
+            check_token_ids(prefixes, vocab_size)
+        check_splits_have_tokens(prefixes, data.split)
+    if cache := index_cache_path(data.data_cache_path, prefixes):
+        check_cache_dir(cache)
 
 
 def prepare_cache_dir(path: str) -> None:

@@ -1,7 +1,7 @@
 """Import a Hugging Face model into our checkpoint format, and export ours to Hugging Face.
 
 Import plans the parameters of the HF config's flags (hf_config.flags_from_hf; their names and shapes
-from model/param_count.py, no model is built), then reads, transforms (the architecture's table,
+from planning/param_count.py, no model is built), then reads, transforms (the architecture's table,
 hf_weights) and writes one logical tensor at a time with `checkpoint.save_tensors`, in the format of
 `save_checkpoint`, so memory stays at the largest tensor, the result loads at any TP/EP/DP layout and
 pretrain_gpt_moe.py --load takes it. Export reads the checkpoint (written at any layout) one logical tensor at a time and streams the
@@ -118,7 +118,7 @@ def _plan(maps, shapes: dict[str, list[int]], ctx: dict) -> list[tuple[str, list
 def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_by: int = 128) -> list[str]:
     """Write `save` (our checkpoint, iteration 0) from the HF model in `hf_dir`; returns the training flags."""
     from megatron_ted.config.from_flags import model_config_from_flags
-    from megatron_ted.model.param_count import parameter_shapes
+    from megatron_ted.planning.param_count import parameter_shapes
     from megatron_ted.training.arguments import padded_vocab_size, parse_args
     from megatron_ted.training.checkpoint import save_tensors
 

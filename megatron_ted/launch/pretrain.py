@@ -14,13 +14,13 @@ import torch.distributed as dist
 
 from megatron_ted.config.from_flags import configs_from_args
 from megatron_ted.config.run import RunConfig
-from megatron_ted.data.gpt_data import DataError, TokenIdError
+from megatron_ted.data.gpt_data import DataError, TokenIdError, check_data_inputs
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.parallel.groups import RendezvousError
 from megatron_ted.training.arguments import padded_vocab_size, parse_args, report_error
 from megatron_ted.training.checkpoint import CheckpointError
-from megatron_ted.training.dry_run import check_run_inputs, dry_run
-from megatron_ted.training.flops import flops_per_token_of_model
+from megatron_ted.planning.dry_run import dry_run
+from megatron_ted.planning.flops import flops_per_token_of_model
 from megatron_ted.training.save_dir import check_writable
 from megatron_ted.training.checkpoint import check_args_compatible
 from megatron_ted.training.train import NonFiniteLossError, teacher_checkpoint, train
@@ -51,9 +51,9 @@ def main(argv=None) -> int:
             print("accepted with no effect here: " + "; ".join(args.accepted_no_effect), flush=True)
         if getattr(args, "checkpoint_args_taken", None) and int(os.environ.get("RANK", "0")) == 0:
             print("--use-checkpoint-args: the checkpoint's " + "; ".join(args.checkpoint_args_taken), flush=True)
-        check_run_inputs(args, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
-        if args.dry_run:  # layout, sizes and memory; no process group (training/dry_run.py)
-            return dry_run(args)
+        check_data_inputs(run.training.data, tokenizer.vocab_size)  # a missing prefix or a foreign corpus: one line here
+        if args.dry_run:  # layout, sizes and memory; no process group (planning/dry_run.py)
+            return dry_run(run)
         if args.save is not None:
             check_writable(args.save)   # not found out at the first save, after hours of training
     except ValueError as e:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from megatron_ted.model.param_count import ParamCounts, count_parameters
+from megatron_ted.planning.param_count import ParamCounts, count_parameters
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.planning.memory import Workload
 

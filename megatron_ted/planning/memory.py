@@ -7,7 +7,7 @@
          + allocator allowance
 
 Static, in bytes per parameter this rank holds (N = dense + expert shard elements,
-model/param_count.py):
+planning/param_count.py):
   weights     2 (fp16/bf16) or 4 (fp32)
   gradients   4: GradientSync accumulates fp32 `main_grad` buffers for every parameter
   optimizer   Adam moments 4 + 4, plus a 4-byte fp32 master copy when the weights are fp16/bf16;
@@ -86,7 +86,7 @@ from dataclasses import dataclass, field, replace
 from megatron_ted.config.run import RunConfig
 from megatron_ted.model.builder import MoEConfig, experts_per_layer, moe_layer_indices
 from megatron_ted.model.gpt import GPTConfig
-from megatron_ted.model.param_count import ParamCounts, count_parameters, parameter_shapes
+from megatron_ted.planning.param_count import ParamCounts, count_parameters, parameter_shapes
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.parallel.pipeline_split import PipelineSplit
 
@@ -429,12 +429,6 @@ def workload_of(run: RunConfig) -> Workload:
                     cac=bool(recompute and recompute.moe_cac), cac_tp=bool(recompute and recompute.moe_cac_tp),
                     distributed_optimizer=run.parallel.distributed_optimizer, tile_size=opt.tile_size,
                     offload_fraction=opt.offload_fraction)
-
-
-def workload_from_args(args) -> Workload:
-    """The Workload of validated pretrain_gpt_moe.py flags (arguments.parse_args + padded_vocab_size)."""
-    from megatron_ted.config.from_flags import configs_from_args   # the CLI edge
-    return workload_of(configs_from_args(args))
 
 
 # ---- pipeline parallelism: per-stage memory ----------------------------------------------------

@@ -1,7 +1,7 @@
 """A documented time model of one training step, to rank layouts (not to promise a number).
 
     step = compute + exposed communication + overhead
-    compute   = model FLOPs of this GPU's tokens (training/flops.py, 3 x forward) x (4/3 with full
+    compute   = model FLOPs of this GPU's tokens (planning/flops.py, 3 x forward) x (4/3 with full
                 recompute: one more forward) / achievable FLOP/s (--achievable-tflops, default 40% of
                 the datasheet bf16 dense peak of the GPU) / tp_efficiency ** log2(TP)
     tp_efficiency (--tp-efficiency, default 0.85): the per-GPU compute rate kept per doubling of TP

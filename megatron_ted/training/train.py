@@ -17,16 +17,14 @@ from megatron_ted.data.gpt_data import (build_train_valid_test_datasets, check_b
                                          train_valid_test_num_samples)
 from megatron_ted.data.sampler import build_pretraining_data_loader
 from megatron_ted.training.upcycle import upcycle_and_save
-from megatron_ted.model.builder import MoEConfig, build_model
+from megatron_ted.model.builder import build_model
 from megatron_ted.parallelize import parallelize, parallelize_after_load
 from megatron_ted.parallelize.cuda_graphs import release_layer_fronts
-from megatron_ted.model.gpt import GPTConfig
 from megatron_ted.moe.router import RouterConfig
 from megatron_ted.parallel.groups import ParallelGroups, init_process_group
 from megatron_ted.pipeline.schedule import PipelineRunner, pipeline_forward_backward
 from megatron_ted.pipeline.stage import build_pipeline_model
 from megatron_ted.tensor_parallel import fp8
-from megatron_ted.config.from_flags import model_config_from_flags
 from megatron_ted.config.parallel import ParallelConfig
 from megatron_ted.config.run import RunConfig
 from megatron_ted.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
@@ -46,12 +44,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss or (without fp16 loss scaling) the gradient norm of a step is NaN or Inf
     (--check-for-nan-in-loss-and-grad); every rank sees the same reduced loss and norm, so every rank
     raises it at the same iteration."""
-
-
-def model_configs(args, vocab_size: int) -> tuple[GPTConfig, MoEConfig | None]:
-    """(GPTConfig, MoEConfig) of validated flags: the ModelConfig's parts (config/from_flags.py)."""
-    model = model_config_from_flags(args, vocab_size)
-    return model.gpt, model.moe
 
 
 def init_distributed(parallel: ParallelConfig) -> torch.device:

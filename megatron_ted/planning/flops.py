@@ -89,9 +89,3 @@ def flops_per_token_of_model(model: ModelConfig, seq_length: int) -> float:
                            shared_gate=moe is not None and moe.shared_expert_gate,
                            q_dim=c.num_attention_heads * d, kv_dim=c.attention.groups(c.num_attention_heads) * d,
                            num_heads=c.num_attention_heads, mla=c.mla)
-
-
-def flops_per_token_of_args(args) -> float:
-    """flops_per_token_of_model for validated training flags (padded_vocab_size set)."""
-    from megatron_ted.config.from_flags import model_config_from_flags
-    return flops_per_token_of_model(model_config_from_flags(args), args.seq_length)
