@@ -116,6 +116,7 @@ def test_planning_imports_nothing_from_training():
 CLI_EDGE = {
     "megatron_ted.cli": "the tools' one-line argparse",
     "megatron_ted.launch.pretrain": "the entry point: parse, validate, build the configuration, train",
+    "megatron_ted.launch.plan": "the planner's candidates: flag sets validated by the trainer's parser",
     "megatron_ted.config.from_flags": "the flags -> the typed configuration, built once",
     "megatron_ted.training.arguments": "the parser of pretrain_gpt_moe.py and its validation",
     "megatron_ted.training.compat_flags": "Megatron-LM's and Megatron-DeepSpeed's flags, accepted or refused",
