@@ -61,7 +61,8 @@ def test_suite_script_parses_and_refuses_unknown_parts(tmp_path):
 # parse, argparse's exit 2 and message if not. train_throughput.py hands its unknown flags to
 # pretrain_gpt_moe.py: those are checked there, by the entry point's --dry-run at that world size.
 CHECKER = r'''
-import argparse, json, os, runpy, subprocess, sys
+import argparse, contextlib, io, json, os, runpy, sys
+from megatron_ted.launch.pretrain import main
 class Parsed(Exception):
     pass
 real = argparse.ArgumentParser.parse_known_args
@@ -93,10 +94,13 @@ for script, argv, nproc in json.loads(sys.argv[1]):
         if extra:
             failures.append(f"{script}: unknown {extra}")
             continue
-        r = subprocess.run([sys.executable, "pretrain_gpt_moe.py", *argv, "--dry-run", "--world-size", str(nproc)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            failures.append(f"pretrain_gpt_moe.py {' '.join(argv)[:120]}...: {r.stderr.strip()[-300:]}")
+        err = io.StringIO()   # the entry point's --dry-run in this process: no start-up per command
+        argparse.ArgumentParser.parse_known_args = real
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            code = main([*argv, "--dry-run", "--world-size", str(nproc)])
+        argparse.ArgumentParser.parse_known_args = parse_known_args
+        if code != 0:
+            failures.append(f"pretrain_gpt_moe.py {' '.join(argv)[:120]}...: {err.getvalue().strip()[-300:]}")
     except SystemExit as e:
         failures.append(f"{script} {argv}: exit {e.code}")
 print(json.dumps(failures))
@@ -165,12 +169,15 @@ def test_the_suites_new_layer_variants_and_pipeline_run_at_cpu_size():
     """Each distinct moe_layer feature the suite uses (FP8 recipes, RoPE, GQA, MLA with and without
     q's low rank) runs at the tiny shape and prints its result line with what it ran; the pp part's
     end-to-end command runs at the tiny preset (its result line parsed from a pipelined log)."""
-    variants = []
+    variants, features = [], set()
     for cmd in suite_commands():
         call = _bench_call(cmd)
         if call and call[0] == "bench/moe_layer.py" and call[2] == 1:
             v = _cpu_variant(cmd)
-            if v not in variants:
+            key = tuple(a for a in v if a.startswith("--") and a != "--ep") + tuple(   # one run per feature set
+                v[v.index(f) + 1] for f in ("--fp8-recipe",) if f in v)
+            if key not in features:
+                features.add(key)
                 variants.append(v)
     assert len(variants) >= 6, variants
     for v in variants:
