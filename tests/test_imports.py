@@ -131,12 +131,6 @@ NOT_YET = {
     "megatron_ted.training.flops": "flops_per_token_of_args; moves to planning/ with the analytic models",
     "megatron_ted.planning.memory": "workload_from_args: the planner's edge (tools/plan_ted.py)",
     "megatron_ted.planning.search": "the planner's candidates are flag sets, validated by the parser",
-    # a checkpoint's saved flags (a dict named args), read where the saved ModelConfig would serve
-    "megatron_ted.inference.generate": "the tokenizer of a checkpoint from its saved flags",
-    "megatron_ted.inference.prune": "the pruned model's flags for its checkpoint",
-    "megatron_ted.interop.hf_export": "the Hugging Face config from a checkpoint's saved flags",
-    "megatron_ted.interop.hf_io": "the import/export context from saved flags",
-    "megatron_ted.interop.hf_weights": "the weight table's features from saved flags",
 }
 
 
