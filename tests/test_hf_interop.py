@@ -272,7 +272,7 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
-    """Our checkpoint -> export-hf (the architecture inferred from our flags alone) -> from_pretrained
+    """Our checkpoint -> export-hf (the architecture inferred from its saved ModelConfig alone) -> from_pretrained
     computes our logits; its import holds exactly our tensors (deepseek_v3: the rope rows permuted to
     DeepSeek's interleaved layout on the way out and back on the way in)."""
     _, ckpt, _ = imported[name]
@@ -405,9 +405,9 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
     mla = dict(moe, multi_latent_attention=True, moe_router_score_function="sigmoid", moe_ffn_hidden_size=16,
                moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1])
     gated = dict(moe, moe_shared_expert_intermediate_size=8, moe_shared_expert_gate=True)
-    assert [architecture_for(_saved_model(a)) for a in (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True),
-                                          gated, mla)] == ["llama", "qwen2", "mixtral", "qwen3_moe", "qwen2_moe",
-                                                           "deepseek_v3"]
+    models = (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True), gated, mla)
+    assert [architecture_for(_saved_model(a)) for a in models] == ["llama", "qwen2", "mixtral", "qwen3_moe",
+                                                                   "qwen2_moe", "deepseek_v3"]
     for args, word in ((dict(dense, qk_layernorm=True), "dense model with --qk-layernorm"),
                        (dict(moe, moe_router_pre_softmax=True), "exports as mixtral"),
                        (dict(moe, moe_router_score_function="sigmoid"), "--moe-router-score-function sigmoid"),

@@ -11,9 +11,10 @@ Routing frequency = (token, expert) assignments of the loaded model's gate in in
 expert index. Pruning an expert removes its weights and its router row (and expert-bias entry),
 so the gate's softmax renormalises over the experts that remain and a token whose choice was
 pruned goes to its best remaining expert. The pruned checkpoint saves the source's ModelConfig with
-the kept counts per MoE layer (`with_expert_counts`) as its identity; it has the same format
-(training/checkpoint.py), its saved --num-experts set to the kept counts (a list when they differ per
-layer: tools/prune_experts.py), and loads in tools/generate_text.py or for further training at an EP that divides the counts.
+the kept counts per MoE layer (`with_expert_counts`) as its identity and its saved --num-experts set
+to them (a list when they differ per layer: tools/prune_experts.py); it has the same format
+(training/checkpoint.py), and loads in tools/generate_text.py or for further training at an EP that
+divides the counts.
 Hash routing cannot be pruned this way (a dropped expert's token ids would have nowhere to go).
 """
 from __future__ import annotations
