@@ -272,7 +272,7 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
 def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
-    """Our checkpoint -> export-hf (the architecture inferred from our flags alone) -> from_pretrained
+    """Our checkpoint -> export-hf (the architecture inferred from its saved ModelConfig alone) -> from_pretrained
     computes our logits; its import holds exactly our tensors (deepseek_v3: the rope rows permuted to
     DeepSeek's interleaved layout on the way out and back on the way in)."""
     _, ckpt, _ = imported[name]
@@ -344,18 +344,29 @@ def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
         hf_io.export_hf(ckpt, str(tmp_path / "as_llama"), architecture="llama")
 
 
+def _saved_model(flags: dict):
+    """The ModelConfig of a checkpoint saved with these flags (the parser's defaults for the others), as
+    training/checkpoint.py saved_model_config upgrades a checkpoint that predates the saved ModelConfig."""
+    from megatron_ted.config.from_flags import model_config_from_flags
+    from megatron_ted.training.arguments import flag_defaults
+
+    return model_config_from_flags({**flag_defaults(), "hidden_size": 32, "ffn_hidden_size": 64,
+                                    "max_position_embeddings": 16, "padded_vocab_size": 128, "kv_lora_rank": 8,
+                                    **flags})
+
+
 def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
     from megatron_ted.interop.hf_export import architecture_for
 
     base = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
                 num_layers=2, num_attention_heads=4, num_experts=4, moe_layer_freq=1, moe_router_topk=2)
-    assert architecture_for(base) == "mixtral"
+    assert architecture_for(_saved_model(base)) == "mixtral"
     for change, word in ((dict(position_embedding_type="learned"), "learned absolute positions"),
                          (dict(normalization="LayerNorm"), "LayerNorm"), (dict(mlp_type="residual"), "Residual MoE"),
                          (dict(num_experts=[4, 8]), "per-layer expert counts"),
                          (dict(moe_shared_expert_intermediate_size=16), "without --moe-shared-expert-gate")):
         with pytest.raises(ValueError, match=word):
-            architecture_for({**base, **change})
+            architecture_for(_saved_model({**base, **change}))
 
 
 @pytest.mark.parametrize("name,change,field", [
@@ -394,9 +405,9 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
     mla = dict(moe, multi_latent_attention=True, moe_router_score_function="sigmoid", moe_ffn_hidden_size=16,
                moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1])
     gated = dict(moe, moe_shared_expert_intermediate_size=8, moe_shared_expert_gate=True)
-    assert [architecture_for(a) for a in (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True),
-                                          gated, mla)] == ["llama", "qwen2", "mixtral", "qwen3_moe", "qwen2_moe",
-                                                           "deepseek_v3"]
+    models = (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True), gated, mla)
+    assert [architecture_for(_saved_model(a)) for a in models] == ["llama", "qwen2", "mixtral", "qwen3_moe",
+                                                                   "qwen2_moe", "deepseek_v3"]
     for args, word in ((dict(dense, qk_layernorm=True), "dense model with --qk-layernorm"),
                        (dict(moe, moe_router_pre_softmax=True), "exports as mixtral"),
                        (dict(moe, moe_router_score_function="sigmoid"), "--moe-router-score-function sigmoid"),
@@ -408,7 +419,7 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
                        (dict(mla, moe_shared_expert_intermediate_size=24), "multiple of --moe-ffn-hidden-size"),
                        (dict(mla, moe_router_num_groups=2, moe_router_group_topk=2), "deepseek_v3 scores a group")):
         with pytest.raises(ValueError, match=re.escape(word)):
-            architecture_for(args)
+            architecture_for(_saved_model(args))
 
 
 def test_import_streams_one_tensor_at_a_time_in_the_checkpoint_format(tmp_path):

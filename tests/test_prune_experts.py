@@ -116,7 +116,7 @@ def test_keeping_every_expert_changes_nothing(original):
     model, tokenizer, args = load_for_inference(original)
     sample = sample_sequences(tokenizer, 16, 8)
     usage = expert_usage(model, sample)
-    same, _ = prune_model(model, args, choose_experts(usage, [4], 2))
+    same = prune_model(model, choose_experts(usage, [4], 2))
     tokens = sample[:2]
     pos = torch.arange(16).expand_as(tokens)
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_pruning_changes_routing_only_where_a_choice_was_pruned(original):
     sample = sample_sequences(tokenizer, 16, 16)
     usage = expert_usage(model, sample)
     kept = choose_experts(usage, [3], 2)
-    pruned, _ = prune_model(model, args, kept)
+    pruned = prune_model(model, kept)
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(0))
     before = model.layers[0].mlp.router(x)
     after = pruned.layers[0].mlp.router(x)
@@ -249,3 +249,26 @@ def _fail_second(rename):
             raise OSError("simulated failure")
         return rename(a, b)
     return wrapped
+
+
+def test_the_pruned_checkpoint_saves_the_source_model_with_the_kept_counts(tmp_path, capsys):
+    """The pruned checkpoint's saved ModelConfig is the source's (its dropout and capacity as trained, not
+    inference's dropout-free dropless model) with the kept experts per MoE layer, and the flags saved beside
+    it give the same model (--use-checkpoint-args, a resumed run's comparison)."""
+    import dataclasses
+
+    from megatron_ted.config.from_flags import model_config_from_flags
+    from megatron_ted.training.arguments import flag_defaults
+    from megatron_ted.training.checkpoint import saved_model_config
+
+    source = checkpoint(tmp_path / "ck", ["--hidden-dropout", "0.1", "--moe-expert-capacity-factor", "1.5"])
+    out = str(tmp_path / "pruned")
+    assert prune_main(["--load", source, "--save", out, "--keep-experts", "3", "2", "--num-samples", "8"]) == 0
+    before = saved_model_config(read_metadata(find_checkpoint(source)))
+    meta = read_metadata(find_checkpoint(out))
+    after = saved_model_config(meta)
+    router = dataclasses.replace(before.moe.router, num_experts=3)
+    assert after == dataclasses.replace(before, moe=dataclasses.replace(before.moe, router=router,
+                                                                        num_experts_per_layer=(3, 2)))
+    assert after.gpt.hidden_dropout == 0.1 and after.moe.router.capacity_factor == 1.5
+    assert model_config_from_flags({**flag_defaults(), **meta["args"]}) == after

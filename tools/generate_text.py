@@ -129,11 +129,13 @@ def run(args, rank: int) -> int:
     from megatron_ted.inference.generate import banned_ids, completion_text, load_tokenizer, tokenize_prompt
     from megatron_ted.inference.model import checkpoint_args, load_parallel
     from megatron_ted.inference.sampling import SamplingConfig
+    from megatron_ted.training.saved_model import checkpoint_model_config
     from megatron_ted.parallel.groups import init_process_group
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     tokenizer = load_tokenizer(args.load, args.tokenizer_model)
-    _, saved = checkpoint_args(args.load)
+    directory, _ = checkpoint_args(args.load)
+    model_config = checkpoint_model_config(directory)   # the model's shape: its saved ModelConfig
     if args.prompts_file:
         rows, prompts, names = read_prompts(args.prompts_file, tokenizer)
     else:
@@ -141,7 +143,7 @@ def run(args, rank: int) -> int:
     cfg = SamplingConfig(vocab_size=tokenizer.vocab_size, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          eod=tokenizer.eod, stop_at_eod=not args.ignore_eod, banned_ids=banned_ids(tokenizer))
-    prompts = check_prompts(prompts, cfg, saved["max_position_embeddings"], names)   # before the heavy work
+    prompts = check_prompts(prompts, cfg, model_config.gpt.max_position_embeddings, names)   # before the heavy work
 
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
         from megatron_ted.inference.generate import load_for_inference
         from megatron_ted.inference.prune import (check_save_target, choose_experts, expert_usage, holds_checkpoint,
                                                   prune_model, replace_directory, sample_sequences,
-                                                  staging_dir_for)
+                                                  staging_dir_for, with_expert_counts)
         from megatron_ted.training.checkpoint import find_checkpoint, read_metadata, save_checkpoint
+        from megatron_ted.training.saved_model import checkpoint_model_config
         from megatron_ted.parallel.groups import ParallelGroups
 
         torch.set_num_threads(min(4, torch.get_num_threads()))
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--save {args.save} is the checkpoint being pruned; write the pruned one elsewhere")
         check_save_target(args.save, args.overwrite)
         model, tokenizer, saved = load_for_inference(source, args.tokenizer_model)
-        if saved.get("num_experts") is None:
+        moe = model.model_config.moe          # the checkpoint's model, as inference runs it
+        if moe is None:
             raise ValueError(f"--load {args.load}: a dense checkpoint has no experts to prune")
         seq_length = args.seq_length or int(saved.get("seq_length", model.config.max_position_embeddings))
         if not 1 <= seq_length <= model.config.max_position_embeddings:
@@ -77,8 +79,13 @@ def main(argv=None) -> int:
                              f"--max-position-embeddings {model.config.max_position_embeddings}")
         sample = sample_sequences(tokenizer, seq_length, args.num_samples, args.data_path, args.text_file, args.seed)
         usage = expert_usage(model, sample, args.micro_batch_size)
-        kept = choose_experts(usage, args.keep_experts, int(saved["moe_router_topk"]))
-        pruned, new_args = prune_model(model, saved, kept)
+        kept = choose_experts(usage, args.keep_experts, moe.router.topk)
+        pruned = prune_model(model, kept)
+        counts = [len(k) for k in kept]
+        # its identity: the source's saved ModelConfig (not inference's: dropout off, dropless) with the kept
+        # counts; the flags saved beside it (--use-checkpoint-args) say the counts too
+        identity = with_expert_counts(checkpoint_model_config(source), counts)
+        new_args = dict(saved, num_experts=counts[0] if len(set(counts)) == 1 else counts)
 
         tok_copy = os.path.join(source, "tokenizer.model")
         if os.path.isfile(tok_copy) and not args.tokenizer_model:
@@ -93,7 +100,8 @@ def main(argv=None) -> int:
         target = staging_dir_for(args.save) if replace else args.save
         try:
             out = save_checkpoint(target, int(meta["iteration"]), pruned, None, ParallelGroups.single(), new_args,
-                                  consumed_samples=int(meta.get("consumed_samples", 0)), rng=False, extra=extra)
+                                  consumed_samples=int(meta.get("consumed_samples", 0)), rng=False, extra=extra,
+                                  model_config=identity)
             if replace:
                 replace_directory(target, args.save)
                 out = os.path.join(args.save, os.path.basename(out))

@@ -3,7 +3,7 @@
     model, tokenizer, args = load_for_inference("runs/quickstart/checkpoints")
     text = generate_text(model, tokenizer, "def parse(", max_new_tokens=64, top_k=40, seed=1)
 
-The model is rebuilt from the flags saved in the checkpoint (`ParallelGroups.single()`, TP=EP=1:
+The model is rebuilt from the ModelConfig saved in the checkpoint (`ParallelGroups.single()`, TP=EP=1:
 the full vocabulary comes out of one forward), so a checkpoint written at any (TP, EP, DP) works.
 Dropout is off and MoE routing is dropless (no capacity limit), whatever training used.
 No KV cache: each new token runs the model over the last `--max-position-embeddings` tokens,
@@ -22,38 +22,44 @@ import torch
 
 from megatron_ted.data.tokenizer import build_tokenizer
 from megatron_ted.inference.model import CausalLM, build_from_checkpoint, checkpoint_args
+from megatron_ted.training.saved_model import checkpoint_model_config
 
 
-def _tokenizer_for(args: dict, directory: str, tokenizer_model: str | None):
-    kind = args["tokenizer_type"]
+def _tokenizer_for(saved_flags: dict, directory: str, tokenizer_model: str | None):
+    """The tokenizer the training run read its data with, from its saved flags (data, not the model:
+    --tokenizer-type, --tokenizer-model, --vocab-size, --vocab-file, --merge-file)."""
+    kind = saved_flags["tokenizer_type"]
     if kind == "NullTokenizer":
-        return build_tokenizer(kind, vocab_size=args.get("vocab_size"))
+        return build_tokenizer(kind, vocab_size=saved_flags.get("vocab_size"))
     if kind == "GPT2BPETokenizer":
-        return build_tokenizer(kind, vocab_file=args.get("vocab_file"), merge_file=args.get("merge_file"))
+        return build_tokenizer(kind, vocab_file=saved_flags.get("vocab_file"), merge_file=saved_flags.get("merge_file"))
     candidates = [tokenizer_model] if tokenizer_model else [os.path.join(directory, "tokenizer.model"),
-                                                           args.get("tokenizer_model")]
+                                                           saved_flags.get("tokenizer_model")]
     for path in candidates:
         if path and os.path.exists(path):   # a file, or HuggingFaceTokenizer's directory
             return build_tokenizer(kind, tokenizer_model=path)
     raise ValueError(f"--tokenizer-model: checkpoint {directory} holds no tokenizer.model and the training "
-                     f"run's {args.get('tokenizer_model')!r} is not there; pass --tokenizer-model PATH")
+                     f"run's {saved_flags.get('tokenizer_model')!r} is not there; pass --tokenizer-model PATH")
 
 
 def load_for_inference(load: str, tokenizer_model: str | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer, saved training flags) from `--load` (save or iteration directory)."""
-    directory, args = checkpoint_args(load)
+    """(model in eval mode, tokenizer, the training run's saved flags) from `--load` (save or iteration
+    directory). The model is built from its saved ModelConfig (model.model_config); the flags are for
+    what is not the model's (its data: --seq-length, the tokenizer)."""
+    directory, saved_flags = checkpoint_args(load)
     tokenizer = load_tokenizer(load, tokenizer_model)
-    return build_from_checkpoint(directory, device, dtype), tokenizer, args
+    return build_from_checkpoint(directory, device, dtype), tokenizer, saved_flags
 
 
 def load_tokenizer(load: str, tokenizer_model: str | None = None):
     """The tokenizer of checkpoint `load`: the copy saved with it, or `tokenizer_model`."""
-    directory, args = checkpoint_args(load)
-    tokenizer = _tokenizer_for(args, directory, tokenizer_model)
-    if tokenizer.vocab_size > args["padded_vocab_size"]:
+    directory, saved_flags = checkpoint_args(load)
+    tokenizer = _tokenizer_for(saved_flags, directory, tokenizer_model)
+    padded = checkpoint_model_config(directory).gpt.vocab_size
+    if tokenizer.vocab_size > padded:
         raise ValueError(f"--tokenizer-model: its {tokenizer.vocab_size} ids exceed the checkpoint's vocabulary "
-                         f"{args['padded_vocab_size']}; use the tokenizer the model was trained with")
+                         f"{padded}; use the tokenizer the model was trained with")
     return tokenizer
 
 

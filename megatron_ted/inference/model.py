@@ -67,9 +67,11 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
     """The model of checkpoint `path` (its latest iteration, or the iteration directory given)."""
     from megatron_ted.data.tokenizer import true_vocab_size
 
-    directory, args = checkpoint_args(path)
-    vocab = true_vocab_size(args) or _sentencepiece_vocab(directory) or args["padded_vocab_size"]
-    return CausalLM(build_from_checkpoint(directory, device, dtype), vocab).eval()
+    directory, saved_flags = checkpoint_args(path)
+    gpt = build_from_checkpoint(directory, device, dtype)
+    # the tokenizer's ids (data: the saved flags, or its copy), else every row of the model's vocabulary
+    vocab = true_vocab_size(saved_flags) or _sentencepiece_vocab(directory) or gpt.config.vocab_size
+    return CausalLM(gpt, vocab).eval()
 
 
 def _sentencepiece_vocab(directory: str) -> int | None:

@@ -4,15 +4,17 @@ sample, keep the most used experts of every MoE layer and write a smaller checkp
 
     usage = expert_usage(model, sample_sequences(...))            # per MoE layer: counts, weights
     kept  = choose_experts(usage, [2, 2])                          # expert indices kept per layer
-    model, args = prune_model(model, args, kept)                   # a model with fewer experts
+    model = prune_model(model, kept)                               # a model with fewer experts
 
 Routing frequency = (token, expert) assignments of the loaded model's gate in inference mode
 (dropless), summed over the sample; ties go to the larger summed combine weight, then the lower
 expert index. Pruning an expert removes its weights and its router row (and expert-bias entry),
 so the gate's softmax renormalises over the experts that remain and a token whose choice was
-pruned goes to its best remaining expert. The pruned checkpoint has the same format
-(training/checkpoint.py), its --num-experts set to the kept counts (a list when they differ per
-layer), and loads in tools/generate_text.py or for further training at an EP that divides the counts.
+pruned goes to its best remaining expert. The pruned checkpoint saves the source's ModelConfig with
+the kept counts per MoE layer (`with_expert_counts`) as its identity and its saved --num-experts set
+to them (a list when they differ per layer: tools/prune_experts.py); it has the same format
+(training/checkpoint.py), and loads in tools/generate_text.py or for further training at an EP that
+divides the counts.
 Hash routing cannot be pruned this way (a dropped expert's token ids would have nowhere to go).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import tempfile
 import torch
 
 from megatron_ted.model.builder import build_model
+from megatron_ted.model.config import ModelConfig
 from megatron_ted.parallel.groups import ParallelGroups
 
 
@@ -133,17 +136,19 @@ def choose_experts(usage: list[dict], keep: list[int], topk: int) -> list[list[i
     return kept
 
 
+def with_expert_counts(config: ModelConfig, counts: list[int]) -> ModelConfig:
+    """`config` with `counts` experts in its MoE layers (one per MoE layer, in layer order)."""
+    moe = dataclasses.replace(config.moe, num_experts_per_layer=tuple(counts),
+                              router=dataclasses.replace(config.moe.router, num_experts=counts[0]))
+    return dataclasses.replace(config, moe=moe)
+
+
 @torch.no_grad()
-def prune_model(model, args: dict, kept: list[list[int]]):
-    """(a one-process model with only the kept experts, its training flags). The kept experts'
-    weights, router rows and bias entries are copied in their original order; every other
-    parameter is copied as is."""
-    counts = [len(k) for k in kept]
-    new_args = dict(args, num_experts=counts[0] if len(set(counts)) == 1 else counts)
-    moe = model.model_config.moe
-    moe = dataclasses.replace(moe, num_experts_per_layer=tuple(counts),
-                              router=dataclasses.replace(moe.router, num_experts=counts[0]))
-    pruned = build_model(dataclasses.replace(model.model_config, moe=moe), ParallelGroups.single())
+def prune_model(model, kept: list[list[int]]):
+    """A one-process model with only the kept experts, built from `model`'s ModelConfig with the kept
+    counts. The kept experts' weights, router rows and bias entries are copied in their original
+    order; every other parameter is copied as is."""
+    pruned = build_model(with_expert_counts(model.model_config, [len(k) for k in kept]), ParallelGroups.single())
     pruned.to(next(model.parameters()).dtype)
     source = dict(model.named_parameters())
     done = set()
@@ -159,7 +164,7 @@ def prune_model(model, args: dict, kept: list[list[int]]):
             if source[name].shape != p.shape:
                 raise AssertionError(f"unexpected shape change of {name}")
             p.copy_(source[name])
-    return pruned.eval(), new_args
+    return pruned.eval()
 
 
 # ------------------------------------------------------------------------------- the --save directory

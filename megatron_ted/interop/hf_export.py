@@ -1,120 +1,116 @@
-"""Our checkpoint's flags -> the Hugging Face architecture and config.json of an export.
+"""Our checkpoint's model (its saved ModelConfig) -> the Hugging Face architecture and config.json of an export.
 
-`architecture_for(args)` names the model_type that expresses the model (checking `--architecture`
+`architecture_for(model)` names the model_type that expresses the model (checking `--architecture`
 when one is asked for): multi-latent attention is deepseek_v3; an MoE with gated shared experts
 qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
 a dense model with q/k/v biases qwen2, else llama (or mistral). A feature none of them has is a
-ValueError naming it. `hf_from_args` writes the config.json that transformers reads back as the same
-model (interop/hf_config.py is the reverse, and the tests check both against transformers).
+ValueError naming its flag. `hf_config_json` writes the config.json that transformers reads back as the
+same model (interop/hf_config.py is the reverse, and the tests check both against transformers).
 """
 from __future__ import annotations
 
 
 from megatron_ted.interop.hf_weights import ARCHITECTURES
-from megatron_ted.model.builder import moe_layer_indices
-from megatron_ted.config.from_flags import rope_config
-from megatron_ted.training.arguments import flag_defaults
+from megatron_ted.model.builder import experts_per_layer
+from megatron_ted.model.config import ModelConfig
+from megatron_ted.model.positions import RopeConfig
 
 
-def _refusal(args: dict) -> str | None:
+def _refusal(model: ModelConfig) -> str | None:
     """The first feature of a checkpoint's model that no supported HF architecture has, or None."""
+    gpt, moe = model.gpt, model.moe
+    router = moe.router if moe is not None else None
+    counts = list(experts_per_layer(moe, gpt.num_layers)) if moe is not None else []
     checks = [
-        (args.get("position_embedding_type") != "rope",
-         f"--position-embedding-type {args.get('position_embedding_type')} (learned absolute positions)"),
-        (args.get("normalization") != "RMSNorm", f"--normalization {args.get('normalization')}"),
-        (not args.get("swiglu"), "GeLU MLPs (no --swiglu)"),
-        (not args.get("disable_bias_linear"), "linear biases (no --disable-bias-linear)"),
-        (args.get("rotary_percent", 1.0) != 1.0, f"--rotary-percent {args.get('rotary_percent')} (partial rotary)"),
-        (args.get("mlp_type", "standard") != "standard", f"--mlp-type {args.get('mlp_type')} (Residual MoE)"),
-        (isinstance(args.get("num_experts"), list),
-         f"--num-experts {args.get('num_experts')} (per-layer expert counts)"),
-        (args.get("moe_router_type", "topk") != "topk", f"--moe-router-type {args.get('moe_router_type')}"),
+        (gpt.position_embedding_type != "rope",
+         f"--position-embedding-type {gpt.position_embedding_type} (learned absolute positions)"),
+        (gpt.normalization != "RMSNorm", f"--normalization {gpt.normalization}"),
+        (not gpt.swiglu, "GeLU MLPs (no --swiglu)"),
+        (gpt.add_bias_linear, "linear biases (no --disable-bias-linear)"),
+        (gpt.rope.percent != 1.0, f"--rotary-percent {gpt.rope.percent} (partial rotary)"),
+        (moe is not None and moe.mlp_type != "standard", f"--mlp-type {moe and moe.mlp_type} (Residual MoE)"),
+        (len(set(counts)) > 1, f"--num-experts {counts} (per-layer expert counts)"),
+        (router is not None and router.router_type != "topk", f"--moe-router-type {router and router.router_type}"),
     ]
-    if not args.get("multi_latent_attention"):   # DeepSeek-V3's router features: only with its attention
+    if gpt.mla is None and router is not None:   # DeepSeek-V3's router features: only with its attention
         checks += [
-            (args.get("moe_router_score_function", "softmax") != "softmax",
-             f"--moe-router-score-function {args.get('moe_router_score_function')} without multi-latent attention"),
-            (args.get("moe_router_enable_expert_bias"),
-             "--moe-router-enable-expert-bias without multi-latent attention"),
-            (args.get("moe_router_num_groups"), "--moe-router-num-groups without multi-latent attention"),
-            (args.get("moe_router_topk_scaling_factor"),
-             "--moe-router-topk-scaling-factor without multi-latent attention"),
-            (args.get("moe_shared_expert_intermediate_size") and not args.get("moe_shared_expert_gate"),
+            (router.score_function != "softmax",
+             f"--moe-router-score-function {router.score_function} without multi-latent attention"),
+            (router.enable_expert_bias, "--moe-router-enable-expert-bias without multi-latent attention"),
+            (router.num_groups, "--moe-router-num-groups without multi-latent attention"),
+            (router.topk_scaling_factor, "--moe-router-topk-scaling-factor without multi-latent attention"),
+            (moe.shared_expert_size and not moe.shared_expert_gate,
              "shared experts without --moe-shared-expert-gate (ungated ones need multi-latent attention: deepseek_v3)"),
         ]
     return next((what for bad, what in checks if bad), None)
 
 
-def _moe_layers(args: dict) -> list[int]:
-    return list(moe_layer_indices(args["num_layers"], args["moe_layer_freq"])) if args.get("num_experts") else []
-
-
-def _deepseek_refusal(args: dict) -> str | None:
-    n, layers, k = args["num_layers"], _moe_layers(args), args.get("moe_router_topk", 2)
-    groups, shared, ffn = args.get("moe_router_num_groups"), args.get("moe_shared_expert_intermediate_size"), \
-        args.get("moe_ffn_hidden_size")
+def _deepseek_refusal(model: ModelConfig) -> str | None:
+    n, layers, moe = model.gpt.num_layers, list(model.gpt.moe_layers), model.moe
+    if moe is None or not layers:
+        return "multi-latent attention without MoE layers"
+    router, shared, ffn = moe.router, moe.shared_expert_size, moe.ffn_hidden_size
+    k, groups = router.topk, router.num_groups
     checks = [
-        (not layers, "multi-latent attention without MoE layers"),
         (layers != list(range(n - len(layers), n)), f"MoE layers {layers} (deepseek_v3's are all after the first "
                                                     f"first_k_dense_replace dense ones)"),
-        (args.get("moe_router_score_function", "softmax") != "sigmoid",
-         "a softmax router with multi-latent attention (deepseek_v3's is sigmoid)"),
-        (not args.get("moe_router_enable_expert_bias"), "a sigmoid router without --moe-router-enable-expert-bias "
-                                                        "(deepseek_v3 has e_score_correction_bias)"),
-        (groups and k // args["moe_router_group_topk"] != 2,
-         f"--moe-router-topk {k} / --moe-router-group-topk {args.get('moe_router_group_topk')} != 2 (deepseek_v3 "
+        (router.score_function != "sigmoid", "a softmax router with multi-latent attention (deepseek_v3's is sigmoid)"),
+        (not router.enable_expert_bias, "a sigmoid router without --moe-router-enable-expert-bias "
+                                        "(deepseek_v3 has e_score_correction_bias)"),
+        (groups and k // router.group_topk != 2,
+         f"--moe-router-topk {k} / --moe-router-group-topk {router.group_topk} != 2 (deepseek_v3 "
          f"scores a group by its top 2 experts)"),
         (not shared or shared % ffn, f"--moe-shared-expert-intermediate-size {shared} (deepseek_v3 needs a multiple "
                                      f"of --moe-ffn-hidden-size {ffn})"),
-        (args.get("moe_shared_expert_gate"), "--moe-shared-expert-gate with multi-latent attention"),
+        (moe.shared_expert_gate, "--moe-shared-expert-gate with multi-latent attention"),
     ]
     return next((what for bad, what in checks if bad), None)
 
 
-def _candidates(args: dict) -> list[str]:
-    moe, layers = args.get("num_experts") is not None, _moe_layers(args)
-    qk_norm, qkv_bias = args.get("qk_layernorm"), args.get("add_qkv_bias")
-    k, pre = args.get("moe_router_topk", 2), args.get("moe_router_pre_softmax")
-    if args.get("multi_latent_attention"):
-        what = _deepseek_refusal(args)
+def _candidates(model: ModelConfig) -> list[str]:
+    gpt, moe = model.gpt, model.moe
+    qk_norm, qkv_bias = gpt.attention.qk_layernorm, gpt.attention.add_qkv_bias
+    if gpt.mla is not None:
+        what = _deepseek_refusal(model)
         if what:
             raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
         return ["deepseek_v3"]
-    if moe and args.get("moe_shared_expert_intermediate_size"):
+    if moe is not None and moe.shared_expert_size:
         if qk_norm:
             raise ValueError("export-hf: no Hugging Face architecture here expresses shared experts with "
                              "--qk-layernorm (qwen2_moe has no qk-norm)")
         return ["qwen2_moe"]
-    if moe and qk_norm:
+    if moe is not None and qk_norm:
         if qkv_bias:
             raise ValueError("export-hf: no Hugging Face architecture here expresses --qk-layernorm with "
                              "--add-qkv-bias (qwen3_moe's attention_bias adds an o_proj bias too)")
         return ["qwen3_moe"]
-    if moe:
-        if len(layers) == args["num_layers"] and k > 1 and not pre and not qkv_bias:
+    if moe is not None:
+        k, pre = moe.router.topk, moe.router.pre_softmax
+        if len(gpt.moe_layers) == gpt.num_layers and k > 1 and not pre and not qkv_bias:
             return ["mixtral"]
+        freq = list(moe.layer_freq) if isinstance(moe.layer_freq, tuple) else moe.layer_freq   # as the flag read
         raise ValueError("export-hf: an MoE without shared experts or qk-norm exports as mixtral, which needs "
                          "--moe-layer-freq 1, --moe-router-topk > 1, no --moe-router-pre-softmax and no "
-                         f"--add-qkv-bias (this one has {args.get('moe_layer_freq')}, {k}, {bool(pre)}, "
+                         f"--add-qkv-bias (this one has {freq}, {k}, {bool(pre)}, "
                          f"{bool(qkv_bias)})")
     if qk_norm:
         raise ValueError("export-hf: no Hugging Face architecture here expresses a dense model with --qk-layernorm")
     return ["qwen2"] if qkv_bias else ["llama", "mistral"]
 
 
-def architecture_for(args: dict, requested: str | None = None) -> str:
+def architecture_for(model: ModelConfig, requested: str | None = None) -> str:
     """The HF model_type that expresses the checkpoint's model (`requested`, when it can)."""
-    what = _refusal(args)
+    what = _refusal(model)
     if what is not None:
         raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
-    can = _candidates(args)
+    can = _candidates(model)
     if requested is not None and requested not in can:
         raise ValueError(f"--architecture {requested}: this checkpoint's model exports as {' or '.join(can)}")
     return requested or can[0]
 
 
-def _rope_parameters(args: dict) -> dict:
-    rope = rope_config({**flag_defaults(), **args})   # flags a checkpoint predates: their defaults
+def _rope_parameters(rope: RopeConfig) -> dict:
     out = {"rope_theta": rope.base, "rope_type": "default"}
     if rope.yarn:
         out.update(rope_type="yarn", factor=rope.scaling_factor, beta_fast=rope.beta_fast, beta_slow=rope.beta_slow,
@@ -127,19 +123,19 @@ def _rope_parameters(args: dict) -> dict:
     return out
 
 
-def hf_from_args(args: dict, arch: str, vocab: int, dtype: str, generation: dict) -> dict:
+def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, generation: dict) -> dict:
     """config.json of the checkpoint's model as `arch` (architecture_for chose or checked it)."""
-    n, heads, hidden = args["num_layers"], args["num_attention_heads"], args["hidden_size"]
-    rope = _rope_parameters(args)
-    groups = args.get("num_query_groups") if args.get("group_query_attention") else None
+    gpt, moe, mla = model.gpt, model.moe, model.gpt.mla
+    n, heads, hidden = gpt.num_layers, gpt.num_attention_heads, gpt.hidden_size
+    rope = _rope_parameters(gpt.rope)
     cfg = {"architectures": [ARCHITECTURES[arch].hf_class], "model_type": arch, "vocab_size": vocab,
-           "hidden_size": hidden, "intermediate_size": args["ffn_hidden_size"], "num_hidden_layers": n,
-           "num_attention_heads": heads, "num_key_value_heads": groups or heads,
-           "head_dim": args.get("kv_channels") or hidden // heads,
-           "hidden_act": "silu", "max_position_embeddings": args["max_position_embeddings"],
-           "rms_norm_eps": args.get("layernorm_epsilon", 1e-5), "rope_theta": rope["rope_theta"],
+           "hidden_size": hidden, "intermediate_size": gpt.ffn_hidden_size, "num_hidden_layers": n,
+           "num_attention_heads": heads, "num_key_value_heads": gpt.attention.groups(heads),
+           "head_dim": gpt.attention.head_dim(hidden, heads),
+           "hidden_act": "silu", "max_position_embeddings": gpt.max_position_embeddings,
+           "rms_norm_eps": gpt.layernorm_epsilon, "rope_theta": rope["rope_theta"],
            "rope_parameters": rope,
-           "tie_word_embeddings": not args.get("untie_embeddings_and_output_weights", False),
+           "tie_word_embeddings": not gpt.untie_embeddings_and_output_weights,
            "attention_dropout": 0.0, "attention_bias": False, "mlp_bias": False, "dtype": dtype,
            "use_cache": True, **{k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
     if rope["rope_type"] != "default":   # what transformers 4 and serving engines read
@@ -148,28 +144,31 @@ def hf_from_args(args: dict, arch: str, vocab: int, dtype: str, generation: dict
         cfg.update(sliding_window=None)
     if arch in ("qwen2", "qwen2_moe", "qwen3_moe"):
         cfg.update(use_sliding_window=False, max_window_layers=n)
-    layers, k = _moe_layers(args), args.get("moe_router_topk")
-    norm = bool(k and k > 1 and not args.get("moe_router_pre_softmax"))
+    if moe is None:
+        return cfg
+    layers, router = list(gpt.moe_layers), moe.router
+    k, experts = router.topk, router.num_experts    # one count for every MoE layer (_refusal)
+    norm = bool(k and k > 1 and not router.pre_softmax)
     if arch == "mixtral":
-        cfg.update(num_local_experts=args["num_experts"], num_experts_per_tok=k,   # every layer's FFN an expert's
-                   intermediate_size=args.get("moe_ffn_hidden_size") or args["ffn_hidden_size"],
-                   router_jitter_noise=args.get("moe_input_jitter_eps") or 0.0)
+        cfg.update(num_local_experts=experts, num_experts_per_tok=k,   # every layer's FFN an expert's
+                   intermediate_size=moe.ffn_hidden_size or gpt.ffn_hidden_size,
+                   router_jitter_noise=router.input_jitter_eps or 0.0)
     if arch in ("qwen2_moe", "qwen3_moe"):
-        cfg.update(num_experts=args["num_experts"], num_experts_per_tok=k, norm_topk_prob=norm,
-                   moe_intermediate_size=args["moe_ffn_hidden_size"], decoder_sparse_step=1,
+        cfg.update(num_experts=experts, num_experts_per_tok=k, norm_topk_prob=norm,
+                   moe_intermediate_size=moe.ffn_hidden_size, decoder_sparse_step=1,
                    mlp_only_layers=[i for i in range(n) if i not in layers])
     if arch == "qwen2_moe":
-        cfg.update(shared_expert_intermediate_size=args["moe_shared_expert_intermediate_size"],
-                   qkv_bias=bool(args.get("add_qkv_bias")))
+        cfg.update(shared_expert_intermediate_size=moe.shared_expert_size,
+                   qkv_bias=bool(gpt.attention.add_qkv_bias))
     if arch == "deepseek_v3":
         del cfg["head_dim"]   # transformers derives it (the rope head dim)
-        ffn, g = args["moe_ffn_hidden_size"], args.get("moe_router_num_groups")
-        cfg.update(num_key_value_heads=heads, q_lora_rank=args.get("q_lora_rank"), kv_lora_rank=args["kv_lora_rank"],
-                   qk_nope_head_dim=args["qk_head_dim"], qk_rope_head_dim=args["qk_pos_emb_head_dim"],
-                   v_head_dim=args["v_head_dim"], rope_interleave=True, n_routed_experts=args["num_experts"],
+        ffn, g = moe.ffn_hidden_size, router.num_groups
+        cfg.update(num_key_value_heads=heads, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+                   qk_nope_head_dim=mla.qk_head_dim, qk_rope_head_dim=mla.qk_pos_emb_head_dim,
+                   v_head_dim=mla.v_head_dim, rope_interleave=True, n_routed_experts=experts,
                    num_experts_per_tok=k, moe_intermediate_size=ffn, first_k_dense_replace=n - len(layers),
-                   n_shared_experts=args["moe_shared_expert_intermediate_size"] // ffn,
-                   routed_scaling_factor=args.get("moe_router_topk_scaling_factor") or 1.0,
-                   n_group=g or 1, topk_group=args.get("moe_router_group_topk") or 1, norm_topk_prob=k > 1,
+                   n_shared_experts=moe.shared_expert_size // ffn,
+                   routed_scaling_factor=router.topk_scaling_factor or 1.0,
+                   n_group=g or 1, topk_group=router.group_topk or 1, norm_topk_prob=k > 1,
                    topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=0)
     return cfg

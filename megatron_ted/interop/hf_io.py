@@ -22,10 +22,13 @@ import torch
 
 from megatron_ted.data.tokenizer import true_vocab_size
 from megatron_ted.interop.hf_config import flags_from_hf
-from megatron_ted.interop.hf_export import architecture_for, hf_from_args
+from megatron_ted.interop.hf_export import architecture_for, hf_config_json
 from megatron_ted.interop.hf_weights import ARCHITECTURES, IGNORED_SUFFIXES, features_of, mappings
 from megatron_ted.model.builder import moe_layer_indices
-from megatron_ted.training.checkpoint import _Reader, find_checkpoint, read_metadata  # noqa: PLC2701 -- the sharded reader
+from megatron_ted.model.config import ModelConfig
+from megatron_ted.training.checkpoint import _Reader  # noqa: PLC2701 -- the sharded reader
+from megatron_ted.training.checkpoint import find_checkpoint, read_metadata
+from megatron_ted.training.saved_model import checkpoint_model_config
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -146,9 +149,10 @@ def import_hf(hf_dir: str, save: str, overwrite: bool = False, vocab_divisible_b
     dtype = next((hf.float_dtype(n) for n in hf.where if hf.float_dtype(n)), torch.float32)
     params = {s.name: list(s.shape) for s in parameter_shapes(config, moe)}   # no model is built
     maps = mappings(ARCHITECTURES[cfg["model_type"]], config.num_layers, set(config.moe_layers),
-                    args.num_experts or 0, config.untie_embeddings_and_output_weights, features_of(vars(args)))
+                    moe.router.num_experts if moe else 0, config.untie_embeddings_and_output_weights,
+                    features_of(model_config))
     assert {m.ours for m in maps} == set(params), "table and model disagree"
-    ctx = _context(vars(args), cfg["vocab_size"], cfg.get("rope_interleave", True))
+    ctx = _context(model_config, cfg["vocab_size"], cfg.get("rope_interleave", True))
     expected = dict(_plan(maps, params, ctx))
     for name, shape in expected.items():       # every check before any tensor is read
         if name not in hf.where:
@@ -209,11 +213,12 @@ def _next_token_layer(name: str, cfg: dict) -> bool:
     return int(name.split(".")[2]) >= cfg["num_hidden_layers"]
 
 
-def _context(args: dict, vocab: int, rope_interleave: bool) -> dict:
+def _context(model: ModelConfig, vocab: int, rope_interleave: bool) -> dict:
     """What the transforms need besides the tensors: vocabulary sizes, heads, MLA's rope rows."""
-    return {"vocab": vocab, "padded_vocab": args["padded_vocab_size"], "heads": args["num_attention_heads"],
-            "rope_dim": args.get("qk_pos_emb_head_dim"),
-            "rope_interleave": bool(args.get("multi_latent_attention")) and rope_interleave}
+    mla = model.gpt.mla
+    return {"vocab": vocab, "padded_vocab": model.gpt.vocab_size, "heads": model.gpt.num_attention_heads,
+            "rope_dim": mla.qk_pos_emb_head_dim if mla else None,
+            "rope_interleave": mla is not None and rope_interleave}
 
 
 # ---- export ------------------------------------------------------------------------------------
@@ -249,22 +254,23 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
     if directory is None:
         raise ValueError(f"--load {load}: no checkpoint there")
     meta = read_metadata(directory)
-    args, index = meta.get("args") or {}, meta["tensors"]
-    arch = architecture_for(args, architecture)
+    model = checkpoint_model_config(directory)   # the model's shape (checkpoints before it: from their flags)
+    # the training run's flags: its tokenizer and unpadded vocabulary are data, not part of the model
+    saved_flags, index = meta.get("args") or {}, meta["tensors"]
+    arch = architecture_for(model, architecture)
     limit = _parse_size(max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose bf16 or fp32")
     _check_destination(hf_dir, "--hf-dir", overwrite)
     notes = []
-    vocab = true_vocab_size(args)
+    vocab = true_vocab_size(saved_flags)
     if vocab is None:
-        vocab = args["padded_vocab_size"]
+        vocab = model.gpt.vocab_size
         notes.append(f"vocabulary: the checkpoint does not say its unpadded size; exported all {vocab} rows")
-    moe = args.get("num_experts") is not None
-    maps = mappings(ARCHITECTURES[arch], args["num_layers"],
-                    set(moe_layer_indices(args["num_layers"], args["moe_layer_freq"])) if moe else set(),
-                    args.get("num_experts") or 0, args.get("untie_embeddings_and_output_weights", False),
-                    features_of(args))
+    gpt = model.gpt
+    maps = mappings(ARCHITECTURES[arch], gpt.num_layers, set(gpt.moe_layers),
+                    model.moe.router.num_experts if model.moe else 0, gpt.untie_embeddings_and_output_weights,
+                    features_of(model))
     ours = {f"model/{m.ours}" for m in maps}
     have = {k for k in index if k.startswith("model/")}
     if ours != have:
@@ -274,7 +280,7 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
     out_dtype = DTYPES[dtype] if dtype else getattr(torch, index["model/embedding.weight"]["dtype"].split(".")[-1])
     if out_dtype not in _ST_DTYPES:
         raise ValueError(f"--dtype: the checkpoint's {out_dtype} cannot be written; pass --dtype bf16 or fp32")
-    ctx = _context(args, vocab, rope_interleave=True)   # DeepSeek's own layout, which engines expect
+    ctx = _context(model, vocab, rope_interleave=True)   # DeepSeek's own layout, which engines expect
     plan = _plan(maps, {m.ours: index[f"model/{m.ours}"]["shape"] for m in maps}, ctx)
     item = torch.empty((), dtype=out_dtype).element_size()
     shards, size = [[]], 0
@@ -290,12 +296,12 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
 
     generation = {}
     hf_files = os.path.join(directory, HF_SUBDIR)
-    if not os.path.isdir(hf_files) and args.get("tokenizer_type") == "HuggingFaceTokenizer":
-        hf_files = args.get("tokenizer_model") or hf_files   # a run continued from an import names it
+    if not os.path.isdir(hf_files) and saved_flags.get("tokenizer_type") == "HuggingFaceTokenizer":
+        hf_files = saved_flags.get("tokenizer_model") or hf_files   # a run continued from an import names it
     if os.path.isfile(os.path.join(hf_files, "generation_config.json")):
         with open(os.path.join(hf_files, "generation_config.json")) as f:
             generation = json.load(f)
-    elif args.get("tokenizer_type") == "NullTokenizer":
+    elif saved_flags.get("tokenizer_type") == "NullTokenizer":
         generation = {"eos_token_id": vocab - 1}     # NullTokenizer: end-of-document is the last id
     tmp = _temporary(hf_dir)
     try:
@@ -331,7 +337,7 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
                 "weight_map": {name: fn for fn, group in zip(names, shards) for name, _ in group}})
         dtype_name = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64",
                       torch.float16: "float16"}[out_dtype]
-        _write_json(os.path.join(tmp, "config.json"), hf_from_args(args, arch, vocab, dtype_name, generation))
+        _write_json(os.path.join(tmp, "config.json"), hf_config_json(model, arch, vocab, dtype_name, generation))
         _write_json(os.path.join(tmp, "generation_config.json"), {"_from_model_config": False, **generation})
         copied = [n for n in TOKENIZER_FILES if n != "generation_config.json"
                   and os.path.isfile(os.path.join(hf_files, n))]
@@ -339,7 +345,7 @@ def export_hf(load: str, hf_dir: str, architecture: str | None = None, dtype: st
             shutil.copyfile(os.path.join(hf_files, n), os.path.join(tmp, n))
         if not copied:
             notes.append("tokenizer: not exported (the checkpoint holds no Hugging Face tokenizer files, only a "
-                         f"{args.get('tokenizer_type')}); copy the tokenizer files of the source model into {hf_dir}")
+                         f"{saved_flags.get('tokenizer_type')}); copy the tokenizer files of the source model into {hf_dir}")
         _publish(tmp, hf_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ between them. Our full logical shapes (what a checkpoint stores, whatever the la
 A table is data: one per model_type, built from the blocks below; nothing in the converter
 branches on the architecture. A rule may hold only for some models of a type (`when`: grouped-query
 attention, qkv biases, qk-norm, a q latent, the expert bias, shared experts and their gate); the
-model's features (`features_of`, from our flags) pick the rules, on import and on export alike.
+model's features (`features_of`, from its ModelConfig) pick the rules, on import and on export alike.
 
 MLA's rope rows: Hugging Face's DeepSeek-V3 (`rope_interleave`, DeepSeek's own layout) rotates
 interleaved pairs, ours halves (model/mla.py), so those rows are permuted on the way in and back on
@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from megatron_ted.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -164,18 +166,20 @@ ARCHITECTURES = {
 }
 
 
-def features_of(args: dict) -> set[str]:
-    """The model features that pick a table's rules, from our saved or parsed flags (a dict)."""
-    heads = args["num_attention_heads"]
-    groups = args.get("num_query_groups") if args.get("group_query_attention") else None
+def features_of(model: ModelConfig) -> set[str]:
+    """The model features that pick a table's rules, from the model's saved or built configuration."""
+    gpt, moe = model.gpt, model.moe
     out = set()
-    if args.get("multi_latent_attention"):
-        out.add("q_lora" if args.get("q_lora_rank") else "q_plain")
+    if gpt.mla is not None:
+        out.add("q_lora" if gpt.mla.q_lora_rank else "q_plain")
     else:
-        out.add("gqa" if groups and groups < heads else "mha")
-    flags = {"qkv_bias": "add_qkv_bias", "qk_norm": "qk_layernorm", "expert_bias": "moe_router_enable_expert_bias",
-             "shared": "moe_shared_expert_intermediate_size", "shared_gate": "moe_shared_expert_gate"}
-    return out | {f for f, key in flags.items() if args.get(key)}
+        groups = gpt.attention.num_query_groups
+        out.add("gqa" if groups and groups < gpt.num_attention_heads else "mha")
+    has = {"qkv_bias": gpt.attention.add_qkv_bias, "qk_norm": gpt.attention.qk_layernorm,
+           "expert_bias": moe is not None and moe.router.enable_expert_bias,
+           "shared": moe is not None and moe.shared_expert_size,
+           "shared_gate": moe is not None and moe.shared_expert_gate}
+    return out | {f for f, on in has.items() if on}
 
 
 @dataclass(frozen=True)

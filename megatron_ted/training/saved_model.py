@@ -20,13 +20,20 @@ def inference_config(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, gpt=gpt, moe=moe)
 
 
-def build_from_checkpoint(directory: str, device="cpu", dtype=torch.float32, groups: ParallelGroups | None = None):
-    """The GPTModel of the checkpoint in `directory` at the layout of `groups` (None: TP = EP = 1)
-    with its weights, in eval mode (its saved model config says what to build)."""
+def checkpoint_model_config(directory: str) -> ModelConfig:
+    """The saved ModelConfig of the checkpoint in iteration directory `directory` (one that predates it:
+    upgraded from its saved flags); CheckpointError when it holds neither."""
     saved = saved_model_config(read_metadata(directory), directory)
     if saved is None:
         raise CheckpointError(f"checkpoint {directory}: holds no model config; it was not written by "
                               f"pretrain_gpt_moe.py")
+    return saved
+
+
+def build_from_checkpoint(directory: str, device="cpu", dtype=torch.float32, groups: ParallelGroups | None = None):
+    """The GPTModel of the checkpoint in `directory` at the layout of `groups` (None: TP = EP = 1)
+    with its weights, in eval mode (its saved model config says what to build)."""
+    saved = checkpoint_model_config(directory)
     groups = groups or ParallelGroups.single()
     model = build_model(inference_config(saved), groups)
     model.to(device=device, dtype=dtype)
