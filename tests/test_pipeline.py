@@ -256,7 +256,7 @@ def _cli_worker(rank, world, port, argv):
         return write(save, it, model, *rest, **kw)
 
     entry.save_checkpoint = save_and_keep_own
-    out = train(configs_from_args(args), tok)
+    out = train(configs_from_args(args), tok, flops_per_token=0.0)   # the log's TFLOP/s are not checked here
     if rank == 0:
         torch.save(out["losses"], os.path.join(argv[argv.index("--save") + 1], "losses.pt"))
 

@@ -164,14 +164,6 @@ def profile_config(args) -> ProfileConfig | None:
                          f["use_pytorch_profiler"], f["profile_dir"] or f["tensorboard_dir"] or "profile")
 
 
-def moe_summary(args, moe_layers) -> str:
-    """The start-up line: the top-k and MoE layers this run uses, and which defaults set them
-    (training/deepspeed_moe.py resolve)."""
-    f = _flags(args)
-    line = f" > MoE: top-{f['moe_router_topk']} routing, MoE layers {list(moe_layers)} (0-based) of {f['num_layers']}"
-    return line + (f"; {f['moe_defaults_from']}" if f.get("moe_defaults_from") else "")
-
-
 def training_config(args) -> TrainingConfig:
     f = _flags(args)
     precision = "bf16" if f["bf16"] else "fp16" if f["fp16"] else "fp32"
@@ -209,6 +201,6 @@ def training_config(args) -> TrainingConfig:
 
 def configs_from_args(args) -> RunConfig:
     """The run's configuration from the validated flags (padded_vocab_size set): built once, here."""
-    model = model_config_from_flags(args)
-    return RunConfig(model, parallel_config(args), training_config(args), flags=dict(_flags(args)),
-                     moe_summary=moe_summary(args, model.gpt.moe_layers) if model.moe is not None else None)
+    f = _flags(args)
+    return RunConfig(model_config_from_flags(f), parallel_config(f), training_config(f), flags=dict(f),
+                     moe_defaults_from=f.get("moe_defaults_from"))

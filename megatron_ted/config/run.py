@@ -16,5 +16,6 @@ class RunConfig:
     # The validated flags exactly as given (vars(args)): saved in every checkpoint for
     # --use-checkpoint-args and for a KD teacher built from it. Never read for a setting.
     flags: dict = field(default_factory=dict, compare=False)
-    # The start-up line of the MoE placement and whose defaults set it (None: a dense model)
-    moe_summary: str | None = None
+    # Whose defaults set top-k and the MoE layers where the flags did not (training/deepspeed_moe.py:
+    # Megatron-DeepSpeed's for its scripts); stated in the start-up line, not part of the model
+    moe_defaults_from: str | None = None

@@ -9,7 +9,7 @@ layer `n` (1-based) experts when `n % expert_interval == 0`, so with 2 the MoE l
 The defaults follow the script's dialect: when `--moe-router-topk` / `--topk` or `--moe-layer-freq` /
 `--expert-interval` is not given, a script with any Megatron-DeepSpeed-only flag (DEEPSPEED_ONLY)
 gets Megatron-DeepSpeed's defaults, any other script ours. `resolve(args)` applies this once (it is
-idempotent) and config/from_flags.py `moe_summary` is the start-up line that states the result.
+idempotent) and training/train.py `moe_summary` is the start-up line that states the result.
 """
 from __future__ import annotations
 

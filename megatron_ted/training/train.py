@@ -127,7 +127,7 @@ def _sp_seed_offset(run: RunConfig, groups) -> int:
     return 7919 * groups.tp.rank if run.parallel.sequence_parallel else 0
 
 
-def train(run: RunConfig, tokenizer, flops_per_token: float = 0.0) -> dict:
+def train(run: RunConfig, tokenizer, flops_per_token: float) -> dict:
     """Train the model of `run` (config/from_flags.py configs_from_args). flops_per_token: the
     model's training FLOPs per token, for the log's TFLOP/s and MFU (the entry point,
     launch/pretrain.py, passes it)."""
@@ -194,12 +194,19 @@ def build_parallel_model(run: RunConfig, groups, device) -> tuple[torch.nn.Modul
     torch.manual_seed(run.model.seed + 1000 * groups.dp.rank + _sp_seed_offset(run, groups))
     n_params = sum(p.numel() for p in model.parameters())
     print_rank0(f" > parameters on rank 0: {n_params:,} (vocab padded to {run.model.gpt.vocab_size})")
-    if run.moe_summary is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
-        print_rank0(run.moe_summary)
+    if run.model.moe is not None:   # top-k and MoE layers as resolved, and whose defaults (training/deepspeed_moe.py)
+        print_rank0(moe_summary(run))
     if run.model.moe is not None and run.model.moe.router.force_load_balancing:
         print_rank0("WARNING: --moe-router-force-load-balancing routes every token to random experts "
                     "(a benchmark of balanced load); the model does not learn its routing")
     return model, dtype
+
+
+def moe_summary(run: RunConfig) -> str:
+    """The start-up line: the top-k and MoE layers this run uses, and which defaults set them."""
+    gpt = run.model.gpt
+    line = f" > MoE: top-{run.model.moe.router.topk} routing, MoE layers {list(gpt.moe_layers)} (0-based) of {gpt.num_layers}"
+    return line + (f"; {run.moe_defaults_from}" if run.moe_defaults_from else "")
 
 
 def build_optimizer(run: RunConfig, model, groups) -> tuple[GradientSync, TiledAdamW]:
