@@ -48,6 +48,9 @@ ARCHS = {
     "deepseek_v3": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=16, rope_parameters=YARN)),
     "deepseek_v3_plain_q": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1,
                                                 num_experts_per_tok=2, norm_topk_prob=True)),
+    "deepseek_v2": ("deepseek_v2", dict(DEEPSEEK, q_lora_rank=16, num_experts_per_tok=3, topk_group=2,
+                                        norm_topk_prob=False, topk_method="group_limited_greedy",
+                                        rope_parameters=YARN)),   # softmax top-k, a group's best expert
 }
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -270,7 +273,7 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
         assert torch.equal(original[key][:rows], back[key][:rows]), key
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2"])
 def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
     """Our checkpoint -> export-hf (the architecture inferred from its saved ModelConfig alone) -> from_pretrained
     computes our logits; its import holds exactly our tensors (deepseek_v3: the rope rows permuted to
@@ -454,3 +457,118 @@ def test_import_streams_one_tensor_at_a_time_in_the_checkpoint_format(tmp_path):
         {k: (v["shape"], v["dtype"]) for k, v in again["tensors"].items()}
     ours, resaved = _read_all(str(tmp_path / "ours")), _read_all(str(tmp_path / "resaved"))
     assert ours.keys() == resaved.keys() and all(torch.equal(ours[k], resaved[k]) for k in ours)
+
+
+# ---- real config.json files, every field kept, sizes shrunk --------------------------------------
+# Each entry mirrors the config.json of a public model: its fields and values as published, except
+# the sizes (hidden 32, 3 layers, 4 heads, vocabulary VOCAB, 64 positions, few experts), and the RoPE
+# context lengths scaled with them. Old-style keys stay as the files have them (rope_scaling with
+# "type", torch_dtype, pretraining_tp); None: imports and computes transformers' logits.
+TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, vocab_size=VOCAB,
+            max_position_embeddings=64)
+_HF = dict(hidden_act="silu", initializer_range=0.02, use_cache=True, tie_word_embeddings=False,
+           torch_dtype="bfloat16")
+LLAMA2 = dict(_HF, model_type="llama", architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2,
+              num_key_value_heads=4, pretraining_tp=1, rms_norm_eps=1e-5, rope_scaling=None, torch_dtype="float16")
+LLAMA31 = dict(_HF, model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False,
+               attention_dropout=0.0, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], mlp_bias=False,
+               num_key_value_heads=2, pretraining_tp=1, rms_norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192, rope_type="llama3"))
+MISTRAL = dict(_HF, model_type="mistral", architectures=["MistralForCausalLM"], bos_token_id=1, eos_token_id=2,
+               num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=8)
+MIXTRAL = dict(_HF, model_type="mixtral", architectures=["MixtralForCausalLM"], attention_dropout=0.0,
+               bos_token_id=1, eos_token_id=2, num_experts_per_tok=2, num_key_value_heads=2, num_local_experts=4,
+               output_router_logits=False, rms_norm_eps=1e-5, rope_theta=1e6, router_aux_loss_coef=0.02,
+               sliding_window=None)
+QWEN2 = dict(_HF, model_type="qwen2", architectures=["Qwen2ForCausalLM"], attention_dropout=0.0,
+             bos_token_id=151643, eos_token_id=151643, max_window_layers=28, num_key_value_heads=2,
+             rms_norm_eps=1e-6, rope_theta=1e6, sliding_window=131072, use_sliding_window=False)
+QWEN2_MOE = dict(QWEN2, model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], max_window_layers=21,
+                 num_key_value_heads=4, sliding_window=32768, decoder_sparse_step=1, moe_intermediate_size=16,
+                 shared_expert_intermediate_size=48, num_experts_per_tok=4, num_experts=6, norm_topk_prob=False,
+                 output_router_logits=False, router_aux_loss_coef=0.001)
+QWEN3_MOE = dict(_HF, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], attention_bias=False,
+                 attention_dropout=0.0, bos_token_id=151643, decoder_sparse_step=1, eos_token_id=151645, head_dim=12,
+                 max_window_layers=48, mlp_only_layers=[], moe_intermediate_size=16, norm_topk_prob=True,
+                 num_experts=8, num_experts_per_tok=4, num_key_value_heads=2, output_router_logits=False,
+                 rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1e6, router_aux_loss_coef=0.001,
+                 sliding_window=None, use_sliding_window=False)
+DEEPSEEK_V2_LITE = dict(
+    _HF, model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], attention_bias=False,
+    attention_dropout=0.0, aux_loss_alpha=0.001, bos_token_id=100000, eos_token_id=100001, first_k_dense_replace=1,
+    kv_lora_rank=12, moe_intermediate_size=16, moe_layer_freq=1, n_group=1, n_routed_experts=8, n_shared_experts=2,
+    norm_topk_prob=False, num_experts_per_tok=3, num_key_value_heads=4, pretraining_tp=1, q_lora_rank=None,
+    qk_nope_head_dim=8, qk_rope_head_dim=6, rms_norm_eps=1e-6, rope_theta=10000, routed_scaling_factor=1.0,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=0.707, mscale_all_dim=0.707,
+                      original_max_position_embeddings=16, type="yarn"),
+    scoring_func="softmax", seq_aux=True, topk_group=1, topk_method="greedy", v_head_dim=10)
+DEEPSEEK_V3 = dict(
+    DEEPSEEK_V2_LITE, model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], bos_token_id=0,
+    eos_token_id=1, ep_size=1, n_group=4, n_routed_experts=16, n_shared_experts=1, norm_topk_prob=True,
+    num_experts_per_tok=4, num_nextn_predict_layers=1, q_lora_rank=16, routed_scaling_factor=2.5,
+    rope_scaling=dict(DEEPSEEK_V2_LITE["rope_scaling"], mscale=1.0, mscale_all_dim=1.0), scoring_func="sigmoid",
+    topk_group=2, topk_method="noaux_tc")
+REAL = {
+    "Llama-2-7b-hf": (LLAMA2, None),
+    "Llama-3.1-8B": (LLAMA31, None),
+    "Llama-3.2-1B": (dict(LLAMA31, head_dim=8, tie_word_embeddings=True,
+                          rope_scaling=dict(LLAMA31["rope_scaling"], factor=32.0)), None),
+    "Mistral-7B-v0.1": (MISTRAL, "sliding_window 8"),   # 4096 of 32768 positions: the window binds
+    "Mistral-7B-v0.1, window = context": (dict(MISTRAL, sliding_window=64), None),   # can never bind
+    "Mistral-7B-v0.3": (dict(MISTRAL, rope_theta=1e6, sliding_window=None), None),
+    "Mistral-Nemo-Base-2407": (dict(MISTRAL, rope_theta=1e6, sliding_window=None, head_dim=12), None),
+    "Mixtral-8x7B-v0.1": (MIXTRAL, None),
+    "Qwen2-7B": (QWEN2, None),
+    "Qwen2.5-0.5B": (dict(QWEN2, tie_word_embeddings=True, max_window_layers=21, sliding_window=32768), None),
+    "Qwen2.5-7B-Instruct + YaRN": (dict(QWEN2, rope_scaling=dict(factor=4.0, original_max_position_embeddings=16,
+                                                                 type="yarn")), None),   # its model card's rope
+    "Qwen1.5-MoE-A2.7B": (QWEN2_MOE, None),
+    "Qwen2-57B-A14B": (dict(QWEN2_MOE, num_key_value_heads=2, shared_expert_intermediate_size=40, num_experts=8,
+                            max_window_layers=28, sliding_window=131072), None),
+    "Qwen3-30B-A3B": (QWEN3_MOE, None),
+    "DeepSeek-V2-Lite": (DEEPSEEK_V2_LITE, None),
+    "DeepSeek-V2, k // topk_group = 1": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2,
+                                              topk_method="group_limited_greedy", routed_scaling_factor=16.0), None),
+    "DeepSeek-V2": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+                         topk_method="group_limited_greedy", routed_scaling_factor=16.0), "topk_group 2 != 1"),
+    "DeepSeek-V3": (DEEPSEEK_V3, None),
+    "DeepSeek-V3 fp8": (dict(DEEPSEEK_V3, quantization_config=dict(activation_scheme="dynamic", fmt="e4m3",
+                                                                   quant_method="fp8", weight_block_size=[128, 128])),
+                        "quantization_config (fp8"),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_real_config_json_imports_with_hugging_face_logits_or_is_refused_by_name(tmp_path, name):
+    """A config.json as published (fields, old-style keys, token ids outside the tiny vocabulary) in a
+    directory with transformers' random weights of it: the import computes transformers' logits, or
+    refuses in one line naming the field and writes nothing."""
+    raw, refused = REAL[name]
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({**raw, **TINY}))
+    if refused:
+        with pytest.raises(ValueError, match=re.escape(refused)) as err:
+            hf_io.import_hf(str(hf_dir), str(tmp_path / "ours"))
+        assert "\n" not in str(err.value) and not (tmp_path / "ours").exists()
+        return
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(hf_dir)),
+                                                          experts_implementation="eager").double().eval()
+    with torch.no_grad():   # as _hf_model: norms, routers and expert biases away from their init
+        for key, p in model.named_parameters():
+            if "norm" in key:
+                p.add_(0.2 * torch.randn_like(p))
+            if key.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)
+        for key, b in model.named_buffers():
+            if key.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path / "saved")   # its weights beside the config.json as published
+    for f in (tmp_path / "saved").glob("model*.safetensors*"):
+        os.link(f, hf_dir / f.name)
+    hf_io.import_hf(str(hf_dir), str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert _rel(expected, load_model(str(tmp_path / "ours"), dtype=torch.float64)(IDS)) < 1e-6

@@ -15,6 +15,15 @@ Per model_type (transformers' modeling code is the reference for what each field
                               (--moe-router-enable-expert-bias), n_group / topk_group group-limited
                               routing, routed_scaling_factor, first_k_dense_replace dense first layers,
                               n_shared_experts * moe_intermediate_size ungated shared experts
+    deepseek_v2               as deepseek_v3 but transformers' softmax router: top-k of the softmax over all
+                              experts, never renormalised (--moe-router-pre-softmax), group_limited_greedy
+                              scoring a group by its best expert; no expert bias
+Refused besides, for every type: quantization_config (quantized weights: dequantize them first).
+Read and not needed for the logits: architectures, torch_dtype/dtype, transformers_version, use_cache,
+initializer_range, bos/eos/pad_token_id (generation_config.json is copied), pretraining_tp (a split
+of the same matmuls), output_router_logits, router_aux_loss_coef / aux_loss_alpha / seq_aux (training
+losses: the run's --moe-aux-loss-coeff decides), ep_size, max_window_layers and sliding_window while
+use_sliding_window is false, num_nextn_predict_layers (its layers are skipped, as transformers does).
 """
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ import math
 
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 ROPE_BASE = 10000.0
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -41,7 +51,7 @@ def moe_layers_of(cfg: dict) -> list[int]:
     n, mt = cfg["num_hidden_layers"], cfg["model_type"]
     if mt == "mixtral":
         return list(range(n))
-    if mt == "deepseek_v3":
+    if mt in DEEPSEEK:
         return list(range(cfg.get("first_k_dense_replace", 0), n)) if cfg.get("n_routed_experts") else []
     if mt in ("qwen2_moe", "qwen3_moe"):
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
@@ -96,11 +106,14 @@ def check_hf(cfg: dict) -> None:
         bad.append("attention_bias true (an o_proj bias; q/k/v biases alone are qwen2's)")
     if cfg.get("mlp_bias"):
         bad.append("mlp_bias true (MLP biases)")
-    if mt in ("mistral", "mixtral") and cfg.get("sliding_window"):
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        bad.append(f"quantization_config ({method} weights; dequantize the checkpoint to bf16 first)")
+    if mt in ("mistral", "mixtral") and (cfg.get("sliding_window") or math.inf) < cfg["max_position_embeddings"]:
         bad.append(f"sliding_window {cfg['sliding_window']} (sliding-window attention is not supported)")
     if mt in ("qwen2", "qwen2_moe", "qwen3_moe") and cfg.get("use_sliding_window"):
         bad.append("use_sliding_window true (sliding-window attention is not supported)")
-    if mt == "deepseek_v3":
+    if mt in DEEPSEEK:
         bad += _deepseek_refusals(cfg)
     elif cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
         bad.append("hidden_size not divisible by num_attention_heads without head_dim")
@@ -115,17 +128,29 @@ def check_hf(cfg: dict) -> None:
         raise ValueError(f"config.json ({mt}): unsupported {bad[0]}")
 
 
+def _topk_method(cfg: dict) -> str:
+    return cfg.get("topk_method") or ("greedy" if cfg["model_type"] == "deepseek_v2" else "noaux_tc")
+
+
 def _deepseek_refusals(cfg: dict) -> list[str]:
-    bad, k = [], cfg.get("num_experts_per_tok", 1)
-    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+    bad, k, v2 = [], cfg.get("num_experts_per_tok", 1), cfg["model_type"] == "deepseek_v2"
+    # transformers' DeepSeek-V2 and V3 read only the first_k_dense_replace split (not moe_layer_freq)
+    methods = ("greedy", "group_limited_greedy") if v2 else ("noaux_tc",)
+    if _topk_method(cfg) not in methods:
+        bad.append(f"topk_method {cfg['topk_method']!r} ({cfg['model_type']} here: {' or '.join(methods)})")
+    for key, want in (("scoring_func", "softmax" if v2 else "sigmoid"), ("moe_layer_freq", 1)):
         if cfg.get(key, want) != want:
-            bad.append(f"{key} {cfg[key]!r} (DeepSeek-V3's is {want!r})")
-    if cfg.get("n_routed_experts") and k > 1 and not cfg.get("norm_topk_prob", True):
+            bad.append(f"{key} {cfg[key]!r} (transformers' {cfg['model_type']} computes {want!r})")
+    if v2 and cfg.get("n_routed_experts") and k > 1 and cfg.get("norm_topk_prob"):
+        bad.append("norm_topk_prob true (transformers' DeepseekV2 never renormalises the top-k weights; "
+                   "DeepSeek's own code does: the model is ambiguous)")
+    if not v2 and cfg.get("n_routed_experts") and k > 1 and not cfg.get("norm_topk_prob", True):
         bad.append("norm_topk_prob false with the sigmoid router (ours renormalises the top-k scores)")
     groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
-    if groups > 1 and k // group_topk != 2:   # HF scores a group by its top 2, ours by its top k / topk_group
-        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != 2 (a group's score is its top 2 here "
-                   f"only when k = 2 * topk_group)")
+    per_group = 1 if v2 else 2   # HF scores a group by its top 1 (V2) / top 2 (V3), ours by its top k / topk_group
+    if groups > 1 and _topk_method(cfg) != "greedy" and k // group_topk != per_group:
+        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != {per_group} (a group's score is its "
+                   f"top {per_group} here only when k // topk_group = {per_group})")
     if cfg.get("n_routed_experts") and not cfg.get("n_shared_experts"):
         bad.append("n_shared_experts 0")
     return bad
@@ -153,7 +178,7 @@ def _rope_flags(cfg: dict) -> list:
 
 def _attention_flags(cfg: dict) -> list:
     mt, heads, hidden = cfg["model_type"], cfg["num_attention_heads"], cfg["hidden_size"]
-    if mt == "deepseek_v3":
+    if mt in DEEPSEEK:
         flags = ["--multi-latent-attention", "--kv-lora-rank", cfg["kv_lora_rank"], "--qk-head-dim",
                  cfg["qk_nope_head_dim"], "--qk-pos-emb-head-dim", cfg["qk_rope_head_dim"], "--v-head-dim",
                  cfg["v_head_dim"]]
@@ -180,12 +205,15 @@ def _moe_flags(cfg: dict) -> list:
              cfg.get("moe_intermediate_size") or cfg["intermediate_size"], "--moe-router-topk", k]
     if mt == "mixtral" and cfg.get("router_jitter_noise"):
         flags += ["--moe-input-jitter-eps", cfg["router_jitter_noise"]]
-    if mt == "deepseek_v3":
-        flags += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-                  "--moe-shared-expert-intermediate-size", cfg["n_shared_experts"] * cfg["moe_intermediate_size"]]
+    if mt in DEEPSEEK:
+        flags += ["--moe-shared-expert-intermediate-size", cfg["n_shared_experts"] * cfg["moe_intermediate_size"]]
+        if mt == "deepseek_v3":
+            flags += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"]
+        elif k > 1:   # the softmax over all experts, never renormalised
+            flags.append("--moe-router-pre-softmax")
         if cfg.get("routed_scaling_factor", 1.0) != 1.0:
             flags += ["--moe-router-topk-scaling-factor", cfg["routed_scaling_factor"]]
-        if (cfg.get("n_group") or 1) > 1:
+        if (cfg.get("n_group") or 1) > 1 and _topk_method(cfg) != "greedy":   # greedy: transformers has no groups
             flags += ["--moe-router-num-groups", cfg["n_group"], "--moe-router-group-topk", cfg["topk_group"]]
         return flags
     if k > 1 and not _norm_topk(cfg):   # the softmax over all experts, not renormalised over the k

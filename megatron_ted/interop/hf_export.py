@@ -1,7 +1,7 @@
 """Our checkpoint's model (its saved ModelConfig) -> the Hugging Face architecture and config.json of an export.
 
 `architecture_for(model)` names the model_type that expresses the model (checking `--architecture`
-when one is asked for): multi-latent attention is deepseek_v3; an MoE with gated shared experts
+when one is asked for): multi-latent attention is deepseek_v3 (sigmoid router) or deepseek_v2 (softmax); an MoE with gated shared experts
 qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
 a dense model with q/k/v biases qwen2, else llama (or mistral). A feature none of them has is a
 ValueError naming its flag. `hf_config_json` writes the config.json that transformers reads back as the
@@ -45,22 +45,32 @@ def _refusal(model: ModelConfig) -> str | None:
     return next((what for bad, what in checks if bad), None)
 
 
+def _deepseek_arch(model: ModelConfig) -> str:
+    """deepseek_v3 (sigmoid router with expert bias) or deepseek_v2 (softmax, not renormalised)."""
+    return "deepseek_v2" if model.moe is not None and model.moe.router.score_function == "softmax" else "deepseek_v3"
+
+
 def _deepseek_refusal(model: ModelConfig) -> str | None:
     n, layers, moe = model.gpt.num_layers, list(model.gpt.moe_layers), model.moe
     if moe is None or not layers:
         return "multi-latent attention without MoE layers"
     router, shared, ffn = moe.router, moe.shared_expert_size, moe.ffn_hidden_size
-    k, groups = router.topk, router.num_groups
+    k, groups, arch = router.topk, router.num_groups, _deepseek_arch(model)
+    per_group = 1 if arch == "deepseek_v2" else 2   # the experts whose scores sum to a group's score
     checks = [
-        (layers != list(range(n - len(layers), n)), f"MoE layers {layers} (deepseek_v3's are all after the first "
+        (layers != list(range(n - len(layers), n)), f"MoE layers {layers} ({arch}'s are all after the first "
                                                     f"first_k_dense_replace dense ones)"),
-        (router.score_function != "sigmoid", "a softmax router with multi-latent attention (deepseek_v3's is sigmoid)"),
-        (not router.enable_expert_bias, "a sigmoid router without --moe-router-enable-expert-bias "
-                                        "(deepseek_v3 has e_score_correction_bias)"),
-        (groups and k // router.group_topk != 2,
-         f"--moe-router-topk {k} / --moe-router-group-topk {router.group_topk} != 2 (deepseek_v3 "
-         f"scores a group by its top 2 experts)"),
-        (not shared or shared % ffn, f"--moe-shared-expert-intermediate-size {shared} (deepseek_v3 needs a multiple "
+        (arch == "deepseek_v2" and k > 1 and not router.pre_softmax,
+         "a softmax router renormalised over the top k with multi-latent attention (deepseek_v2 keeps the "
+         "softmax over all experts: --moe-router-pre-softmax; deepseek_v3's is sigmoid)"),
+        (arch == "deepseek_v3" and not router.enable_expert_bias,
+         "a sigmoid router without --moe-router-enable-expert-bias (deepseek_v3 has e_score_correction_bias)"),
+        (arch == "deepseek_v2" and router.enable_expert_bias,
+         "--moe-router-enable-expert-bias with a softmax router (deepseek_v2 has no e_score_correction_bias)"),
+        (groups and k // router.group_topk != per_group,
+         f"--moe-router-topk {k} / --moe-router-group-topk {router.group_topk} != {per_group} ({arch} "
+         f"scores a group by its top {per_group} expert(s))"),
+        (not shared or shared % ffn, f"--moe-shared-expert-intermediate-size {shared} ({arch} needs a multiple "
                                      f"of --moe-ffn-hidden-size {ffn})"),
         (moe.shared_expert_gate, "--moe-shared-expert-gate with multi-latent attention"),
     ]
@@ -74,7 +84,7 @@ def _candidates(model: ModelConfig) -> list[str]:
         what = _deepseek_refusal(model)
         if what:
             raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
-        return ["deepseek_v3"]
+        return [_deepseek_arch(model)]
     if moe is not None and moe.shared_expert_size:
         if qk_norm:
             raise ValueError("export-hf: no Hugging Face architecture here expresses shared experts with "
@@ -160,7 +170,8 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
     if arch == "qwen2_moe":
         cfg.update(shared_expert_intermediate_size=moe.shared_expert_size,
                    qkv_bias=bool(gpt.attention.add_qkv_bias))
-    if arch == "deepseek_v3":
+    if arch in ("deepseek_v2", "deepseek_v3"):
+        v3 = arch == "deepseek_v3"
         del cfg["head_dim"]   # transformers derives it (the rope head dim)
         ffn, g = moe.ffn_hidden_size, router.num_groups
         cfg.update(num_key_value_heads=heads, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
@@ -169,6 +180,9 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
                    num_experts_per_tok=k, moe_intermediate_size=ffn, first_k_dense_replace=n - len(layers),
                    n_shared_experts=moe.shared_expert_size // ffn,
                    routed_scaling_factor=router.topk_scaling_factor or 1.0,
-                   n_group=g or 1, topk_group=router.group_topk or 1, norm_topk_prob=k > 1,
-                   topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=0)
+                   n_group=g or 1, topk_group=router.group_topk or 1, norm_topk_prob=v3 and k > 1,
+                   topk_method="noaux_tc" if v3 else "group_limited_greedy" if g else "greedy",
+                   scoring_func="sigmoid" if v3 else "softmax", moe_layer_freq=1)
+        if v3:
+            cfg.update(num_nextn_predict_layers=0)
     return cfg

@@ -163,6 +163,10 @@ ARCHITECTURES = {
     "deepseek_v3": Architecture(
         "deepseek_v3", "DeepseekV3ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
         shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),
+    # DeepSeek-V2's tensors are V3's (no e_score_correction_bias: its router is a softmax)
+    "deepseek_v2": Architecture(
+        "deepseek_v2", "DeepseekV2ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
+        shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),
 }
 
 
