@@ -387,6 +387,8 @@ def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
     ("deepseek_v3", dict(norm_topk_prob=False), "norm_topk_prob false"),
     ("deepseek_v3", dict(num_experts_per_tok=2), "topk_group 2 != 2"),
     ("deepseek_v3", dict(n_shared_experts=0), "n_shared_experts 0"),
+    ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob true"),
+    ("deepseek_v2", dict(scoring_func="sigmoid"), "scoring_func 'sigmoid'"),
     ("mixtral", dict(mlp_bias=True), "mlp_bias"),
 ])
 def test_unsupported_hf_fields_are_refused_by_name(name, change, field):
