@@ -328,7 +328,7 @@ def test_megatron_deepspeed_moe_script(tmp_path):
             "--distributed-timeout-minutes", "5", "--deepspeed", "--hidden-dropout", "0", "--attention-dropout", "0"]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29547", os.path.join(ROOT, "pretrain_gpt_moe.py"), *argv], env=env, capture_output=True,
+                        str(free_port()), os.path.join(ROOT, "pretrain_gpt_moe.py"), *argv], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # 192 tokens / (4 samples x 16 tokens) = 3 iterations
