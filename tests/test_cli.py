@@ -105,6 +105,7 @@ OUT_OF_RANGE = [
     ("--exit-duration-in-mins", "0", "> 0"), ("--distributed-timeout-minutes", "0", "> 0"),
     ("--optimizer-offload-fraction", "1.5", "in [0, 1]"), ("--host-memory-per-node-gib", "0", "> 0"),
     ("--num-workers", "-1", ">= 0"), ("--tensorboard-queue-size", "0", ">= 1"),
+    ("--zero-stage", "4", "in [0, 3]"), ("--num-key-value-heads", "0", ">= 1"),
     ("--num-layers-teacher", "0", ">= 1"), ("--hidden-size-teacher", "0", ">= 1"),
     ("--num-attention-heads-teacher", "0", ">= 1"), ("--num-experts-teacher", "0", ">= 1"),
     ("--kd-alpha-ce", "-1", ">= 0"), ("--kd-beta-ce", "-1", ">= 0"), ("--kd-temp", "0", "> 0"),

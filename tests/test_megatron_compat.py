@@ -37,6 +37,17 @@ def parse(*extra, world_size=1):
     (["--distributed-timeout-minutes", "3"], "distributed_timeout_minutes", 3),
     (["--exit-duration-in-mins", "1.5"], "exit_duration_in_mins", 1.5),
     (["--num-experts", "2", "4"], "num_experts", [2, 4]),        # Megatron-DeepSpeed: one count per MoE layer
+    # DeepSpeed's drop_tokens=False: no capacity at evaluation either
+    (["--moe-eval-capacity-factor", "1.0", "--disable-moe-token-dropping"], "moe_eval_capacity_factor", None),
+    (["--recompute-activations"], "recompute_granularity", "selective"),          # Megatron-LM's older name
+    (["--use-rotary-position-embeddings"], "position_embedding_type", "rope"),
+    (["--normalization", "rmsnorm"], "normalization", "RMSNorm"),
+    (["--normalization", "layernorm"], "normalization", "LayerNorm"),
+    (["--num-key-value-heads", "1"], "num_query_groups", 1),                     # GQA, Megatron-DeepSpeed's name
+    (["--zero-stage", "1"], "use_distributed_optimizer", True),                  # ZeRO-1: optimizer states partitioned
+    (["--zero-stage", "0"], "use_distributed_optimizer", False),
+    # megatron-core ignores pre-softmax with sigmoid scores (it renormalises the chosen scores)
+    (["--moe-router-score-function", "sigmoid", "--moe-router-pre-softmax"], "moe_router_pre_softmax", False),
 ])
 def test_megatron_deepspeed_aliases_set_our_flags(extra, dest, value):
     args = parse("--num-experts", "4", *extra, world_size=2)

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default --seq-length")
     g.add_argument("--position-embedding-type", choices=["learned", "rope", "learned_absolute", "none"],
                    default="learned", help="Megatron-LM's learned_absolute is learned; none: no position embedding")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm", "layernorm", "rmsnorm"], default="LayerNorm",
+                   help="layernorm and rmsnorm: Megatron-DeepSpeed's spellings")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -373,6 +374,7 @@ NUMERIC_FLAGS: dict[str, Range] = {
     "train_samples": COUNT, "train_tokens": COUNT, "lr_decay_samples": COUNT, "lr_decay_tokens": COUNT,
     "lr_warmup_samples": NON_NEGATIVE, "lr_warmup_tokens": NON_NEGATIVE, "lr_warmup_fraction": FRACTION,
     "exit_duration_in_mins": POSITIVE, "distributed_timeout_minutes": POSITIVE,
+    "zero_stage": Range(0, 3, high_open=False), "num_key_value_heads": COUNT,   # Megatron-DeepSpeed's
     # optimizer offload, data loading, logging
     "optimizer_offload_fraction": Range(0, 1, high_open=False), "host_memory_per_node_gib": POSITIVE,
     "num_workers": NON_NEGATIVE, "tensorboard_queue_size": COUNT,

@@ -24,6 +24,8 @@ ALIASES = {
     "--moe-loss-coeff": dict(dest="moe_aux_loss_coeff", type=float),
     "--moe-train-capacity-factor": dict(dest="moe_expert_capacity_factor", type=float),
     "--checkpoint-activations": dict(dest="recompute_granularity", const="full"),
+    "--recompute-activations": dict(dest="recompute_granularity", const="selective"),   # Megatron-LM's older name
+    "--use-rotary-position-embeddings": dict(dest="position_embedding_type", const="rope"),
 }
 
 # flag: (accepted values, None for a switch; why it changes nothing here)
@@ -74,7 +76,24 @@ NO_EFFECT = {
     "--deepspeed_config": ("any", "the DeepSpeed JSON is not read: pass precision, batch sizes and ZeRO as flags"),
     "--no-pipeline-parallel": (None, "pipeline parallelism is off unless --pipeline-model-parallel-size > 1"),
     "--ckpt-format": (("torch", "torch_dist"), "checkpoints are in our sharded format (loadable at any layout)"),
+    "--override-opt_param-scheduler": (None, "at --load the schedule always comes from this run's flags (a difference is noted)"),
+    "--deepspeed-activation-checkpointing": (None, "activation checkpointing is ours (--checkpoint-activations, --recompute-granularity)"),
+    "--moe-layer-recompute": (None, "recompute is per whole layer here (--recompute-granularity full) or the attention core (selective)"),
+    "--moe-router-dtype": (("fp32",), "the router's logits, top-k and losses are float32 already"),
+    "--optimizer": (("adam",), "the optimizer is Adam with decoupled weight decay, as Megatron's adam"),
+    "--calculate-per-token-loss": (None, "the loss is already the mean over the global batch's loss tokens"),
+    "--apply-layernorm-1p": (None, "a norm weight stored as 1 + w trains as ours does (Adam, no weight decay on norms)"),
+    "--grad-reduce-in-bf16": (None, "gradients are reduced in fp32, the main gradients' dtype"),
+    "--fp8-amax-history-len": ("any", "FP8 scales come from each tensor's current amax (--fp8-recipe), no amax history"),
+    "--fp8-amax-compute-algo": ("any", "FP8 scales come from each tensor's current amax (--fp8-recipe), no amax history"),
+    "--fp8-param-gather": (None, "parameters are all-gathered in their training dtype; FP8 casts happen in the GEMMs"),
+    "--tiktoken-pattern": ("any", "read only by TikTokenizer, which is not a --tokenizer-type here"),
+    "--wandb-project": ("any", "Weights & Biases logging is not available here; TensorBoard with --tensorboard-dir"),
+    "--wandb-exp-name": ("any", "Weights & Biases logging is not available here; TensorBoard with --tensorboard-dir"),
+    "--wandb-save-dir": ("any", "Weights & Biases logging is not available here; TensorBoard with --tensorboard-dir"),
 }
+
+_NORM_SPELLINGS = {"layernorm": "LayerNorm", "rmsnorm": "RMSNorm"}
 
 # flag: why more than 1 is refused
 SIZE_ONE = {
@@ -82,14 +101,18 @@ SIZE_ONE = {
     "--virtual-pipeline-model-parallel-size": "use --num-layers-per-virtual-pipeline-stage",
 }
 
-# flag: (takes a value, what is missing)
+# flag: (takes a value: True, "+" for one or more, False for a switch; what is missing)
 REFUSED = {
     "--fp8": (True, "FP8 training is --fp8-format e4m3|hybrid here (with --fp8-recipe tensorwise|rowwise)"),
     "--fp4-format": (True, "FP4 training is not available here; use --bf16"),
     "--num-virtual-stages-per-pipeline-rank": (True, "use --num-layers-per-virtual-pipeline-stage"),
     "--tp-comm-overlap": (False, "Transformer Engine's TP communication overlap is not available here"),
     "--mtp-num-layers": (True, "multi-token prediction is not available here"),
-    "--rampup-batch-size": (True, "batch-size ramp-up is not available here; use a fixed --global-batch-size"),
+    "--rampup-batch-size": ("+", "batch-size ramp-up is not available here; use a fixed --global-batch-size"),
+    "--decoupled-lr": (True, "a separate learning rate for the embedding and output layer is not available here "
+                             "(every parameter follows --lr)"),
+    "--decoupled-min-lr": (True, "a separate learning rate for the embedding and output layer is not available here "
+                                 "(every parameter follows --min-lr)"),
 }
 
 
@@ -108,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-eval-capacity-factor", type=float, default=None,
                    help="the expert capacity factor during evaluation (default: the training one)")
     g.add_argument("--disable-moe-token-dropping", action="store_true",
-                   help="dropless routing (Megatron-DeepSpeed): overrides --moe-train-capacity-factor")
+                   help="dropless routing (Megatron-DeepSpeed): overrides --moe-train-capacity-factor and "
+                        "--moe-eval-capacity-factor")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
                    help="events TensorBoard queues before writing them to disk")
@@ -120,6 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop (saving first with --save) once training has run this many minutes")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10,
                    help="timeout of the process group's collectives")
+    g.add_argument("--zero-stage", type=int, default=_S,
+                   help="Megatron-DeepSpeed's ZeRO stage: 0 none, 1 optimizer states partitioned "
+                        "(--use-distributed-optimizer); 2 and 3 are not available here")
+    g.add_argument("--num-key-value-heads", type=int, default=_S,
+                   help="Megatron-DeepSpeed's grouped-query attention: --group-query-attention --num-query-groups N")
     for flag, (values, note) in NO_EFFECT.items():
         if values is None:
             g.add_argument(flag, action="store_true", default=_S, help=f"no effect: {note}")
@@ -129,7 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=int, default=_S, help=f"1 only: {note}")
     for flag, (takes_value, note) in REFUSED.items():
         g.add_argument(flag, default=_S, help=f"refused: {note}",
-                       **({} if takes_value else dict(action="store_true")))
+                       **({} if takes_value is True else dict(nargs="+") if takes_value == "+"
+                          else dict(action="store_true")))
 
 
 def apply(args: argparse.Namespace) -> list[str]:
@@ -156,8 +186,22 @@ def apply(args: argparse.Namespace) -> list[str]:
     if ep_tp is not None and ep_tp != args.tensor_model_parallel_size:
         raise ValueError(f"--expert-tensor-parallel-size {ep_tp}: experts are sliced over the tensor-parallel "
                          f"group (TED); use --tensor-model-parallel-size {args.tensor_model_parallel_size} or drop it")
-    if args.disable_moe_token_dropping:
-        args.moe_expert_capacity_factor = None
+    zero_stage = given.get("zero_stage")
+    if zero_stage is not None and zero_stage > 1:
+        raise ValueError(f"--zero-stage {zero_stage}: ZeRO-2/3 (gradient and parameter partitioning) is not available "
+                         "here; use --zero-stage 1 (optimizer states partitioned, as --use-distributed-optimizer)")
+    if zero_stage == 1:
+        args.use_distributed_optimizer = True
+    if given.get("num_key_value_heads") is not None:
+        args.group_query_attention, args.num_query_groups = True, args.num_key_value_heads
+    if args.normalization in _NORM_SPELLINGS:   # Megatron-DeepSpeed's lower-case spellings
+        args.normalization = _NORM_SPELLINGS[args.normalization]
+    if args.moe_router_pre_softmax and args.moe_router_score_function == "sigmoid":   # megatron-core ignores it there
+        args.moe_router_pre_softmax = False
+        notes.append("--moe-router-pre-softmax (with --moe-router-score-function sigmoid the chosen scores are "
+                     "renormalised over the top-k, as megatron-core)")
+    if args.disable_moe_token_dropping:   # DeepSpeed's drop_tokens=False: no capacity in training or evaluation
+        args.moe_expert_capacity_factor = args.moe_eval_capacity_factor = None
     if args.position_embedding_type == "learned_absolute":   # Megatron-LM's spellings
         args.position_embedding_type = "learned"
     elif args.position_embedding_type == "none":              # as its --no-position-embedding
