@@ -84,6 +84,25 @@ def test_megatron_deepspeed_topk_and_expert_interval(extra, topk, moe_layers):
     assert moe_layer_indices(args.num_layers, args.moe_layer_freq) == moe_layers
 
 
+# Megatron-DeepSpeed's argument defaults (its megatron/arguments.py): --moe-train-capacity-factor 1.0,
+# --moe-eval-capacity-factor 1.0, --moe-loss-coeff 0.1; Megatron-LM's: --moe-expert-capacity-factor
+# None (dropless), --moe-aux-loss-coeff 0.0.
+@pytest.mark.parametrize("extra,train_cf,eval_cf,aux", [
+    ([], None, None, 0.0),                                                    # a Megatron-LM script
+    (["--deepspeed"], 1.0, 1.0, 0.1),                                         # a Megatron-DeepSpeed one
+    (["--deepspeed", "--disable-moe-token-dropping"], None, None, 0.1),
+    (["--deepspeed", "--moe-train-capacity-factor", "2", "--moe-loss-coeff", "0.01"], 2.0, 1.0, 0.01),
+    (["--deepspeed", "--moe-router-type", "expert_choice"], None, None, 0.0),  # not its gate: not its defaults
+])
+def test_megatron_deepspeed_scripts_get_its_capacity_and_aux_loss_defaults(extra, train_cf, eval_cf, aux):
+    args = parse("--num-experts", "2", *extra)
+    assert (args.moe_expert_capacity_factor, args.moe_eval_capacity_factor, args.moe_aux_loss_coeff) == \
+        (train_cf, eval_cf, aux)
+    if extra == ["--deepspeed"]:   # the start-up line says so
+        assert "--moe-loss-coeff 0.1, --moe-train-capacity-factor 1, --moe-eval-capacity-factor 1" in \
+            args.moe_defaults_from
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--topk", "1", "--moe-router-topk", "2"], "--topk 1 and --moe-router-topk 2 disagree"),
     (["--expert-interval", "2", "--moe-layer-freq", "2"], "--expert-interval 2 and --moe-layer-freq 2 both"),

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size, default --ffn-hidden-size")
     g.add_argument("--moe-router-topk", type=int, default=None,
                    help="experts per token (default 2; Megatron-DeepSpeed scripts: 1, see training/deepspeed_moe.py)")
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=None,
+                   help="weight of the load-balancing loss (default 0; 0.1 in a Megatron-DeepSpeed script: "
+                        "training/deepspeed_moe.py)")
     g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None, help="none: dropless")
     g.add_argument("--moe-token-drop-policy", choices=["probs", "position", "random"], default="probs",

@@ -30,6 +30,10 @@ DEEPSPEED_ONLY = {
 }
 DEEPSPEED_TOPK, DEEPSPEED_EXPERT_INTERVAL = 1, 2
 OUR_TOPK, OUR_LAYER_FREQ = 2, 2
+# Megatron-DeepSpeed's gate drops tokens at capacity factor 1.0 in training and evaluation unless
+# --disable-moe-token-dropping, and weighs its aux loss by --moe-loss-coeff 0.1; Megatron-LM (and a
+# script of ours) routes dropless with no aux loss unless told.
+DEEPSPEED_CAPACITY_FACTOR, DEEPSPEED_AUX_LOSS_COEFF, OUR_AUX_LOSS_COEFF = 1.0, 0.1, 0.0
 
 
 def add_arguments(group) -> None:
@@ -66,6 +70,24 @@ def expert_interval_pattern(interval: int, num_layers: int) -> list[int]:
     return [int((i + 1) % interval == 0) for i in range(num_layers)]
 
 
+def _capacity_and_aux_loss_defaults(args: argparse.Namespace, deepspeed: bool) -> list[str]:
+    """The capacity factors and the aux-loss weight a script did not give: Megatron-DeepSpeed's for
+    its MoE scripts with its gate (top-k with capacity), ours otherwise. The defaults it set."""
+    deepspeed = deepspeed and args.moe_router_type == "topk"
+    defaults = []
+    if args.moe_aux_loss_coeff is None:
+        args.moe_aux_loss_coeff = DEEPSPEED_AUX_LOSS_COEFF if deepspeed else OUR_AUX_LOSS_COEFF
+        if deepspeed:
+            defaults.append(f"--moe-loss-coeff {DEEPSPEED_AUX_LOSS_COEFF:g}")
+    if deepspeed and not args.disable_moe_token_dropping:
+        for flag, dest in (("--moe-train-capacity-factor", "moe_expert_capacity_factor"),
+                           ("--moe-eval-capacity-factor", "moe_eval_capacity_factor")):
+            if getattr(args, dest) is None:
+                setattr(args, dest, DEEPSPEED_CAPACITY_FACTOR)
+                defaults.append(f"{flag} {DEEPSPEED_CAPACITY_FACTOR:g}")
+    return defaults
+
+
 def resolve(args: argparse.Namespace) -> None:
     """Set args.moe_router_topk and args.moe_layer_freq from --topk / --expert-interval or the
     dialect's defaults; args.moe_defaults_from says where defaults came from. Idempotent."""
@@ -93,6 +115,7 @@ def resolve(args: argparse.Namespace) -> None:
     if interval is not None:
         args.moe_layer_freq = expert_interval_pattern(interval, args.num_layers) if args.num_experts is not None \
             else OUR_LAYER_FREQ   # a dense model: no MoE layer to place
+    defaults += _capacity_and_aux_loss_defaults(args, dialect and args.num_experts is not None)
     if defaults:
         source = f"Megatron-DeepSpeed's, as {dialect[0]} is given" if dialect else "this project's"
         args.moe_defaults_from = f"defaults {', '.join(defaults)} ({source})"
