@@ -26,7 +26,7 @@ from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel import fp8
 from megatron_ted.pipeline import flags as pipeline_flags
-from megatron_ted.training import compat_flags, run_length
+from megatron_ted.training import compat_flags, deepspeed_moe, run_length
 
 
 class OneLineArgumentParser(OneLineErrorParser):
@@ -706,5 +706,7 @@ def parse_args(argv=None, world_size: int | None = None) -> argparse.Namespace:
 
 
 def flag_defaults() -> dict:
-    """Every flag's default: what a run that predates a flag ran with (old checkpoints' flags)."""
-    return vars(build_parser().parse_args([]))
+    """Every flag's default: what a run that predates a flag ran with (old checkpoints' flags). The
+    defaults the dialect decides (training/deepspeed_moe.py) are ours: every saved run resolved them."""
+    return {**vars(build_parser().parse_args([])), "moe_router_topk": deepspeed_moe.OUR_TOPK,
+            "moe_layer_freq": deepspeed_moe.OUR_LAYER_FREQ, "moe_aux_loss_coeff": deepspeed_moe.OUR_AUX_LOSS_COEFF}
