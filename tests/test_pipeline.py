@@ -278,12 +278,13 @@ LLAMA = ("--position-embedding-type rope --normalization RMSNorm --swiglu --disa
 
 
 def test_resume_across_pipeline_sizes(tmp_path):
-    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse) continue the curve.
-    The PP 2 checkpoint of iteration 2 serves inference and exports to Hugging Face."""
+    """4 iterations at PP 1; 2 at PP 2 saved and resumed at PP 1 (and the reverse), and 2 at PP 4 (one
+    layer per stage, 4 processes) resumed at PP 2, continue the curve. The PP 2 checkpoint of
+    iteration 2 serves inference and exports to Hugging Face."""
     whole = _cli(2, ["--train-iters", "4"] + LLAMA, str(tmp_path / "whole"))
-    for first, then, name in ((2, 1, "p2p1"), (1, 2, "p1p2")):
+    for first, then, name in ((2, 1, "p2p1"), (1, 2, "p1p2"), (4, 2, "p4p2")):
         d = str(tmp_path / name)
-        head = _cli(2, ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)] + LLAMA, d)
+        head = _cli(max(2, first), ["--train-iters", "2", "--pipeline-model-parallel-size", str(first)] + LLAMA, d)
         if first == 2:
             _check_pipelined_checkpoint(d, tmp_path / "hf")
         tail = _cli(2, ["--train-iters", "4", "--pipeline-model-parallel-size", str(then), "--load", d] + LLAMA, d)
