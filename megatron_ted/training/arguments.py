@@ -496,9 +496,9 @@ def check_attention_flags(args, tp: int) -> None:
     if not args.group_query_attention:
         args.num_query_groups = None   # Megatron-LM ignores --num-query-groups without --group-query-attention
     args.window_size = parse_window_size(args.window_size)
+    args.window_attn_skip_freq = window_attn_skip_freq(args.window_attn_skip_freq, args.num_layers)
     need(args.window_attn_skip_freq is None or args.window_size is not None,
          "--window-attn-skip-freq needs --window-size; add it or drop --window-attn-skip-freq")
-    args.window_attn_skip_freq = window_attn_skip_freq(args.window_attn_skip_freq, args.num_layers)
     need(args.window_size is None or not args.multi_latent_attention,
          "--window-size with --multi-latent-attention is not supported; drop one")
     check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
