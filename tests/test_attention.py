@@ -5,7 +5,8 @@ and bad attention flags as one line.
 One gloo launch (world 8) trains the tiny MoE model (EP 2, top-2 dropless) with G in {1, 2, 4}
 K/V groups at TP 1, 2 and 4 (TP 4 > G 1, 2: each group held by 4 resp. 2 ranks, its gradient
 summed over them), plus Qwen-style attention (GQA + qkv bias + qk-layernorm + RoPE + RMSNorm,
-head dim 8 != hidden / heads) at TP 4 with and without --sequence-parallel. Every loss of the
+head dim 8 != hidden / heads) at TP 4 with and without --sequence-parallel, and a sliding window
+of 2 (every other layer, GQA) at TP 2. Every loss of the
 curve, every parameter's full gradient and the optimizer's gradient norm must match one process.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ STEPS = 2
 MOE = dict(topk=2)
 QWEN = dict(position_embedding_type="rope", normalization="RMSNorm", add_bias_linear=False,
             attention=AttentionConfig(num_query_groups=2, kv_channels=8, add_qkv_bias=True, qk_layernorm=True))
+# a window of 2 earlier positions, shorter than the parity runs' 8; layer 2 (1-based) keeps full attention
+SWA = dict(attention=AttentionConfig(num_query_groups=2, window_size=(2, 0), window_attn_skip_freq=2))
 
 
 def gqa(groups):
@@ -31,7 +34,8 @@ def gqa(groups):
 JOBS = ([job(tp, 2, config_kw=gqa(g), moe_kw=MOE, steps=STEPS, micro=2 if tp > 1 else 1)
          for tp in (1, 2, 4) for g in (1, 2, 4)]
         + [job(4, 2, config_kw=QWEN, moe_kw=MOE, steps=STEPS),
-           job(4, 2, config_kw=QWEN, moe_kw=MOE, steps=STEPS, sequence_parallel=True)])
+           job(4, 2, config_kw=QWEN, moe_kw=MOE, steps=STEPS, sequence_parallel=True),
+           job(2, 2, config_kw=SWA, moe_kw=MOE, steps=STEPS)])
 
 
 def _key(j):
@@ -76,6 +80,12 @@ def test_gqa_parameters_have_the_logical_shapes(refs):
     assert grads["layers.0.attention.proj.weight"].shape == (16, 32)
     assert "layers.0.attention.proj.bias" not in grads
     assert all(g.abs().max() > 0 for g in grads.values())
+
+
+def test_the_sliding_window_changes_the_model(refs):
+    """The windowed model is another model than full attention (else its parity would not show the window)."""
+    full = refs[_key(job(config_kw=gqa(2), micro=2))]["losses"][0]
+    assert abs(refs[_key(job(config_kw=SWA, micro=2))]["losses"][0] - full) > 1e-6
 
 
 def test_fewer_groups_change_the_model(refs):
@@ -159,6 +169,42 @@ def test_qk_layernorm_matches_qwen3_moe_attention():
     assert (without - want).abs().max() > 1e-2   # the norm matters at these weights
 
 
+# ---- sliding window ----------------------------------------------------------------------------
+
+def _masked_softmax_attention(att: SelfAttention, x: torch.Tensor, window: int) -> torch.Tensor:
+    """The attention written out: scores q.k / sqrt(D), -inf outside keys i - window .. i, softmax, @ v."""
+    q, k, v = att._project(x)                                     # [B, heads, S, D], [B, groups, S, D]
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) / att.head_dim ** 0.5
+    s = x.shape[1]
+    for i in range(s):
+        for j in range(s):
+            if not i - window <= j <= i:
+                scores[..., i, j] = float("-inf")
+    out = torch.softmax(scores, -1) @ v                           # [B, heads, S, D]
+    return att.proj(out.transpose(1, 2).reshape(x.shape[0], s, -1))
+
+
+@pytest.mark.parametrize("window", [0, 3, 9])
+def test_sliding_window_equals_a_masked_softmax_reference(window):
+    """GQA, float64, 10 positions; window 9 = every earlier position (the mask-free causal path)."""
+    att = SelfAttention(24, 4, ParallelGroups.single().tp, bias=False, config=AttentionConfig(num_query_groups=2),
+                        window=window).double()
+    _randomise(att, 5)
+    x = torch.randn(2, 10, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(att(x), _masked_softmax_attention(att, x, window), rtol=0, atol=1e-12)
+
+
+def test_window_attn_skip_freq_picks_megatrons_full_layers():
+    """Megatron-LM: an int N leaves its 1-based layers N, 2N, ... full; a list says 1 for windowed."""
+    every_third = AttentionConfig(window_size=(4, 0), window_attn_skip_freq=3)
+    assert [every_third.window_of(i) for i in range(6)] == [4, 4, None, 4, 4, None]
+    listed = AttentionConfig(window_size=(4, 0), window_attn_skip_freq=(0, 1, 1))
+    assert [listed.window_of(i) for i in range(3)] == [None, 4, 4]
+
+
 # ---- flags -------------------------------------------------------------------------------------
 
 BASE = ["--mock-data", "--vocab-size", "100", "--micro-batch-size", "1", "--train-iters", "1", "--num-layers", "2", "--hidden-size", "48"]
@@ -175,6 +221,13 @@ def _parse(*argv, world=4):
       "--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2"),
     (["--num-attention-heads", "4", "--kv-channels", "0"], "--kv-channels"),
     (["--num-attention-heads", "5"], "--kv-channels"),   # 48 / 5: no head dim without --kv-channels
+    (["--num-attention-heads", "4", "--window-size", "4,4"], "--window-size 4,4: the right window must be 0"),
+    (["--num-attention-heads", "4", "--window-size", "4"], "--window-size '4' takes two integers"),
+    (["--num-attention-heads", "4", "--window-size", "4,0", "--window-attn-skip-freq", "[1,0,1]"],
+     "--window-attn-skip-freq '[1,0,1]' has 3 entries"),
+    (["--num-attention-heads", "4", "--window-attn-skip-freq", "2"], "--window-attn-skip-freq needs --window-size"),
+    (["--num-attention-heads", "4", "--window-size", "4,0", "--multi-latent-attention", "--kv-lora-rank", "8",
+      "--position-embedding-type", "rope"], "--window-size with --multi-latent-attention"),
 ])
 def test_bad_attention_flags_are_one_line(argv, flag):
     with pytest.raises(ValueError) as err:
@@ -191,6 +244,11 @@ def test_attention_flags_reach_the_model():
     assert config.attention == AttentionConfig(num_query_groups=2, kv_channels=16, add_qkv_bias=True,
                                                qk_layernorm=True)
     assert config.layernorm_epsilon == 1e-6 and not config.add_position_embedding
+    windowed = model_config_from_flags(_parse("--num-attention-heads", "4", "--window-size", "(7,0)",
+                                              "--window-attn-skip-freq", "([1]*1+[0])"), 128).gpt.attention
+    assert (windowed.window_size, windowed.window_attn_skip_freq) == ((7, 0), (1, 0))
+    unbounded = model_config_from_flags(_parse("--num-attention-heads", "4", "--window-size=-1,0"), 128).gpt
+    assert unbounded.attention.window_size is None   # Megatron-LM's -1: no window
     # Megatron-LM ignores --num-query-groups without --group-query-attention: multi-head attention
     config = model_config_from_flags(_parse("--num-attention-heads", "4", "--num-query-groups", "2"), 128).gpt
     assert config.attention.num_query_groups is None

@@ -109,7 +109,7 @@ OUT_OF_RANGE = [
     ("--num-layers-teacher", "0", ">= 1"), ("--hidden-size-teacher", "0", ">= 1"),
     ("--num-attention-heads-teacher", "0", ">= 1"), ("--num-experts-teacher", "0", ">= 1"),
     ("--kd-alpha-ce", "-1", ">= 0"), ("--kd-beta-ce", "-1", ">= 0"), ("--kd-temp", "0", "> 0"),
-    ("--kd-stop-iter", "-1", ">= 0"),
+    ("--kd-stop-iter", "-1", ">= 0"), ("--window-size", "-2", ">= -1"), ("--window-attn-skip-freq", "0", "at least 1"),
 ]
 
 
@@ -128,7 +128,8 @@ def test_the_range_table_covers_every_numeric_flag_and_takes_0_where_0_is_valid(
     from megatron_ted.training.arguments import NUMERIC_FLAGS, build_parser, parse_args
     numeric = {a.dest for a in build_parser()._actions if a.type in (int, float)}
     assert numeric == set(NUMERIC_FLAGS)
-    pattern_flags = {"moe_layer_freq"}   # an int or a layer pattern: checked by its parser, in the matrix too
+    # an int or a layer pattern, and left,right: checked by their parsers, in the matrix too
+    pattern_flags = {"moe_layer_freq", "window_attn_skip_freq", "window_size"}
     assert {f for f, _, _ in OUT_OF_RANGE} == {"--" + d.replace("_", "-") for d in numeric | pattern_flags}
     zero_ok = ["--optimizer-tile-size", "--lr-warmup-iters", "--eval-interval", "--eval-iters", "--manual-gc-interval",
            "--moe-min-capacity", "--clip-grad", "--hidden-dropout", "--seed", "--moe-aux-loss-coeff"]

@@ -39,6 +39,11 @@ ARCHS = {
     "llama": ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3)),
     "mistral": ("mistral", dict(sliding_window=None, tie_word_embeddings=True)),          # multi-head: fused qkv
     "qwen2": ("qwen2", dict(num_key_value_heads=2, rope_theta=1e6)),                      # + q/k/v biases
+    # sliding windows shorter than IDS (12): a query sees 5 positions, itself included; qwen2 windows
+    # only layer 1 (max_window_layers 1: layer 0 keeps full attention)
+    "mistral_window": ("mistral", dict(sliding_window=5, num_key_value_heads=2)),
+    "qwen2_window": ("qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                                   max_window_layers=1)),
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=2)),
     "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                     shared_expert_intermediate_size=24, qkv_bias=True, norm_topk_prob=False,
@@ -273,7 +278,8 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
         assert torch.equal(original[key][:rows], back[key][:rows]), key
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "mistral_window",
+                                  "qwen2_window"])
 def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
     """Our checkpoint -> export-hf (the architecture inferred from its saved ModelConfig alone) -> from_pretrained
     computes our logits; its import holds exactly our tensors (deepseek_v3: the rope rows permuted to
@@ -308,7 +314,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
 
     hf_dir, ckpt, _ = imported["mixtral"]
     cases = {}
-    for name, change in {"model_type": {"model_type": "gpt_bigcode"}, "sliding": {"sliding_window": 16},
+    for name, change in {"model_type": {"model_type": "gpt_bigcode"}, "sliding": {"sliding_window": 0},
                          "gelu": {"hidden_act": "gelu"}, "vocab": {"vocab_size": VOCAB + 1}}.items():
         d = tmp_path / name
         d.mkdir()
@@ -326,7 +332,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(imported, tmp_path):
         edit(t)
         save_file(t, str(d / "model.safetensors"))
         cases[name] = d
-    expect = {"model_type": "model_type 'gpt_bigcode'", "sliding": "sliding_window", "gelu": "hidden_act 'gelu'",
+    expect = {"model_type": "model_type 'gpt_bigcode'", "sliding": "sliding_window 0", "gelu": "hidden_act 'gelu'",
               "vocab": "vocabulary mismatch", "missing": "experts.3.w2.weight is missing", "extra": "o_proj.bias"}
     for name, d in cases.items():
         save = tmp_path / f"out_{name}"
@@ -373,7 +379,9 @@ def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name,change,field", [
-    ("qwen2", dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=0), "sliding_window 0"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "chunked_attention"]),
+     "layer_types ['chunked_attention']"),
     ("qwen3_moe", dict(attention_bias=True), "attention_bias"),
     ("qwen3_moe", dict(norm_topk_prob=True, num_experts_per_tok=1), "num_experts_per_tok 1"),
     ("llama", dict(rope_parameters=dict(LLAMA3, low_freq_factor=2.0)), "low_freq_factor"),
@@ -423,6 +431,23 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
                        (dict(mla, moe_router_enable_expert_bias=False), "e_score_correction_bias"),
                        (dict(mla, moe_shared_expert_intermediate_size=24), "multiple of --moe-ffn-hidden-size"),
                        (dict(mla, moe_router_num_groups=2, moe_router_group_topk=2), "deepseek_v3 scores a group")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            architecture_for(_saved_model(args))
+
+
+def test_export_writes_the_sliding_window_or_refuses_layers_the_architecture_cannot_say():
+    from megatron_ted.interop.hf_export import architecture_for, hf_config_json
+
+    dense = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, disable_bias_linear=True,
+                 num_layers=2, num_attention_heads=4, window_size=(3, 0))
+    model = _saved_model(dense)
+    assert architecture_for(model) == "mistral"   # llama has no sliding window
+    assert hf_config_json(model, "mistral", VOCAB, "float32", {})["sliding_window"] == 4   # 3 earlier + itself
+    qwen2 = _saved_model(dict(dense, add_qkv_bias=True, window_attn_skip_freq=(0, 1)))
+    cfg = hf_config_json(qwen2, architecture_for(qwen2), VOCAB, "float32", {})
+    assert (cfg["use_sliding_window"], cfg["sliding_window"], cfg["max_window_layers"]) == (True, 4, 1)
+    for args, word in ((dict(dense, window_attn_skip_freq=2), "mistral windows every layer"),
+                       (dict(dense, add_qkv_bias=True, window_attn_skip_freq=(1, 0)), "windowed layers [0]")):
         with pytest.raises(ValueError, match=re.escape(word)):
             architecture_for(_saved_model(args))
 
@@ -516,12 +541,13 @@ REAL = {
     "Llama-3.1-8B": (LLAMA31, None),
     "Llama-3.2-1B": (dict(LLAMA31, head_dim=8, tie_word_embeddings=True,
                           rope_scaling=dict(LLAMA31["rope_scaling"], factor=32.0)), None),
-    "Mistral-7B-v0.1": (MISTRAL, "sliding_window 8"),   # 4096 of 32768 positions: the window binds
+    "Mistral-7B-v0.1": (MISTRAL, None),   # 4096 of 32768 positions: the window (8 < IDS' 12) binds
     "Mistral-7B-v0.1, window = context": (dict(MISTRAL, sliding_window=64), None),   # can never bind
     "Mistral-7B-v0.3": (dict(MISTRAL, rope_theta=1e6, sliding_window=None), None),
     "Mistral-Nemo-Base-2407": (dict(MISTRAL, rope_theta=1e6, sliding_window=None, head_dim=12), None),
     "Mixtral-8x7B-v0.1": (MIXTRAL, None),
     "Qwen2-7B": (QWEN2, None),
+    "Qwen2-7B, use_sliding_window": (dict(QWEN2, use_sliding_window=True, sliding_window=5, max_window_layers=1), None),
     "Qwen2.5-0.5B": (dict(QWEN2, tie_word_embeddings=True, max_window_layers=21, sliding_window=32768), None),
     "Qwen2.5-7B-Instruct + YaRN": (dict(QWEN2, rope_scaling=dict(factor=4.0, original_max_position_embeddings=16,
                                                                  type="yarn")), None),   # its model card's rope

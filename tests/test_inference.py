@@ -41,6 +41,9 @@ def _model(kind: str):
                               "swiglu": False})
     elif kind == "gqa":
         config = GPTConfig(**common, attention=AttentionConfig(num_query_groups=2))
+    elif kind == "swa":   # a window of 3 earlier positions on layer 0; layer 1 full (prompts + 10 tokens > 4)
+        config = GPTConfig(**common, attention=AttentionConfig(num_query_groups=2, window_size=(3, 0),
+                                                               window_attn_skip_freq=(1, 0)))
     elif kind == "mla":
         config = GPTConfig(**common, mla=MLAConfig(kv_lora_rank=12, qk_head_dim=8, qk_pos_emb_head_dim=4,
                                                    v_head_dim=6, q_lora_rank=10))
@@ -55,7 +58,7 @@ def _uncached_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]), torch.arange(len(ids))[None]).logits[0, -1]
 
 
-@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "moe"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "moe", "swa"])
 def test_cached_decode_equals_the_full_context_forward_at_every_step(kind):
     model = _model(kind)
     cfg = SamplingConfig(vocab_size=V, max_new_tokens=10, temperature=0)
@@ -68,7 +71,7 @@ def test_cached_decode_equals_the_full_context_forward_at_every_step(kind):
         assert int(expected.argmax()) == seq[len(PROMPTS[0]) + step]
 
 
-@pytest.mark.parametrize("kind", ["gqa", "moe"])
+@pytest.mark.parametrize("kind", ["gqa", "moe", "swa"])
 def test_batched_prompts_of_different_lengths_equal_each_prompt_alone(kind):
     model = _model(kind)
     cfg = SamplingConfig(vocab_size=V, max_new_tokens=8, temperature=0)
@@ -94,7 +97,7 @@ def _static_equals_growing(model, prompts, cfg):
     return grown
 
 
-@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "moe"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "mla", "moe", "swa"])
 def test_static_cache_decode_equals_the_growing_cache(kind):
     """Batched prompts of different lengths; for MoE also batch 1, whose decode gathers the chosen
     experts' weights (T * K < E) while batch 3 runs every expert (inference/decode_moe.py); and a
@@ -139,6 +142,13 @@ def test_static_decode_step_reads_nothing_on_the_host(monkeypatch):
     _decode_steps_without_host_reads(model, True, monkeypatch)
     with pytest.raises(RuntimeError, match="host sync"):   # the token dispatcher reads its split sizes
         _decode_steps_without_host_reads(model, False, monkeypatch)
+
+
+def test_static_windowed_decode_reads_nothing_on_the_host(monkeypatch):
+    """The sliding window's band over the static cache's slots is device arithmetic too."""
+    model = _model("swa")
+    assert model.layers[0].attention.window == 3   # the windowed layer's mask is built in the step
+    _decode_steps_without_host_reads(model, True, monkeypatch)
 
 
 def test_cuda_graph_decode_refused_without_a_gpu(checkpoint, tmp_path):

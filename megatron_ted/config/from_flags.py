@@ -47,9 +47,12 @@ def num_experts_per_layer(args) -> list[int]:
 def attention_config(args) -> AttentionConfig:
     f = _flags(args)
     gqa = f.get("group_query_attention", False)
+    window, skip = f.get("window_size"), f.get("window_attn_skip_freq")
     return AttentionConfig(num_query_groups=f["num_query_groups"] if gqa else None,
                            kv_channels=f.get("kv_channels"), add_qkv_bias=f.get("add_qkv_bias", False),
-                           qk_layernorm=f.get("qk_layernorm", False))
+                           qk_layernorm=f.get("qk_layernorm", False),
+                           window_size=tuple(window) if window is not None else None,
+                           window_attn_skip_freq=tuple(skip) if isinstance(skip, list) else skip)
 
 
 def fp8_config(args) -> fp8.FP8Config | None:

@@ -13,6 +13,9 @@ are masked out of every later query, so each sequence sees only its own tokens (
 count its real tokens, see generate.py). The mask is a boolean [B, 1, S, length + S] (True:
 attend), built once per step: SDPA's `is_causal` cannot leave out padding. A query always sees its
 own slot, so a padded query's softmax row is never empty (no NaN; its output is discarded).
+A sliding-window layer (model/attention.py) asks for `window_mask(window)`: the step's mask and the
+band of slots within the window, built once per step and window (left padding keeps a sequence's
+slots consecutive, so slot distance is position distance).
 
 Each layer's buffers are [B, G, S_max, D] for k and v, allocated on the layer's first write (the
 layer's shapes and dtype are known then). Multi-latent attention stores its expanded per-head k
@@ -25,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ted.model.attention import band
+
 
 class LayerCache:
     """One attention layer's slot in a KVCache: `store` appends this step's k, v and returns all of them."""
@@ -35,6 +40,13 @@ class LayerCache:
     @property
     def mask(self) -> torch.Tensor:
         return self.cache.mask_BQK
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The step's mask, keys within `window` slots before each query only."""
+        c = self.cache
+        if window not in c.window_masks:
+            c.window_masks[window] = c.mask_BQK & band(c.q_S, c.k_K, window)[None, None]
+        return c.window_masks[window]
 
     def _buffers(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's [B, G, S_max, D] k and v buffers, allocated at its first store (the prefill)."""
@@ -63,6 +75,8 @@ class KVCache:
         self.length = 0                       # slots written by finished steps
         self.step = 0                         # new positions of the step in progress
         self.mask_BQK: torch.Tensor | None = None
+        self.q_S = self.k_K = None            # the step's query slots and the slots it attends over
+        self.window_masks: dict[int, torch.Tensor] = {}
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)
@@ -79,11 +93,12 @@ class KVCache:
         causal_QK = k[None, :] <= q[:, None]
         mask = causal_QK[None] & self.valid_BS[:, None, :end]
         self.mask_BQK = (mask | (k[None, :] == q[:, None])[None]).unsqueeze(1)   # [B, 1, S, end]
+        self.q_S, self.k_K, self.window_masks = q, k, {}
         self.step = s
 
     def end(self) -> None:
         self.length += self.step
-        self.step, self.mask_BQK = 0, None
+        self.step, self.mask_BQK, self.window_masks = 0, None, {}
 
 
 class StaticLayerCache(LayerCache):
@@ -118,6 +133,15 @@ class StaticKVCache:
         self.next_slot_1 = torch.zeros(1, dtype=torch.long, device=device)   # the slot a decode step writes
         self.slot_S: torch.Tensor | None = None
         self.mask_BQK: torch.Tensor | None = None
+        self.window_masks: dict[int, torch.Tensor] = {}
+
+    @property
+    def q_S(self) -> torch.Tensor:
+        return self.slot_S
+
+    @property
+    def k_K(self) -> torch.Tensor:
+        return self.slots_K
 
     def layer(self, index: int) -> StaticLayerCache:
         return StaticLayerCache(self, index)
@@ -148,3 +172,4 @@ class StaticKVCache:
         causal_QK = self.slots_K[None, :] <= q_S[:, None]
         own_QK = self.slots_K[None, :] == q_S[:, None]
         self.mask_BQK = ((causal_QK[None] & self.valid_BK[:, None]) | own_QK[None]).unsqueeze(1)
+        self.window_masks = {}

@@ -18,12 +18,19 @@ Per model_type (transformers' modeling code is the reference for what each field
     deepseek_v2               as deepseek_v3 but transformers' softmax router: top-k of the softmax over all
                               experts, never renormalised (--moe-router-pre-softmax), group_limited_greedy
                               scoring a group by its best expert; no expert bias
+Sliding-window attention (sliding_window W: a query sees W positions, itself included) is
+--window-size W-1,0 on the layers transformers windows: every layer for mistral, mixtral and
+qwen3_moe (qwen3_moe with use_sliding_window true); for qwen2 and qwen2_moe with use_sliding_window
+true the layers of config.json's layer_types, else transformers' rule (qwen2: layers from
+max_window_layers on; qwen2_moe: even 0-based layers below max_window_layers), as
+--window-attn-skip-freq when only some are. A window of max_position_embeddings or more never binds.
 Refused besides, for every type: quantization_config (quantized weights: dequantize them first).
 Read and not needed for the logits: architectures, torch_dtype/dtype, transformers_version, use_cache,
 initializer_range, bos/eos/pad_token_id (generation_config.json is copied), pretraining_tp (a split
 of the same matmuls), output_router_logits, router_aux_loss_coef / aux_loss_alpha / seq_aux (training
 losses: the run's --moe-aux-loss-coeff decides), ep_size, max_window_layers and sliding_window while
-use_sliding_window is false, num_nextn_predict_layers (its layers are skipped, as transformers does).
+use_sliding_window is false or the window never binds, num_nextn_predict_layers (its layers are
+skipped, as transformers does).
 """
 from __future__ import annotations
 
@@ -58,6 +65,59 @@ def moe_layers_of(cfg: dict) -> list[int]:
         experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
         return [i for i in range(n) if i not in dense and experts > 0 and (i + 1) % step == 0]
     return []
+
+
+WINDOWED_ALL = ("mistral", "mixtral", "qwen3_moe")   # transformers windows every layer
+WINDOW_TYPES = WINDOWED_ALL + ("qwen2", "qwen2_moe")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _window_of(cfg: dict) -> int | None:
+    """The HF sliding_window W in effect (None: none; mistral and mixtral have no use_sliding_window)."""
+    mt = cfg["model_type"]
+    if mt not in WINDOW_TYPES or (mt not in ("mistral", "mixtral") and not cfg.get("use_sliding_window")):
+        return None
+    return cfg.get("sliding_window")
+
+
+def window_layers_of(cfg: dict) -> tuple[int, list[int]] | None:
+    """(W, the 0-based layers transformers windows) when a window binds, else None."""
+    w, n, mt = _window_of(cfg), cfg["num_hidden_layers"], cfg["model_type"]
+    if w is None or w >= cfg.get("max_position_embeddings", 2048):
+        return None
+    if mt in WINDOWED_ALL:
+        layers = list(range(n))
+    elif cfg.get("layer_types"):
+        layers = [i for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention"]
+    elif mt == "qwen2":
+        layers = list(range(cfg.get("max_window_layers", 28), n))
+    else:   # qwen2_moe
+        layers = [i for i in range(n) if (i + 1) % 2 and i < cfg.get("max_window_layers", 28)]
+    return (w, layers) if layers else None
+
+
+def _window_refusals(cfg: dict) -> list[str]:
+    w, kinds = _window_of(cfg), cfg.get("layer_types") or []
+    bad = []
+    if w is not None and w < 1:
+        bad.append(f"sliding_window {w} (a window sees at least the query itself: 1 or more)")
+    if any(kind not in LAYER_TYPES for kind in kinds):
+        bad.append(f"layer_types {sorted(set(kinds) - set(LAYER_TYPES))} (only {' and '.join(LAYER_TYPES)})")
+    elif kinds and len(kinds) != cfg["num_hidden_layers"]:
+        bad.append(f"layer_types of {len(kinds)} layers (num_hidden_layers is {cfg['num_hidden_layers']})")
+    return bad
+
+
+def _window_flags(cfg: dict) -> list:
+    found = window_layers_of(cfg)
+    if found is None:
+        return []
+    w, layers = found
+    flags = ["--window-size", f"{w - 1},0"]
+    if len(layers) < cfg["num_hidden_layers"]:
+        pattern = ",".join("1" if i in layers else "0" for i in range(cfg["num_hidden_layers"]))
+        flags += ["--window-attn-skip-freq", f"[{pattern}]"]
+    return flags
 
 
 def _layer_freq(layers: list[int], n: int) -> str:
@@ -109,10 +169,7 @@ def check_hf(cfg: dict) -> None:
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
         bad.append(f"quantization_config ({method} weights; dequantize the checkpoint to bf16 first)")
-    if mt in ("mistral", "mixtral") and (cfg.get("sliding_window") or math.inf) < cfg["max_position_embeddings"]:
-        bad.append(f"sliding_window {cfg['sliding_window']} (sliding-window attention is not supported)")
-    if mt in ("qwen2", "qwen2_moe", "qwen3_moe") and cfg.get("use_sliding_window"):
-        bad.append("use_sliding_window true (sliding-window attention is not supported)")
+    bad += _window_refusals(cfg)
     if mt in DEEPSEEK:
         bad += _deepseek_refusals(cfg)
     elif cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
@@ -245,5 +302,5 @@ def flags_from_hf(cfg: dict, vocab_divisible_by: int = 128, tokenizer_dir: str |
     flags += ["--make-vocab-size-divisible-by", vocab_divisible_by, "--mock-data"]
     if not cfg.get("tie_word_embeddings", False):
         flags.append("--untie-embeddings-and-output-weights")
-    flags += _attention_flags(cfg) + _rope_flags(cfg) + _moe_flags(cfg)
+    flags += _attention_flags(cfg) + _window_flags(cfg) + _rope_flags(cfg) + _moe_flags(cfg)
     return [str(f) for f in flags]

@@ -3,13 +3,15 @@
 `architecture_for(model)` names the model_type that expresses the model (checking `--architecture`
 when one is asked for): multi-latent attention is deepseek_v3 (sigmoid router) or deepseek_v2 (softmax); an MoE with gated shared experts
 qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
-a dense model with q/k/v biases qwen2, else llama (or mistral). A feature none of them has is a
+a dense model with q/k/v biases qwen2, else llama (or mistral; only mistral with sliding-window
+attention, whose windowed layers the architecture must be able to say). A feature none of them has is a
 ValueError naming its flag. `hf_config_json` writes the config.json that transformers reads back as the
 same model (interop/hf_config.py is the reverse, and the tests check both against transformers).
 """
 from __future__ import annotations
 
 
+from megatron_ted.interop.hf_config import WINDOW_TYPES, WINDOWED_ALL
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 from megatron_ted.model.builder import experts_per_layer
 from megatron_ted.model.config import ModelConfig
@@ -106,7 +108,26 @@ def _candidates(model: ModelConfig) -> list[str]:
                          f"{bool(qkv_bias)})")
     if qk_norm:
         raise ValueError("export-hf: no Hugging Face architecture here expresses a dense model with --qk-layernorm")
-    return ["qwen2"] if qkv_bias else ["llama", "mistral"]
+    if qkv_bias:
+        return ["qwen2"]
+    return ["mistral"] if _windowed(model) else ["llama", "mistral"]   # llama has no sliding window
+
+
+def _windowed(model: ModelConfig) -> list[int]:
+    """The 0-based layers with a sliding window."""
+    return [i for i in range(model.gpt.num_layers) if model.gpt.attention.window_of(i) is not None]
+
+
+def _window_refusal(model: ModelConfig, arch: str) -> str | None:
+    """Why `arch`'s config.json cannot say which layers are windowed, or None."""
+    layers, n = _windowed(model), model.gpt.num_layers
+    if not layers or arch == "qwen2_moe":   # qwen2_moe: layer_types says it layer by layer
+        return None
+    if arch in WINDOWED_ALL and len(layers) < n:
+        return f"--window-attn-skip-freq (full-attention layers; {arch} windows every layer)"
+    if arch == "qwen2" and layers != list(range(layers[0], n)):
+        return f"--window-attn-skip-freq with windowed layers {layers} (qwen2 windows the layers from max_window_layers on)"
+    return None
 
 
 def architecture_for(model: ModelConfig, requested: str | None = None) -> str:
@@ -117,7 +138,11 @@ def architecture_for(model: ModelConfig, requested: str | None = None) -> str:
     can = _candidates(model)
     if requested is not None and requested not in can:
         raise ValueError(f"--architecture {requested}: this checkpoint's model exports as {' or '.join(can)}")
-    return requested or can[0]
+    arch = requested or can[0]
+    what = _window_refusal(model, arch)
+    if what is not None:
+        raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
+    return arch
 
 
 def _rope_parameters(rope: RopeConfig) -> dict:
@@ -150,10 +175,15 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
            "use_cache": True, **{k: generation.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
     if rope["rope_type"] != "default":   # what transformers 4 and serving engines read
         cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if arch in ("mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3_moe"):
-        cfg.update(sliding_window=None)
+    windowed = _windowed(model)
+    window = gpt.attention.window_size[0] + 1 if windowed else None   # HF counts the query itself
+    if arch in WINDOW_TYPES:
+        cfg.update(sliding_window=window)
     if arch in ("qwen2", "qwen2_moe", "qwen3_moe"):
-        cfg.update(use_sliding_window=False, max_window_layers=n)
+        cfg.update(use_sliding_window=bool(windowed),
+                   max_window_layers=windowed[0] if windowed and arch == "qwen2" else n)
+    if arch in ("qwen2", "qwen2_moe"):
+        cfg.update(layer_types=["sliding_attention" if i in windowed else "full_attention" for i in range(n)])
     if moe is None:
         return cfg
     layers, router = list(gpt.moe_layers), moe.router

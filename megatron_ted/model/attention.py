@@ -10,9 +10,16 @@ i // (heads / G), as Hugging Face's repeat_kv and Megatron do, so their weights 
 
 --add-qkv-bias gives q, k, v biases with --disable-bias-linear (Qwen2); --qk-layernorm normalises
 each head's q and k over D (one weight of D shared by all heads) before RoPE (Qwen3, Megatron).
+
+--window-size L,0 (Megatron-LM's sliding window, flash-attention's (left, right) convention): a
+query at position i sees the keys at i - L .. i, L + 1 of them (Hugging Face's sliding_window W is
+L = W - 1). --window-attn-skip-freq keeps some layers full: an int N makes every N-th layer (1-based
+N, 2N, ...) full, a 0/1 list gives each layer (1: windowed). Where the window binds, SDPA gets a
+boolean band mask built once per (length, window); elsewhere the mask-free is_causal path runs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +39,44 @@ class AttentionConfig:
     kv_channels: int | None = None        # head dim D (--kv-channels); None: hidden / heads
     add_qkv_bias: bool = False            # q, k, v biases even with --disable-bias-linear
     qk_layernorm: bool = False            # norm q and k over each head's dim before RoPE
+    window_size: tuple[int, int] | None = None   # (left, right) of --window-size; None: full attention
+    window_attn_skip_freq: int | tuple[int, ...] | None = None   # which layers keep full attention
+
+    def window_of(self, layer: int) -> int | None:
+        """The left window L of 0-based `layer` (it sees L earlier positions and itself), None: full
+        attention (as Megatron-LM: -1 is an unbounded window; an int N leaves 1-based N, 2N, ... full)."""
+        if self.window_size is None or self.window_size[0] < 0:
+            return None
+        freq = self.window_attn_skip_freq
+        if freq is None or (freq[layer] if isinstance(freq, tuple) else (layer + 1) % freq):
+            return self.window_size[0]
+        return None
 
     def head_dim(self, hidden_size: int, num_heads: int) -> int:
         return self.kv_channels or hidden_size // num_heads
 
     def groups(self, num_heads: int) -> int:
         return self.num_query_groups or num_heads
+
+
+def parse_window_size(value) -> tuple[int, int] | None:
+    """--window-size as Megatron-LM writes it ("4096,0" or "(4096,0)") -> (left, right); None when
+    absent or unbounded (left -1, Megatron's infinite window). ValueError naming the flag."""
+    if value is None or isinstance(value, tuple):
+        parts = value
+    else:
+        try:
+            parts = tuple(int(v) for v in str(value).strip("() ").split(","))
+        except ValueError:
+            raise ValueError(f"--window-size {value!r} is not two integers left,right, e.g. --window-size 4095,0") from None
+    if parts is None:
+        return None
+    for v in parts:
+        if v < -1:
+            raise ValueError(f"--window-size {v} must be >= -1")
+    if len(parts) != 2:
+        raise ValueError(f"--window-size {value!r} takes two integers left,right, e.g. --window-size 4095,0")
+    return None if parts[0] == -1 else parts
 
 
 def check_attention(config: AttentionConfig, hidden_size: int, num_heads: int, tp_size: int) -> None:
@@ -56,19 +95,40 @@ def check_attention(config: AttentionConfig, hidden_size: int, num_heads: int, t
     if g % tp_size and tp_size % g:
         raise ValueError(f"--num-query-groups {g} must be a multiple or a divisor of "
                          f"--tensor-model-parallel-size {tp_size}")
+    if config.window_size is not None and config.window_size[1] != 0:
+        raise ValueError(f"--window-size {','.join(map(str, config.window_size))}: the right window must be 0 "
+                         f"(a causal GPT sees no later position); give --window-size {config.window_size[0]},0")
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)
+def window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[S, S] boolean, True: attend; query i sees keys i - window .. i (built once per shape)."""
+    i = torch.arange(length, device=device)
+    offset = i[None, :] - i[:, None]                   # key - query
+    return (offset <= 0) & (offset >= -window)
+
+
+def band(q_S: torch.Tensor, k_K: torch.Tensor, window: int) -> torch.Tensor:
+    """[S, K] boolean of the keys at slots k_K within `window` before the queries at slots q_S (device
+    ops only: the static cache's decode step reads no host value)."""
+    return k_K[None, :] >= q_S[:, None] - window
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache,
+                     window: int | None = None) -> torch.Tensor:
     """Generation: q [B, heads, S, D] of the new positions over the cached and new k, v, under the
-    cache's padding-and-causal mask (no dropout: inference)."""
+    cache's padding-and-causal mask, within `window` earlier slots when given (no dropout: inference).
+    Prompts are left-padded, so a sequence's slots are consecutive: slot distance is position distance."""
     k, v = kv_cache.store(k, v)                                      # [B, groups, length + S, D]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=k.shape[1] != q.shape[1])
+    mask = kv_cache.mask if window is None else kv_cache.window_mask(window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, tp: Group, dropout: float = 0.0,
                  bias: bool = True, config: AttentionConfig | None = None, norm: str = "LayerNorm",
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, window: int | None = None):
+        """window: this layer's left window (AttentionConfig.window_of), None: full causal attention."""
         super().__init__()
         config = config or AttentionConfig()
         check_attention(config, hidden_size, num_heads, tp.size)
@@ -78,6 +138,7 @@ class SelfAttention(nn.Module):
         self.local_heads = num_heads // tp.size
         self.local_groups = max(groups // tp.size, 1)
         self.dropout = dropout
+        self.window = window
         self.tp_rank, self.tp_size = tp.rank, tp.size
         qkv_bias = bias or config.add_qkv_bias
         if groups == num_heads:   # multi-head attention: the fused layout of every checkpoint so far
@@ -105,7 +166,7 @@ class SelfAttention(nn.Module):
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
-            out = cached_attention(q, k, v, kv_cache)
+            out = cached_attention(q, k, v, kv_cache, self.window)
         elif self.recompute_core and self.training and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, use_reentrant=False)   # RNG restored: same dropout
         else:
@@ -131,8 +192,13 @@ class SelfAttention(nn.Module):
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
         gqa = k.shape[1] != q.shape[1]   # each K/V head serves local heads / local groups query heads
+        s = q.shape[2]
+        if self.window is not None and self.window < s - 1:   # the window binds: a band mask
+            masking = {"attn_mask": window_mask(s, self.window, q.device)}
+        else:
+            masking = {"is_causal": True}
         if p == 0.0 or self.tp_size == 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa, **masking)
         # Every TP rank draws from the same RNG stream (the activations outside attention are
         # replicated over TP and need identical dropout masks), so the head shards would get
         # identical attention-dropout masks. A seed from the shared CPU stream (checkpoint restores
@@ -146,4 +212,4 @@ class SelfAttention(nn.Module):
             else:
                 generator = torch.default_generator
             generator.manual_seed(seed + 1_000_003 * self.tp_rank)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=gqa, **masking)

@@ -109,6 +109,8 @@ class GPTModel(nn.Module):
             self.position_embedding, self.rotary = None, RotaryEmbedding(rotary_dim, c.rope)
         else:
             raise ValueError(f"--position-embedding-type {c.position_embedding_type} is not supported; use learned or rope")
+        if c.mla is not None and c.attention.window_size is not None:
+            raise ValueError("--window-size with --multi-latent-attention is not supported; drop one")
         if c.mla is not None and self.rotary is None:
             raise ValueError("--multi-latent-attention needs --position-embedding-type rope")
         if not pre_process:
@@ -129,7 +131,7 @@ class GPTModel(nn.Module):
                                                  c.add_bias_linear, c.layernorm_epsilon, c.rope.softmax_scale_factor())
             modules.append(TransformerLayer(c.hidden_size, c.num_attention_heads, mlp, tp, c.normalization,
                                             c.layernorm_epsilon, c.hidden_dropout, c.attention_dropout,
-                                            c.add_bias_linear, attention, c.attention))
+                                            c.add_bias_linear, attention, c.attention, c.attention.window_of(i)))
         self.layers = LayerStack(modules, layers.start if len(layers) else 0)
         self.final_norm = build_norm(c.normalization, c.hidden_size, c.layernorm_epsilon) if post_process else None
         if c.untie_embeddings_and_output_weights and post_process:

@@ -1,5 +1,6 @@
 """`--moe-layer-freq` as Megatron-LM takes it: an int N (layer i is MoE when i % N == 0) or a
-pattern string of 0/1 per layer, e.g. "([0]+[1]*23)" (a dense first layer) or "[0,1,1,1]".
+pattern string of 0/1 per layer, e.g. "([0]+[1]*23)" (a dense first layer) or "[0,1,1,1]";
+`--window-attn-skip-freq` takes the same forms (which layers keep full attention).
 
 Megatron-LM evaluates the string as Python; here a small parser accepts exactly the list
 expressions such patterns use — list literals of integers, `+` (concatenation), `*` (repetition by
@@ -90,28 +91,42 @@ def parse_layer_pattern(text: str) -> list[int]:
     return value
 
 
-def moe_layer_freq(value, num_layers: int) -> int | list[int]:
-    """--moe-layer-freq as given (int, digit string, pattern string or 0/1 list) -> an int >= 1 or a
-    0/1 list of length num_layers (1: that layer is MoE). Raises ValueError naming the flag."""
+def freq_or_pattern(value, num_layers: int, flag: str, one: str, zero: str) -> int | list[int]:
+    """A Megatron-LM layer flag as given (int, digit string, pattern string or 0/1 list) -> an int >= 1
+    or a 0/1 list of length num_layers (`one`, `zero`: what 1 and 0 mean). ValueError naming `flag`."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, int):
         if value < 1:
-            raise ValueError(f"--moe-layer-freq {value} must be at least 1")
+            raise ValueError(f"{flag} {value} must be at least 1")
         return value
     if isinstance(value, str):
         try:
             pattern = parse_layer_pattern(value)
         except ValueError as err:
-            raise ValueError(f"--moe-layer-freq {value!r} is not an int or a list pattern such as "
+            raise ValueError(f"{flag} {value!r} is not an int or a list pattern such as "
                              f"\"([0]+[1]*{max(num_layers - 1, 1)})\" ({err})") from None
     else:
         pattern = list(value)
     if any(v not in (0, 1) for v in pattern):
-        raise ValueError(f"--moe-layer-freq {value!r}: every entry must be 0 (dense) or 1 (MoE)")
+        raise ValueError(f"{flag} {value!r}: every entry must be 0 ({zero}) or 1 ({one})")
     if len(pattern) != num_layers:
-        raise ValueError(f"--moe-layer-freq {value!r} has {len(pattern)} entries but --num-layers is "
+        raise ValueError(f"{flag} {value!r} has {len(pattern)} entries but --num-layers is "
                          f"{num_layers}; give one 0/1 per layer")
-    if not any(pattern):
+    return pattern
+
+
+def moe_layer_freq(value, num_layers: int) -> int | list[int]:
+    """--moe-layer-freq: an int N (layer i is MoE when i % N == 0) or a 0/1 list (1: MoE)."""
+    pattern = freq_or_pattern(value, num_layers, "--moe-layer-freq", "MoE", "dense")
+    if isinstance(pattern, list) and not any(pattern):
         raise ValueError(f"--moe-layer-freq {value!r} has no MoE layer (no 1); drop --num-experts for a dense model")
     return pattern
+
+
+def window_attn_skip_freq(value, num_layers: int) -> int | list[int] | None:
+    """--window-attn-skip-freq: an int N (1-based layers N, 2N, ... keep full attention) or a 0/1
+    list (1: sliding window, 0: full attention), as Megatron-LM; None: every layer windowed."""
+    if value is None:
+        return None
+    return freq_or_pattern(value, num_layers, "--window-attn-skip-freq", "sliding window", "full attention")

@@ -89,6 +89,7 @@ class MultiLatentAttention(nn.Module):
         self.hidden_size = hidden_size   # the input width, as SelfAttention's (CUDA graphs size their inputs by it)
         self.local_heads = num_heads // tp.size
         self.dropout = dropout
+        self.window = None   # SelfAttention._core's; --window-size with MLA is refused (model/gpt.py)
         self.tp_rank, self.tp_size = tp.rank, tp.size
         self.softmax_scale = softmax_scale_factor / math.sqrt(mla.q_head_dim)
         if mla.q_lora_rank is None:

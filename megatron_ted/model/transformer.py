@@ -22,13 +22,13 @@ class TransformerLayer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp: nn.Module, tp, norm: str = "LayerNorm",
                  eps: float = 1e-5, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
                  bias: bool = True, attention: nn.Module | None = None,
-                 attention_config: AttentionConfig | None = None):
+                 attention_config: AttentionConfig | None = None, window: int | None = None):
         super().__init__()
         self.input_norm = build_norm(norm, hidden_size, eps)
         # `attention`: an attention module built by the caller (model/mla.py's MultiLatentAttention);
         # else SelfAttention (MHA or GQA) of `attention_config`
         self.attention = attention if attention is not None else SelfAttention(
-            hidden_size, num_heads, tp, attention_dropout, bias, attention_config, norm, eps)
+            hidden_size, num_heads, tp, attention_dropout, bias, attention_config, norm, eps, window)
         self.post_attention_norm = build_norm(norm, hidden_size, eps)
         self.mlp = mlp
         self.dropout = nn.Dropout(hidden_dropout)

@@ -20,8 +20,8 @@ from megatron_ted.data.tokenizer import TOKENIZER_TYPES, resolve_tokenizer_type
 # constructors hold the checks of their own fields
 from megatron_ted.config.from_flags import (attention_config, fp8_config, mla_config, moe_config,  # noqa: F401
                                             num_experts_per_layer, recompute_config, rope_config, router_config)
-from megatron_ted.model.attention import check_attention
-from megatron_ted.model.layer_pattern import moe_layer_freq
+from megatron_ted.model.attention import check_attention, parse_window_size
+from megatron_ted.model.layer_pattern import moe_layer_freq, window_attn_skip_freq
 from megatron_ted.moe.hierarchical import check_node_size
 from megatron_ted.parallel.layout import ParallelLayout
 from megatron_ted.tensor_parallel import fp8
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qk-head-dim", type=int, default=128, help="MLA q/k head dim without RoPE")
     g.add_argument("--qk-pos-emb-head-dim", type=int, default=64, help="MLA q/k RoPE head dim (k's shared by heads)")
     g.add_argument("--v-head-dim", type=int, default=128, help="MLA value head dim")
+    g.add_argument("--window-size", default=None,
+                   help="sliding-window attention as Megatron-LM: left,right (right 0): a query sees the left "
+                        "earlier positions and itself (Hugging Face's sliding_window W is W-1,0); -1,0: unbounded")
+    g.add_argument("--window-attn-skip-freq", default=None,
+                   help="with --window-size: int N keeps every N-th layer (1-based) full, or one 0/1 per layer "
+                        "(1: windowed), e.g. \"[1,1,1,0]*3\"; default: every layer windowed")
 
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=int, nargs="+", default=None,
@@ -489,6 +495,12 @@ def resolve_layout(args, world_size: int) -> None:
 def check_attention_flags(args, tp: int) -> None:
     if not args.group_query_attention:
         args.num_query_groups = None   # Megatron-LM ignores --num-query-groups without --group-query-attention
+    args.window_size = parse_window_size(args.window_size)
+    args.window_attn_skip_freq = window_attn_skip_freq(args.window_attn_skip_freq, args.num_layers)
+    need(args.window_attn_skip_freq is None or args.window_size is not None,
+         "--window-attn-skip-freq needs --window-size; add it or drop --window-attn-skip-freq")
+    need(args.window_size is None or not args.multi_latent_attention,
+         "--window-size with --multi-latent-attention is not supported; drop one")
     check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
 
 
