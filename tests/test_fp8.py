@@ -172,10 +172,28 @@ def test_flags_train_three_iterations_and_say_fp8_is_emulated(capsys):
 @pytest.mark.parametrize("extra,flag", [
     (["--fp16", "--fp8-format", "e4m3"], "--fp8-format"),
     (["--fp8-format", "e3m4"], "--fp8-format"),
-    (["--fp8-format", "e4m3", "--fp8-recipe", "delayed"], "--fp8-recipe"),
+    (["--bf16", "--fp8-format", "e4m3", "--fp8-recipe", "mxfp8"], "--fp8-recipe"),
 ])
 def test_bad_fp8_input_is_one_line(extra, flag, capsys):
     from megatron_ted.launch.pretrain import main
     assert main(CLI + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0], err
+
+
+@pytest.mark.parametrize("extra,recipe,note", [
+    (["--fp8-format", "hybrid"], "tensorwise", "--fp8-recipe (not given: Megatron-LM's default is delayed)"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "tensorwise", "--fp8-recipe delayed"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "rowwise"], "rowwise", None),
+    ([], "tensorwise", None),
+])
+def test_megatrons_delayed_recipe_runs_tensorwise_and_says_so(extra, recipe, note):
+    """Megatron-LM's --fp8-recipe defaults to delayed (scales from an amax history); here every scale
+    comes from the current amax, so a script's delayed or missing recipe runs tensorwise, listed at
+    start-up; a recipe we have is taken as given."""
+    from megatron_ted.training.arguments import parse_args
+    args = parse_args(CLI + ["--bf16"] + extra)
+    assert args.fp8_recipe == recipe
+    listed = [n for n in args.accepted_no_effect if n.startswith("--fp8-recipe")]
+    assert len(listed) == (note is not None), listed
+    assert note is None or listed[0].startswith(note), listed

@@ -58,7 +58,7 @@ SCRIPTS = {
         " --profile-step-end 6 --ckpt-format torch_dist --distributed-timeout-minutes 60", 4,
         ["--use-mcore-models", "--attention-backend", "--apply-layernorm-1p", "--grad-reduce-in-bf16",
          "--cross-entropy-loss-fusion", "--calculate-per-token-loss", "--empty-unused-memory-level",
-         "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather", "--overlap-grad-reduce",
+         "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--fp8-param-gather", "--fp8-recipe", "--overlap-grad-reduce",
          "--overlap-param-gather", "--tiktoken-pattern", "--no-create-attention-mask-in-dataloader",
          "--no-mmap-bin-files", "--log-throughput", "--ckpt-format"]),
     # NVIDIA/Megatron-LM examples/post_training/modelopt/conf/deepseek-ai/DeepSeek-R1.sh

@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-format", default=None, metavar="|".join(fp8.FORMATS),
                    help="GEMMs of the TP linears and the experts in FP8 (tensor_parallel/fp8.py): e4m3 everywhere, "
                         "or hybrid (e5m2 output gradients); with --bf16. Emulated where the device has no FP8")
-    g.add_argument("--fp8-recipe", default="tensorwise", metavar="|".join(fp8.RECIPES),
-                   help="FP8 scales with current scaling: one per tensor, or one per row (token, output feature)")
+    g.add_argument("--fp8-recipe", default=None, metavar="|".join(fp8.RECIPES),
+                   help="FP8 scales with current scaling: one per tensor (default), or one per row (token, output "
+                        "feature); Megatron-LM's delayed runs as tensorwise (training/compat_flags.py)")
     g.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="fp16: the dynamic loss scale's start")
     g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the dynamic loss scale's floor")
     g.add_argument("--loss-scale-window", type=int, default=1000,

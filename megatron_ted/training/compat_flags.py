@@ -162,6 +162,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           else dict(action="store_true")))
 
 
+def _fp8_recipe(args: argparse.Namespace) -> list[str]:
+    """Megatron-LM's default recipe, delayed scaling, takes each scale from an amax history; ours come
+    from the current amax (tensorwise: what the history estimates). A script's delayed, or no recipe,
+    runs tensorwise and says so."""
+    recipe = args.fp8_recipe
+    args.fp8_recipe = "tensorwise" if recipe in (None, "delayed") else recipe
+    if args.fp8_format is None or recipe not in (None, "delayed"):
+        return []
+    given = "--fp8-recipe delayed" if recipe else "--fp8-recipe (not given: Megatron-LM's default is delayed)"
+    return [f"{given} (runs tensorwise: each scale from the tensor's current amax, not from an amax history)"]
+
+
 def apply(args: argparse.Namespace) -> list[str]:
     """Refuse what we lack (ValueError, one line), apply the Megatron-DeepSpeed switches, and
     return the no-effect flags given, as "--flag (why)"."""
@@ -182,6 +194,7 @@ def apply(args: argparse.Namespace) -> list[str]:
             raise ValueError(f"{flag} {value} is not available here ({note}); use {' or '.join(values)} "
                              f"or drop the flag")
         notes.append(f"{flag} ({note})")
+    notes += _fp8_recipe(args)
     ep_tp = given.get("expert_tensor_parallel_size")
     if ep_tp is not None and ep_tp != args.tensor_model_parallel_size:
         raise ValueError(f"--expert-tensor-parallel-size {ep_tp}: experts are sliced over the tensor-parallel "
