@@ -48,6 +48,8 @@ ARCHS = {
     "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                     shared_expert_intermediate_size=24, qkv_bias=True, norm_topk_prob=False,
                                     num_key_value_heads=2)),
+    # dense with per-head qk-norm, head_dim 12 != 32 / 4, tied embeddings (the small Qwen3s)
+    "qwen3": ("qwen3", dict(head_dim=12, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=12,
                                     norm_topk_prob=True, mlp_only_layers=[0], num_key_value_heads=2)),
     "deepseek_v3": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=16, rope_parameters=YARN)),
@@ -278,7 +280,7 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
         assert torch.equal(original[key][:rows], back[key][:rows]), key
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "mistral_window",
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "mistral_window",
                                   "qwen2_window"])
 def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
     """Our checkpoint -> export-hf (the architecture inferred from its saved ModelConfig alone) -> from_pretrained
@@ -418,10 +420,11 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
     mla = dict(moe, multi_latent_attention=True, moe_router_score_function="sigmoid", moe_ffn_hidden_size=16,
                moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1])
     gated = dict(moe, moe_shared_expert_intermediate_size=8, moe_shared_expert_gate=True)
-    models = (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True), gated, mla)
-    assert [architecture_for(_saved_model(a)) for a in models] == ["llama", "qwen2", "mixtral", "qwen3_moe",
+    models = (dense, dict(dense, add_qkv_bias=True), dict(dense, qk_layernorm=True), moe, dict(moe, qk_layernorm=True),
+              gated, mla)
+    assert [architecture_for(_saved_model(a)) for a in models] == ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe",
                                                                    "qwen2_moe", "deepseek_v3"]
-    for args, word in ((dict(dense, qk_layernorm=True), "dense model with --qk-layernorm"),
+    for args, word in ((dict(dense, qk_layernorm=True, add_qkv_bias=True), "--qk-layernorm and --add-qkv-bias"),
                        (dict(moe, moe_router_pre_softmax=True), "exports as mixtral"),
                        (dict(moe, moe_router_score_function="sigmoid"), "--moe-router-score-function sigmoid"),
                        (dict(moe, moe_router_enable_expert_bias=True), "--moe-router-enable-expert-bias"),
@@ -521,6 +524,10 @@ QWEN3_MOE = dict(_HF, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalL
                  num_experts=8, num_experts_per_tok=4, num_key_value_heads=2, output_router_logits=False,
                  rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1e6, router_aux_loss_coef=0.001,
                  sliding_window=None, use_sliding_window=False)
+QWEN3 = dict(_HF, model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0,
+             bos_token_id=151643, eos_token_id=151645, head_dim=12, max_window_layers=28, num_key_value_heads=2,
+             rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1e6, sliding_window=None, tie_word_embeddings=True,
+             use_sliding_window=False)
 DEEPSEEK_V2_LITE = dict(
     _HF, model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], attention_bias=False,
     attention_dropout=0.0, aux_loss_alpha=0.001, bos_token_id=100000, eos_token_id=100001, first_k_dense_replace=1,
@@ -554,6 +561,11 @@ REAL = {
     "Qwen1.5-MoE-A2.7B": (QWEN2_MOE, None),
     "Qwen2-57B-A14B": (dict(QWEN2_MOE, num_key_value_heads=2, shared_expert_intermediate_size=40, num_experts=8,
                             max_window_layers=28, sliding_window=131072), None),
+    "Qwen3-0.6B": (QWEN3, None),
+    "Qwen3-8B": (dict(QWEN3, max_window_layers=36, tie_word_embeddings=False), None),
+    "Qwen3-8B, use_sliding_window": (dict(QWEN3, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                          tie_word_embeddings=False), None),   # layers 1, 2 windowed
+    "Qwen3-0.6B, head_dim omitted": ({k: v for k, v in QWEN3.items() if k != "head_dim"}, None),   # 128 (its default)
     "Qwen3-30B-A3B": (QWEN3_MOE, None),
     "DeepSeek-V2-Lite": (DEEPSEEK_V2_LITE, None),
     "DeepSeek-V2, k // topk_group = 1": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2,

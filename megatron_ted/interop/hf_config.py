@@ -7,6 +7,8 @@ line naming the config.json field, whatever our model cannot compute; nothing is
 Per model_type (transformers' modeling code is the reference for what each field means):
     llama, mistral, qwen2     dense; grouped-query attention, head_dim, rope_theta, Llama-3 or YaRN
                               RoPE scaling; qwen2 always has q/k/v biases (--add-qkv-bias)
+    qwen3                     dense as llama with qwen3_moe's per-head qk-norm (--qk-layernorm); head_dim
+                              128 when config.json omits it (transformers' Qwen3Config default)
     mixtral, qwen2_moe        softmax top-k router; qwen2_moe's shared expert and its sigmoid gate,
     qwen3_moe                 qwen3_moe's qk-norm (--qk-layernorm); norm_topk_prob false with k > 1 is
                               --moe-router-pre-softmax; decoder_sparse_step / mlp_only_layers become a
@@ -21,7 +23,7 @@ Per model_type (transformers' modeling code is the reference for what each field
 Sliding-window attention (sliding_window W: a query sees W positions, itself included) is
 --window-size W-1,0 on the layers transformers windows: every layer for mistral, mixtral and
 qwen3_moe (qwen3_moe with use_sliding_window true); for qwen2 and qwen2_moe with use_sliding_window
-true the layers of config.json's layer_types, else transformers' rule (qwen2: layers from
+true the layers of config.json's layer_types, else transformers' rule (qwen2, qwen3: layers from
 max_window_layers on; qwen2_moe: even 0-based layers below max_window_layers), as
 --window-attn-skip-freq when only some are. A window of max_position_embeddings or more never binds.
 Refused besides, for every type: quantization_config (quantized weights: dequantize them first).
@@ -68,7 +70,8 @@ def moe_layers_of(cfg: dict) -> list[int]:
 
 
 WINDOWED_ALL = ("mistral", "mixtral", "qwen3_moe")   # transformers windows every layer
-WINDOW_TYPES = WINDOWED_ALL + ("qwen2", "qwen2_moe")
+WINDOW_TYPES = WINDOWED_ALL + ("qwen2", "qwen3", "qwen2_moe")
+HEAD_DIM_DEFAULT = {"qwen3": 128}   # transformers' config class default where config.json may omit head_dim
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -89,7 +92,7 @@ def window_layers_of(cfg: dict) -> tuple[int, list[int]] | None:
         layers = list(range(n))
     elif cfg.get("layer_types"):
         layers = [i for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention"]
-    elif mt == "qwen2":
+    elif mt in ("qwen2", "qwen3"):
         layers = list(range(cfg.get("max_window_layers", 28), n))
     else:   # qwen2_moe
         layers = [i for i in range(n) if (i + 1) % 2 and i < cfg.get("max_window_layers", 28)]
@@ -172,7 +175,7 @@ def check_hf(cfg: dict) -> None:
     bad += _window_refusals(cfg)
     if mt in DEEPSEEK:
         bad += _deepseek_refusals(cfg)
-    elif cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
+    elif _head_dim(cfg) is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
         bad.append("hidden_size not divisible by num_attention_heads without head_dim")
     bad += _rope_refusals(cfg)
     if mt in MOE_TYPES and moe_layers_of(cfg):
@@ -213,6 +216,10 @@ def _deepseek_refusals(cfg: dict) -> list[str]:
     return bad
 
 
+def _head_dim(cfg: dict) -> int | None:
+    return cfg.get("head_dim") or HEAD_DIM_DEFAULT.get(cfg["model_type"])
+
+
 def _rope_flags(cfg: dict) -> list:
     rope = rope_parameters(cfg)
     flags = ["--rotary-base", rope["rope_theta"], "--rope-type", "yarn" if rope["rope_type"] == "yarn" else "rope"]
@@ -243,11 +250,12 @@ def _attention_flags(cfg: dict) -> list:
     flags, groups = [], cfg.get("num_key_value_heads") or heads
     if groups != heads:
         flags += ["--group-query-attention", "--num-query-groups", groups]
-    if cfg.get("head_dim") and (hidden % heads or cfg["head_dim"] != hidden // heads):
-        flags += ["--kv-channels", cfg["head_dim"]]
+    head_dim = _head_dim(cfg)
+    if head_dim and (hidden % heads or head_dim != hidden // heads):
+        flags += ["--kv-channels", head_dim]
     if mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)):
         flags.append("--add-qkv-bias")
-    if mt == "qwen3_moe":
+    if mt in ("qwen3", "qwen3_moe"):
         flags.append("--qk-layernorm")
     return flags
 

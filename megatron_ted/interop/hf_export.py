@@ -3,7 +3,7 @@
 `architecture_for(model)` names the model_type that expresses the model (checking `--architecture`
 when one is asked for): multi-latent attention is deepseek_v3 (sigmoid router) or deepseek_v2 (softmax); an MoE with gated shared experts
 qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
-a dense model with q/k/v biases qwen2, else llama (or mistral; only mistral with sliding-window
+a dense model with qk-norm qwen3, with q/k/v biases qwen2, else llama (or mistral; only mistral with sliding-window
 attention, whose windowed layers the architecture must be able to say). A feature none of them has is a
 ValueError naming its flag. `hf_config_json` writes the config.json that transformers reads back as the
 same model (interop/hf_config.py is the reverse, and the tests check both against transformers).
@@ -107,7 +107,10 @@ def _candidates(model: ModelConfig) -> list[str]:
                          f"--add-qkv-bias (this one has {freq}, {k}, {bool(pre)}, "
                          f"{bool(qkv_bias)})")
     if qk_norm:
-        raise ValueError("export-hf: no Hugging Face architecture here expresses a dense model with --qk-layernorm")
+        if qkv_bias:
+            raise ValueError("export-hf: no Hugging Face architecture here expresses a dense model with "
+                             "--qk-layernorm and --add-qkv-bias (qwen3's attention_bias adds an o_proj bias too)")
+        return ["qwen3"]
     if qkv_bias:
         return ["qwen2"]
     return ["mistral"] if _windowed(model) else ["llama", "mistral"]   # llama has no sliding window
@@ -125,8 +128,9 @@ def _window_refusal(model: ModelConfig, arch: str) -> str | None:
         return None
     if arch in WINDOWED_ALL and len(layers) < n:
         return f"--window-attn-skip-freq (full-attention layers; {arch} windows every layer)"
-    if arch == "qwen2" and layers != list(range(layers[0], n)):
-        return f"--window-attn-skip-freq with windowed layers {layers} (qwen2 windows the layers from max_window_layers on)"
+    if arch in ("qwen2", "qwen3") and layers != list(range(layers[0], n)):
+        return (f"--window-attn-skip-freq with windowed layers {layers} ({arch} windows the layers from "
+                f"max_window_layers on)")
     return None
 
 
@@ -179,10 +183,10 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
     window = gpt.attention.window_size[0] + 1 if windowed else None   # HF counts the query itself
     if arch in WINDOW_TYPES:
         cfg.update(sliding_window=window)
-    if arch in ("qwen2", "qwen2_moe", "qwen3_moe"):
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         cfg.update(use_sliding_window=bool(windowed),
-                   max_window_layers=windowed[0] if windowed and arch == "qwen2" else n)
-    if arch in ("qwen2", "qwen2_moe"):
+                   max_window_layers=windowed[0] if windowed and arch in ("qwen2", "qwen3") else n)
+    if arch in ("qwen2", "qwen3", "qwen2_moe"):
         cfg.update(layer_types=["sliding_attention" if i in windowed else "full_attention" for i in range(n)])
     if moe is None:
         return cfg

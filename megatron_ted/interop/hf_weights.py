@@ -159,6 +159,7 @@ ARCHITECTURES = {
         shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_expert.")
         + (Rule("layers.{i}.mlp.shared_experts.gate_weight", (L + "mlp.shared_expert_gate.weight",),
                 when=("shared_gate",)),)),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", LLAMA_LAYER, LLAMA_MLP),
     "qwen3_moe": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", LLAMA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS),
     "deepseek_v3": Architecture(
         "deepseek_v3", "DeepseekV3ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
