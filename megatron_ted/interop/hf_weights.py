@@ -164,6 +164,10 @@ ARCHITECTURES = {
     "deepseek_v3": Architecture(
         "deepseek_v3", "DeepseekV3ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
         shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),
+    # GLM-4.5's MoE block is DeepSeek-V3's tensor for tensor, its attention llama's (q/k/v biases, qk-norm)
+    "glm4_moe": Architecture(
+        "glm4_moe", "Glm4MoeForCausalLM", LLAMA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
+        shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),
     # DeepSeek-V2's tensors are V3's (no e_score_correction_bias: its router is a softmax)
     "deepseek_v2": Architecture(
         "deepseek_v2", "DeepseekV2ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
