@@ -593,6 +593,12 @@ REAL = {
                      first_k_dense_replace=2), None),   # 160 experts, 3 of 92 layers dense
     "GLM-4.5-Air, partial_rotary_factor omitted": ({k: v for k, v in GLM45_AIR.items()
                                                    if k != "partial_rotary_factor"}, None),   # 0.5 (its default)
+    "OLMoE-1B-7B-0924": (dict(_HF, model_type="olmoe", architectures=["OlmoeForCausalLM"], attention_bias=False,
+                              attention_dropout=0.0, clip_qkv=None, eos_token_id=50279, pad_token_id=1,
+                              norm_topk_prob=False, num_experts=8, num_experts_per_tok=4, num_key_value_heads=4,
+                              output_router_logits=False, rms_norm_eps=1e-5, rope_scaling=None, rope_theta=10000.0,
+                              router_aux_loss_coef=0.01, torch_dtype="float32"),
+                         "q_norm / k_norm over the whole q / k projection"),
     "DeepSeek-V2-Lite": (DEEPSEEK_V2_LITE, None),
     "DeepSeek-V2, k // topk_group = 1": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2,
                                               topk_method="group_limited_greedy", routed_scaling_factor=16.0), None),

@@ -83,6 +83,11 @@ DEFAULTS = {"qwen3": {"head_dim": 128},
                          "norm_topk_prob": True, "rms_norm_eps": 1e-5}}
 
 
+# model_types known and not computed here, with the reason (a named refusal, not "unsupported")
+REFUSED_TYPES = {"olmoe": "q_norm / k_norm over the whole q / k projection (ours normalises each head: "
+                          "--qk-layernorm); under TP it needs a sum of squares all-reduced over the ranks"}
+
+
 def with_defaults(cfg: dict) -> dict:
     return {**DEFAULTS.get(cfg.get("model_type"), {}), **cfg}
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -178,6 +183,8 @@ def check_hf(cfg: dict) -> None:
     """Refuse, in one line naming the config.json field, what our model cannot compute."""
     cfg = with_defaults(cfg)
     mt = cfg.get("model_type")
+    if mt in REFUSED_TYPES:
+        raise ValueError(f"config.json ({mt}): unsupported {REFUSED_TYPES[mt]}")
     if mt not in ARCHITECTURES:
         raise ValueError(f"config.json: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     bad = []
