@@ -48,11 +48,18 @@ ARCHS = {
     "qwen2_moe": ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                     shared_expert_intermediate_size=24, qkv_bias=True, norm_topk_prob=False,
                                     num_key_value_heads=2)),
+    # dense with per-head qk-norm, head_dim 12 != 32 / 4, tied embeddings (the small Qwen3s)
+    "qwen3": ("qwen3", dict(head_dim=12, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=12,
                                     norm_topk_prob=True, mlp_only_layers=[0], num_key_value_heads=2)),
     "deepseek_v3": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=16, rope_parameters=YARN)),
     "deepseek_v3_plain_q": ("deepseek_v3", dict(DEEPSEEK, q_lora_rank=None, n_group=1, topk_group=1,
                                                 num_experts_per_tok=2, norm_topk_prob=True)),
+    # DeepSeek-V3's MoE block with GQA, q/k/v biases, per-head qk-norm, half the head dim rotated
+    "glm4_moe": ("glm4_moe", dict(n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                  moe_intermediate_size=16, n_shared_experts=2, routed_scaling_factor=2.5,
+                                  first_k_dense_replace=1, norm_topk_prob=True, head_dim=12, num_key_value_heads=2,
+                                  attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5)),
     "deepseek_v2": ("deepseek_v2", dict(DEEPSEEK, q_lora_rank=16, num_experts_per_tok=3, topk_group=2,
                                         norm_topk_prob=False, topk_method="group_limited_greedy",
                                         rope_parameters=YARN)),   # softmax top-k, a group's best expert
@@ -278,7 +285,7 @@ def test_upcycle_train_at_tp2_ep2_export_and_reimport(imported, tmp_path):
         assert torch.equal(original[key][:rows], back[key][:rows]), key
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "mistral_window",
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3", "glm4_moe", "deepseek_v2", "mistral_window",
                                   "qwen2_window"])
 def test_export_loads_in_transformers_and_reimports_bit_identical(imported, tmp_path, name):
     """Our checkpoint -> export-hf (the architecture inferred from its saved ModelConfig alone) -> from_pretrained
@@ -373,7 +380,7 @@ def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
     for change, word in ((dict(position_embedding_type="learned"), "learned absolute positions"),
                          (dict(normalization="LayerNorm"), "LayerNorm"), (dict(mlp_type="residual"), "Residual MoE"),
                          (dict(num_experts=[4, 8]), "per-layer expert counts"),
-                         (dict(moe_shared_expert_intermediate_size=16), "without --moe-shared-expert-gate")):
+                         (dict(moe_shared_expert_intermediate_size=16), "glm4_moe's router is sigmoid")):
         with pytest.raises(ValueError, match=word):
             architecture_for(_saved_model({**base, **change}))
 
@@ -398,6 +405,10 @@ def test_a_model_no_hf_architecture_expresses_is_refused(tmp_path):
     ("deepseek_v2", dict(norm_topk_prob=True), "norm_topk_prob true"),
     ("deepseek_v2", dict(scoring_func="sigmoid"), "scoring_func 'sigmoid'"),
     ("mixtral", dict(mlp_bias=True), "mlp_bias"),
+    ("glm4_moe", dict(norm_topk_prob=False), "norm_topk_prob false"),
+    ("glm4_moe", dict(num_experts_per_tok=2), "topk_group 2 != 2"),
+    ("glm4_moe", dict(n_shared_experts=0), "n_shared_experts 0"),
+    ("qwen3", dict(attention_bias=True), "attention_bias"),
 ])
 def test_unsupported_hf_fields_are_refused_by_name(name, change, field):
     from megatron_ted.interop.hf_config import flags_from_hf
@@ -418,14 +429,20 @@ def test_export_refuses_what_the_inferred_architecture_cannot_express():
     mla = dict(moe, multi_latent_attention=True, moe_router_score_function="sigmoid", moe_ffn_hidden_size=16,
                moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1])
     gated = dict(moe, moe_shared_expert_intermediate_size=8, moe_shared_expert_gate=True)
-    models = (dense, dict(dense, add_qkv_bias=True), moe, dict(moe, qk_layernorm=True), gated, mla)
-    assert [architecture_for(_saved_model(a)) for a in models] == ["llama", "qwen2", "mixtral", "qwen3_moe",
-                                                                   "qwen2_moe", "deepseek_v3"]
-    for args, word in ((dict(dense, qk_layernorm=True), "dense model with --qk-layernorm"),
+    glm = dict(mla, multi_latent_attention=False, moe_shared_expert_intermediate_size=16, rotary_percent=0.5,
+               group_query_attention=True, num_query_groups=2, add_qkv_bias=True, qk_layernorm=True)
+    models = (dense, dict(dense, add_qkv_bias=True), dict(dense, qk_layernorm=True), moe, dict(moe, qk_layernorm=True),
+              gated, mla, glm)
+    assert [architecture_for(_saved_model(a)) for a in models] == ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe",
+                                                                   "qwen2_moe", "deepseek_v3", "glm4_moe"]
+    for args, word in ((dict(dense, qk_layernorm=True, add_qkv_bias=True), "--qk-layernorm and --add-qkv-bias"),
                        (dict(moe, moe_router_pre_softmax=True), "exports as mixtral"),
-                       (dict(moe, moe_router_score_function="sigmoid"), "--moe-router-score-function sigmoid"),
-                       (dict(moe, moe_router_enable_expert_bias=True), "--moe-router-enable-expert-bias"),
-                       (dict(moe, rotary_percent=0.5), "--rotary-percent"),
+                       (dict(moe, moe_router_score_function="sigmoid"), "without --moe-router-enable-expert-bias "
+                                                                        "(glm4_moe"),
+                       (dict(moe, moe_router_enable_expert_bias=True), "glm4_moe's router is sigmoid"),
+                       (dict(moe, rotary_percent=0.5), "--rotary-percent 0.5 (partial rotary) in mixtral"),
+                       (dict(glm, moe_layer_freq=[1, 0]), "MoE layers [0]"),
+                       (dict(glm, window_size=(3, 0)), "glm4_moe has no sliding window"),
                        (dict(mla, moe_layer_freq=[1, 0]), "MoE layers [0]"),
                        (dict(mla, moe_router_score_function="softmax"), "softmax router"),
                        (dict(mla, moe_router_enable_expert_bias=False), "e_score_correction_bias"),
@@ -521,6 +538,10 @@ QWEN3_MOE = dict(_HF, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalL
                  num_experts=8, num_experts_per_tok=4, num_key_value_heads=2, output_router_logits=False,
                  rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1e6, router_aux_loss_coef=0.001,
                  sliding_window=None, use_sliding_window=False)
+QWEN3 = dict(_HF, model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0,
+             bos_token_id=151643, eos_token_id=151645, head_dim=12, max_window_layers=28, num_key_value_heads=2,
+             rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1e6, sliding_window=None, tie_word_embeddings=True,
+             use_sliding_window=False)
 DEEPSEEK_V2_LITE = dict(
     _HF, model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], attention_bias=False,
     attention_dropout=0.0, aux_loss_alpha=0.001, bos_token_id=100000, eos_token_id=100001, first_k_dense_replace=1,
@@ -536,6 +557,13 @@ DEEPSEEK_V3 = dict(
     num_experts_per_tok=4, num_nextn_predict_layers=1, q_lora_rank=16, routed_scaling_factor=2.5,
     rope_scaling=dict(DEEPSEEK_V2_LITE["rope_scaling"], mscale=1.0, mscale_all_dim=1.0), scoring_func="sigmoid",
     topk_group=2, topk_method="noaux_tc")
+GLM45_AIR = dict(   # pad_token_id 151329 as published is no row of a 100-token vocabulary: transformers'
+    _HF, model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"],   # nn.Embedding refuses it; 99 here
+    attention_bias=True, attention_dropout=0.0, pad_token_id=99, eos_token_id=[151329, 151336, 151338], head_dim=12,
+    partial_rotary_factor=0.5, moe_intermediate_size=16, norm_topk_prob=True, n_group=1, topk_group=1,
+    n_routed_experts=8, n_shared_experts=1, routed_scaling_factor=1.0, num_experts_per_tok=4, first_k_dense_replace=1,
+    num_key_value_heads=2, rms_norm_eps=1e-5, rope_scaling=None, rope_theta=1e6, num_nextn_predict_layers=1,
+    use_qk_norm=False)
 REAL = {
     "Llama-2-7b-hf": (LLAMA2, None),
     "Llama-3.1-8B": (LLAMA31, None),
@@ -554,7 +582,23 @@ REAL = {
     "Qwen1.5-MoE-A2.7B": (QWEN2_MOE, None),
     "Qwen2-57B-A14B": (dict(QWEN2_MOE, num_key_value_heads=2, shared_expert_intermediate_size=40, num_experts=8,
                             max_window_layers=28, sliding_window=131072), None),
+    "Qwen3-0.6B": (QWEN3, None),
+    "Qwen3-8B": (dict(QWEN3, max_window_layers=36, tie_word_embeddings=False), None),
+    "Qwen3-8B, use_sliding_window": (dict(QWEN3, use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                          tie_word_embeddings=False), None),   # layers 1, 2 windowed
+    "Qwen3-0.6B, head_dim omitted": ({k: v for k, v in QWEN3.items() if k != "head_dim"}, None),   # 128 (its default)
     "Qwen3-30B-A3B": (QWEN3_MOE, None),
+    "GLM-4.5-Air": (GLM45_AIR, None),
+    "GLM-4.5": (dict(GLM45_AIR, n_routed_experts=10, routed_scaling_factor=2.5, use_qk_norm=True,
+                     first_k_dense_replace=2), None),   # 160 experts, 3 of 92 layers dense
+    "GLM-4.5-Air, partial_rotary_factor omitted": ({k: v for k, v in GLM45_AIR.items()
+                                                   if k != "partial_rotary_factor"}, None),   # 0.5 (its default)
+    "OLMoE-1B-7B-0924": (dict(_HF, model_type="olmoe", architectures=["OlmoeForCausalLM"], attention_bias=False,
+                              attention_dropout=0.0, clip_qkv=None, eos_token_id=50279, pad_token_id=1,
+                              norm_topk_prob=False, num_experts=8, num_experts_per_tok=4, num_key_value_heads=4,
+                              output_router_logits=False, rms_norm_eps=1e-5, rope_scaling=None, rope_theta=10000.0,
+                              router_aux_loss_coef=0.01, torch_dtype="float32"),
+                         "q_norm / k_norm over the whole q / k projection"),
     "DeepSeek-V2-Lite": (DEEPSEEK_V2_LITE, None),
     "DeepSeek-V2, k // topk_group = 1": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2,
                                               topk_method="group_limited_greedy", routed_scaling_factor=16.0), None),

@@ -7,6 +7,8 @@ line naming the config.json field, whatever our model cannot compute; nothing is
 Per model_type (transformers' modeling code is the reference for what each field means):
     llama, mistral, qwen2     dense; grouped-query attention, head_dim, rope_theta, Llama-3 or YaRN
                               RoPE scaling; qwen2 always has q/k/v biases (--add-qkv-bias)
+    qwen3                     dense as llama with qwen3_moe's per-head qk-norm (--qk-layernorm); head_dim
+                              128 when config.json omits it (transformers' Qwen3Config default)
     mixtral, qwen2_moe        softmax top-k router; qwen2_moe's shared expert and its sigmoid gate,
     qwen3_moe                 qwen3_moe's qk-norm (--qk-layernorm); norm_topk_prob false with k > 1 is
                               --moe-router-pre-softmax; decoder_sparse_step / mlp_only_layers become a
@@ -15,13 +17,17 @@ Per model_type (transformers' modeling code is the reference for what each field
                               (--moe-router-enable-expert-bias), n_group / topk_group group-limited
                               routing, routed_scaling_factor, first_k_dense_replace dense first layers,
                               n_shared_experts * moe_intermediate_size ungated shared experts
+    glm4_moe                  deepseek_v3's router, groups, scaling, dense first layers and ungated shared
+                              experts with grouped-query attention: attention_bias is q/k/v biases only
+                              (--add-qkv-bias), use_qk_norm per head (--qk-layernorm), partial_rotary_factor
+                              (--rotary-percent; 0.5 when config.json omits it, as transformers)
     deepseek_v2               as deepseek_v3 but transformers' softmax router: top-k of the softmax over all
                               experts, never renormalised (--moe-router-pre-softmax), group_limited_greedy
                               scoring a group by its best expert; no expert bias
 Sliding-window attention (sliding_window W: a query sees W positions, itself included) is
 --window-size W-1,0 on the layers transformers windows: every layer for mistral, mixtral and
 qwen3_moe (qwen3_moe with use_sliding_window true); for qwen2 and qwen2_moe with use_sliding_window
-true the layers of config.json's layer_types, else transformers' rule (qwen2: layers from
+true the layers of config.json's layer_types, else transformers' rule (qwen2, qwen3: layers from
 max_window_layers on; qwen2_moe: even 0-based layers below max_window_layers), as
 --window-attn-skip-freq when only some are. A window of max_position_embeddings or more never binds.
 Refused besides, for every type: quantization_config (quantized weights: dequantize them first).
@@ -38,8 +44,9 @@ import math
 
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
-DEEPSEEK = ("deepseek_v2", "deepseek_v3")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")            # multi-latent attention
+DEEPSEEK_ROUTED = DEEPSEEK + ("glm4_moe",)           # DeepSeek's MoE block: routed + shared experts, dense first layers
 ROPE_BASE = 10000.0
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -58,7 +65,7 @@ def moe_layers_of(cfg: dict) -> list[int]:
     n, mt = cfg["num_hidden_layers"], cfg["model_type"]
     if mt == "mixtral":
         return list(range(n))
-    if mt in DEEPSEEK:
+    if mt in DEEPSEEK_ROUTED:
         return list(range(cfg.get("first_k_dense_replace", 0), n)) if cfg.get("n_routed_experts") else []
     if mt in ("qwen2_moe", "qwen3_moe"):
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
@@ -68,7 +75,21 @@ def moe_layers_of(cfg: dict) -> list[int]:
 
 
 WINDOWED_ALL = ("mistral", "mixtral", "qwen3_moe")   # transformers windows every layer
-WINDOW_TYPES = WINDOWED_ALL + ("qwen2", "qwen2_moe")
+WINDOW_TYPES = WINDOWED_ALL + ("qwen2", "qwen3", "qwen2_moe")
+# transformers' config class defaults of fields that change the logits, where config.json may omit them
+DEFAULTS = {"qwen3": {"head_dim": 128},
+            "glm4_moe": {"partial_rotary_factor": 0.5, "first_k_dense_replace": 1, "n_shared_experts": 1,
+                         "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
+                         "norm_topk_prob": True, "rms_norm_eps": 1e-5}}
+
+
+# model_types known and not computed here, with the reason (a named refusal, not "unsupported")
+REFUSED_TYPES = {"olmoe": "q_norm / k_norm over the whole q / k projection (ours normalises each head: "
+                          "--qk-layernorm); under TP it needs a sum of squares all-reduced over the ranks"}
+
+
+def with_defaults(cfg: dict) -> dict:
+    return {**DEFAULTS.get(cfg.get("model_type"), {}), **cfg}
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -89,7 +110,7 @@ def window_layers_of(cfg: dict) -> tuple[int, list[int]] | None:
         layers = list(range(n))
     elif cfg.get("layer_types"):
         layers = [i for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention"]
-    elif mt == "qwen2":
+    elif mt in ("qwen2", "qwen3"):
         layers = list(range(cfg.get("max_window_layers", 28), n))
     else:   # qwen2_moe
         layers = [i for i in range(n) if (i + 1) % 2 and i < cfg.get("max_window_layers", 28)]
@@ -137,7 +158,7 @@ def _rope_refusals(cfg: dict) -> list[str]:
     kind = rope["rope_type"]
     if kind not in ("default", "llama3", "yarn"):
         bad.append(f"rope type {kind!r} (only default, llama3 and yarn)")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0 or cfg.get("partial_rotary_factor", 1.0) != 1.0:
+    if cfg["model_type"] != "glm4_moe" and _partial_rotary(cfg) != 1.0:
         bad.append("partial_rotary_factor != 1 (partial rotary)")
     if kind == "llama3":
         for key, want in LLAMA3_ROPE.items():
@@ -154,15 +175,22 @@ def _rope_refusals(cfg: dict) -> list[str]:
     return bad
 
 
+def _partial_rotary(cfg: dict) -> float:
+    return rope_parameters(cfg).get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+
+
 def check_hf(cfg: dict) -> None:
     """Refuse, in one line naming the config.json field, what our model cannot compute."""
+    cfg = with_defaults(cfg)
     mt = cfg.get("model_type")
+    if mt in REFUSED_TYPES:
+        raise ValueError(f"config.json ({mt}): unsupported {REFUSED_TYPES[mt]}")
     if mt not in ARCHITECTURES:
         raise ValueError(f"config.json: model_type {mt!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
     bad = []
     if cfg.get("hidden_act", "silu") != "silu":
         bad.append(f"hidden_act {cfg['hidden_act']!r} (only silu, i.e. SwiGLU)")
-    if cfg.get("attention_bias"):   # llama, mistral, qwen3_moe, deepseek_v3: o_proj's bias too
+    if cfg.get("attention_bias") and mt != "glm4_moe":   # llama, mistral, qwen3(_moe), deepseek_v3: o_proj's too
         bad.append("attention_bias true (an o_proj bias; q/k/v biases alone are qwen2's)")
     if cfg.get("mlp_bias"):
         bad.append("mlp_bias true (MLP biases)")
@@ -170,9 +198,9 @@ def check_hf(cfg: dict) -> None:
         method = cfg["quantization_config"].get("quant_method", "?")
         bad.append(f"quantization_config ({method} weights; dequantize the checkpoint to bf16 first)")
     bad += _window_refusals(cfg)
-    if mt in DEEPSEEK:
+    if mt in DEEPSEEK_ROUTED:
         bad += _deepseek_refusals(cfg)
-    elif cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
+    if mt not in DEEPSEEK and cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
         bad.append("hidden_size not divisible by num_attention_heads without head_dim")
     bad += _rope_refusals(cfg)
     if mt in MOE_TYPES and moe_layers_of(cfg):
@@ -216,6 +244,8 @@ def _deepseek_refusals(cfg: dict) -> list[str]:
 def _rope_flags(cfg: dict) -> list:
     rope = rope_parameters(cfg)
     flags = ["--rotary-base", rope["rope_theta"], "--rope-type", "yarn" if rope["rope_type"] == "yarn" else "rope"]
+    if _partial_rotary(cfg) != 1.0:   # glm4_moe: rotate the first factor * head_dim dims of each head
+        flags += ["--rotary-percent", _partial_rotary(cfg)]
     if rope["rope_type"] == "llama3":
         flags += ["--use-rope-scaling", "--rope-scaling-factor", rope["factor"]]
     if rope["rope_type"] == "yarn":
@@ -243,11 +273,14 @@ def _attention_flags(cfg: dict) -> list:
     flags, groups = [], cfg.get("num_key_value_heads") or heads
     if groups != heads:
         flags += ["--group-query-attention", "--num-query-groups", groups]
-    if cfg.get("head_dim") and (hidden % heads or cfg["head_dim"] != hidden // heads):
-        flags += ["--kv-channels", cfg["head_dim"]]
+    head_dim = cfg.get("head_dim")
+    if head_dim and (hidden % heads or head_dim != hidden // heads):
+        flags += ["--kv-channels", head_dim]
     if mt == "qwen2" or (mt == "qwen2_moe" and cfg.get("qkv_bias", True)):
         flags.append("--add-qkv-bias")
-    if mt == "qwen3_moe":
+    if mt == "glm4_moe" and cfg.get("attention_bias"):   # GLM's o_proj has no bias
+        flags.append("--add-qkv-bias")
+    if mt in ("qwen3", "qwen3_moe") or (mt == "glm4_moe" and cfg.get("use_qk_norm")):
         flags.append("--qk-layernorm")
     return flags
 
@@ -262,9 +295,9 @@ def _moe_flags(cfg: dict) -> list:
              cfg.get("moe_intermediate_size") or cfg["intermediate_size"], "--moe-router-topk", k]
     if mt == "mixtral" and cfg.get("router_jitter_noise"):
         flags += ["--moe-input-jitter-eps", cfg["router_jitter_noise"]]
-    if mt in DEEPSEEK:
+    if mt in DEEPSEEK_ROUTED:
         flags += ["--moe-shared-expert-intermediate-size", cfg["n_shared_experts"] * cfg["moe_intermediate_size"]]
-        if mt == "deepseek_v3":
+        if mt != "deepseek_v2":
             flags += ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias"]
         elif k > 1:   # the softmax over all experts, never renormalised
             flags.append("--moe-router-pre-softmax")
@@ -286,6 +319,7 @@ def flags_from_hf(cfg: dict, vocab_divisible_by: int = 128, tokenizer_dir: str |
     `tokenizer_dir` (a directory holding tokenizer.json) the tokenizer is HuggingFaceTokenizer there;
     else NullTokenizer with exactly the model's vocabulary."""
     check_hf(cfg)
+    cfg = with_defaults(cfg)
     positions = cfg.get("max_position_embeddings", 2048)
     flags = ["--num-layers", cfg["num_hidden_layers"], "--hidden-size", cfg["hidden_size"], "--num-attention-heads",
              cfg["num_attention_heads"], "--ffn-hidden-size", cfg["intermediate_size"],

@@ -1,9 +1,10 @@
 """Our checkpoint's model (its saved ModelConfig) -> the Hugging Face architecture and config.json of an export.
 
 `architecture_for(model)` names the model_type that expresses the model (checking `--architecture`
-when one is asked for): multi-latent attention is deepseek_v3 (sigmoid router) or deepseek_v2 (softmax); an MoE with gated shared experts
-qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
-a dense model with q/k/v biases qwen2, else llama (or mistral; only mistral with sliding-window
+when one is asked for): multi-latent attention is deepseek_v3 (sigmoid router) or deepseek_v2 (softmax); without
+it, DeepSeek-V3's MoE block (sigmoid router, expert bias, ungated shared experts) is glm4_moe, the one
+architecture here with partial rotary (--rotary-percent); an MoE with gated shared experts qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
+a dense model with qk-norm qwen3, with q/k/v biases qwen2, else llama (or mistral; only mistral with sliding-window
 attention, whose windowed layers the architecture must be able to say). A feature none of them has is a
 ValueError naming its flag. `hf_config_json` writes the config.json that transformers reads back as the
 same model (interop/hf_config.py is the reverse, and the tests check both against transformers).
@@ -29,22 +30,21 @@ def _refusal(model: ModelConfig) -> str | None:
         (gpt.normalization != "RMSNorm", f"--normalization {gpt.normalization}"),
         (not gpt.swiglu, "GeLU MLPs (no --swiglu)"),
         (gpt.add_bias_linear, "linear biases (no --disable-bias-linear)"),
-        (gpt.rope.percent != 1.0, f"--rotary-percent {gpt.rope.percent} (partial rotary)"),
         (moe is not None and moe.mlp_type != "standard", f"--mlp-type {moe and moe.mlp_type} (Residual MoE)"),
         (len(set(counts)) > 1, f"--num-experts {counts} (per-layer expert counts)"),
         (router is not None and router.router_type != "topk", f"--moe-router-type {router and router.router_type}"),
     ]
-    if gpt.mla is None and router is not None:   # DeepSeek-V3's router features: only with its attention
-        checks += [
-            (router.score_function != "softmax",
-             f"--moe-router-score-function {router.score_function} without multi-latent attention"),
-            (router.enable_expert_bias, "--moe-router-enable-expert-bias without multi-latent attention"),
-            (router.num_groups, "--moe-router-num-groups without multi-latent attention"),
-            (router.topk_scaling_factor, "--moe-router-topk-scaling-factor without multi-latent attention"),
-            (moe.shared_expert_size and not moe.shared_expert_gate,
-             "shared experts without --moe-shared-expert-gate (ungated ones need multi-latent attention: deepseek_v3)"),
-        ]
     return next((what for bad, what in checks if bad), None)
+
+
+def _deepseek_moe(model: ModelConfig) -> bool:
+    """DeepSeek-V3's MoE block features without multi-latent attention: glm4_moe's (or none's)."""
+    moe = model.moe
+    if model.gpt.mla is not None or moe is None:
+        return False
+    r = moe.router
+    return bool(r.score_function != "softmax" or r.enable_expert_bias or r.num_groups or r.topk_scaling_factor
+                or (moe.shared_expert_size and not moe.shared_expert_gate))
 
 
 def _deepseek_arch(model: ModelConfig) -> str:
@@ -52,21 +52,25 @@ def _deepseek_arch(model: ModelConfig) -> str:
     return "deepseek_v2" if model.moe is not None and model.moe.router.score_function == "softmax" else "deepseek_v3"
 
 
-def _deepseek_refusal(model: ModelConfig) -> str | None:
+def _deepseek_refusal(model: ModelConfig, arch: str) -> str | None:
     n, layers, moe = model.gpt.num_layers, list(model.gpt.moe_layers), model.moe
     if moe is None or not layers:
         return "multi-latent attention without MoE layers"
-    router, shared, ffn = moe.router, moe.shared_expert_size, moe.ffn_hidden_size
-    k, groups, arch = router.topk, router.num_groups, _deepseek_arch(model)
+    router, shared, ffn = moe.router, moe.shared_expert_size, moe.ffn_hidden_size or model.gpt.ffn_hidden_size
+    k, groups, v3 = router.topk, router.num_groups, arch != "deepseek_v2"
+    with_mla = "multi-latent attention" if arch != "glm4_moe" else "grouped-query attention (glm4_moe)"
     per_group = 1 if arch == "deepseek_v2" else 2   # the experts whose scores sum to a group's score
     checks = [
         (layers != list(range(n - len(layers), n)), f"MoE layers {layers} ({arch}'s are all after the first "
                                                     f"first_k_dense_replace dense ones)"),
+        (arch == "glm4_moe" and router.score_function != "sigmoid",
+         f"--moe-router-score-function {router.score_function} with ungated shared experts, an expert bias, router "
+         f"groups or a top-k scaling factor without multi-latent attention (glm4_moe's router is sigmoid)"),
         (arch == "deepseek_v2" and k > 1 and not router.pre_softmax,
          "a softmax router renormalised over the top k with multi-latent attention (deepseek_v2 keeps the "
          "softmax over all experts: --moe-router-pre-softmax; deepseek_v3's is sigmoid)"),
-        (arch == "deepseek_v3" and not router.enable_expert_bias,
-         "a sigmoid router without --moe-router-enable-expert-bias (deepseek_v3 has e_score_correction_bias)"),
+        (v3 and not router.enable_expert_bias,
+         f"a sigmoid router without --moe-router-enable-expert-bias ({arch} has e_score_correction_bias)"),
         (arch == "deepseek_v2" and router.enable_expert_bias,
          "--moe-router-enable-expert-bias with a softmax router (deepseek_v2 has no e_score_correction_bias)"),
         (groups and k // router.group_topk != per_group,
@@ -74,7 +78,7 @@ def _deepseek_refusal(model: ModelConfig) -> str | None:
          f"scores a group by its top {per_group} expert(s))"),
         (not shared or shared % ffn, f"--moe-shared-expert-intermediate-size {shared} ({arch} needs a multiple "
                                      f"of --moe-ffn-hidden-size {ffn})"),
-        (moe.shared_expert_gate, "--moe-shared-expert-gate with multi-latent attention"),
+        (moe.shared_expert_gate, f"--moe-shared-expert-gate with {with_mla}"),
     ]
     return next((what for bad, what in checks if bad), None)
 
@@ -82,11 +86,12 @@ def _deepseek_refusal(model: ModelConfig) -> str | None:
 def _candidates(model: ModelConfig) -> list[str]:
     gpt, moe = model.gpt, model.moe
     qk_norm, qkv_bias = gpt.attention.qk_layernorm, gpt.attention.add_qkv_bias
-    if gpt.mla is not None:
-        what = _deepseek_refusal(model)
+    if gpt.mla is not None or _deepseek_moe(model):
+        arch = _deepseek_arch(model) if gpt.mla is not None else "glm4_moe"
+        what = _deepseek_refusal(model, arch)
         if what:
             raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
-        return [_deepseek_arch(model)]
+        return [arch]
     if moe is not None and moe.shared_expert_size:
         if qk_norm:
             raise ValueError("export-hf: no Hugging Face architecture here expresses shared experts with "
@@ -107,7 +112,10 @@ def _candidates(model: ModelConfig) -> list[str]:
                          f"--add-qkv-bias (this one has {freq}, {k}, {bool(pre)}, "
                          f"{bool(qkv_bias)})")
     if qk_norm:
-        raise ValueError("export-hf: no Hugging Face architecture here expresses a dense model with --qk-layernorm")
+        if qkv_bias:
+            raise ValueError("export-hf: no Hugging Face architecture here expresses a dense model with "
+                             "--qk-layernorm and --add-qkv-bias (qwen3's attention_bias adds an o_proj bias too)")
+        return ["qwen3"]
     if qkv_bias:
         return ["qwen2"]
     return ["mistral"] if _windowed(model) else ["llama", "mistral"]   # llama has no sliding window
@@ -123,10 +131,13 @@ def _window_refusal(model: ModelConfig, arch: str) -> str | None:
     layers, n = _windowed(model), model.gpt.num_layers
     if not layers or arch == "qwen2_moe":   # qwen2_moe: layer_types says it layer by layer
         return None
+    if arch not in WINDOW_TYPES:
+        return f"--window-size ({arch} has no sliding window)"
     if arch in WINDOWED_ALL and len(layers) < n:
         return f"--window-attn-skip-freq (full-attention layers; {arch} windows every layer)"
-    if arch == "qwen2" and layers != list(range(layers[0], n)):
-        return f"--window-attn-skip-freq with windowed layers {layers} (qwen2 windows the layers from max_window_layers on)"
+    if arch in ("qwen2", "qwen3") and layers != list(range(layers[0], n)):
+        return (f"--window-attn-skip-freq with windowed layers {layers} ({arch} windows the layers from "
+                f"max_window_layers on)")
     return None
 
 
@@ -136,6 +147,9 @@ def architecture_for(model: ModelConfig, requested: str | None = None) -> str:
     if what is not None:
         raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
     can = _candidates(model)
+    if model.gpt.rope.percent != 1.0 and can != ["glm4_moe"]:
+        raise ValueError(f"export-hf: no Hugging Face architecture here expresses --rotary-percent "
+                         f"{model.gpt.rope.percent} (partial rotary) in {' or '.join(can)} (only glm4_moe has it)")
     if requested is not None and requested not in can:
         raise ValueError(f"--architecture {requested}: this checkpoint's model exports as {' or '.join(can)}")
     arch = requested or can[0]
@@ -179,10 +193,10 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
     window = gpt.attention.window_size[0] + 1 if windowed else None   # HF counts the query itself
     if arch in WINDOW_TYPES:
         cfg.update(sliding_window=window)
-    if arch in ("qwen2", "qwen2_moe", "qwen3_moe"):
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         cfg.update(use_sliding_window=bool(windowed),
-                   max_window_layers=windowed[0] if windowed and arch == "qwen2" else n)
-    if arch in ("qwen2", "qwen2_moe"):
+                   max_window_layers=windowed[0] if windowed and arch in ("qwen2", "qwen3") else n)
+    if arch in ("qwen2", "qwen3", "qwen2_moe"):
         cfg.update(layer_types=["sliding_attention" if i in windowed else "full_attention" for i in range(n)])
     if moe is None:
         return cfg
@@ -200,6 +214,15 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
     if arch == "qwen2_moe":
         cfg.update(shared_expert_intermediate_size=moe.shared_expert_size,
                    qkv_bias=bool(gpt.attention.add_qkv_bias))
+    if arch == "glm4_moe":   # attention_bias: q/k/v only (GLM's o_proj has none)
+        ffn = moe.ffn_hidden_size or gpt.ffn_hidden_size
+        cfg.update(attention_bias=bool(gpt.attention.add_qkv_bias), use_qk_norm=bool(gpt.attention.qk_layernorm),
+                   partial_rotary_factor=gpt.rope.percent, n_routed_experts=experts, num_experts_per_tok=k,
+                   moe_intermediate_size=ffn, first_k_dense_replace=n - len(layers),
+                   n_shared_experts=moe.shared_expert_size // ffn,
+                   routed_scaling_factor=router.topk_scaling_factor or 1.0, n_group=router.num_groups or 1,
+                   topk_group=router.group_topk or 1, norm_topk_prob=k > 1, num_nextn_predict_layers=0)
+        rope["partial_rotary_factor"] = gpt.rope.percent
     if arch in ("deepseek_v2", "deepseek_v3"):
         v3 = arch == "deepseek_v3"
         del cfg["head_dim"]   # transformers derives it (the rope head dim)

@@ -159,9 +159,14 @@ ARCHITECTURES = {
         shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_expert.")
         + (Rule("layers.{i}.mlp.shared_experts.gate_weight", (L + "mlp.shared_expert_gate.weight",),
                 when=("shared_gate",)),)),
+    "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", LLAMA_LAYER, LLAMA_MLP),
     "qwen3_moe": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", LLAMA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS),
     "deepseek_v3": Architecture(
         "deepseek_v3", "DeepseekV3ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
+        shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),
+    # GLM-4.5's MoE block is DeepSeek-V3's tensor for tensor, its attention llama's (q/k/v biases, qk-norm)
+    "glm4_moe": Architecture(
+        "glm4_moe", "Glm4MoeForCausalLM", LLAMA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
         shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),
     # DeepSeek-V2's tensors are V3's (no e_score_correction_bias: its router is a softmax)
     "deepseek_v2": Architecture(
