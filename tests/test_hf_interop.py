@@ -644,3 +644,16 @@ def test_real_config_json_imports_with_hugging_face_logits_or_is_refused_by_name
     hf_io.import_hf(str(hf_dir), str(tmp_path / "ours"))
     with torch.no_grad():
         assert _rel(expected, load_model(str(tmp_path / "ours"), dtype=torch.float64)(IDS)) < 1e-6
+
+
+@pytest.mark.parametrize("config_class", ["MixtralConfig", "Glm4MoeConfig", "LlamaConfig", "Qwen3Config"])
+def test_an_omitted_rms_norm_eps_takes_transformers_default(config_class):
+    """config.json may leave rms_norm_eps out; transformers then uses its config class's default
+    (1e-5 for Mixtral and GLM-4.5, 1e-6 for Llama and Qwen3), and so must the import."""
+    from megatron_ted.interop.hf_config import flags_from_hf
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=128)
+    default = getattr(transformers, config_class)(**small)
+    cfg = {k: v for k, v in default.to_dict().items() if k != "rms_norm_eps"}
+    flags = flags_from_hf(cfg)
+    assert float(flags[flags.index("--layernorm-epsilon") + 1]) == default.rms_norm_eps

@@ -77,7 +77,7 @@ def moe_layers_of(cfg: dict) -> list[int]:
 WINDOWED_ALL = ("mistral", "mixtral", "qwen3_moe")   # transformers windows every layer
 WINDOW_TYPES = WINDOWED_ALL + ("qwen2", "qwen3", "qwen2_moe")
 # transformers' config class defaults of fields that change the logits, where config.json may omit them
-DEFAULTS = {"qwen3": {"head_dim": 128},
+DEFAULTS = {"qwen3": {"head_dim": 128}, "mixtral": {"rms_norm_eps": 1e-5},
             "glm4_moe": {"partial_rotary_factor": 0.5, "first_k_dense_replace": 1, "n_shared_experts": 1,
                          "n_routed_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1408,
                          "norm_topk_prob": True, "rms_norm_eps": 1e-5}}
