@@ -126,6 +126,7 @@ CLI_EDGE = {
     "megatron_ted.training.upcycle_flags": "the checks of the upcycling flags, run by the parser",
     "megatron_ted.pipeline.flags": "the pipeline flags, resolved into a split",
     "megatron_ted.data.preprocess": "tools/preprocess_data.py's parser and its run",
+    "megatron_ted.inference.launch_flags": "a Megatron-LM serving script's pretraining flags, checked and sorted",
 }
 
 

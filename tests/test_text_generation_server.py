@@ -224,3 +224,53 @@ def test_bad_flags_are_one_line(checkpoint):
             lines = r.stderr.strip().splitlines()
             assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
                 r.stderr[-2000:]
+
+
+# Megatron-LM's examples/inference/run_text_generation_server_345M.sh, its shape scaled to the test checkpoint
+# (its tokenizer: NullTokenizer, as GPT-2's 50257 ids exceed the tiny vocabulary)
+MEGATRON_SCRIPT = ["--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1", "--num-layers", "2",
+                   "--hidden-size", "32", "--num-attention-heads", "4", "--max-position-embeddings", "32",
+                   "--tokenizer-type", "NullTokenizer", "--vocab-size", str(V), "--micro-batch-size", "1",
+                   "--seq-length", "32", "--seed", "42", "--num-experts", "4", "--swiglu", "--use-checkpoint-args",
+                   "--normalization", "layernorm", "--position-embedding-type", "learned_absolute", "--top_k", "1"]
+
+
+def test_a_megatron_launch_script_serves_as_written(checkpoint, tmp_path):
+    """Its pretraining flags are accepted (the unused ones named once) and the greedy answer is
+    generate_batch's in one process."""
+    server = _start([sys.executable], checkpoint, tmp_path / "m.log", *MEGATRON_SCRIPT, "--max-requests", "1")
+    try:
+        startup = server.stdout.readline()
+        assert startup.startswith("accepted, no effect on serving:") and "--micro-batch-size 1" in startup \
+            and "--top_k (the request's field decides)" in startup and "--num-layers" not in startup, startup
+        code, got = _put(_url(server, tmp_path / "m.log"), {"prompts": PROMPTS, "tokens_to_generate": 6, "top_k": 1})
+        assert code == 200 and server.wait(timeout=60) == 0, got
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    model, _ = load_parallel(checkpoint, dtype=torch.float64)
+    prompt_ids = [[int(t) for t in p.split()] for p in PROMPTS]
+    ref = generate_batch(model, prompt_ids, SamplingConfig(vocab_size=V + 1, max_new_tokens=6, temperature=0,
+                                                           eod=V)).ids
+    assert got["tokens"] == [p + r for p, r in zip(prompt_ids, ref)]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--hidden-size", "64"], "--hidden-size 64 disagrees with checkpoint"),
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size 2: generation is not pipelined"),
+    (["--fp16", "--dtype", "fp64"], "--dtype fp64 and --fp16 disagree"),
+    (["--max-request", "1"], "unrecognized argument --max-request (did you mean --max-requests?)"),
+])
+def test_megatron_flags_that_do_not_fit_are_one_line(checkpoint, capsys, flags, needle):
+    """In-process main(): one `error:` line naming the flag, exit 2, before any port is taken."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("serve_tool", os.path.join(ROOT, "tools",
+                                                                             "run_text_generation_server.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--load", checkpoint, "--port", "0", *MEGATRON_SCRIPT, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    if "--hidden-size" in needle:   # the checkpoint's value, as saved
+        assert err[0].endswith("'s 32; drop the flag or give the checkpoint's value (the checkpoint is the model)")

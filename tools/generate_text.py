@@ -13,7 +13,9 @@ end-of-document). Prompts run --batch-size at a time, left-padded, with a KV cac
 (megatron_ted/inference/engine.py); --cuda-graph-decode captures each decode step in a CUDA graph on a
 static cache (refused on CPU, and for MoE routers that draw random numbers). Under torchrun the model is built at TP x EP (one process per
 GPU, gloo on CPU) from the checkpoint, whatever layout wrote it; rank 0 prints and writes. The
-tokenizer is the copy saved with the checkpoint (or --tokenizer-model). Bad input (no checkpoint, a
+tokenizer is the copy saved with the checkpoint (or --tokenizer-model). A Megatron-LM script's
+pretraining flags (--num-layers, --fp16, --tokenizer-type, --vocab-file, --micro-batch-size, ...) are
+accepted as the server takes them (megatron_ted/inference/launch_flags.py). Bad input (no checkpoint, a
 bad prompts line, an existing --output-file without --overwrite) prints one `error:` line and
 exits with 2.
 """
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None, help="override the tokenizer saved with the checkpoint")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default fp32, or what --fp16 / --bf16 say")
     p.add_argument("--cuda-graph-decode", action="store_true",
                    help="decode on a static KV cache, each step replayed from a CUDA graph (GPU only)")
     return p
@@ -110,18 +112,24 @@ def check_flags(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        return run(args, rank)
+        return run(args, rank, rest)
     except ValueError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(args, rank: int) -> int:
+def run(args, rank: int, rest: list[str] = ()) -> int:
+    from megatron_ted.inference.launch_flags import read_launch_flags, resolve_dtype
+
     check_flags(args)
+    launch = read_launch_flags(list(rest), args.load, build_parser())
+    args.dtype = resolve_dtype(args.dtype, launch.dtype)
+    if launch.unused and rank == 0:   # stderr: stdout is the text
+        print(f"accepted, no effect on generation: {', '.join(launch.unused)}", file=sys.stderr, flush=True)
     import torch
     import torch.distributed as dist
 
@@ -133,7 +141,7 @@ def run(args, rank: int) -> int:
     from megatron_ted.parallel.groups import init_process_group
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    tokenizer = load_tokenizer(args.load, args.tokenizer_model)
+    tokenizer = load_tokenizer(args.load, args.tokenizer_model, launch.tokenizer_flags)
     directory, _ = checkpoint_args(args.load)
     model_config = checkpoint_model_config(directory)   # the model's shape: its saved ModelConfig
     if args.prompts_file:

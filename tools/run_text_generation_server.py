@@ -13,6 +13,11 @@ The fields and the answer are Megatron's (megatron_ted/inference/server.py; docs
 a bad request is answered 400 with one line naming the field and the server keeps serving.
 SIGINT or SIGTERM (Ctrl-C; torchrun forwards them) stops it after the request in flight;
 --max-requests N stops it after N answers. Bad flags print one `error:` line and exit with 2.
+
+A Megatron-LM launch script runs as written: its pretraining flags (--num-layers, --fp16,
+--tokenizer-type, --vocab-file, --micro-batch-size, ...) are read by megatron_ted/inference/launch_flags.py
+(the model's must match the checkpoint) and its server's sampling defaults are accepted; what changes
+nothing is named once at start-up.
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ted.cli import OneLineErrorParser  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
+# flags of Megatron-LM's text generation server (and its older versions) that only set defaults
+MEGATRON_SERVING_FLAGS = {"--temperature": float, "--top_k": int, "--top_p": float, "--return-log-probs": bool,
+                          "--num-tokens-to-generate": int, "--out-seq-length": int, "--prompts": str,
+                          "--max-batch-size": int, "--inference-max-requests": int,
+                          "--inference-max-batch-size": int, "--inference-max-seq-length": int}
 KEEPALIVE_S = 60     # an idle rank 0 pings the others well within the process group's timeout
 
 
@@ -38,24 +48,38 @@ def build_parser():
     p.add_argument("--tokenizer-model", default=None, help="override the tokenizer saved with the checkpoint")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default fp32, or what --fp16 / --bf16 say")
     p.add_argument("--seed", type=int, default=1234, help="draws the seed of requests without random_seed")
     p.add_argument("--max-requests", type=int, default=0, help="stop after answering this many requests (0: never)")
+    g = p.add_argument_group("Megatron-LM's server defaults: accepted, named at start-up; each request's fields decide")
+    for flag, kind in MEGATRON_SERVING_FLAGS.items():
+        g.add_argument(flag, **({"action": "store_true"} if kind is bool else {"type": kind, "nargs": "+"}
+                               if flag == "--prompts" else {"type": kind}))
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        return run(args, rank)
+        return run(args, rank, rest)
     except ValueError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(args, rank: int) -> int:
+def megatron_serving_flags(args) -> list[str]:
+    """The Megatron-LM server flags given (they set defaults that each request's fields override here)."""
+    return [flag for flag in MEGATRON_SERVING_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) not in
+            (None, False)]
+
+
+def run(args, rank: int, rest: list[str] = ()) -> int:
+    from megatron_ted.inference.launch_flags import read_launch_flags, resolve_dtype
+
+    launch = read_launch_flags(list(rest), args.load, build_parser())   # before the port and the heavy work
+    args.dtype = resolve_dtype(args.dtype, launch.dtype)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} must be in [0, 65535]")
     if args.max_requests < 0:
@@ -70,7 +94,10 @@ def run(args, rank: int) -> int:
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))   # load_parallel refuses one TP x EP does not divide
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    tokenizer = load_tokenizer(args.load, args.tokenizer_model)   # also: no checkpoint there
+    tokenizer = load_tokenizer(args.load, args.tokenizer_model, launch.tokenizer_flags)
+    unused = launch.unused + [f"{f} (the request's field decides)" for f in megatron_serving_flags(args)]
+    if unused and rank == 0:
+        print(f"accepted, no effect on serving: {', '.join(unused)}", flush=True)
     httpd = _bind(args.host, args.port) if rank == 0 else None   # a taken port fails before the heavy work
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from megatron_ted.data.tokenizer import build_tokenizer
+from megatron_ted.data.tokenizer import build_tokenizer, resolve_tokenizer_type
 from megatron_ted.inference.model import CausalLM, build_from_checkpoint, checkpoint_args
 from megatron_ted.training.saved_model import checkpoint_model_config
 
@@ -52,9 +52,16 @@ def load_for_inference(load: str, tokenizer_model: str | None = None, device: st
     return build_from_checkpoint(directory, device, dtype), tokenizer, saved_flags
 
 
-def load_tokenizer(load: str, tokenizer_model: str | None = None):
-    """The tokenizer of checkpoint `load`: the copy saved with it, or `tokenizer_model`."""
+def load_tokenizer(load: str, tokenizer_model: str | None = None, tokenizer_flags: dict | None = None):
+    """The tokenizer of checkpoint `load`: the copy saved with it, or `tokenizer_model`; tokenizer_flags
+    (a launch script's --tokenizer-type, --vocab-file, --merge-file, --vocab-size) replace the saved ones."""
     directory, saved_flags = checkpoint_args(load)
+    if tokenizer_flags:
+        flags = {**saved_flags, **tokenizer_flags}
+        if "tokenizer_type" in tokenizer_flags or "vocab_file" in tokenizer_flags:   # as training reads them
+            flags["tokenizer_type"] = resolve_tokenizer_type(tokenizer_flags.get("tokenizer_type"),
+                                                             tokenizer_flags.get("vocab_file"))
+        saved_flags = flags
     tokenizer = _tokenizer_for(saved_flags, directory, tokenizer_model)
     padded = checkpoint_model_config(directory).gpt.vocab_size
     if tokenizer.vocab_size > padded:
