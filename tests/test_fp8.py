@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from multiproc import run_distributed
-from parity import SEQ, global_batches, tiny_config, tiny_moe
+from parity import global_batches, tiny_config, tiny_moe
 
 from megatron_ted.model.builder import build_gpt
 from megatron_ted.parallelize.fp8 import apply_fp8

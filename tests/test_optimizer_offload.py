@@ -18,7 +18,6 @@ from megatron_ted.model.builder import build_gpt
 from megatron_ted.planning.param_count import count_parameters
 from megatron_ted.parallel.groups import ParallelGroups
 from megatron_ted.parallel.layout import ParallelLayout
-from megatron_ted.parallel.sharding import spec_of
 from megatron_ted.planning.memory import Workload, peak_memory
 from megatron_ted.training.checkpoint import load_checkpoint, save_checkpoint
 from megatron_ted.training.loss_scaler import DynamicLossScaler

@@ -82,7 +82,7 @@ def grouped_wgrad(a, b, splits: list[int], out_dtype: torch.dtype) -> torch.Tens
     """[E, K, M]: x_e^T dy_e from a = (x^T quantised [K, N], s [E, K]) and b = (dy^T quantised
     [M, N], s [E, M]), the scales per group and column."""
     (qa, sa), (qb, sb) = a, b
-    (k, n), m, e = qa.shape, qb.shape[0], len(splits)
+    k, m = qa.shape[0], qb.shape[0]
     if _grouped_kernel(qa, k, m):
         y = torch._scaled_grouped_mm(qa, qb.t(), sa.reshape(-1).contiguous(), sb.reshape(-1).contiguous(),
                                      offs=group_offsets(splits, qa.device), out_dtype=torch.bfloat16)

@@ -78,7 +78,7 @@ class _Tally:
 
 def micro_batch_comm(wl: Workload, layout: ParallelLayout) -> list[Volume]:
     """Collectives of one micro-batch's forward + backward (with its recompute) on one rank."""
-    c, T, w, h, t = wl.config, wl.tokens, wl.w, wl.config.hidden_size, layout.tensor_parallel
+    T, w, h, t = wl.tokens, wl.w, wl.config.hidden_size, layout.tensor_parallel
     tally = _Tally(layout)
     full = wl.recompute == "full"
     keep_a2a = full and wl.cac
