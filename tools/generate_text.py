@@ -112,7 +112,8 @@ def check_flags(args) -> None:
 
 
 def main(argv=None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    from megatron_ted.inference.launch_flags import parse_tool_args
+    args, rest = parse_tool_args(build_parser(), argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
         return run(args, rank, rest)

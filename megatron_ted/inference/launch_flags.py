@@ -44,6 +44,25 @@ class _Reads(dict):
         return super().get(key, default)
 
 
+def parse_tool_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """(the tool's flags, the rest: a Megatron script's pretraining flags). A flag neither the tool
+    nor training knows is the tool parser's one-line error (with the closest flag), found before a
+    missing required flag, as a plain parse_args would."""
+    required = [a for a in parser._actions if a.required]
+    for action in required:
+        action.required = False
+    try:
+        _, rest = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    try:
+        given_flags(rest, parser)
+    except ValueError as e:
+        parser.error(str(e))
+    return parser.parse_known_args(argv)
+
+
 def given_flags(argv: list[str], tool_parser: argparse.ArgumentParser | None = None) -> dict:
     """The training parser's flags written in argv (dest -> value), without the defaults; an unknown
     flag is a ValueError naming the closest flag of the tool (tool_parser) or of training."""
