@@ -51,6 +51,7 @@ def attention_config(args) -> AttentionConfig:
     return AttentionConfig(num_query_groups=f["num_query_groups"] if gqa else None,
                            kv_channels=f.get("kv_channels"), add_qkv_bias=f.get("add_qkv_bias", False),
                            qk_layernorm=f.get("qk_layernorm", False),
+                           qk_layernorm_hidden_dim=f.get("qk_layernorm_hidden_dim", False),
                            window_size=tuple(window) if window is not None else None,
                            window_attn_skip_freq=tuple(skip) if isinstance(skip, list) else skip)
 

@@ -21,6 +21,9 @@ Per model_type (transformers' modeling code is the reference for what each field
                               experts with grouped-query attention: attention_bias is q/k/v biases only
                               (--add-qkv-bias), use_qk_norm per head (--qk-layernorm), partial_rotary_factor
                               (--rotary-percent; 0.5 when config.json omits it, as transformers)
+    olmoe                     softmax top-k router (norm_topk_prob false: --moe-router-pre-softmax), no
+                              shared experts; q_norm / k_norm over the whole q / k projection
+                              (--qk-layernorm --qk-layernorm-hidden-dim); clip_qkv refused
     deepseek_v2               as deepseek_v3 but transformers' softmax router: top-k of the softmax over all
                               experts, never renormalised (--moe-router-pre-softmax), group_limited_greedy
                               scoring a group by its best expert; no expert bias
@@ -44,7 +47,7 @@ import math
 
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")            # multi-latent attention
 DEEPSEEK_ROUTED = DEEPSEEK + ("glm4_moe",)           # DeepSeek's MoE block: routed + shared experts, dense first layers
 ROPE_BASE = 10000.0
@@ -67,6 +70,8 @@ def moe_layers_of(cfg: dict) -> list[int]:
         return list(range(n))
     if mt in DEEPSEEK_ROUTED:
         return list(range(cfg.get("first_k_dense_replace", 0), n)) if cfg.get("n_routed_experts") else []
+    if mt == "olmoe":
+        return list(range(n))
     if mt in ("qwen2_moe", "qwen3_moe"):
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
         experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
@@ -84,8 +89,7 @@ DEFAULTS = {"qwen3": {"head_dim": 128}, "mixtral": {"rms_norm_eps": 1e-5},
 
 
 # model_types known and not computed here, with the reason (a named refusal, not "unsupported")
-REFUSED_TYPES = {"olmoe": "q_norm / k_norm over the whole q / k projection (ours normalises each head: "
-                          "--qk-layernorm); under TP it needs a sum of squares all-reduced over the ranks"}
+REFUSED_TYPES: dict[str, str] = {}
 
 
 def with_defaults(cfg: dict) -> dict:
@@ -198,6 +202,8 @@ def check_hf(cfg: dict) -> None:
         method = cfg["quantization_config"].get("quant_method", "?")
         bad.append(f"quantization_config ({method} weights; dequantize the checkpoint to bf16 first)")
     bad += _window_refusals(cfg)
+    if mt == "olmoe":
+        bad += _olmoe_refusals(cfg)
     if mt in DEEPSEEK_ROUTED:
         bad += _deepseek_refusals(cfg)
     if mt not in DEEPSEEK and cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
@@ -211,6 +217,16 @@ def check_hf(cfg: dict) -> None:
             bad.append("shared_expert_intermediate_size 0")
     if bad:
         raise ValueError(f"config.json ({mt}): unsupported {bad[0]}")
+
+
+def _olmoe_refusals(cfg: dict) -> list[str]:
+    bad, heads = [], cfg["num_attention_heads"]
+    if cfg.get("clip_qkv") is not None:
+        bad.append(f"clip_qkv {cfg['clip_qkv']} (q, k, v clamped after the projection)")
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads) or cfg["hidden_size"] % heads:
+        # transformers sizes q_norm by hidden_size and k_norm by hidden_size / heads per K/V head
+        bad.append(f"head_dim {cfg.get('head_dim')} != hidden_size / num_attention_heads (q_norm is hidden_size wide)")
+    return bad
 
 
 def _topk_method(cfg: dict) -> str:
@@ -282,6 +298,8 @@ def _attention_flags(cfg: dict) -> list:
         flags.append("--add-qkv-bias")
     if mt in ("qwen3", "qwen3_moe") or (mt == "glm4_moe" and cfg.get("use_qk_norm")):
         flags.append("--qk-layernorm")
+    if mt == "olmoe":   # q_norm / k_norm over the whole projection
+        flags += ["--qk-layernorm", "--qk-layernorm-hidden-dim"]
     return flags
 
 

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden / heads")
     g.add_argument("--add-qkv-bias", action="store_true", help="q, k, v biases even with --disable-bias-linear")
     g.add_argument("--qk-layernorm", action="store_true", help="--normalization over each head's q and k")
+    g.add_argument("--qk-layernorm-hidden-dim", action="store_true",
+                   help="with --qk-layernorm: RMSNorm over the whole q and k projections, all heads together (OLMoE)")
     g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
                    help="no learned absolute position embedding")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
@@ -502,6 +504,8 @@ def check_attention_flags(args, tp: int) -> None:
          "--window-attn-skip-freq needs --window-size; add it or drop --window-attn-skip-freq")
     need(args.window_size is None or not args.multi_latent_attention,
          "--window-size with --multi-latent-attention is not supported; drop one")
+    need(not args.qk_layernorm_hidden_dim or args.normalization == "RMSNorm",
+         f"--qk-layernorm-hidden-dim needs --normalization RMSNorm, got {args.normalization}")
     check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
 
 
