@@ -504,9 +504,9 @@ def check_attention_flags(args, tp: int) -> None:
          "--window-attn-skip-freq needs --window-size; add it or drop --window-attn-skip-freq")
     need(args.window_size is None or not args.multi_latent_attention,
          "--window-size with --multi-latent-attention is not supported; drop one")
+    check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
     need(not args.qk_layernorm_hidden_dim or args.normalization == "RMSNorm",
          f"--qk-layernorm-hidden-dim needs --normalization RMSNorm, got {args.normalization}")
-    check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
 
 
 def resolve_model_sizes(args, tp: int) -> None:
