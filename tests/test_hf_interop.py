@@ -62,9 +62,10 @@ ARCHS = {
                                   moe_intermediate_size=16, n_shared_experts=2, routed_scaling_factor=2.5,
                                   first_k_dense_replace=1, norm_topk_prob=True, head_dim=12, num_key_value_heads=2,
                                   attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5)),
-    "deepseek_v2": ("deepseek_v2", dict(DEEPSEEK, q_lora_rank=16, num_experts_per_tok=3, topk_group=2,
+    # softmax top-k; groups scored by their best expert, k // topk_group = 2 (not the sum of the top 2)
+    "deepseek_v2": ("deepseek_v2", dict(DEEPSEEK, q_lora_rank=16, num_experts_per_tok=4, topk_group=2,
                                         norm_topk_prob=False, topk_method="group_limited_greedy",
-                                        rope_parameters=YARN)),   # softmax top-k, a group's best expert
+                                        rope_parameters=YARN)),
 }
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
@@ -603,8 +604,8 @@ REAL = {
     "DeepSeek-V2-Lite": (DEEPSEEK_V2_LITE, None),
     "DeepSeek-V2, k // topk_group = 1": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2,
                                               topk_method="group_limited_greedy", routed_scaling_factor=16.0), None),
-    "DeepSeek-V2": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=2, num_experts_per_tok=4,
-                         topk_method="group_limited_greedy", routed_scaling_factor=16.0), "topk_group 2 != 1"),
+    "DeepSeek-V2": (dict(DEEPSEEK_V2_LITE, q_lora_rank=16, n_group=4, topk_group=3, num_experts_per_tok=6,
+                         topk_method="group_limited_greedy", routed_scaling_factor=16.0), None),   # k 6 of 3 groups
     "DeepSeek-V3": (DEEPSEEK_V3, None),
     "DeepSeek-V3 fp8": (dict(DEEPSEEK_V3, quantization_config=dict(activation_scheme="dynamic", fmt="e4m3",
                                                                    quant_method="fp8", weight_block_size=[128, 128])),

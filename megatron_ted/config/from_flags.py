@@ -72,7 +72,7 @@ def router_config(args, num_experts: int) -> RouterConfig:
         bias_update_rate=f["moe_router_bias_update_rate"], force_load_balancing=f["moe_router_force_load_balancing"],
         score_function=f["moe_router_score_function"], pre_softmax=f["moe_router_pre_softmax"],
         topk_scaling_factor=f["moe_router_topk_scaling_factor"], num_groups=f["moe_router_num_groups"],
-        group_topk=f["moe_router_group_topk"])
+        group_topk=f["moe_router_group_topk"], group_score=f.get("moe_router_group_score", "top_sum"))
 
 
 def rope_config(args) -> RopeConfig:

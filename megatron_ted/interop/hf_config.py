@@ -26,7 +26,7 @@ Per model_type (transformers' modeling code is the reference for what each field
                               (--qk-layernorm --qk-layernorm-hidden-dim); clip_qkv refused
     deepseek_v2               as deepseek_v3 but transformers' softmax router: top-k of the softmax over all
                               experts, never renormalised (--moe-router-pre-softmax), group_limited_greedy
-                              scoring a group by its best expert; no expert bias
+                              scoring a group by its best expert (--moe-router-group-score max); no expert bias
 Sliding-window attention (sliding_window W: a query sees W positions, itself included) is
 --window-size W-1,0 on the layers transformers windows: every layer for mistral, mixtral and
 qwen3_moe (qwen3_moe with use_sliding_window true); for qwen2 and qwen2_moe with use_sliding_window
@@ -248,10 +248,10 @@ def _deepseek_refusals(cfg: dict) -> list[str]:
     if not v2 and cfg.get("n_routed_experts") and k > 1 and not cfg.get("norm_topk_prob", True):
         bad.append("norm_topk_prob false with the sigmoid router (ours renormalises the top-k scores)")
     groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
-    per_group = 1 if v2 else 2   # HF scores a group by its top 1 (V2) / top 2 (V3), ours by its top k / topk_group
-    if groups > 1 and _topk_method(cfg) != "greedy" and k // group_topk != per_group:
-        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != {per_group} (a group's score is its "
-                   f"top {per_group} here only when k // topk_group = {per_group})")
+    # V3 scores a group by its top 2 experts, ours (top_sum) by its top k / topk_group; V2 by its best (max)
+    if not v2 and groups > 1 and k // group_topk != 2:
+        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != 2 (a group's score is its "
+                   f"top 2 here only when k // topk_group = 2)")
     if cfg.get("n_routed_experts") and not cfg.get("n_shared_experts"):
         bad.append("n_shared_experts 0")
     return bad
@@ -323,6 +323,8 @@ def _moe_flags(cfg: dict) -> list:
             flags += ["--moe-router-topk-scaling-factor", cfg["routed_scaling_factor"]]
         if (cfg.get("n_group") or 1) > 1 and _topk_method(cfg) != "greedy":   # greedy: transformers has no groups
             flags += ["--moe-router-num-groups", cfg["n_group"], "--moe-router-group-topk", cfg["topk_group"]]
+            if mt == "deepseek_v2":   # group_limited_greedy: a group's score is its best expert
+                flags += ["--moe-router-group-score", "max"]
         return flags
     if k > 1 and not _norm_topk(cfg):   # the softmax over all experts, not renormalised over the k
         flags.append("--moe-router-pre-softmax")

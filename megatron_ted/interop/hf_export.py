@@ -60,7 +60,8 @@ def _deepseek_refusal(model: ModelConfig, arch: str) -> str | None:
     router, shared, ffn = moe.router, moe.shared_expert_size, moe.ffn_hidden_size or model.gpt.ffn_hidden_size
     k, groups, v3 = router.topk, router.num_groups, arch != "deepseek_v2"
     with_mla = "multi-latent attention" if arch != "glm4_moe" else "grouped-query attention (glm4_moe)"
-    per_group = 1 if arch == "deepseek_v2" else 2   # the experts whose scores sum to a group's score
+    # the experts whose scores sum to a group's score: v2 its best one, v3 and glm4_moe their top 2
+    per_group = (1 if router.group_score == "max" else k // router.group_topk) if groups else None
     checks = [
         (layers != list(range(n - len(layers), n)), f"MoE layers {layers} ({arch}'s are all after the first "
                                                     f"first_k_dense_replace dense ones)"),
@@ -74,9 +75,10 @@ def _deepseek_refusal(model: ModelConfig, arch: str) -> str | None:
          f"a sigmoid router without --moe-router-enable-expert-bias ({arch} has e_score_correction_bias)"),
         (arch == "deepseek_v2" and router.enable_expert_bias,
          "--moe-router-enable-expert-bias with a softmax router (deepseek_v2 has no e_score_correction_bias)"),
-        (groups and k // router.group_topk != per_group,
-         f"--moe-router-topk {k} / --moe-router-group-topk {router.group_topk} != {per_group} ({arch} "
-         f"scores a group by its top {per_group} expert(s))"),
+        (groups and per_group != (2 if v3 else 1),
+         f"a group scored by its top {per_group} expert(s) (--moe-router-group-score {router.group_score}, "
+         f"--moe-router-topk {k}, --moe-router-group-topk {router.group_topk}); {arch} scores a group by its "
+         f"{'top 2 experts' if v3 else 'best expert'}"),
         (not shared or shared % ffn, f"--moe-shared-expert-intermediate-size {shared} ({arch} needs a multiple "
                                      f"of --moe-ffn-hidden-size {ffn})"),
         (moe.shared_expert_gate, f"--moe-shared-expert-gate with {with_mla}"),

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group-limited routing: the experts split into this many groups")
     g.add_argument("--moe-router-group-topk", type=int, default=None,
                    help="group-limited routing: the top-k is chosen among the experts of this many best groups")
+    g.add_argument("--moe-router-group-score", choices=["top_sum", "max"], default="top_sum",
+                   help="group-limited routing: a group's score, the sum of its top topk/group-topk experts "
+                        "(megatron-core) or its best expert (DeepSeek-V2)")
     g.add_argument("--moe-use-upcycling", action="store_true",
                    help="start this MoE from the dense checkpoint of --load: every expert a copy of the dense MLP, a "
                         "fresh router and optimizer; saved to --save as iteration 0 (training/upcycle.py)")
