@@ -5,8 +5,10 @@ and bad attention flags as one line.
 One gloo launch (world 8) trains the tiny MoE model (EP 2, top-2 dropless) with G in {1, 2, 4}
 K/V groups at TP 1, 2 and 4 (TP 4 > G 1, 2: each group held by 4 resp. 2 ranks, its gradient
 summed over them), plus Qwen-style attention (GQA + qkv bias + qk-layernorm + RoPE + RMSNorm,
-head dim 8 != hidden / heads) at TP 4 with and without --sequence-parallel, and a sliding window
-of 2 (every other layer, GQA) at TP 2. Every loss of the
+head dim 8 != hidden / heads) at TP 4 with and without --sequence-parallel, a sliding window
+of 2 (every other layer, GQA) at TP 2, and OLMoE's qk-norm over the whole q / k projection
+(--qk-layernorm-hidden-dim) at TP 4 with 2 K/V groups (q's sum of squares over 4 ranks, k's over 2
+groups each held twice). Every loss of the
 curve, every parameter's full gradient and the optimizer's gradient norm must match one process.
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ STEPS = 2
 MOE = dict(topk=2)
 QWEN = dict(position_embedding_type="rope", normalization="RMSNorm", add_bias_linear=False,
             attention=AttentionConfig(num_query_groups=2, kv_channels=8, add_qkv_bias=True, qk_layernorm=True))
+OLMOE = dict(position_embedding_type="rope", normalization="RMSNorm", add_bias_linear=False,
+             attention=AttentionConfig(num_query_groups=2, qk_layernorm=True, qk_layernorm_hidden_dim=True))
 # a window of 2 earlier positions, shorter than the parity runs' 8; layer 2 (1-based) keeps full attention
 SWA = dict(attention=AttentionConfig(num_query_groups=2, window_size=(2, 0), window_attn_skip_freq=2))
 
@@ -35,7 +39,8 @@ JOBS = ([job(tp, 2, config_kw=gqa(g), moe_kw=MOE, steps=STEPS, micro=2 if tp > 1
          for tp in (1, 2, 4) for g in (1, 2, 4)]
         + [job(4, 2, config_kw=QWEN, moe_kw=MOE, steps=STEPS),
            job(4, 2, config_kw=QWEN, moe_kw=MOE, steps=STEPS, sequence_parallel=True),
-           job(2, 2, config_kw=SWA, moe_kw=MOE, steps=STEPS)])
+           job(2, 2, config_kw=SWA, moe_kw=MOE, steps=STEPS),
+           job(4, 2, config_kw=OLMOE, moe_kw=MOE, steps=STEPS)])
 
 
 def _key(j):
@@ -228,6 +233,9 @@ def _parse(*argv, world=4):
     (["--num-attention-heads", "4", "--window-attn-skip-freq", "2"], "--window-attn-skip-freq needs --window-size"),
     (["--num-attention-heads", "4", "--window-size", "4,0", "--multi-latent-attention", "--kv-lora-rank", "8",
       "--position-embedding-type", "rope"], "--window-size with --multi-latent-attention"),
+    (["--num-attention-heads", "4", "--qk-layernorm-hidden-dim"], "--qk-layernorm-hidden-dim needs --qk-layernorm"),
+    (["--num-attention-heads", "4", "--qk-layernorm", "--qk-layernorm-hidden-dim"],
+     "--qk-layernorm-hidden-dim needs --normalization RMSNorm"),
 ])
 def test_bad_attention_flags_are_one_line(argv, flag):
     with pytest.raises(ValueError) as err:
@@ -244,6 +252,9 @@ def test_attention_flags_reach_the_model():
     assert config.attention == AttentionConfig(num_query_groups=2, kv_channels=16, add_qkv_bias=True,
                                                qk_layernorm=True)
     assert config.layernorm_epsilon == 1e-6 and not config.add_position_embedding
+    full = model_config_from_flags(_parse("--num-attention-heads", "4", "--qk-layernorm", "--qk-layernorm-hidden-dim",
+                                          "--normalization", "RMSNorm"), 128).gpt.attention
+    assert full.qk_layernorm and full.qk_layernorm_hidden_dim
     windowed = model_config_from_flags(_parse("--num-attention-heads", "4", "--window-size", "(7,0)",
                                               "--window-attn-skip-freq", "([1]*1+[0])"), 128).gpt.attention
     assert (windowed.window_size, windowed.window_attn_skip_freq) == ((7, 0), (1, 0))

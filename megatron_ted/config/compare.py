@@ -33,6 +33,7 @@ FLAGS = {
     "moe.router.score_function": "--moe-router-score-function", "moe.router.pre_softmax": "--moe-router-pre-softmax",
     "moe.router.topk_scaling_factor": "--moe-router-topk-scaling-factor",
     "moe.router.num_groups": "--moe-router-num-groups", "moe.router.group_topk": "--moe-router-group-topk",
+    "moe.router.group_score": "--moe-router-group-score",
 }
 
 

@@ -51,6 +51,7 @@ def attention_config(args) -> AttentionConfig:
     return AttentionConfig(num_query_groups=f["num_query_groups"] if gqa else None,
                            kv_channels=f.get("kv_channels"), add_qkv_bias=f.get("add_qkv_bias", False),
                            qk_layernorm=f.get("qk_layernorm", False),
+                           qk_layernorm_hidden_dim=f.get("qk_layernorm_hidden_dim", False),
                            window_size=tuple(window) if window is not None else None,
                            window_attn_skip_freq=tuple(skip) if isinstance(skip, list) else skip)
 
@@ -71,7 +72,7 @@ def router_config(args, num_experts: int) -> RouterConfig:
         bias_update_rate=f["moe_router_bias_update_rate"], force_load_balancing=f["moe_router_force_load_balancing"],
         score_function=f["moe_router_score_function"], pre_softmax=f["moe_router_pre_softmax"],
         topk_scaling_factor=f["moe_router_topk_scaling_factor"], num_groups=f["moe_router_num_groups"],
-        group_topk=f["moe_router_group_topk"])
+        group_topk=f["moe_router_group_topk"], group_score=f.get("moe_router_group_score", "top_sum"))
 
 
 def rope_config(args) -> RopeConfig:

@@ -21,9 +21,12 @@ Per model_type (transformers' modeling code is the reference for what each field
                               experts with grouped-query attention: attention_bias is q/k/v biases only
                               (--add-qkv-bias), use_qk_norm per head (--qk-layernorm), partial_rotary_factor
                               (--rotary-percent; 0.5 when config.json omits it, as transformers)
+    olmoe                     softmax top-k router (norm_topk_prob false: --moe-router-pre-softmax), no
+                              shared experts; q_norm / k_norm over the whole q / k projection
+                              (--qk-layernorm --qk-layernorm-hidden-dim); clip_qkv refused
     deepseek_v2               as deepseek_v3 but transformers' softmax router: top-k of the softmax over all
                               experts, never renormalised (--moe-router-pre-softmax), group_limited_greedy
-                              scoring a group by its best expert; no expert bias
+                              scoring a group by its best expert (--moe-router-group-score max); no expert bias
 Sliding-window attention (sliding_window W: a query sees W positions, itself included) is
 --window-size W-1,0 on the layers transformers windows: every layer for mistral, mixtral and
 qwen3_moe (qwen3_moe with use_sliding_window true); for qwen2 and qwen2_moe with use_sliding_window
@@ -44,7 +47,7 @@ import math
 
 from megatron_ted.interop.hf_weights import ARCHITECTURES
 
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")            # multi-latent attention
 DEEPSEEK_ROUTED = DEEPSEEK + ("glm4_moe",)           # DeepSeek's MoE block: routed + shared experts, dense first layers
 ROPE_BASE = 10000.0
@@ -67,6 +70,8 @@ def moe_layers_of(cfg: dict) -> list[int]:
         return list(range(n))
     if mt in DEEPSEEK_ROUTED:
         return list(range(cfg.get("first_k_dense_replace", 0), n)) if cfg.get("n_routed_experts") else []
+    if mt == "olmoe":
+        return list(range(n))
     if mt in ("qwen2_moe", "qwen3_moe"):
         step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
         experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
@@ -84,8 +89,7 @@ DEFAULTS = {"qwen3": {"head_dim": 128}, "mixtral": {"rms_norm_eps": 1e-5},
 
 
 # model_types known and not computed here, with the reason (a named refusal, not "unsupported")
-REFUSED_TYPES = {"olmoe": "q_norm / k_norm over the whole q / k projection (ours normalises each head: "
-                          "--qk-layernorm); under TP it needs a sum of squares all-reduced over the ranks"}
+REFUSED_TYPES: dict[str, str] = {}
 
 
 def with_defaults(cfg: dict) -> dict:
@@ -198,6 +202,8 @@ def check_hf(cfg: dict) -> None:
         method = cfg["quantization_config"].get("quant_method", "?")
         bad.append(f"quantization_config ({method} weights; dequantize the checkpoint to bf16 first)")
     bad += _window_refusals(cfg)
+    if mt == "olmoe":
+        bad += _olmoe_refusals(cfg)
     if mt in DEEPSEEK_ROUTED:
         bad += _deepseek_refusals(cfg)
     if mt not in DEEPSEEK and cfg.get("head_dim") is None and cfg["hidden_size"] % cfg["num_attention_heads"]:
@@ -211,6 +217,16 @@ def check_hf(cfg: dict) -> None:
             bad.append("shared_expert_intermediate_size 0")
     if bad:
         raise ValueError(f"config.json ({mt}): unsupported {bad[0]}")
+
+
+def _olmoe_refusals(cfg: dict) -> list[str]:
+    bad, heads = [], cfg["num_attention_heads"]
+    if cfg.get("clip_qkv") is not None:
+        bad.append(f"clip_qkv {cfg['clip_qkv']} (q, k, v clamped after the projection)")
+    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads) or cfg["hidden_size"] % heads:
+        # transformers sizes q_norm by hidden_size and k_norm by hidden_size / heads per K/V head
+        bad.append(f"head_dim {cfg.get('head_dim')} != hidden_size / num_attention_heads (q_norm is hidden_size wide)")
+    return bad
 
 
 def _topk_method(cfg: dict) -> str:
@@ -232,10 +248,10 @@ def _deepseek_refusals(cfg: dict) -> list[str]:
     if not v2 and cfg.get("n_routed_experts") and k > 1 and not cfg.get("norm_topk_prob", True):
         bad.append("norm_topk_prob false with the sigmoid router (ours renormalises the top-k scores)")
     groups, group_topk = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
-    per_group = 1 if v2 else 2   # HF scores a group by its top 1 (V2) / top 2 (V3), ours by its top k / topk_group
-    if groups > 1 and _topk_method(cfg) != "greedy" and k // group_topk != per_group:
-        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != {per_group} (a group's score is its "
-                   f"top {per_group} here only when k // topk_group = {per_group})")
+    # V3 scores a group by its top 2 experts, ours (top_sum) by its top k / topk_group; V2 by its best (max)
+    if not v2 and groups > 1 and k // group_topk != 2:
+        bad.append(f"num_experts_per_tok {k} / topk_group {group_topk} != 2 (a group's score is its "
+                   f"top 2 here only when k // topk_group = 2)")
     if cfg.get("n_routed_experts") and not cfg.get("n_shared_experts"):
         bad.append("n_shared_experts 0")
     return bad
@@ -282,6 +298,8 @@ def _attention_flags(cfg: dict) -> list:
         flags.append("--add-qkv-bias")
     if mt in ("qwen3", "qwen3_moe") or (mt == "glm4_moe" and cfg.get("use_qk_norm")):
         flags.append("--qk-layernorm")
+    if mt == "olmoe":   # q_norm / k_norm over the whole projection
+        flags += ["--qk-layernorm", "--qk-layernorm-hidden-dim"]
     return flags
 
 
@@ -305,6 +323,8 @@ def _moe_flags(cfg: dict) -> list:
             flags += ["--moe-router-topk-scaling-factor", cfg["routed_scaling_factor"]]
         if (cfg.get("n_group") or 1) > 1 and _topk_method(cfg) != "greedy":   # greedy: transformers has no groups
             flags += ["--moe-router-num-groups", cfg["n_group"], "--moe-router-group-topk", cfg["topk_group"]]
+            if mt == "deepseek_v2":   # group_limited_greedy: a group's score is its best expert
+                flags += ["--moe-router-group-score", "max"]
         return flags
     if k > 1 and not _norm_topk(cfg):   # the softmax over all experts, not renormalised over the k
         flags.append("--moe-router-pre-softmax")

@@ -4,6 +4,7 @@
 when one is asked for): multi-latent attention is deepseek_v3 (sigmoid router) or deepseek_v2 (softmax); without
 it, DeepSeek-V3's MoE block (sigmoid router, expert bias, ungated shared experts) is glm4_moe, the one
 architecture here with partial rotary (--rotary-percent); an MoE with gated shared experts qwen2_moe, with qk-norm qwen3_moe, with every layer MoE and a renormalised softmax top-k mixtral;
+an MoE with qk-norm over the whole q / k projection (--qk-layernorm-hidden-dim) olmoe;
 a dense model with qk-norm qwen3, with q/k/v biases qwen2, else llama (or mistral; only mistral with sliding-window
 attention, whose windowed layers the architecture must be able to say). A feature none of them has is a
 ValueError naming its flag. `hf_config_json` writes the config.json that transformers reads back as the
@@ -59,7 +60,8 @@ def _deepseek_refusal(model: ModelConfig, arch: str) -> str | None:
     router, shared, ffn = moe.router, moe.shared_expert_size, moe.ffn_hidden_size or model.gpt.ffn_hidden_size
     k, groups, v3 = router.topk, router.num_groups, arch != "deepseek_v2"
     with_mla = "multi-latent attention" if arch != "glm4_moe" else "grouped-query attention (glm4_moe)"
-    per_group = 1 if arch == "deepseek_v2" else 2   # the experts whose scores sum to a group's score
+    # the experts whose scores sum to a group's score: v2 its best one, v3 and glm4_moe their top 2
+    per_group = (1 if router.group_score == "max" else k // router.group_topk) if groups else None
     checks = [
         (layers != list(range(n - len(layers), n)), f"MoE layers {layers} ({arch}'s are all after the first "
                                                     f"first_k_dense_replace dense ones)"),
@@ -73,9 +75,10 @@ def _deepseek_refusal(model: ModelConfig, arch: str) -> str | None:
          f"a sigmoid router without --moe-router-enable-expert-bias ({arch} has e_score_correction_bias)"),
         (arch == "deepseek_v2" and router.enable_expert_bias,
          "--moe-router-enable-expert-bias with a softmax router (deepseek_v2 has no e_score_correction_bias)"),
-        (groups and k // router.group_topk != per_group,
-         f"--moe-router-topk {k} / --moe-router-group-topk {router.group_topk} != {per_group} ({arch} "
-         f"scores a group by its top {per_group} expert(s))"),
+        (groups and per_group != (2 if v3 else 1),
+         f"a group scored by its top {per_group} expert(s) (--moe-router-group-score {router.group_score}, "
+         f"--moe-router-topk {k}, --moe-router-group-topk {router.group_topk}); {arch} scores a group by its "
+         f"{'top 2 experts' if v3 else 'best expert'}"),
         (not shared or shared % ffn, f"--moe-shared-expert-intermediate-size {shared} ({arch} needs a multiple "
                                      f"of --moe-ffn-hidden-size {ffn})"),
         (moe.shared_expert_gate, f"--moe-shared-expert-gate with {with_mla}"),
@@ -83,9 +86,30 @@ def _deepseek_refusal(model: ModelConfig, arch: str) -> str | None:
     return next((what for bad, what in checks if bad), None)
 
 
+def _olmoe_refusal(model: ModelConfig) -> str | None:
+    """Why olmoe, the one architecture with --qk-layernorm-hidden-dim, cannot express the model, or None."""
+    gpt, moe, a = model.gpt, model.moe, model.gpt.attention
+    checks = [
+        (gpt.mla is not None, "--qk-layernorm-hidden-dim with multi-latent attention"),
+        (moe is None or len(gpt.moe_layers) != gpt.num_layers,
+         "--qk-layernorm-hidden-dim without every layer MoE (olmoe's are)"),
+        (moe is not None and moe.shared_expert_size, "--qk-layernorm-hidden-dim with shared experts (olmoe has none)"),
+        (_deepseek_moe(model), "--qk-layernorm-hidden-dim with DeepSeek's router (olmoe's is a softmax top-k)"),
+        (a.add_qkv_bias, "--qk-layernorm-hidden-dim with --add-qkv-bias (olmoe's attention_bias adds an o_proj bias too)"),
+        (a.kv_channels not in (None, gpt.hidden_size // gpt.num_attention_heads),
+         f"--qk-layernorm-hidden-dim with --kv-channels {a.kv_channels} (olmoe's q_norm is hidden_size wide)"),
+    ]
+    return next((what for bad, what in checks if bad), None)
+
+
 def _candidates(model: ModelConfig) -> list[str]:
     gpt, moe = model.gpt, model.moe
     qk_norm, qkv_bias = gpt.attention.qk_layernorm, gpt.attention.add_qkv_bias
+    if gpt.attention.qk_layernorm_hidden_dim:
+        what = _olmoe_refusal(model)
+        if what:
+            raise ValueError(f"export-hf: no Hugging Face architecture here expresses {what}")
+        return ["olmoe"]
     if gpt.mla is not None or _deepseek_moe(model):
         arch = _deepseek_arch(model) if gpt.mla is not None else "glm4_moe"
         what = _deepseek_refusal(model, arch)
@@ -211,6 +235,9 @@ def hf_config_json(model: ModelConfig, arch: str, vocab: int, dtype: str, genera
         cfg.update(num_experts=experts, num_experts_per_tok=k, norm_topk_prob=norm,
                    moe_intermediate_size=moe.ffn_hidden_size, decoder_sparse_step=1,
                    mlp_only_layers=[i for i in range(n) if i not in layers])
+    if arch == "olmoe":   # every layer MoE (_olmoe_refusal); q_norm / k_norm span the whole projection
+        cfg.update(num_experts=experts, num_experts_per_tok=k, norm_topk_prob=norm, clip_qkv=None,
+                   intermediate_size=moe.ffn_hidden_size or gpt.ffn_hidden_size)
     if arch == "qwen2_moe":
         cfg.update(shared_expert_intermediate_size=moe.shared_expert_size,
                    qkv_bias=bool(gpt.attention.add_qkv_bias))

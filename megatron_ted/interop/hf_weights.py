@@ -161,6 +161,8 @@ ARCHITECTURES = {
                 when=("shared_gate",)),)),
     "qwen3": Architecture("qwen3", "Qwen3ForCausalLM", LLAMA_LAYER, LLAMA_MLP),
     "qwen3_moe": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", LLAMA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS),
+    # q_norm / k_norm [N D] / [G D] (--qk-layernorm-hidden-dim): copied whole, as the q/k rows they scale
+    "olmoe": Architecture("olmoe", "OlmoeForCausalLM", LLAMA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS),
     "deepseek_v3": Architecture(
         "deepseek_v3", "DeepseekV3ForCausalLM", MLA_LAYER, LLAMA_MLP, moe=QWEN_EXPERTS,
         shared=_glu_mlp("layers.{i}.mlp.shared_experts.", L + "mlp.shared_experts.")),

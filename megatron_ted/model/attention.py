@@ -9,7 +9,10 @@ two groups' ranks) and its gradient is summed over them. Query head i uses K/V g
 i // (heads / G), as Hugging Face's repeat_kv and Megatron do, so their weights copy over as they are.
 
 --add-qkv-bias gives q, k, v biases with --disable-bias-linear (Qwen2); --qk-layernorm normalises
-each head's q and k over D (one weight of D shared by all heads) before RoPE (Qwen3, Megatron).
+each head's q and k over D (one weight of D shared by all heads) before RoPE (Qwen3, Megatron);
+with --qk-layernorm-hidden-dim (RMSNorm only) the norm is over the whole q and the whole k projection,
+all heads together, with a weight as wide (OLMoE; model/norms.py HeadsRMSNorm, a sum of squares
+all-reduced over TP).
 
 --window-size L,0 (Megatron-LM's sliding window, flash-attention's (left, right) convention): a
 query at position i sees the keys at i - L .. i, L + 1 of them (Hugging Face's sliding_window W is
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_ted.model.norms import build_norm
+from megatron_ted.model.norms import HeadsRMSNorm, build_norm
 from megatron_ted.model.positions import apply_rotary
 from megatron_ted.parallel.comm import Group
 from megatron_ted.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -39,6 +42,7 @@ class AttentionConfig:
     kv_channels: int | None = None        # head dim D (--kv-channels); None: hidden / heads
     add_qkv_bias: bool = False            # q, k, v biases even with --disable-bias-linear
     qk_layernorm: bool = False            # norm q and k over each head's dim before RoPE
+    qk_layernorm_hidden_dim: bool = False  # ... over all heads together (the whole projection) instead
     window_size: tuple[int, int] | None = None   # (left, right) of --window-size; None: full attention
     window_attn_skip_freq: int | tuple[int, ...] | None = None   # which layers keep full attention
 
@@ -95,6 +99,8 @@ def check_attention(config: AttentionConfig, hidden_size: int, num_heads: int, t
     if g % tp_size and tp_size % g:
         raise ValueError(f"--num-query-groups {g} must be a multiple or a divisor of "
                          f"--tensor-model-parallel-size {tp_size}")
+    if config.qk_layernorm_hidden_dim and not config.qk_layernorm:
+        raise ValueError("--qk-layernorm-hidden-dim needs --qk-layernorm (it says over what the qk-norm runs)")
     if config.window_size is not None and config.window_size[1] != 0:
         raise ValueError(f"--window-size {','.join(map(str, config.window_size))}: the right window must be 0 "
                          f"(a causal GPT sees no later position); give --window-size {config.window_size[0]},0")
@@ -150,7 +156,12 @@ class SelfAttention(nn.Module):
             self.kv = ColumnParallelLinear(hidden_size, groups * d, tp, bias=qkv_bias, fused=2,
                                            tp_replicas=max(tp.size // groups, 1))
         self.q_layernorm = self.k_layernorm = None
-        if config.qk_layernorm:
+        if config.qk_layernorm_hidden_dim:
+            if norm != "RMSNorm":
+                raise ValueError(f"--qk-layernorm-hidden-dim needs --normalization RMSNorm, got {norm}")
+            self.q_layernorm = HeadsRMSNorm(num_heads, d, eps, tp)
+            self.k_layernorm = HeadsRMSNorm(groups, d, eps, tp, replicas=max(tp.size // groups, 1))
+        elif config.qk_layernorm:
             self.q_layernorm = build_norm(norm, d, eps, tp_shared=tp)
             self.k_layernorm = build_norm(norm, d, eps, tp_shared=tp)
         self.proj = RowParallelLinear(num_heads * d, hidden_size, tp, bias=bias)

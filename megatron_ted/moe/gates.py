@@ -86,7 +86,7 @@ def _topk(g: GateInputs) -> GateChoice:
     if cfg.num_groups is None:
         idx_TK = topk_select(key_TE, K)
     else:
-        idx_TK = group_limited_select(key_TE, K, cfg.num_groups, cfg.group_topk)
+        idx_TK = group_limited_select(key_TE, K, cfg.num_groups, cfg.group_topk, cfg.group_score)
     if cfg.score_function == "sigmoid":   # the chosen scores, renormalised over the K (megatron-core)
         s_TK = g.scores_TE.gather(1, idx_TK)
         return GateChoice(idx_TK, s_TK / (s_TK.sum(dim=-1, keepdim=True) + 1e-20) if K > 1 else s_TK)
@@ -163,16 +163,19 @@ def topk_select(scores_TE: torch.Tensor, topk: int, bias_E: torch.Tensor | None 
     return torch.sort(key_TE, dim=-1, descending=True, stable=True).indices[:, :topk]
 
 
-def group_limited_select(key_TE: torch.Tensor, topk: int, num_groups: int, group_topk: int) -> torch.Tensor:
+def group_limited_select(key_TE: torch.Tensor, topk: int, num_groups: int, group_topk: int,
+                         score: str = "top_sum") -> torch.Tensor:
     """[T, K] expert indices: the top-k of the experts in each token's `group_topk` best groups.
 
     The E experts form `num_groups` equal groups of consecutive indices; a group's score is the sum
     of its top (topk // group_topk) keys (megatron-core `group_limited_topk`; DeepSeek-V3 sums the
-    top 2 of 8 per node with K = 8, g = 4). Ties: the lower group, then the lower expert index."""
+    top 2 of 8 per node with K = 8, g = 4), or with `score` "max" its best key (transformers'
+    DeepSeek-V2). Ties: the lower group, then the lower expert index."""
     T, E = key_TE.shape
     key_TE = key_TE.detach()
+    top = 1 if score == "max" else topk // group_topk
     per_group = torch.sort(key_TE.view(T, num_groups, E // num_groups), dim=-1, descending=True,
-                           stable=True).values[..., :topk // group_topk].sum(dim=-1)           # [T, G]
+                           stable=True).values[..., :top].sum(dim=-1)                          # [T, G]
     groups_Tg = torch.sort(per_group, dim=-1, descending=True, stable=True).indices[:, :group_topk]
     kept_TG = torch.zeros_like(per_group, dtype=torch.bool).scatter(1, groups_Tg, True)
     masked_TE = key_TE.masked_fill(~kept_TG.repeat_interleave(E // num_groups, dim=1), float("-inf"))

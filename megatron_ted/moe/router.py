@@ -71,6 +71,9 @@ from megatron_ted.parallel.sharding import set_spec
 
 ROUTER_TYPES = tuple(gates.GATES)
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# group-limited routing's group score: the sum of its top topk/group_topk (megatron-core, DeepSeek-V3),
+# or its best expert (transformers' DeepSeek-V2 group_limited_greedy)
+GROUP_SCORES = ("top_sum", "max")
 
 
 @dataclass
@@ -95,6 +98,7 @@ class RouterConfig:
     topk_scaling_factor: float | None = None  # multiplies the combine weights
     num_groups: int | None = None             # group-limited routing: experts in this many equal groups,
     group_topk: int | None = None             # the top-k chosen among the experts of the best group_topk
+    group_score: str = "top_sum"              # a group's score: one of GROUP_SCORES
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -180,7 +184,9 @@ class RouterConfig:
             raise ValueError(f"--moe-router-num-groups {G} must divide --num-experts {E}")
         if not 1 <= g <= G:
             raise ValueError(f"--moe-router-group-topk {g} must be between 1 and --moe-router-num-groups {G}")
-        if g > K or K > g * (E // G):
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"--moe-router-group-score must be one of {', '.join(GROUP_SCORES)}, got {self.group_score!r}")
+        if (g > K and self.group_score == "top_sum") or K > g * (E // G):
             raise ValueError(f"--moe-router-topk {K} must be between --moe-router-group-topk {g} (each kept group "
                              f"is scored by its top topk/group_topk experts) and the {g * (E // G)} experts of "
                              f"the kept groups")

@@ -16,6 +16,7 @@ SwiGLU's fused gate/up else 1):
     layers.i.attention.kv.{weight,bias}                 [2, G D, H], [2, G D]   dim 1 over TP, at most G
                                                         slices (TP > G: TP/G ranks hold each)
     layers.i.attention.{q,k}_layernorm.{weight,bias}    [D]   every TP rank holds it (--qk-layernorm)
+        or .weight [N D], [G D]: dim 0 over TP like q and kv (--qk-layernorm-hidden-dim)
     layers.i.attention.proj.{weight,bias}               [H, N D] dim 1 over TP, [H] replicated
       (N heads, G query groups, D head dim; qkv/q/kv biases with bias or --add-qkv-bias)
     multi-latent attention instead (n heads, dims of MLAConfig): layers.i.attention.
@@ -95,7 +96,10 @@ def _attention(prefix: str, config: GPTConfig) -> list[ParamShape]:
         out.append(ParamShape(f"{prefix}.{name}.weight", (fused, heads * d, h), tp_dim=1, max_slices=slices))
         if config.add_bias_linear or a.add_qkv_bias:
             out.append(ParamShape(f"{prefix}.{name}.bias", (fused, heads * d), tp_dim=1, max_slices=slices))
-    if a.qk_layernorm:
+    if a.qk_layernorm_hidden_dim:   # a weight as wide as the projection, sliced with its heads
+        out += [ParamShape(f"{prefix}.q_layernorm.weight", (n * d,), tp_dim=0),
+                ParamShape(f"{prefix}.k_layernorm.weight", (g * d,), tp_dim=0, max_slices=g)]
+    elif a.qk_layernorm:
         for which in ("q", "k"):
             out += [dataclasses.replace(s, tp_dim=0, max_slices=1) for s in
                     _norm(f"{prefix}.{which}_layernorm", dataclasses.replace(config, hidden_size=d))]

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden / heads")
     g.add_argument("--add-qkv-bias", action="store_true", help="q, k, v biases even with --disable-bias-linear")
     g.add_argument("--qk-layernorm", action="store_true", help="--normalization over each head's q and k")
+    g.add_argument("--qk-layernorm-hidden-dim", action="store_true",
+                   help="with --qk-layernorm: RMSNorm over the whole q and k projections, all heads together (OLMoE)")
     g.add_argument("--no-position-embedding", dest="add_position_embedding", action="store_false",
                    help="no learned absolute position embedding")
     g.add_argument("--hidden-dropout", type=float, default=0.1)
@@ -147,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group-limited routing: the experts split into this many groups")
     g.add_argument("--moe-router-group-topk", type=int, default=None,
                    help="group-limited routing: the top-k is chosen among the experts of this many best groups")
+    g.add_argument("--moe-router-group-score", choices=["top_sum", "max"], default="top_sum",
+                   help="group-limited routing: a group's score, the sum of its top topk/group-topk experts "
+                        "(megatron-core) or its best expert (DeepSeek-V2)")
     g.add_argument("--moe-use-upcycling", action="store_true",
                    help="start this MoE from the dense checkpoint of --load: every expert a copy of the dense MLP, a "
                         "fresh router and optimizer; saved to --save as iteration 0 (training/upcycle.py)")
@@ -503,6 +508,8 @@ def check_attention_flags(args, tp: int) -> None:
     need(args.window_size is None or not args.multi_latent_attention,
          "--window-size with --multi-latent-attention is not supported; drop one")
     check_attention(attention_config(args), args.hidden_size, args.num_attention_heads, tp)
+    need(not args.qk_layernorm_hidden_dim or args.normalization == "RMSNorm",
+         f"--qk-layernorm-hidden-dim needs --normalization RMSNorm, got {args.normalization}")
 
 
 def resolve_model_sizes(args, tp: int) -> None:

@@ -10,7 +10,7 @@ CHECKPOINT_ARGS = (
     "moe_layer_freq", "position_embedding_type", "normalization", "swiglu", "disable_bias_linear",
     "untie_embeddings_and_output_weights", "mlp_type", "moe_shared_expert_intermediate_size",
     "moe_shared_expert_gate", "num_query_groups", "kv_channels", "add_qkv_bias", "qk_layernorm",
-    "add_position_embedding",
+    "add_position_embedding", "qk_layernorm_hidden_dim",
     "seq_length", "max_position_embeddings", "layernorm_epsilon", "make_vocab_size_divisible_by", "tokenizer_type",
     "tokenizer_model", "vocab_size", "vocab_file", "merge_file")
 
