@@ -75,9 +75,15 @@ def _hf_model(name, seed=0, **overrides):
     cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **arch, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="eager").double().eval()
-    with torch.no_grad():   # norms away from 1 so that a misplaced norm weight shows; biases and routers
-        for key, p in model.named_parameters():   # large enough that a misplaced one shows
-            if "norm" in key or key.endswith("bias"):
+    return _away_from_init(model, biases=True)
+
+
+def _away_from_init(model, biases: bool):
+    """Norms away from 1 so that a misplaced norm weight shows; routers, expert biases and (biases)
+    the linears' biases large enough that a misplaced one shows."""
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "norm" in key or (biases and key.endswith("bias")):
                 p.add_(0.2 * torch.randn_like(p))
             if key.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.5)
@@ -628,17 +634,10 @@ def test_real_config_json_imports_with_hugging_face_logits_or_is_refused_by_name
         assert "\n" not in str(err.value) and not (tmp_path / "ours").exists()
         return
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(hf_dir)),
-                                                          experts_implementation="eager").double().eval()
-    with torch.no_grad():   # as _hf_model: norms, routers and expert biases away from their init
-        for key, p in model.named_parameters():
-            if "norm" in key:
-                p.add_(0.2 * torch.randn_like(p))
-            if key.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.5)
-        for key, b in model.named_buffers():
-            if key.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
+    model = _away_from_init(transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(str(hf_dir)), experts_implementation="eager").double().eval(),
+        biases=False)
+    with torch.no_grad():
         expected = model(IDS).logits
     model.save_pretrained(tmp_path / "saved")   # its weights beside the config.json as published
     for f in (tmp_path / "saved").glob("model*.safetensors*"):

@@ -112,15 +112,8 @@ def check_flags(args) -> None:
 
 
 def main(argv=None) -> int:
-    from megatron_ted.inference.launch_flags import parse_tool_args
-    args, rest = parse_tool_args(build_parser(), argv)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        return run(args, rank, rest)
-    except ValueError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    from megatron_ted.inference.launch_flags import tool_main
+    return tool_main(build_parser(), run, argv)
 
 
 def run(args, rank: int, rest: list[str] = ()) -> int:

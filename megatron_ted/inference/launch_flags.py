@@ -13,6 +13,8 @@ are named once at start-up (`launch.unused`).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import NamedTuple
 
 TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
@@ -61,6 +63,19 @@ def parse_tool_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     except ValueError as e:
         parser.error(str(e))
     return parser.parse_known_args(argv)
+
+
+def tool_main(parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
+    """The main of a serving or generation tool: its flags and a launch script's (parse_tool_args),
+    then run(args, rank, rest); a ValueError is one `error:` line on rank 0 and exit code 2."""
+    args, rest = parse_tool_args(parser, argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return run(args, rank, rest)
+    except ValueError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def given_flags(argv: list[str], tool_parser: argparse.ArgumentParser | None = None) -> dict:
